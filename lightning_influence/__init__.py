@@ -1,0 +1,23 @@
+"""lightning_influence: audit a model's training data with influence functions.
+
+Public names: :class:`InfluenceCallback`, :func:`audit`, :class:`AuditResult`, the option
+dataclasses, and the solver registry (:class:`InverseSolver`, :func:`register_solver`,
+:data:`SOLVERS`).
+"""
+from .audit import audit
+from .config import CurvatureConfig, TuningConfig
+from .result import AuditResult
+from .solvers import SOLVERS, InverseSolver, make_solver, register_solver
+
+__all__ = ["audit", "AuditResult", "TuningConfig", "CurvatureConfig", "InverseSolver", "register_solver",
+           "make_solver", "SOLVERS", "InfluenceCallback"]
+
+
+def __getattr__(name: str):  # the callback imports Lightning; keep `import lightning_influence` light
+    if name == "InfluenceCallback":
+        from .callback import InfluenceCallback
+
+        return InfluenceCallback
+    raise AttributeError(f"module 'lightning_influence' has no attribute {name!r}")
+
+__version__ = "0.1.0"

@@ -1,0 +1,158 @@
+"""Batched per-sample gradients of the audited blocks.
+
+Fast path, for ``nn.Linear`` weights and biases (PEFT's ``lora_A``/``lora_B`` are
+``nn.Linear``): one forward and one backward pass over the whole batch. Forward hooks keep
+each layer's input activations ``a`` ``(B, T, d_in)``; tensor hooks on its output keep the
+output gradients ``b`` ``(B, T, d_out)``; the per-sample weight gradient is
+``Σ_t b_tᵀ a_t`` ``(B, d_out, d_in)``. Padded positions have zero output gradient (they don't
+reach the loss), so padded batches give the same gradients as each sample alone.
+
+Fallback, for any other parameter: ``torch.func.vmap`` over ``grad`` of the single-sample loss.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from .losses import LossFn, LossOutput, default_loss
+from .params import Block
+
+
+@contextmanager
+def gradient_mode(model: nn.Module, blocks: List[Block]) -> Iterator[None]:
+    """Eval mode (dropout off) and ``requires_grad`` on the audited blocks only; the model's
+    modes, flags and grad state are restored on exit, also after an exception."""
+    modes = {m: m.training for m in model.modules()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    audited = {id(b.param) for b in blocks}
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(id(p) in audited)
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+class _LinearCapture:
+    """Records ``(input activation, output gradient)`` pairs of selected Linear layers."""
+
+    def __init__(self, modules: List[nn.Linear]) -> None:
+        self.modules = modules
+        self.records: Dict[int, List[List[Optional[Tensor]]]] = {}
+        self.handles: list = []
+
+    def __enter__(self) -> "_LinearCapture":
+        for module in self.modules:
+            self.handles.append(module.register_forward_hook(self._forward_hook))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.records.clear()
+
+    def _forward_hook(self, module: nn.Module, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
+        if not output.requires_grad:
+            return
+        record: List[Optional[Tensor]] = [inputs[0].detach(), None]
+        self.records.setdefault(id(module), []).append(record)
+
+        def keep_grad(grad: Tensor) -> None:
+            record[1] = grad.detach()
+
+        output.register_hook(keep_grad)
+
+
+def _linear_grad(block: Block, records: List[List[Optional[Tensor]]], batch_size: int) -> Tensor:
+    """Per-sample gradient of a Linear's weight ``(B, out, in)`` or bias ``(B, out)``, summed
+    over every call of the layer in the forward pass."""
+    total: Optional[Tensor] = None
+    for act, grad in records:
+        if grad is None:
+            continue
+        if act.shape[0] != batch_size:
+            raise RuntimeError(f"{block.name}: the layer's input has leading dim {act.shape[0]}, not the "
+                               f"batch size {batch_size}; batch-first layouts are required")
+        g = grad.reshape(batch_size, -1, grad.shape[-1])
+        if block.role == "weight":
+            a = act.reshape(batch_size, -1, act.shape[-1]).to(g.dtype)
+            part = torch.einsum("bto,bti->boi", g, a)
+        else:
+            part = g.sum(1)
+        total = part if total is None else total + part
+    if total is None:  # the layer did not take part in this loss
+        total = torch.zeros(batch_size, *block.param.shape, dtype=block.param.dtype, device=block.param.device)
+    return total
+
+
+def _generic_grads(model: nn.Module, blocks: List[Block], batch: Any, loss_fn: Optional[LossFn],
+                   batch_size: int) -> Dict[str, Tensor]:
+    """Per-sample gradients of arbitrary parameters with ``torch.func`` (vmap over grad).
+    Falls back to one backward per sample, with a warning, if the model can't be vmapped."""
+    from torch.func import functional_call, grad, vmap
+
+    names = [b.name for b in blocks]
+    params = {b.name: b.param.detach() for b in blocks}
+
+    def single_loss(p: Dict[str, Tensor], sample: Any) -> Tensor:
+        one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, sample)
+        with _swapped(model, p):
+            return default_loss(model, one, loss_fn).losses.sum()
+
+    in_dims = (None, tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch))
+    try:
+        grads = vmap(grad(single_loss), in_dims=in_dims, randomness="same")(params, batch)
+    except Exception as err:  # noqa: BLE001 - any vmap limitation: fall back, correctness first
+        warnings.warn(f"per-sample gradients of {len(names)} non-Linear parameter(s) can't be vmapped "
+                      f"({type(err).__name__}: {err}); falling back to one backward per sample (slow)")
+        rows = []
+        for i in range(batch_size):  # slow path, only when vmap is impossible
+            sample = tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, batch)
+            rows.append(grad(single_loss)(params, sample))
+        grads = {n: torch.stack([r[n] for r in rows]) for n in names}
+    return {b.name: b.to_matrix(grads[b.name]) for b in blocks}
+
+
+@contextmanager
+def _swapped(model: nn.Module, values: Dict[str, Tensor]) -> Iterator[None]:
+    from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call uses
+
+    with _reparametrize_module(model, values):
+        yield
+
+
+def per_sample_gradients(model: nn.Module, blocks: List[Block], batch: Any,
+                         loss_fn: Optional[LossFn] = None) -> Tuple[Dict[str, Tensor], LossOutput]:
+    """Per-sample gradients of every block for one batch, and the forward pass's outputs.
+
+    Must run inside :func:`gradient_mode`. Returns ``{block name: (B, r, d)}`` and the
+    :class:`LossOutput` (losses ``(B,)``, detached).
+    """
+    fast = [b for b in blocks if b.linear is not None]
+    slow = [b for b in blocks if b.linear is None]
+    modules = list({id(b.linear): b.linear for b in fast}.values())
+    result: Dict[str, Tensor] = {}
+    with _LinearCapture(modules) as capture:
+        out = default_loss(model, batch, loss_fn)
+        batch_size = out.losses.shape[0]
+        if fast:
+            torch.autograd.grad(out.losses.sum(), [b.param for b in fast], allow_unused=True)
+            for b in fast:
+                result[b.name] = b.to_matrix(_linear_grad(b, capture.records.get(id(b.linear), []), batch_size))
+    if slow:
+        result.update(_generic_grads(model, slow, batch, loss_fn, batch_size))
+    detached = LossOutput(out.losses.detach(),
+                          None if out.logits is None else out.logits.detach(),
+                          None if out.labels is None else out.labels.detach())
+    return {b.name: result[b.name] for b in blocks}, detached

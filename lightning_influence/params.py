@@ -1,0 +1,138 @@
+"""Which parameters are audited, and the matrix shape each one's per-sample gradient takes.
+
+Every audited parameter is one *block*. A block's per-sample gradient is stored as a matrix
+``(r, d)`` with ``r <= d``: LoRA's ``lora_A`` ``(r, d_in)`` stays as it is, ``lora_B``
+``(d_out, r)`` is transposed to ``(r, d_out)``, any other weight matrix is put in the same
+orientation (the smaller side first), biases and other vectors become ``(1, p)``.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+ParamsSpec = Union[str, Sequence[str]]
+KEYWORDS = ("auto", "lora", "trainable")
+
+
+@dataclass
+class Block:
+    """One audited parameter.
+
+    Attributes:
+        name: the parameter's name in the model (``model.named_parameters()``).
+        param: the parameter itself.
+        linear: the ``nn.Linear`` that owns it when the fast activation x output-gradient path
+            applies (its weight or bias), else ``None`` (generic ``torch.func`` fallback).
+        role: ``"weight"``, ``"bias"`` or ``"generic"``.
+        transpose: whether the 2-D gradient is transposed to reach ``shape``.
+        shape: ``(r, d)``, the stored per-sample gradient's matrix shape.
+    """
+
+    name: str
+    param: nn.Parameter
+    linear: Optional[nn.Linear]
+    role: str
+    transpose: bool
+    shape: Tuple[int, int]
+
+    def to_matrix(self, grad: torch.Tensor) -> torch.Tensor:
+        """Per-sample gradients shaped like the parameter ``(B, *param.shape)`` -> ``(B, r, d)``."""
+        b = grad.shape[0]
+        if grad.dim() - 1 >= 2:
+            grad = grad.reshape(b, grad.shape[1], -1)
+            if self.transpose:
+                grad = grad.transpose(1, 2)
+            return grad.reshape(b, *self.shape)
+        return grad.reshape(b, *self.shape)
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    # The fast path needs forward == F.linear(x, weight, bias); PEFT's lora_A/lora_B are
+    # plain nn.Linear. Subclasses that override forward go through the generic path.
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def _make_block(name: str, param: nn.Parameter, owner: Optional[nn.Module]) -> Block:
+    role = name.rsplit(".", 1)[-1]
+    linear = owner if owner is not None and _is_plain_linear(owner) and role in ("weight", "bias") else None
+    if param.dim() >= 2:
+        rows, cols = param.shape[0], param[0].numel()
+        transpose = rows > cols
+        shape = (cols, rows) if transpose else (rows, cols)
+    else:
+        transpose, shape = False, (1, max(param.numel(), 1))
+    return Block(name, param, linear, role if linear is not None else "generic", transpose, shape)
+
+
+def lora_parameter_names(model: nn.Module) -> List[str]:
+    """Names of the LoRA matrices of the *active* adapter(s), found through PEFT's own layer
+    type (``peft.tuners.lora.LoraLayer``), never by matching name strings."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # peft is a dependency, but keep plain-model audits working without it
+        return []
+    names_by_id = {id(p): n for n, p in model.named_parameters()}
+    found: List[str] = []
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if getattr(module, "merged_adapters", None):
+            raise ValueError(
+                f"LoRA adapter(s) {module.merged_adapters} are merged into the base weights; "
+                "call model.unmerge_adapter() before auditing"
+            )
+        for adapter in module.active_adapters:
+            for container_name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+                container = getattr(module, container_name, None)
+                if container is None or adapter not in container:
+                    continue
+                entry = container[adapter]
+                params = [entry] if isinstance(entry, nn.Parameter) else list(entry.parameters())
+                found.extend(names_by_id[id(p)] for p in params if id(p) in names_by_id)
+    return found
+
+
+def has_lora(model: nn.Module) -> bool:
+    """Whether the model has PEFT LoRA layers with an active adapter."""
+    return bool(lora_parameter_names(model))
+
+
+def select_blocks(model: nn.Module, params: ParamsSpec = "auto") -> List[Block]:
+    """The audited blocks of ``model``.
+
+    ``params`` is ``"auto"`` (LoRA if the model has LoRA layers, else trainable),
+    ``"lora"`` (the active adapter's LoRA matrices), ``"trainable"`` (every parameter with
+    ``requires_grad``), or name patterns (``fnmatch`` globs such as ``"*.classifier.*"``,
+    matched against ``model.named_parameters()`` names). Raises ``ValueError`` when nothing
+    matches.
+    """
+    named = dict(model.named_parameters())
+    if isinstance(params, str) and params in KEYWORDS:
+        if params == "auto":
+            names = lora_parameter_names(model) or [n for n, p in named.items() if p.requires_grad]
+        elif params == "lora":
+            names = lora_parameter_names(model)
+            if not names:
+                raise ValueError("params='lora' but the model has no PEFT LoRA layers with an active "
+                                 "adapter; use params='trainable' or name patterns")
+        else:
+            names = [n for n, p in named.items() if p.requires_grad]
+    else:
+        patterns = [params] if isinstance(params, str) else list(params)
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise ValueError(f"params must be one of {KEYWORDS} or a list of name patterns, got {params!r}")
+        names = [n for n in named if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+        if not names:
+            sample = ", ".join(list(named)[:8])
+            raise ValueError(f"no parameter name matches {patterns}; names look like: {sample} ...")
+    if not names:
+        raise ValueError(f"params={params!r} selects no parameter to audit (no parameter requires grad?)")
+    owners = {}
+    for mod_name, module in model.named_modules():
+        for p_name, _ in module.named_parameters(recurse=False):
+            owners[f"{mod_name}.{p_name}" if mod_name else p_name] = module
+    return [_make_block(n, named[n], owners.get(n)) for n in names]

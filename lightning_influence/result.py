@@ -1,0 +1,141 @@
+"""``AuditResult``: every training sample's score, the ranking, the metrics, and ``save()``."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AuditResult:
+    """The outcome of an audit.
+
+    Attributes:
+        scores: ``(n,)`` float64, one per training sample (sample id = dataset position);
+            higher = more harmful. Samples excluded for non-finite gradients score NaN.
+        ranking: ``(n,)`` long, sample ids, most harmful first (excluded samples last).
+        metrics: detection metrics when ``noisy`` was given (``auroc``, ``ap``, ...).
+        method, solver: what produced the scores.
+        loss_trained: ``(n,)`` each sample's training loss at the trained weights θ*.
+        loss_tuned: ``(n,)`` the loss at the validation-tuned weights θ̃ (``vm``/``fvm``).
+        labels: ``(n,)`` the given class labels (classification), else ``None``.
+        predicted: ``(n,)`` the tuned model's predicted label, a relabel suggestion.
+        noisy: ``(n,)`` bool ground-truth flags, when given.
+        per_validation: ``(m, n)`` per-validation-point scores, when asked for.
+        excluded: ids of samples left out (non-finite loss or gradient).
+        stage_seconds: wall time of each pipeline stage.
+        solver_info: the solver's report (iterations, residuals per block).
+        tuning: validation-tuning statistics.
+        config: the options the audit ran with.
+    """
+
+    scores: Tensor
+    ranking: Tensor
+    metrics: Dict[str, float] = field(default_factory=dict)
+    method: str = ""
+    solver: str = ""
+    loss_trained: Optional[Tensor] = None
+    loss_tuned: Optional[Tensor] = None
+    labels: Optional[Tensor] = None
+    predicted: Optional[Tensor] = None
+    noisy: Optional[Tensor] = None
+    per_validation: Optional[Tensor] = None
+    excluded: List[int] = field(default_factory=list)
+    stage_seconds: Dict[str, float] = field(default_factory=dict)
+    solver_info: Dict[str, Any] = field(default_factory=dict)
+    tuning: Dict[str, float] = field(default_factory=dict)
+    config: Dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def rank(self) -> Tensor:
+        """``(n,)`` each sample's rank, 1 = most harmful."""
+        rank = torch.empty_like(self.ranking)
+        rank[self.ranking] = torch.arange(1, len(self) + 1)
+        return rank
+
+    COLUMNS = ("id", "score", "rank", "loss_trained", "loss_tuned", "label", "suggested_label", "noisy")
+
+    def rows(self, ids: Optional[Tensor] = None) -> List[Dict[str, Any]]:
+        """One dict per sample (all, or ``ids`` in that order) with the columns of ``COLUMNS``
+        that this result has."""
+        ids = self.ranking if ids is None else ids
+        rank = self.rank
+        columns = {
+            "score": self.scores, "rank": rank, "loss_trained": self.loss_trained,
+            "loss_tuned": self.loss_tuned, "label": self.labels, "suggested_label": self.predicted,
+            "noisy": self.noisy,
+        }
+        present = {k: v.tolist() for k, v in columns.items() if v is not None}
+        out = []
+        for i in ids.tolist():
+            row: Dict[str, Any] = {"id": i}
+            for key, values in present.items():
+                row[key] = values[i]
+            out.append(row)
+        return out
+
+    def top(self, k: int = 10) -> List[Dict[str, Any]]:
+        """The ``k`` most harmful samples as rows."""
+        return self.rows(self.ranking[:k])
+
+    def save(self, path: str) -> str:
+        """Write every sample's id, score and rank (plus losses, labels, suggested labels and
+        noisy flags when known), most harmful first. The format follows the suffix:
+        ``.csv`` (default), ``.json`` (rows + metrics), ``.pt`` (this object's tensors).
+        The file is written atomically: a temporary file in the same folder, then a rename,
+        so an interruption never leaves a truncated file under ``path``. Returns ``path``."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        suffix = os.path.splitext(path)[1].lower()
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+        try:
+            with os.fdopen(fd, "w" if suffix != ".pt" else "wb", newline="") as handle:
+                if suffix == ".pt":
+                    torch.save(self.to_dict(), handle)
+                elif suffix == ".json":
+                    json.dump({"method": self.method, "solver": self.solver, "metrics": _jsonable(self.metrics),
+                               "excluded": self.excluded, "stage_seconds": self.stage_seconds,
+                               "rows": _jsonable(self.rows())}, handle, indent=1)
+                else:
+                    rows = self.rows()
+                    writer = csv.DictWriter(handle, fieldnames=[c for c in self.COLUMNS if c in rows[0]]
+                                            if rows else ["id", "score", "rank"])
+                    writer.writeheader()
+                    writer.writerows(rows)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A plain dict of the result (tensors kept), e.g. for ``torch.save`` or broadcasting."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "AuditResult":
+        return cls(**data)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,30 @@
+"""DataInf (Kwon et al., 2024): closed-form, swapped average/inverse of rank-one terms."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from .base import InverseSolver, flat, register_solver
+
+
+@register_solver("datainf")
+class DataInfSolver(InverseSolver):
+    """``(1/λ) [v − (1/N) Σ_i (g_i·v / (λ + ‖g_i‖²)) g_i]``, i.e. the mean over samples of the
+    Sherman–Morrison inverses of ``g_i g_iᵀ + λI``, vectorised over samples and vectors.
+    ``info = {}``."""
+
+    def fit(self, grads: Tensor, damping: float) -> "DataInfSolver":
+        """Keep ``G = flat(grads)`` ``(N, D)`` and ``λ + ‖g_i‖²`` ``(N,)``; returns ``self``."""
+        if damping <= 0:
+            raise ValueError(f"datainf needs damping > 0, got {damping}")
+        self._g = flat(grads)
+        self._lam = float(damping)
+        self._denom = self._lam + self._g.pow(2).sum(dim=1)
+        self.info = {}
+        return self
+
+    def apply(self, vectors: Tensor) -> Tensor:
+        """Apply the DataInf inverse to ``vectors`` ``(M, r, d)``; returns ``(M, r, d)``."""
+        v = flat(vectors).to(self._g)
+        coef = (v @ self._g.T) / self._denom                  # (M, N)
+        out = (v - coef @ self._g / self._g.shape[0]) / self._lam
+        return out.reshape(vectors.shape).to(vectors.dtype)

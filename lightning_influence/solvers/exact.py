@@ -1,0 +1,63 @@
+"""Exact inverse of the damped empirical Fisher ``F + λI`` in the flat ``D = r·d`` space."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import InverseSolver, flat, register_solver
+
+
+def _factor(matrix: Tensor):
+    """Cholesky factor of a symmetric positive-definite matrix; LU if Cholesky fails."""
+    chol, err = torch.linalg.cholesky_ex(matrix)
+    if int(err) == 0:
+        return ("cholesky", chol)
+    return ("lu", torch.linalg.lu_factor(matrix))
+
+
+def _solve(factor, rhs: Tensor) -> Tensor:
+    """Solve ``matrix @ x = rhs`` (``rhs``: ``(n, k)``) with a factor from :func:`_factor`."""
+    kind, fac = factor
+    if kind == "cholesky":
+        return torch.cholesky_solve(rhs, fac)
+    return torch.linalg.lu_solve(fac[0], fac[1], rhs)
+
+
+@register_solver("exact")
+class ExactSolver(InverseSolver):
+    """``(F + λI)^{-1}`` with ``F = (1/N) Σ_i vec(g_i) vec(g_i)^T``.
+
+    With ``G`` the ``(N, D)`` matrix of flattened gradients: if ``N < D`` the Woodbury
+    identity ``(GᵀG/N + λI)^{-1} v = (v − Gᵀ (NλI + GGᵀ)^{-1} G v) / λ`` factors only the
+    ``N × N`` matrix; otherwise the ``D × D`` matrix ``F + λI`` is formed and factored.
+    ``info = {"method": "woodbury" | "dense"}``.
+    """
+
+    def fit(self, grads: Tensor, damping: float) -> "ExactSolver":
+        """Factor the damped Fisher of ``grads`` ``(N, r, d)``; returns ``self``."""
+        g = flat(grads)
+        n, dim = g.shape
+        self._lam = float(damping)
+        eye = torch.eye(min(n, dim), dtype=g.dtype, device=g.device)
+        if n < dim:
+            if self._lam <= 0:
+                raise ValueError("the Woodbury path (N < r*d) needs damping > 0")
+            self._g = g
+            self._factor = _factor(n * self._lam * eye + g @ g.T)
+            self.info = {"method": "woodbury"}
+        else:
+            self._g = None
+            self._factor = _factor(g.T @ g / n + self._lam * eye)
+            self.info = {"method": "dense"}
+        return self
+
+    def apply(self, vectors: Tensor) -> Tensor:
+        """Apply ``(F + λI)^{-1}`` to ``vectors`` ``(M, r, d)``; returns ``(M, r, d)``."""
+        ref = self._factor[1] if self._factor[0] == "cholesky" else self._factor[1][0]
+        v = flat(vectors).to(ref)
+        if self._g is not None:
+            y = _solve(self._factor, self._g @ v.T)          # (N, M)
+            out = (v - (self._g.T @ y).T) / self._lam
+        else:
+            out = _solve(self._factor, v.T).T
+        return out.reshape(vectors.shape).to(vectors.dtype)

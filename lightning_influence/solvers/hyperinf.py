@@ -1,0 +1,57 @@
+"""HyperINF (Zhou, Fan, Jaggi): Schulz's hyperpower iteration on the damped GFIM."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .base import InverseSolver, register_solver
+
+
+@register_solver("hyperinf")
+class HyperINFSolver(InverseSolver):
+    """``v ↦ v X`` with ``X ≈ A^{-1}``, ``A = (1/N) Σ_i g_iᵀ g_i + λI`` (``d × d``, no ``1/r``).
+
+    ``X_{k+1} = X_k (2I − A X_k)`` from ``X_0 = Aᵀ / (‖A‖_1 ‖A‖_∞)`` (always convergent),
+    until ``‖I − A X‖_F / sqrt(d) < tol`` or ``max_iter`` updates; ``X`` is then symmetrised.
+    The iteration runs in ``compute_dtype`` (``None``: the input dtype) and ``X`` is cast back.
+    ``info = {"iterations": k, "residual": float}``; a run that does not converge (or stalls
+    at the rounding floor of ``compute_dtype``) warns with both numbers.
+    """
+
+    def __init__(self, tol: float = 1e-6, max_iter: int = 100,
+                 compute_dtype: Optional[torch.dtype] = torch.float64) -> None:
+        super().__init__()
+        self.tol, self.max_iter, self.compute_dtype = float(tol), int(max_iter), compute_dtype
+
+    def fit(self, grads: Tensor, damping: float) -> "HyperINFSolver":
+        """Invert the damped GFIM of ``grads`` ``(N, r, d)``; returns ``self``."""
+        n, d = grads.shape[0], grads.shape[-1]
+        dtype = self.compute_dtype or grads.dtype
+        if dtype == torch.float64 and grads.device.type == "mps":
+            dtype = torch.float32  # no float64 on Apple GPUs
+        gm = grads.detach().reshape(-1, d).to(dtype)
+        eye = torch.eye(d, dtype=dtype, device=grads.device)
+        a = gm.T @ gm / n + float(damping) * eye
+        x = a.T / (torch.linalg.matrix_norm(a, ord=1) * torch.linalg.matrix_norm(a, ord=math.inf))
+        res, prev, k = math.inf, math.inf, 0
+        while True:
+            resid = eye - a @ x
+            res = float(torch.linalg.matrix_norm(resid)) / math.sqrt(d)
+            if res < self.tol or k >= self.max_iter or not res < prev:
+                break  # converged, out of iterations, or stalled at the rounding floor (or NaN)
+            x = x + x @ resid                                  # = X (2I − A X)
+            prev, k = res, k + 1
+        if not res < self.tol:
+            warnings.warn(f"hyperinf: Schulz iteration did not converge: {k} iterations, "
+                          f"residual {res:.3g} >= tol {self.tol:.3g}", RuntimeWarning, stacklevel=2)
+        self._x = ((x + x.T) / 2).to(grads.dtype)
+        self.info = {"iterations": k, "residual": res}
+        return self
+
+    def apply(self, vectors: Tensor) -> Tensor:
+        """Return ``vectors @ X`` for ``vectors`` ``(M, r, d)``: shape ``(M, r, d)``."""
+        return (vectors.to(self._x) @ self._x).to(vectors.dtype)
