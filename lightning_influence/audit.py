@@ -8,6 +8,7 @@ import copy
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -21,7 +22,8 @@ from .metrics import detection_metrics, score_summary
 from .params import Block, ParamsSpec, select_blocks
 from .progress import NullProgress, Progress
 from .result import AuditResult
-from .scoring import fit_solvers, inverse_direction, self_influence, solver_info, cross_influence
+from .distributed import Collectives, default_collectives, shard_ids, unshard
+from .scoring import cross_influence, fit_solvers, inverse_direction, self_influence, solver_info
 from .solvers import check_solver
 from .store import GradientStore
 
@@ -104,14 +106,14 @@ class _Stages:
 
 
 def training_losses(model: nn.Module, data: Any, batch_size: int, device: torch.device,
-                    loss_fn: Optional[LossFn]) -> Tensor:
-    """Each sample's loss ``(n,)`` under ``model`` in eval mode (no gradients)."""
+                    loss_fn: Optional[LossFn], indices: Optional[Tensor] = None) -> Tensor:
+    """Each sample's loss ``(n,)`` (or of the ``indices`` subset) under ``model`` in eval mode."""
     out: List[Tensor] = []
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for batch in sequential_loader(data, batch_size, name="train_data"):
+            for batch in sequential_loader(data, batch_size, _ids(indices), name="train_data"):
                 out.append(default_loss(model, _move(batch, device), loss_fn).losses.detach().double().cpu())
     finally:
         model.train(was_training)
@@ -121,8 +123,8 @@ def training_losses(model: nn.Module, data: Any, batch_size: int, device: torch.
 class _Gathered:
     """What one gradient pass over a dataset produced."""
 
-    def __init__(self, store: GradientStore, losses: Tensor, valid: Tensor,
-                 labels: Optional[Tensor], predicted: Optional[Tensor]) -> None:
+    def __init__(self, store: GradientStore, losses: Tensor, valid: Tensor, labels: Tensor,
+                 predicted: Tensor) -> None:
         self.store, self.losses, self.valid, self.labels, self.predicted = store, losses, valid, labels, predicted
 
 
@@ -130,22 +132,22 @@ def gather_gradients(model: nn.Module, blocks: List[Block], data: Any, *, batch_
                      device: torch.device, dtype: torch.dtype, loss_fn: Optional[LossFn],
                      sample_labels: Optional[torch.Generator] = None, max_memory: Optional[int] = None,
                      spill_dir: Optional[str] = None, progress: Optional[Callable[[int], None]] = None,
-                     name: str = "data") -> _Gathered:
+                     name: str = "data", indices: Optional[Tensor] = None) -> _Gathered:
     """Per-sample gradients of ``blocks`` for every sample of ``data``, in order, into a store
     (``(n, r, d)`` per block), with each sample's loss, a validity flag (finite loss and
     gradient), and the labels and predicted labels for classification.
 
     With ``sample_labels`` the labels are drawn from the model's predictions (true Fisher)."""
-    n = len(dataset_of(data, name))
+    n = len(dataset_of(data, name)) if indices is None else int(indices.numel())
     store = GradientStore(n, {b.name: b.shape for b in blocks}, dtype, max_memory, spill_dir)
     losses = torch.zeros(n, dtype=torch.float64)
     valid = torch.ones(n, dtype=torch.bool)
-    labels: Optional[Tensor] = None
-    predicted: Optional[Tensor] = None
+    labels = torch.full((n,), -1, dtype=torch.long)  # stays -1 where the loss has no class labels
+    predicted = torch.full((n,), -1, dtype=torch.long)
     start = 0
     try:
         with gradient_mode(model, blocks):
-            for batch in sequential_loader(data, batch_size, name=name):
+            for batch in sequential_loader(data, batch_size, _ids(indices), name=name):
                 batch = _move(batch, device)
                 if sample_labels is not None:
                     batch = with_sampled_labels(model, batch, sample_labels, loss_fn)
@@ -159,11 +161,8 @@ def gather_gradients(model: nn.Module, blocks: List[Block], data: Any, *, batch_
                 losses[start:start + size] = out.losses.double().cpu()
                 valid[start:start + size] = ok.cpu()
                 if out.logits is not None and out.labels is not None:
-                    if labels is None:
-                        labels = torch.full((n,), -1, dtype=torch.long)
-                        predicted = torch.full((n,), -1, dtype=torch.long)
                     labels[start:start + size] = out.labels.long().cpu()
-                    predicted[start:start + size] = out.logits.argmax(-1).cpu()  # type: ignore[index]
+                    predicted[start:start + size] = out.logits.argmax(-1).cpu()
                 start += size
                 if progress is not None:
                     progress(size)
@@ -173,18 +172,12 @@ def gather_gradients(model: nn.Module, blocks: List[Block], data: Any, *, batch_
     return _Gathered(store, losses, valid, labels, predicted)
 
 
-def _valid_only(gathered: _Gathered) -> GradientStore:
-    """The store restricted to valid rows (a compact in-memory copy when some are excluded)."""
-    if bool(gathered.valid.all()):
-        return gathered.store
-    keep = gathered.valid.nonzero().squeeze(1)
-    src = gathered.store
-    compact = GradientStore(int(keep.numel()), src.shapes, src.dtype)
-    compact.blocks = {name: src.block(name)[keep] for name in src.names}
-    return compact
+def _ids(indices: Optional[Tensor]) -> Optional[List[int]]:
+    return None if indices is None else indices.tolist()
 
 
 def _handle_nonfinite(valid: Tensor, policy: str, what: str) -> List[int]:
+    """Warn about (or raise for) the ids flagged invalid ``(n,)``; returns them."""
     bad = (~valid).nonzero().squeeze(1).tolist()
     if bad:
         message = (f"{len(bad)} {what} sample(s) have a non-finite loss or gradient (ids {bad[:20]}"
@@ -193,6 +186,210 @@ def _handle_nonfinite(valid: Tensor, policy: str, what: str) -> List[int]:
             raise NonFiniteGradientError(message)
         warnings.warn(message + "; they are excluded from the curvature and score NaN", RuntimeWarning)
     return bad
+
+
+
+
+@dataclass
+class Prepared:
+    """What the gradient stage hands to the scoring stage (this rank's shard of it).
+
+    ``train``/``val`` hold this rank's per-sample gradients at the scoring weights (θ̃ for
+    vm/fvm, θ* for standard); ``curvature`` those the curvature is built from (``val`` or
+    ``train``, or true-Fisher gradients). Call :meth:`close` to free the stores."""
+
+    method: str
+    n: int
+    m: int
+    train_ids: Tensor
+    val_ids: Tensor
+    train: _Gathered
+    val: _Gathered
+    curvature: _Gathered
+    loss_trained: Tensor
+    tune_stats: Dict[str, float]
+    stages: _Stages
+    dist: Collectives
+    device: torch.device
+    compute_dtype: torch.dtype
+    chunk: int
+    config: Dict[str, Any]
+
+    def close(self) -> None:
+        for gathered in {id(g): g for g in (self.train, self.val, self.curvature)}.values():
+            gathered.store.close()
+
+
+def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional[LossFn] = None,
+            method: str = "fvm", params: ParamsSpec = "auto", tuning: Union[None, TuningConfig, Mapping] = None,
+            fisher: str = "empirical", seed: int = 0, batch_size: int = 32,
+            grad_dtype: Union[None, str, torch.dtype] = None, device: Union[None, str, torch.device] = None,
+            nonfinite: str = "exclude", max_memory: Optional[int] = None, spill_dir: Optional[str] = None,
+            progress: Optional[Progress] = None, dist: Optional[Collectives] = None) -> Prepared:
+    """Stages 1-3: copy the model, tune the copy (vm/fvm), gather per-sample gradients.
+
+    Under several ranks each gathers its own disjoint shard of the training and validation
+    samples; tuning runs on every rank with the same seed and rank 0's result is broadcast."""
+    tuning_cfg = coerce(TuningConfig, tuning)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(dataset_of(train_data, "train_data"))
+    m = len(dataset_of(val_data, "val_data"))
+    if n == 0:
+        raise ValueError("train_data is empty: there is nothing to audit")
+    if m == 0:
+        raise ValueError("val_data is empty: influence is measured on validation samples")
+    device = torch.device(device) if device is not None else model_device(model)
+    dist = dist or default_collectives(device)
+    progress = progress or NullProgress()
+    first = next(iter(model.parameters()), None)
+    param_dtype = first.dtype if first is not None else torch.float32
+    store_dtype = _parse_dtype(grad_dtype, torch.float64 if param_dtype == torch.float64 else torch.float32)
+    compute_dtype = torch.float64 if store_dtype == torch.float64 else torch.float32
+    stages = _Stages(device)
+    train_ids, val_ids = shard_ids(n, dist.rank, dist.world_size), shard_ids(m, dist.rank, dist.world_size)
+    gather = dict(batch_size=batch_size, device=device, dtype=store_dtype, loss_fn=loss_fn)
+    tuned = method in ("vm", "fvm")
+
+    def copy_and_select() -> Tuple[nn.Module, List[Block]]:
+        with stages("copy"):
+            working = copy_model(model).to(device)
+        return working, select_blocks(working, params)
+
+    working, blocks = dist.checkpoint(copy_and_select)
+    try:
+        loss_trained: Optional[Tensor] = None
+        tune_stats: Dict[str, float] = {}
+        if tuned:
+            tuned_params = ([b.param for b in blocks] if tuning_cfg.params == "audited"
+                            else [p for p in working.parameters() if p.requires_grad])
+
+            def tune_stage() -> Tuple[Tensor, Dict[str, float]]:
+                with stages("loss_at_trained"):
+                    losses = training_losses(working, train_data, batch_size, device, loss_fn, train_ids)
+                with stages("tuning"), progress.stage("tuning", tuning_cfg.steps) as update:
+                    factory = shuffled_loader_factory(val_data, tuning_cfg.batch_size, seed, "val_data")
+                    stats = tune_model(working, tuned_params, factory, tuning_cfg, method == "fvm", loss_fn,
+                                       lambda b: _move(b, device), update)
+                return losses, stats
+
+            loss_trained, tune_stats = dist.checkpoint(tune_stage)
+            dist.broadcast_(tuned_params)  # every rank scores at exactly rank 0's θ̃
+
+        def gradient_stage() -> Tuple[_Gathered, _Gathered, _Gathered]:
+            with stages("gradients"), progress.stage("gradients", int(train_ids.numel() + val_ids.numel())) as up:
+                train = gather_gradients(working, blocks, train_data, max_memory=max_memory, spill_dir=spill_dir,
+                                         progress=up, name="train_data", indices=train_ids, **gather)
+                try:
+                    val = gather_gradients(working, blocks, val_data, progress=up, name="val_data",
+                                           indices=val_ids, **gather)
+                    curv = val if tuned else train
+                    if fisher == "true":
+                        with stages("true_fisher"):
+                            source, ids = (val_data, val_ids) if tuned else (train_data, train_ids)
+                            generator = torch.Generator().manual_seed(seed + 7919 * dist.rank)
+                            curv = gather_gradients(working, blocks, source, sample_labels=generator,
+                                                    max_memory=max_memory, spill_dir=spill_dir, name="curvature",
+                                                    indices=ids, **gather)
+                except BaseException:
+                    train.store.close()
+                    raise
+            return train, val, curv
+
+        train, val, curv = dist.checkpoint(gradient_stage)
+    finally:
+        del working
+    return Prepared(method, n, m, train_ids, val_ids, train, val, curv,
+                    loss_trained if loss_trained is not None else train.losses, tune_stats, stages, dist, device,
+                    compute_dtype, max(1, batch_size * 8),
+                    {"method": method, "params": params if isinstance(params, str) else list(params), "seed": seed,
+                     "batch_size": batch_size, "grad_dtype": str(store_dtype), "tuning": as_dict(tuning_cfg),
+                     "blocks": len(blocks), "audited_parameters": sum(b.param.numel() for b in blocks)})
+
+
+def score(prepared: Prepared, solver: Any = "hyperinf", curvature: Union[None, CurvatureConfig, Mapping] = None, *,
+          noisy: Any = None, clean_labels: Any = None, top_k: int = 50, per_validation: bool = False,
+          nonfinite: str = "exclude", progress: Optional[Progress] = None) -> AuditResult:
+    """Stages 4-6: curvature + solve, scores, metrics. Can be called several times on one
+    :class:`Prepared` (e.g. to compare solvers on the same gradients)."""
+    p, dist, stages = prepared, prepared.dist, prepared.stages
+    curvature_cfg = coerce(CurvatureConfig, curvature)
+    progress = progress or NullProgress()
+    noisy_flags = check_noisy(noisy, p.n)
+    clean = None if clean_labels is None else torch.as_tensor(clean_labels).long()
+    if clean is not None and clean.shape != (p.n,):
+        raise ValueError(f"clean_labels must have one label per training sample ({p.n}), got {tuple(clean.shape)}")
+    args = (p.device, p.compute_dtype)
+
+    # every rank learns which samples are invalid before anything depends on it
+    train_valid = unshard(dist.all_gather_cat(p.train.valid), p.n, dist.world_size)
+    val_valid = unshard(dist.all_gather_cat(p.val.valid), p.m, dist.world_size)
+    excluded = dist.checkpoint(lambda: (_handle_nonfinite(train_valid, nonfinite, "training"),
+                                        _handle_nonfinite(val_valid, nonfinite, "validation"))[0])
+    if not bool(val_valid.any()):
+        raise NonFiniteGradientError("every validation sample has a non-finite loss or gradient")
+
+    with stages("solve"), progress.stage("solve", 1) as update:
+        solvers = fit_solvers(p.curvature.store, p.curvature.valid, solver, curvature_cfg, *args, p.chunk, dist)
+        update(1)
+
+    with stages("score"), progress.stage("score", int(p.train_ids.numel())) as update:
+        if p.method in ("vm", "fvm"):
+            local = dist.checkpoint(lambda: self_influence(p.train.store, solvers, p.chunk, *args))
+        else:
+            keep = p.val.valid
+            sums = {name: dist.all_reduce_sum(p.val.store.block(name)[keep].to(*args).sum(0, keepdim=True))
+                    for name in p.val.store.names}
+            count = float(val_valid.sum())
+            mean_val = {name: total / count for name, total in sums.items()}
+            local = dist.checkpoint(lambda: cross_influence(p.train.store, inverse_direction(mean_val, solvers, *args),
+                                                            p.chunk, *args)[0])
+        update(int(p.train_ids.numel()))
+        matrix = None
+        if per_validation:
+            val_all = {name: unshard(dist.all_gather_cat(p.val.store.block(name).to(*args)), p.m, dist.world_size)
+                       for name in p.val.store.names}
+            local_matrix = dist.checkpoint(lambda: torch.cat([
+                cross_influence(p.train.store, inverse_direction({k: v[s:s + p.chunk] for k, v in val_all.items()},
+                                                                 solvers, *args), p.chunk, *args)
+                for s in range(0, p.m, p.chunk)]))
+            matrix = unshard(dist.all_gather_cat(local_matrix.T.contiguous()), p.n, dist.world_size).T
+            matrix[:, ~train_valid] = float("nan")
+            matrix[~val_valid] = float("nan")
+
+    def full(local_values: Tensor, size: int) -> Tensor:
+        return unshard(dist.all_gather_cat(local_values), size, dist.world_size)
+
+    scores = full(local, p.n)
+    scores[~train_valid] = float("nan")
+    loss_trained, loss_tuned = full(p.loss_trained, p.n), full(p.train.losses, p.n)
+    labels, predicted = full(p.train.labels, p.n), full(p.train.predicted, p.n)
+    if bool((labels < 0).all()):
+        labels = predicted = None
+
+    def metrics_stage() -> Tuple[Tensor, Dict[str, float]]:
+        with stages("metrics"):
+            order = _ranking(scores)
+            metrics: Dict[str, float] = score_summary(scores[train_valid])
+            if noisy_flags is not None:
+                keep = train_valid
+                sub_pred = None if predicted is None or clean is None else predicted[keep]
+                metrics.update(detection_metrics(scores[keep], noisy_flags[keep], k=top_k, predicted=sub_pred,
+                                                 clean_labels=None if clean is None or sub_pred is None else clean[keep]))
+        return order, metrics
+
+    order, metrics = dist.checkpoint(metrics_stage)
+    return AuditResult(
+        scores=scores, ranking=order, metrics=metrics, method=p.method,
+        solver=solver if isinstance(solver, str) else type(solver).__name__,
+        loss_trained=loss_trained, loss_tuned=loss_tuned if p.method in ("vm", "fvm") else None,
+        labels=labels, predicted=predicted, noisy=noisy_flags, per_validation=matrix, excluded=excluded,
+        stage_seconds=dict(stages.seconds), solver_info=solver_info(solvers), tuning=p.tune_stats,
+        config={**p.config, "solver": solver if isinstance(solver, str) else type(solver).__name__,
+                "curvature": as_dict(curvature_cfg), "world_size": dist.world_size},
+    )
 
 
 def audit(
@@ -219,8 +416,12 @@ def audit(
     max_memory: Optional[int] = None,
     spill_dir: Optional[str] = None,
     progress: Optional[Progress] = None,
+    dist: Optional[Collectives] = None,
 ) -> AuditResult:
     """Score every training sample's influence; higher = more harmful.
+
+    The pipeline: copy the model -> tune the copy on the validation data (vm/fvm) -> per-sample
+    gradients -> curvature + inverse solve per block -> scores -> detection metrics.
 
     Args:
         model: any ``nn.Module`` (a LightningModule, a PEFT model...). It is never changed: the
@@ -236,7 +437,7 @@ def audit(
         top_k: k for precision/recall at k.
         seed: seeds the tuning order and the true-Fisher label draws (the global RNG is untouched).
         tuning: :class:`TuningConfig` (or dict) for ``vm``/``fvm``.
-        curvature: :class:`CurvatureConfig` (or dict): damping, damping rule, Fisher type.
+        curvature: :class:`CurvatureConfig` (or dict): damping, damping rule, Fisher type, solver options.
         damping: shortcut for ``curvature.damping``.
         batch_size: batch size of the gradient passes.
         grad_dtype: storage dtype of the per-sample gradients (default float32, or float64 for a
@@ -245,121 +446,26 @@ def audit(
         clean_labels: optional ``(n,)`` true labels, for the relabel accuracy.
         per_validation: also compute the ``(m, n)`` per-validation-point score matrix.
         nonfinite: ``"exclude"`` samples with non-finite loss/gradient (with a warning), or ``"raise"``.
-        max_memory: bytes of per-sample gradients kept in RAM; past it they spill to disk.
+        max_memory: bytes of training gradients kept in RAM; past it they spill to disk.
         spill_dir: where spilled gradients go (a temporary directory by default).
         progress: a :class:`~lightning_influence.progress.Progress` for per-stage progress bars.
+        dist: collectives for multi-process runs (default: ``torch.distributed`` when initialised).
     """
     validate_options(method, solver, nonfinite)
-    tuning_cfg = coerce(TuningConfig, tuning)
     curvature_cfg = coerce(CurvatureConfig, curvature)
     if damping is not None:
         curvature_cfg = CurvatureConfig(**{**as_dict(curvature_cfg), "damping": damping})
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = len(dataset_of(train_data, "train_data"))
-    m = len(dataset_of(val_data, "val_data"))
-    if n == 0:
-        raise ValueError("train_data is empty: there is nothing to audit")
-    if m == 0:
-        raise ValueError("val_data is empty: influence is measured on validation samples")
-    noisy_flags = check_noisy(noisy, n)
-    clean = None if clean_labels is None else torch.as_tensor(clean_labels).long()
-    if clean is not None and clean.shape != (n,):
-        raise ValueError(f"clean_labels must have one label per training sample ({n}), got {tuple(clean.shape)}")
-    progress = progress or NullProgress()
-    device = torch.device(device) if device is not None else model_device(model)
-    param_dtype = next(iter(model.parameters())).dtype if any(True for _ in model.parameters()) else torch.float32
-    store_dtype = _parse_dtype(grad_dtype, torch.float64 if param_dtype == torch.float64 else torch.float32)
-    compute_dtype = torch.float64 if store_dtype == torch.float64 else torch.float32
-    stages = _Stages(device)
-    generator = torch.Generator().manual_seed(seed)
-
-    with stages("copy"):
-        working = copy_model(model).to(device)
-    blocks = select_blocks(working, params)
-    chunk = max(1, batch_size * 8)
-    gather = dict(batch_size=batch_size, device=device, dtype=store_dtype, loss_fn=loss_fn)
-    train = val = curv = None
+    check_noisy(noisy, n)  # before any expensive stage
+    prepared = prepare(model, train_data, val_data, loss_fn=loss_fn, method=method, params=params, tuning=tuning,
+                       fisher=curvature_cfg.fisher, seed=seed, batch_size=batch_size, grad_dtype=grad_dtype,
+                       device=device, nonfinite=nonfinite, max_memory=max_memory, spill_dir=spill_dir,
+                       progress=progress, dist=dist)
     try:
-        loss_trained = None
-        tune_stats: Dict[str, float] = {}
-        if method in ("vm", "fvm"):
-            with stages("loss_at_trained"):
-                loss_trained = training_losses(working, train_data, batch_size, device, loss_fn)
-            tuned_params = ([b.param for b in blocks] if tuning_cfg.params == "audited"
-                            else [p for p in working.parameters() if p.requires_grad])
-            with stages("tuning"), progress.stage("tuning", tuning_cfg.steps) as update:
-                factory = shuffled_loader_factory(val_data, tuning_cfg.batch_size, seed, "val_data")
-                tune_stats = tune_model(working, tuned_params, factory, tuning_cfg, method == "fvm",
-                                        loss_fn, lambda b: _move(b, device), update)
-
-        with stages("gradients"), progress.stage("gradients", n + m) as update:
-            train = gather_gradients(working, blocks, train_data, max_memory=max_memory, spill_dir=spill_dir,
-                                     progress=update, name="train_data", **gather)
-            val = gather_gradients(working, blocks, val_data, progress=update, name="val_data", **gather)
-        excluded = _handle_nonfinite(train.valid, nonfinite, "training")
-        _handle_nonfinite(val.valid, nonfinite, "validation")
-        if not bool(val.valid.any()):
-            raise NonFiniteGradientError("every validation sample has a non-finite loss or gradient")
-        if loss_trained is None:
-            loss_trained = train.losses
-
-        curvature_source = val_data if method in ("vm", "fvm") else train_data
-        with stages("curvature"):
-            if curvature_cfg.fisher == "true":
-                curv = gather_gradients(working, blocks, curvature_source, sample_labels=generator,
-                                        max_memory=max_memory, spill_dir=spill_dir, name="curvature", **gather)
-            else:
-                curv = val if method in ("vm", "fvm") else train
-        with stages("solve"), progress.stage("solve", 1) as update:
-            solvers = fit_solvers(_valid_only(curv), solver, curvature_cfg, device, compute_dtype)
-            update(1)
-
-        with stages("score"), progress.stage("score", n) as update:
-            if method in ("vm", "fvm"):
-                scores = self_influence(train.store, solvers, chunk, device, compute_dtype)
-            else:
-                valid_val = val.valid.nonzero().squeeze(1)
-                mean_val = {name: val.store.block(name)[valid_val].to(device, compute_dtype).mean(0, keepdim=True)
-                            for name in val.store.names}
-                scores = cross_influence(train.store, inverse_direction(mean_val, solvers, device, compute_dtype),
-                                        chunk, device, compute_dtype)[0]
-            update(n)
-            matrix = None
-            if per_validation:
-                rows = []
-                for start in range(0, m, chunk):
-                    part = {name: val.store.block(name, slice(start, start + chunk)) for name in val.store.names}
-                    rows.append(cross_influence(train.store, inverse_direction(part, solvers, device, compute_dtype),
-                                               chunk, device, compute_dtype))
-                matrix = torch.cat(rows)
-        scores[~train.valid] = float("nan")
-
-        with stages("metrics"):
-            order = _ranking(scores)
-            metrics: Dict[str, float] = score_summary(scores[train.valid])
-            if noisy_flags is not None:
-                keep = train.valid
-                sub_pred = None if train.predicted is None or clean is None else train.predicted[keep]
-                metrics.update(detection_metrics(scores[keep], noisy_flags[keep], k=top_k, predicted=sub_pred,
-                                                 clean_labels=None if clean is None else clean[keep]))
+        return score(prepared, solver, curvature_cfg, noisy=noisy, clean_labels=clean_labels, top_k=top_k,
+                     per_validation=per_validation, nonfinite=nonfinite, progress=progress)
     finally:
-        for gathered in (train, val, curv):
-            if gathered is not None:
-                gathered.store.close()
-        del working
-
-    return AuditResult(
-        scores=scores, ranking=order, metrics=metrics, method=method,
-        solver=solver if isinstance(solver, str) else type(solver).__name__,
-        loss_trained=loss_trained, loss_tuned=train.losses if method in ("vm", "fvm") else None,
-        labels=train.labels, predicted=train.predicted, noisy=noisy_flags, per_validation=matrix,
-        excluded=excluded, stage_seconds=stages.seconds, solver_info=solver_info(solvers), tuning=tune_stats,
-        config={"method": method, "params": params if isinstance(params, str) else list(params), "seed": seed,
-                "batch_size": batch_size, "grad_dtype": str(store_dtype), "tuning": as_dict(tuning_cfg),
-                "curvature": as_dict(curvature_cfg), "blocks": len(blocks),
-                "audited_parameters": sum(b.param.numel() for b in blocks)},
-    )
+        prepared.close()
 
 
 def _ranking(scores: Tensor) -> Tensor:

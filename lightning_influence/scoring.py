@@ -19,31 +19,61 @@ from torch import Tensor
 
 from .config import CurvatureConfig
 from .solvers import InverseSolver, make_solver
+from .distributed import Collectives
 from .store import GradientStore
 
 Blocks = Mapping[str, Tensor]
 
 
-def damping_for(grads: Tensor, config: CurvatureConfig) -> float:
-    """λ for one block: ``config.damping · mean(g²)`` over the curvature gradients
-    ``(N, r, d)`` (DataInf's rule), or ``config.damping`` itself when the rule is absolute."""
+def fit_solvers(curvature: GradientStore, valid: Tensor, solver: Any, config: CurvatureConfig,
+                device: torch.device, compute_dtype: torch.dtype, chunk: int,
+                dist: Collectives = Collectives()) -> Dict[str, InverseSolver]:
+    """One fitted solver per block. The curvature gradients (``(N, r, d)`` per block, this
+    rank's shard, only rows where ``valid``) are streamed in chunks into each solver's
+    statistics, combined across ranks (sum or concatenation), then fitted with DataInf's
+    damping computed from the global mean of ``g²``. Every rank ends with identical solvers."""
+    options = config.solver_options or {}
+    fitted: Dict[str, InverseSolver] = {}
+    for name in curvature.names:
+        instance = make_solver(solver, **options) if isinstance(solver, (str, type)) else make_solver(solver)
+        streaming = hasattr(instance, "statistics") and hasattr(instance, "fit_statistics")
+        reductions = getattr(instance, "reductions", {"grads": "cat"}) if streaming else {"grads": "cat"}
+        parts: Dict[str, list] = {key: [] for key in reductions}
+        sumsq = torch.zeros((), dtype=torch.float64)
+        for start, blocks in curvature.chunks(chunk):
+            g = blocks[name][valid[start:start + blocks[name].shape[0]]].to(device, compute_dtype)
+            sumsq += g.double().pow(2).sum().cpu()
+            stats = instance.statistics(g) if streaming else {"grads": g}
+            for key, value in stats.items():
+                parts[key].append(value)
+        r, d = curvature.shapes[name]
+        count = dist.all_reduce_sum(torch.tensor([float(valid.sum()), float(sumsq)], dtype=torch.float64))
+        n_total, sumsq_total = int(count[0]), float(count[1])
+        combined: Dict[str, Tensor] = {}
+        for key, how in reductions.items():
+            if how == "sum":
+                local = torch.stack(parts[key]).sum(0) if parts[key] else None
+                if local is None:  # an empty shard still joins the collective with zeros
+                    local = torch.zeros_like(instance.statistics(torch.zeros(1, r, d, device=device,
+                                                                             dtype=compute_dtype))[key])
+                combined[key] = dist.all_reduce_sum(local)
+            else:
+                local = torch.cat(parts[key]) if parts[key] else torch.zeros(0, r, d, device=device, dtype=compute_dtype)
+                combined[key] = dist.all_gather_cat(local)
+        if n_total == 0:
+            raise ValueError(f"no valid curvature sample for block {name}")
+        lam = _damping(sumsq_total / (n_total * r * d), config)
+        fitted[name] = (instance.fit_statistics(combined, n_total, lam) if streaming
+                        else instance.fit(combined["grads"], lam))
+    return fitted
+
+
+def _damping(mean_sq: float, config: CurvatureConfig) -> float:
+    """λ: ``config.damping · mean(g²)`` (DataInf's rule), or ``config.damping`` if absolute."""
     if config.damping_rule == "absolute":
         return float(config.damping)
-    mean_sq = float(grads.double().pow(2).mean()) if grads.numel() else 0.0
     # an all-zero block (e.g. a LoRA B at init) still needs a positive λ for the inverse to exist
     return float(config.damping) * mean_sq if mean_sq > 0 else 1e-12
-
-
-def fit_solvers(curvature: GradientStore, solver: Any, config: CurvatureConfig,
-                device: torch.device, compute_dtype: torch.dtype) -> Dict[str, InverseSolver]:
-    """One fitted solver per block, on the curvature gradients (``(N, r, d)`` per block)."""
-    fitted: Dict[str, InverseSolver] = {}
-    options = config.solver_options or {}
-    for name in curvature.names:
-        grads = curvature.block(name).to(device, compute_dtype)
-        instance = make_solver(solver, **options) if isinstance(solver, (str, type)) else make_solver(solver)
-        fitted[name] = instance.fit(grads, damping_for(grads, config))
-    return fitted
 
 
 def solver_info(solvers: Mapping[str, InverseSolver]) -> Dict[str, Any]:

@@ -44,6 +44,23 @@ class InverseSolver(ABC):
     def apply(self, vectors: Tensor) -> Tensor:
         """Apply the damped inverse to ``vectors`` of shape ``(M, r, d)``; returns ``(M, r, d)``."""
 
+    # --- streaming and distributed fitting -------------------------------------------------
+    # The curvature gradients may come in chunks (a store spilled to disk) or in shards (one
+    # per DDP rank). A solver describes what it needs as named statistics of a chunk, each
+    # combined across chunks and ranks by "sum" (e.g. HyperINF's d x d GFIM) or by "cat"
+    # (the gradients themselves, for solvers that need every sample). The default is "cat".
+
+    #: how each statistic combines across chunks and ranks
+    reductions: Dict[str, str] = {"grads": "cat"}
+
+    def statistics(self, grads: Tensor) -> Dict[str, Tensor]:
+        """Statistics of one chunk of curvature gradients ``(N_c, r, d)``."""
+        return {"grads": grads}
+
+    def fit_statistics(self, stats: Dict[str, Tensor], n: int, damping: float) -> "InverseSolver":
+        """Fit from statistics combined over all ``n`` curvature samples. Returns ``self``."""
+        return self.fit(stats["grads"], damping)
+
 
 SOLVERS: Dict[str, Type[InverseSolver]] = {}
 

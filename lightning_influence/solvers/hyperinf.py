@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
@@ -27,15 +27,28 @@ class HyperINFSolver(InverseSolver):
         super().__init__()
         self.tol, self.max_iter, self.compute_dtype = float(tol), int(max_iter), compute_dtype
 
+    reductions = {"gram": "sum"}  # the d x d sum of g_iᵀ g_i: all-reduced, never the gradients
+
+    def _dtype(self, like: Tensor) -> torch.dtype:
+        dtype = self.compute_dtype or like.dtype
+        return torch.float32 if dtype == torch.float64 and like.device.type == "mps" else dtype  # no fp64 on MPS
+
+    def statistics(self, grads: Tensor) -> Dict[str, Tensor]:
+        """``{"gram": Σ_i g_iᵀ g_i}`` ``(d, d)`` of a chunk ``(N_c, r, d)``."""
+        gm = grads.detach().reshape(-1, grads.shape[-1]).to(self._dtype(grads))
+        return {"gram": gm.T @ gm}
+
     def fit(self, grads: Tensor, damping: float) -> "HyperINFSolver":
         """Invert the damped GFIM of ``grads`` ``(N, r, d)``; returns ``self``."""
-        n, d = grads.shape[0], grads.shape[-1]
-        dtype = self.compute_dtype or grads.dtype
-        if dtype == torch.float64 and grads.device.type == "mps":
-            dtype = torch.float32  # no float64 on Apple GPUs
-        gm = grads.detach().reshape(-1, d).to(dtype)
-        eye = torch.eye(d, dtype=dtype, device=grads.device)
-        a = gm.T @ gm / n + float(damping) * eye
+        self._out_dtype = grads.dtype
+        return self.fit_statistics(self.statistics(grads), grads.shape[0], damping)
+
+    def fit_statistics(self, stats: Dict[str, Tensor], n: int, damping: float) -> "HyperINFSolver":
+        """Invert ``A = gram / n + λI`` by Schulz iteration; returns ``self``."""
+        gram = stats["gram"]
+        d, dtype = gram.shape[0], self._dtype(gram)
+        eye = torch.eye(d, dtype=dtype, device=gram.device)
+        a = gram.to(dtype) / max(n, 1) + float(damping) * eye
         x = a.T / (torch.linalg.matrix_norm(a, ord=1) * torch.linalg.matrix_norm(a, ord=math.inf))
         res, prev, k = math.inf, math.inf, 0
         while True:
@@ -48,7 +61,7 @@ class HyperINFSolver(InverseSolver):
         if not res < self.tol:
             warnings.warn(f"hyperinf: Schulz iteration did not converge: {k} iterations, "
                           f"residual {res:.3g} >= tol {self.tol:.3g}", RuntimeWarning, stacklevel=2)
-        self._x = ((x + x.T) / 2).to(grads.dtype)
+        self._x = ((x + x.T) / 2).to(getattr(self, "_out_dtype", gram.dtype))
         self.info = {"iterations": k, "residual": res}
         return self
 
