@@ -30,6 +30,7 @@ class Block:
         role: ``"weight"``, ``"bias"`` or ``"generic"``.
         transpose: whether the 2-D gradient is transposed to reach ``shape``.
         shape: ``(r, d)``, the stored per-sample gradient's matrix shape.
+        projection: optional random projections (LoGra-style), set by ``projection.project_blocks``.
     """
 
     name: str
@@ -38,6 +39,16 @@ class Block:
     role: str
     transpose: bool
     shape: Tuple[int, int]
+    #: random projections ``(P_out (d_out, k_out), P_in (d_in, k_in))`` of a Linear block, see projection.py
+    projection: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+
+    @property
+    def grad_shape(self) -> Tuple[int, ...]:
+        """Shape of one sample's (projected) gradient before :meth:`to_matrix`."""
+        if self.projection is None:
+            return tuple(self.param.shape)
+        p_out, p_in = self.projection
+        return (p_out.shape[1],) if p_in is None else (p_out.shape[1], p_in.shape[1])
 
     def to_matrix(self, grad: torch.Tensor) -> torch.Tensor:
         """Per-sample gradients shaped like the parameter ``(B, *param.shape)`` -> ``(B, r, d)``."""

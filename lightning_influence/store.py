@@ -1,12 +1,13 @@
 """Where per-sample gradients live: one ``(n, r, d)`` tensor per block.
 
-The store is pre-allocated for ``n`` samples. Under ``max_memory`` bytes it lives in RAM;
-past it, each block is a memory-mapped file under ``spill_dir`` that the solvers and the
-scoring read chunk by chunk, so peak memory stays bounded whatever ``n`` is.
+The store is pre-allocated for ``n`` samples. Under ``max_memory`` bytes it lives in RAM.
+Past it, each block is a flat binary file under ``spill_dir``, written and read by explicit
+positioned I/O (not ``mmap``: mapped pages would count towards the process's resident memory
+and grow it to the size of the file). The solvers and the scoring read it chunk by chunk,
+so peak memory stays bounded whatever ``n`` is.
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -25,9 +26,9 @@ class GradientStore:
     Args:
         n: number of samples.
         shapes: ``{block name: (r, d)}``.
-        dtype: storage dtype (float16/bfloat16 halve the memory; float32 by default).
+        dtype: storage dtype (float16 halves the memory; float32 by default).
         max_memory: bytes allowed in RAM; ``None`` = no limit. Past it the store spills to disk.
-        spill_dir: directory for the memory-mapped files (a temporary one by default).
+        spill_dir: directory for the spilled files (a temporary one by default).
         keep_files: keep the spilled files after :meth:`close`.
     """
 
@@ -35,21 +36,22 @@ class GradientStore:
                  max_memory: Optional[int] = None, spill_dir: Optional[str] = None,
                  keep_files: bool = False) -> None:
         self.n, self.shapes, self.dtype = n, dict(shapes), dtype
-        self.nbytes = n * sum(r * d for r, d in shapes.values()) * torch.tensor([], dtype=dtype).element_size()
+        self.itemsize = torch.tensor([], dtype=dtype).element_size()
+        self.nbytes = n * sum(r * d for r, d in shapes.values()) * self.itemsize
         self.spilled = max_memory is not None and self.nbytes > max_memory
         self.keep_files = keep_files
         self.directory: Optional[str] = None
         self.blocks: Dict[str, Tensor] = {}
+        self._files: Dict[str, int] = {}
         if self.spilled:
             if dtype not in _NUMPY_DTYPES:
-                raise ValueError(f"a spilled store needs float16/32/64, got {dtype}")
+                raise ValueError(f"a spilled store needs float16/32/64 storage, got {dtype}")
             if spill_dir is not None:
                 os.makedirs(spill_dir, exist_ok=True)
             self.directory = tempfile.mkdtemp(prefix="influence-grads-", dir=spill_dir)
-            for i, (name, (r, d)) in enumerate(shapes.items()):
-                arr = np.lib.format.open_memmap(os.path.join(self.directory, f"block{i}.npy"), mode="w+",
-                                                dtype=_NUMPY_DTYPES[dtype], shape=(n, r, d))
-                self.blocks[name] = torch.from_numpy(arr)
+            for i, name in enumerate(shapes):
+                self._files[name] = os.open(os.path.join(self.directory, f"block{i}.bin"),
+                                            os.O_RDWR | os.O_CREAT, 0o600)
         else:
             self.blocks = {name: torch.zeros(n, r, d, dtype=dtype) for name, (r, d) in shapes.items()}
 
@@ -60,15 +62,38 @@ class GradientStore:
     def __len__(self) -> int:
         return self.n
 
+    def _row_bytes(self, name: str) -> int:
+        r, d = self.shapes[name]
+        return r * d * self.itemsize
+
     def write(self, start: int, grads: Dict[str, Tensor]) -> None:
         """Store a batch ``{name: (B, r, d)}`` at rows ``start .. start+B``."""
         for name, g in grads.items():
-            self.blocks[name][start:start + g.shape[0]].copy_(g.detach().to("cpu", self.dtype))
+            g = g.detach().to("cpu", self.dtype)
+            if self.spilled:
+                data = g.contiguous().numpy().tobytes()
+                written = os.pwrite(self._files[name], data, start * self._row_bytes(name))
+                if written != len(data):
+                    raise OSError(f"short write to the gradient spill file of {name} ({written}/{len(data)} bytes)")
+            else:
+                self.blocks[name][start:start + g.shape[0]].copy_(g)
 
     def block(self, name: str, rows: Optional[slice] = None) -> Tensor:
-        """The gradients of one block, all rows or ``rows``: ``(n, r, d)``, on the CPU."""
-        data = self.blocks[name]
-        return data if rows is None else data[rows]
+        """The gradients of one block, all rows or ``rows`` (a step-1 slice): ``(k, r, d)`` on the CPU."""
+        if not self.spilled:
+            data = self.blocks[name]
+            return data if rows is None else data[rows]
+        start, stop, _ = (rows or slice(None)).indices(self.n)
+        count = max(stop - start, 0)
+        out = np.empty((count, *self.shapes[name]), dtype=_NUMPY_DTYPES[self.dtype])
+        view = memoryview(out).cast("B")
+        offset, done = start * self._row_bytes(name), 0
+        while done < len(view):
+            got = os.preadv(self._files[name], [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(f"the gradient spill file of {name} ended early")
+            done += got
+        return torch.from_numpy(out)
 
     def chunk_size(self, budget_bytes: int) -> int:
         """Rows per chunk so that one chunk of every block fits in ``budget_bytes``."""
@@ -78,11 +103,14 @@ class GradientStore:
     def chunks(self, size: int) -> Iterator[Tuple[int, Dict[str, Tensor]]]:
         """Yield ``(start, {name: (≤size, r, d)})`` over all rows, in order."""
         for start in range(0, self.n, size):
-            yield start, {name: self.blocks[name][start:start + size] for name in self.shapes}
+            yield start, {name: self.block(name, slice(start, start + size)) for name in self.shapes}
 
     def close(self) -> None:
-        """Release the memory; remove the spilled files unless ``keep_files``."""
+        """Release the memory; close and remove the spilled files unless ``keep_files``."""
         self.blocks = {}
+        for fd in self._files.values():
+            os.close(fd)
+        self._files = {}
         if self.directory and not self.keep_files:
             shutil.rmtree(self.directory, ignore_errors=True)
 
