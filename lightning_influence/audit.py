@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import operator
 import time
 import warnings
 from contextlib import contextmanager
@@ -21,6 +23,7 @@ from .losses import LossFn, default_loss, with_sampled_labels
 from .metrics import detection_metrics, score_summary
 from .params import Block, ParamsSpec, select_blocks
 from .progress import NullProgress, Progress
+from .projection import project_blocks
 from .result import AuditResult
 from .distributed import Collectives, default_collectives, shard_ids, unshard
 from .scoring import cross_influence, fit_solvers, inverse_direction, self_influence, solver_info
@@ -28,6 +31,7 @@ from .solvers import check_solver
 from .store import GradientStore
 
 NONFINITE = ("exclude", "raise")
+GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -37,11 +41,9 @@ class NonFiniteGradientError(FloatingPointError):
 def _parse_dtype(value: Union[None, str, torch.dtype], default: torch.dtype) -> torch.dtype:
     if value is None:
         return default
-    if isinstance(value, torch.dtype):
-        return value
-    dtype = getattr(torch, str(value).replace("torch.", ""), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"grad_dtype must be a floating dtype such as 'float32', got {value!r}")
+    dtype = value if isinstance(value, torch.dtype) else getattr(torch, str(value).replace("torch.", ""), None)
+    if dtype not in GRAD_DTYPES:  # float8 & co. have no inf and ~1 significant digit: never a silent choice
+        raise ValueError(f"grad_dtype must be one of 'float16', 'bfloat16', 'float32', 'float64', got {value!r}")
     return dtype
 
 
@@ -153,10 +155,15 @@ def gather_gradients(model: nn.Module, blocks: List[Block], data: Any, *, batch_
                     batch = with_sampled_labels(model, batch, sample_labels, loss_fn)
                 grads, out = per_sample_gradients(model, blocks, batch, loss_fn)
                 size = out.losses.shape[0]
+                if size != min(batch_size, n - start):
+                    raise ValueError(f"{name}: the loss gave {size} value(s) for a batch of {min(batch_size, n - start)} "
+                                     "samples; loss_fn must return one loss per sample, shape (B,), unreduced")
                 ok = torch.isfinite(out.losses)
                 for g in grads.values():
                     ok &= torch.isfinite(g).flatten(1).all(1)
+                for g in grads.values():
                     g.masked_fill_(~ok.view(-1, 1, 1), 0.0)  # excluded samples never reach the solvers
+                store = _fit_storage(store, grads, start, name, max_memory, spill_dir)
                 store.write(start, grads)
                 losses[start:start + size] = out.losses.double().cpu()
                 valid[start:start + size] = ok.cpu()
@@ -170,6 +177,41 @@ def gather_gradients(model: nn.Module, blocks: List[Block], data: Any, *, batch_
         store.close()
         raise
     return _Gathered(store, losses, valid, labels, predicted)
+
+
+def _chunk_rows(store: GradientStore, batch_size: int, max_memory: Optional[int]) -> int:
+    """Rows of training gradients scored at once: 8 batches, fewer under a memory budget (an
+    eighth of it per chunk, leaving room for the solver's temporaries)."""
+    rows = max(1, batch_size * 8)
+    return rows if max_memory is None else min(rows, store.chunk_size(max_memory // 8))
+
+
+def _fit_storage(store: GradientStore, grads: Dict[str, Tensor], rows: int, name: str,
+                 max_memory: Optional[int], spill_dir: Optional[str]) -> GradientStore:
+    """``store``, or a float32 copy of its first ``rows`` rows (with a warning) when ``grads``
+    would overflow its dtype: a float16 store can't hold values above 65504 (they would
+    silently become inf). The gradients themselves are computed in at least float32."""
+    limit = torch.finfo(store.dtype).max
+    for block, g in grads.items():
+        if not g.numel() or limit >= torch.finfo(g.dtype).max:
+            continue
+        peak = float(g.detach().abs().amax())
+        if peak > limit:
+            warnings.warn(f"{name}: per-sample gradients of {block} reach {peak:.3g}, beyond the range of "
+                          f"grad_dtype={store.dtype} (max {limit:.3g}); storing them in float32 instead",
+                          RuntimeWarning)
+            wide = GradientStore(store.n, store.shapes, torch.float32, max_memory, spill_dir)
+            try:
+                step = max(1, store.chunk_size(64 << 20))
+                for s in range(0, rows, step):
+                    part = slice(s, min(s + step, rows))
+                    wide.write(s, {b: store.block(b, part) for b in store.names})
+            except BaseException:
+                wide.close()
+                raise
+            store.close()
+            return wide
+    return store
 
 
 def _ids(indices: Optional[Tensor]) -> Optional[List[int]]:
@@ -220,12 +262,29 @@ class Prepared:
             gathered.store.close()
 
 
+def _autograd_allowed(fn: Callable) -> Callable:
+    """Run ``fn`` with inference mode off: the audit needs autograd even when it is called
+    inside ``torch.inference_mode()`` (as Lightning runs its validation and test hooks). The
+    global torch RNG (CPU, and the current CUDA device) is restored afterwards, so an audit in
+    the middle of training never changes what the training draws next."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        with torch.inference_mode(False), torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_autograd_allowed
 def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional[LossFn] = None,
             method: str = "fvm", params: ParamsSpec = "auto", tuning: Union[None, TuningConfig, Mapping] = None,
             fisher: str = "empirical", seed: int = 0, batch_size: int = 32,
             grad_dtype: Union[None, str, torch.dtype] = None, device: Union[None, str, torch.device] = None,
             nonfinite: str = "exclude", max_memory: Optional[int] = None, spill_dir: Optional[str] = None,
-            progress: Optional[Progress] = None, dist: Optional[Collectives] = None) -> Prepared:
+            progress: Optional[Progress] = None, dist: Optional[Collectives] = None,
+            projection: Optional[int] = None) -> Prepared:
     """Stages 1-3: copy the model, tune the copy (vm/fvm), gather per-sample gradients.
 
     Under several ranks each gathers its own disjoint shard of the training and validation
@@ -256,7 +315,8 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
     def copy_and_select() -> Tuple[nn.Module, List[Block]]:
         with stages("copy"):
             working = copy_model(model).to(device)
-        return working, select_blocks(working, params)
+        blocks = select_blocks(working, params)
+        return working, (blocks if projection is None else project_blocks(blocks, projection, seed))
 
     working, blocks = dist.checkpoint(copy_and_select)
     try:
@@ -289,7 +349,7 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
                     if fisher == "true":
                         with stages("true_fisher"):
                             source, ids = (val_data, val_ids) if tuned else (train_data, train_ids)
-                            generator = torch.Generator().manual_seed(seed + 7919 * dist.rank)
+                            generator = torch.Generator().manual_seed((seed + 7919 * dist.rank) % 2**64)
                             curv = gather_gradients(working, blocks, source, sample_labels=generator,
                                                     max_memory=max_memory, spill_dir=spill_dir, name="curvature",
                                                     indices=ids, **gather)
@@ -303,12 +363,13 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
         del working
     return Prepared(method, n, m, train_ids, val_ids, train, val, curv,
                     loss_trained if loss_trained is not None else train.losses, tune_stats, stages, dist, device,
-                    compute_dtype, max(1, batch_size * 8),
+                    compute_dtype, _chunk_rows(train.store, batch_size, max_memory),
                     {"method": method, "params": params if isinstance(params, str) else list(params), "seed": seed,
                      "batch_size": batch_size, "grad_dtype": str(store_dtype), "tuning": as_dict(tuning_cfg),
-                     "blocks": len(blocks), "audited_parameters": sum(b.param.numel() for b in blocks)})
+                     "blocks": len(blocks), "projection": projection, "audited_parameters": sum(b.param.numel() for b in blocks)})
 
 
+@_autograd_allowed
 def score(prepared: Prepared, solver: Any = "hyperinf", curvature: Union[None, CurvatureConfig, Mapping] = None, *,
           noisy: Any = None, clean_labels: Any = None, top_k: int = 50, per_validation: bool = False,
           nonfinite: str = "exclude", progress: Optional[Progress] = None) -> AuditResult:
@@ -330,6 +391,8 @@ def score(prepared: Prepared, solver: Any = "hyperinf", curvature: Union[None, C
                                         _handle_nonfinite(val_valid, nonfinite, "validation"))[0])
     if not bool(val_valid.any()):
         raise NonFiniteGradientError("every validation sample has a non-finite loss or gradient")
+    if not bool(train_valid.any()):
+        raise NonFiniteGradientError("every training sample has a non-finite loss or gradient: nothing to score")
 
     with stages("solve"), progress.stage("solve", 1) as update:
         solvers = fit_solvers(p.curvature.store, p.curvature.valid, solver, curvature_cfg, *args, p.chunk, dist)
@@ -364,6 +427,9 @@ def score(prepared: Prepared, solver: Any = "hyperinf", curvature: Union[None, C
 
     scores = full(local, p.n)
     scores[~train_valid] = float("nan")
+    if bool((scores[train_valid] == 0).all()):
+        warnings.warn("every score is 0: the audited parameters' per-sample gradients all vanish, so the ranking "
+                      "carries no information (check params= and the loss)", RuntimeWarning)
     loss_trained, loss_tuned = full(p.loss_trained, p.n), full(p.train.losses, p.n)
     labels, predicted = full(p.train.labels, p.n), full(p.train.predicted, p.n)
     if bool((labels < 0).all()):
@@ -417,6 +483,7 @@ def audit(
     spill_dir: Optional[str] = None,
     progress: Optional[Progress] = None,
     dist: Optional[Collectives] = None,
+    projection: Optional[int] = None,
 ) -> AuditResult:
     """Score every training sample's influence; higher = more harmful.
 
@@ -450,6 +517,8 @@ def audit(
         spill_dir: where spilled gradients go (a temporary directory by default).
         progress: a :class:`~lightning_influence.progress.Progress` for per-stage progress bars.
         dist: collectives for multi-process runs (default: ``torch.distributed`` when initialised).
+        projection: project each side of big Linear blocks to this many dimensions with a
+            Gaussian sketch (LoGra-style; the full per-sample gradient is never formed).
     """
     validate_options(method, solver, nonfinite)
     curvature_cfg = coerce(CurvatureConfig, curvature)
@@ -457,15 +526,31 @@ def audit(
         curvature_cfg = CurvatureConfig(**{**as_dict(curvature_cfg), "damping": damping})
     n = len(dataset_of(train_data, "train_data"))
     check_noisy(noisy, n)  # before any expensive stage
+    _check_scoring_args(n, seed, top_k if noisy is not None else 1, clean_labels)
     prepared = prepare(model, train_data, val_data, loss_fn=loss_fn, method=method, params=params, tuning=tuning,
                        fisher=curvature_cfg.fisher, seed=seed, batch_size=batch_size, grad_dtype=grad_dtype,
                        device=device, nonfinite=nonfinite, max_memory=max_memory, spill_dir=spill_dir,
-                       progress=progress, dist=dist)
+                       progress=progress, dist=dist, projection=projection)
     try:
         return score(prepared, solver, curvature_cfg, noisy=noisy, clean_labels=clean_labels, top_k=top_k,
                      per_validation=per_validation, nonfinite=nonfinite, progress=progress)
     finally:
         prepared.close()
+
+
+def _check_scoring_args(n: int, seed: Any, top_k: Any, clean_labels: Any) -> None:
+    """Fail before the expensive stages on arguments that would otherwise fail only at the end."""
+    try:
+        operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an integer, got {seed!r}") from None
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    if clean_labels is not None:
+        clean = torch.as_tensor(clean_labels)
+        if clean.shape != (n,) or clean.is_floating_point() or clean.is_complex():
+            raise ValueError(f"clean_labels must be one integer label per training sample ({n}), got shape "
+                             f"{tuple(clean.shape)} and dtype {clean.dtype}")
 
 
 def _ranking(scores: Tensor) -> Tensor:

@@ -47,8 +47,8 @@ class TuningConfig:
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"tuning.steps must be >= 0, got {self.steps}")
-        if self.lr <= 0:
-            raise ValueError(f"tuning.lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < float("inf"):  # also rejects NaN
+            raise ValueError(f"tuning.lr must be a finite number > 0, got {self.lr}")
         if self.batch_size < 1:
             raise ValueError(f"tuning.batch_size must be >= 1, got {self.batch_size}")
         if self.rho < 0:
@@ -79,8 +79,8 @@ class CurvatureConfig:
     solver_options: Optional[Dict[str, Any]] = None
 
     def __post_init__(self) -> None:
-        if not self.damping > 0:
-            raise ValueError(f"damping must be > 0, got {self.damping}")
+        if not 0 < self.damping < float("inf"):  # also rejects NaN
+            raise ValueError(f"damping must be a finite number > 0, got {self.damping}")
         if self.damping_rule not in ("relative", "absolute"):
             raise ValueError(f"damping_rule must be 'relative' or 'absolute', got {self.damping_rule!r}")
         if self.fisher not in FISHERS:

@@ -30,7 +30,9 @@ def sequential_loader(data: Any, batch_size: int, indices: Optional[Sequence[int
     dataset = dataset_of(data, name)
     if indices is not None:
         dataset = Subset(dataset, list(indices))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, collate_fn=collate_of(data))
+    # an own generator: iterating a DataLoader draws a seed from it, which must not be the global RNG
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, collate_fn=collate_of(data),
+                      generator=torch.Generator())
 
 
 def shuffled_loader_factory(data: Any, batch_size: int, seed: int, name: str = "data") -> Callable[[int], DataLoader]:
@@ -39,7 +41,7 @@ def shuffled_loader_factory(data: Any, batch_size: int, seed: int, name: str = "
     collate = collate_of(data)
 
     def make(epoch: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)  # any int seed
         return DataLoader(dataset, batch_size=min(batch_size, max(len(dataset), 1)), shuffle=True,
                           drop_last=False, collate_fn=collate, generator=generator)
 

@@ -85,14 +85,20 @@ def _linear_grad(block: Block, records: List[List[Optional[Tensor]]], batch_size
             raise RuntimeError(f"{block.name}: the layer's input has leading dim {act.shape[0]}, not the "
                                f"batch size {batch_size}; batch-first layouts are required")
         g = grad.reshape(batch_size, -1, grad.shape[-1])
+        if g.dtype in (torch.float16, torch.bfloat16):  # a half-precision sum over tokens overflows
+            g = g.float()
+        if block.projection is not None:  # project both factors: the full gradient is never formed
+            g = g @ block.projection[0].to(g.dtype)
         if block.role == "weight":
             a = act.reshape(batch_size, -1, act.shape[-1]).to(g.dtype)
+            if block.projection is not None:
+                a = a @ block.projection[1].to(g.dtype)
             part = torch.einsum("bto,bti->boi", g, a)
         else:
             part = g.sum(1)
         total = part if total is None else total + part
     if total is None:  # the layer did not take part in this loss
-        total = torch.zeros(batch_size, *block.param.shape, dtype=block.param.dtype, device=block.param.device)
+        total = torch.zeros(batch_size, *block.grad_shape, dtype=block.param.dtype, device=block.param.device)
     return total
 
 
@@ -117,9 +123,12 @@ def _generic_grads(model: nn.Module, blocks: List[Block], batch: Any, loss_fn: O
         warnings.warn(f"per-sample gradients of {len(names)} non-Linear parameter(s) can't be vmapped "
                       f"({type(err).__name__}: {err}); falling back to one backward per sample (slow)")
         rows = []
-        for i in range(batch_size):  # slow path, only when vmap is impossible
-            sample = tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, batch)
-            rows.append(grad(single_loss)(params, sample))
+        for i in range(batch_size):  # slow path, only when vmap is impossible: plain autograd, so
+            # that what broke vmap (e.g. a full backward hook's autograd.Function) can't break it
+            one = tree_map(lambda t: t[i:i + 1] if isinstance(t, Tensor) else t, batch)
+            loss = default_loss(model, one, loss_fn).losses.sum()
+            found = torch.autograd.grad(loss, [b.param for b in blocks], allow_unused=True)
+            rows.append({b.name: torch.zeros_like(b.param) if g is None else g.detach() for b, g in zip(blocks, found)})
         grads = {n: torch.stack([r[n] for r in rows]) for n in names}
     return {b.name: b.to_matrix(grads[b.name]) for b in blocks}
 

@@ -84,14 +84,25 @@ def cross_entropy_per_sample(logits: Tensor, labels: Tensor, shift: bool = False
         if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
             raise ValueError(f"labels of shape {tuple(labels.shape)} don't match logits {tuple(logits.shape)}")
         if labels.dtype.is_floating_point:
-            raise ValueError(f"class labels must be integers, got {labels.dtype}")
+            raise ValueError(f"class labels must be integers, got {labels.dtype}; for another loss (e.g. "
+                             "regression) pass loss_fn=(model, batch) -> per-sample losses (B,)")
         n_cls = logits.shape[1]
+        if n_cls < 2:
+            raise ValueError(f"the model gives {n_cls} class logit(s): cross entropy over one class is identically 0. "
+                             "For one binary logit pass loss_fn=(model, batch) -> per-sample losses (B,), e.g. "
+                             "binary_cross_entropy_with_logits(..., reduction='none')")
         if labels.numel() and not _under_vmap(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_cls):
             bad = labels[(labels < 0) | (labels >= n_cls)][:5].tolist()
             raise ValueError(f"labels out of range [0, {n_cls}): e.g. {bad}")
         return F.cross_entropy(logits, labels, reduction="none")
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
+    n_cls = logits.shape[-1]
+    if labels.numel() and not _under_vmap(labels):  # on CUDA an out-of-range target is a device assert
+        bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= n_cls))]
+        if bad.numel():
+            raise ValueError(f"token labels out of range [0, {n_cls}) (or {IGNORE_INDEX} to ignore): "
+                             f"e.g. {bad[:5].tolist()}")
     token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                             ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
     mask = (labels != IGNORE_INDEX).to(token.dtype)
@@ -136,6 +147,12 @@ def _check_losses(losses: Any, batch: Any) -> Tensor:
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise ValueError(f"loss_fn must return per-sample losses of shape (B,), got {shape}; "
                          "use reduction='none'")
+    from torch.utils._pytree import tree_leaves
+
+    sizes = {t.shape[0] for t in tree_leaves(batch) if isinstance(t, Tensor) and t.dim() > 0}
+    if sizes and losses.shape[0] not in sizes:  # e.g. a mean loss reshaped to (1,): rows would misalign
+        raise ValueError(f"loss_fn returned {losses.shape[0]} losses for a batch of {sorted(sizes)[-1]} samples; "
+                         "it must return one loss per sample, shape (B,) (use reduction='none')")
     return losses
 
 

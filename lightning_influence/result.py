@@ -96,11 +96,15 @@ class AuditResult:
         so an interruption never leaves a truncated file under ``path``. Returns ``path``."""
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
         suffix = os.path.splitext(path)[1].lower()
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
         try:
-            with os.fdopen(fd, "w" if suffix != ".pt" else "wb", newline="") as handle:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+        except OSError as err:
+            raise OSError(err.errno, f"can't save the audit result to {path}: its folder {folder} is not a "
+                                     f"writable directory ({err.strerror})") from err
+        try:
+            with (os.fdopen(fd, "wb") if suffix == ".pt" else os.fdopen(fd, "w", newline="")) as handle:
                 if suffix == ".pt":
                     torch.save(self.to_dict(), handle)
                 elif suffix == ".json":

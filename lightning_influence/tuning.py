@@ -7,7 +7,8 @@ pipeline always hands over its own copy.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterator, List, Optional
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -59,12 +60,27 @@ def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(stepped, T_max=config.steps)
                 if config.schedule == "cosine" else None)
 
-    def loss_of(batch: Any) -> torch.Tensor:
+    def finite_loss(batch: Any) -> Tuple[Optional[torch.Tensor], Any]:
+        """The batch's mean loss over its samples with a finite loss, and the batch those samples
+        form. A non-finite sample is dropped from the batch (masking its loss is not enough: its
+        NaN/inf activations would still reach the weight gradients as 0 * NaN). ``None`` if no
+        finite loss is left."""
         losses = default_loss(model, batch, loss_fn).losses
-        finite = torch.isfinite(losses)
-        return losses[finite].mean() if bool(finite.any()) else losses.sum() * 0.0
+        finite = torch.isfinite(losses.detach())
+        if bool(finite.all()):
+            return losses.mean(), batch
+        if not bool(finite.any()):
+            return None, batch
+        batch = _select_rows(batch, finite, losses.shape[0])
+        losses = default_loss(model, batch, loss_fn).losses
+        return (losses.mean() if bool(torch.isfinite(losses.detach()).all()) else None), batch
+
+    def grads_finite() -> bool:
+        flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+        return not flags or bool(torch.stack(flags).all())  # one device sync, not one per parameter
 
     window = max(1, config.steps // 10)
+    skipped = 0
     first: List[float] = []
     last: List[float] = []
     batches = _endless(loader_factory)
@@ -72,22 +88,33 @@ def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[
         with torch.enable_grad():
             for step in range(config.steps):
                 batch = to_device(next(batches))
-                loss = loss_of(batch)
+                loss, batch = finite_loss(batch)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if sharpness_aware:
+                if loss is not None:
+                    loss.backward()
+                if loss is None or not grads_finite():
+                    skipped += 1  # a non-finite gradient would poison the weights: no step
+                elif sharpness_aware:
                     optimizer.first_step(zero_grad=True)  # type: ignore[attr-defined]
-                    loss_of(batch).backward()
+                    perturbed, _ = finite_loss(batch)
+                    if perturbed is not None:
+                        perturbed.backward()
+                    if perturbed is None or not grads_finite():
+                        optimizer.zero_grad(set_to_none=True)  # second_step restores θ, takes no step
+                        skipped += 1
                     optimizer.second_step(zero_grad=True)  # type: ignore[attr-defined]
                 else:
                     optimizer.step()
                 if schedule is not None:
-                    schedule.step()
-                value = float(loss.detach())
-                if step < window:
-                    first.append(value)
-                if step >= config.steps - window:
-                    last.append(value)
+                    with warnings.catch_warnings():  # a skipped step still advances the schedule
+                        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                        schedule.step()
+                if loss is not None:
+                    value = float(loss.detach())
+                    if step < window:
+                        first.append(value)
+                    if step >= config.steps - window:
+                        last.append(value)
                 if progress is not None:
                     progress(1)
     finally:
@@ -95,8 +122,33 @@ def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[
         model.train(was_training)
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    stats = {"steps": float(config.steps), "val_loss_start": sum(first) / len(first),
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise FloatingPointError("validation tuning diverged (non-finite weights); lower tuning.lr")
+    if skipped == config.steps:
+        raise FloatingPointError(f"validation tuning: all {skipped} steps had a non-finite validation loss or "
+                                 "gradient; check the validation data for NaN/inf")
+    if not last:  # finite steps first, then only non-finite losses: the weights ran away
+        raise FloatingPointError(f"validation tuning diverged (non-finite loss over the last {window} steps); "
+                                 "lower tuning.lr")
+    if skipped:
+        warnings.warn(f"validation tuning skipped {skipped} of {config.steps} steps with a non-finite loss or "
+                      "gradient (samples with a non-finite loss are left out of every step)", RuntimeWarning)
+    nan = float("nan")
+    stats = {"steps": float(config.steps), "val_loss_start": sum(first) / len(first) if first else nan,
              "val_loss_end": sum(last) / len(last)}
     if not math.isfinite(stats["val_loss_end"]):
         raise FloatingPointError(f"validation tuning diverged (loss {stats['val_loss_end']}); lower tuning.lr")
+    start, end = first[0], stats["val_loss_end"]  # the loss before the first update, and at the end
+    if end > max(2 * start, start + 1.0):  # far beyond mini-batch noise: not a validation minimum
+        warnings.warn(f"validation tuning raised the validation loss from {start:.4g} to {end:.4g}: it diverged, "
+                      "and the scores are not taken at a validation minimum; lower tuning.lr", RuntimeWarning)
     return stats
+
+
+def _select_rows(batch: Any, keep: torch.Tensor, size: int) -> Any:
+    """The batch restricted to the samples where ``keep`` ``(size,)``: every tensor with leading
+    dimension ``size`` is indexed (a batch of another structure is returned unchanged)."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t[keep.to(t.device)] if isinstance(t, torch.Tensor) and t.dim() > 0
+                    and t.shape[0] == size else t, batch)

@@ -67,4 +67,10 @@ class HyperINFSolver(InverseSolver):
 
     def apply(self, vectors: Tensor) -> Tensor:
         """Return ``vectors @ X`` for ``vectors`` ``(M, r, d)``: shape ``(M, r, d)``."""
+        if self._x.dtype != vectors.dtype and vectors.dtype in (torch.float32, torch.float64):
+            # apply in the vectors' precision: X was computed in float64, the product needn't be
+            cast = getattr(self, "_cast", None)
+            if cast is None or cast.dtype != vectors.dtype:
+                self._cast = cast = self._x.to(vectors.dtype)
+            return vectors @ cast
         return (vectors.to(self._x) @ self._x).to(vectors.dtype)

@@ -65,7 +65,7 @@ class LiSSASolver(InverseSolver):
             if res < tol or not math.isfinite(res):
                 break
         if not res < tol:
-            warnings.warn(f"lissa did not converge: {t} iterations, relative step {res:.3g} "
+            warnings.warn(f"lissa did not converge: {t} iterations, residual (relative step) {res:.3g} "
                           f">= tol {tol:.3g}", RuntimeWarning, stacklevel=2)
         self.info = {"iterations": t, "residual": res, "alpha": self._alpha}
         return (self._alpha * r).reshape(vectors.shape).to(vectors.dtype)

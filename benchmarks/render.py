@@ -1,0 +1,138 @@
+"""Render benchmark results into the README.
+
+Every ``benchmarks/results/*.json`` that has a ``"tables"`` list is rendered as markdown and
+put between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in the README, where ``NAME`` is
+the file's stem (``quality.json`` -> ``quality``, ``speed.json`` -> ``speed``). Missing
+markers are appended at the end of the README. Other JSON files are left alone.
+
+The table schema (shared by every benchmark)::
+
+    {"tables": [{"title": str, "machine": str | dict, "date": str, "command": str,
+                 "columns": [str, ...], "rows": [[cell, ...], ...], "notes": [str, ...]}, ...]}
+
+Usage::
+
+    python benchmarks/render.py                                  # results/*.json -> README.md
+    python benchmarks/render.py --readme /tmp/README.md out.json # given files only
+    python benchmarks/render.py --print results/speed.json       # print, don't write
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _machine(m: Any) -> str:
+    if isinstance(m, dict):
+        keys = ("cpu_model", "cpu_count", "cuda", "torch", "platform")
+        parts = []
+        for k in keys:
+            if m.get(k) is not None:
+                parts.append(f"{k.replace('_', ' ')}: {m[k]}" if k != "cpu_model" else str(m[k]))
+        return ", ".join(parts) or json.dumps(m)
+    return str(m) if m else "unknown machine"
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def render_table(table: Dict[str, Any], level: int = 4) -> str:
+    """One table as markdown: a heading, the machine and date line, the command, the grid, notes."""
+    cols = [str(c) for c in table.get("columns", [])]
+    rows = table.get("rows", [])
+    width = max([len(cols)] + [len(r) for r in rows]) if (cols or rows) else 0
+    cols = cols + [""] * (width - len(cols))
+    out = [f"{'#' * level} {table.get('title', 'Results')}", ""]
+    meta = f"*Machine: {_machine(table.get('machine'))}. Date: {table.get('date', 'unknown')}.*"
+    out += [meta, ""]
+    if table.get("command"):
+        out += [f"Command: `{table['command']}`", ""]
+    if width:
+        out.append("| " + " | ".join(_cell(c) for c in cols) + " |")
+        out.append("|" + "|".join(["---"] + ["---:"] * (width - 1)) + "|")
+        for r in rows:
+            r = list(r) + [""] * (width - len(r))
+            out.append("| " + " | ".join(_cell(c) for c in r) + " |")
+        out.append("")
+    for note in table.get("notes") or []:
+        out.append(f"- {note}")
+    if table.get("notes"):
+        out.append("")
+    return "\n".join(out)
+
+
+def render_document(doc: Dict[str, Any]) -> str:
+    parts = [render_table(t) for t in doc.get("tables", [])]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """``text`` with the part between ``<!-- name:start -->`` and ``<!-- name:end -->`` replaced by
+    ``body`` (the markers are appended at the end when missing)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text, count=1)
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def render_files(files: Sequence[str], readme: Optional[str], print_only: bool = False) -> List[str]:
+    """Render each file that has ``tables`` into ``readme``; returns the section names written."""
+    done = []
+    text = None
+    if readme and not print_only:
+        with open(readme, encoding="utf-8") as fh:
+            text = fh.read()
+    for path in files:
+        with open(path, encoding="utf-8") as fh:
+            try:
+                doc = json.load(fh)
+            except json.JSONDecodeError as err:
+                print(f"skip {path}: not JSON ({err})", file=sys.stderr)
+                continue
+        if not isinstance(doc, dict) or not isinstance(doc.get("tables"), list):
+            continue
+        name = os.path.splitext(os.path.basename(path))[0]
+        body = render_document(doc)
+        if print_only or text is None:
+            print(f"<!-- {name} -->\n{body}")
+        else:
+            text = replace_section(text, name, body)
+        done.append(name)
+    if text is not None and readme:
+        tmp = readme + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, readme)
+    return done
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[str]:
+    ap = argparse.ArgumentParser(description="Render benchmarks/results/*.json tables into the README.")
+    ap.add_argument("files", nargs="*", help="result files (default: benchmarks/results/*.json)")
+    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    ap.add_argument("--print", dest="print_only", action="store_true", help="print the markdown instead")
+    opts = ap.parse_args(argv)
+    files = opts.files or sorted(glob.glob(os.path.join(HERE, "results", "*.json")))
+    done = render_files(files, opts.readme, opts.print_only)
+    if not opts.print_only:
+        print(f"rendered {done or 'nothing'} into {opts.readme}")
+    return done
+
+
+if __name__ == "__main__":
+    main()

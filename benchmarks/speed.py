@@ -1,0 +1,205 @@
+"""Speed and memory of the audit, as ratios measured in one process.
+
+1. per-sample gradient throughput against a plain training step (forward + backward, same
+   batch size): the physical limit is about 1x;
+2. each solver's time on the same (synthetic, LoRA-shaped) gradients, scaling with n and with
+   the block size;
+3. the end-to-end audit against one training epoch over the same data;
+4. peak memory against the size of the stored gradients.
+
+Models: the digits MLP (all parameters audited) and all-MiniLM-L6-v2 + LoRA r=8 on
+query/value on SST-2 sentences.
+
+Run: python benchmarks/speed.py [--quick] [--glue-dir ../shared/data]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+import warnings
+from typing import Any, Callable, Dict, List
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _machine import machine, today  # noqa: E402
+from common import digits_mlp, minilm_lora, minilm_tokenizer, text_loader, train_mlp  # noqa: E402
+
+from lightning_influence import audit, make_solver  # noqa: E402
+from lightning_influence.datasets import noisy_digits, noisy_glue  # noqa: E402
+from lightning_influence.gradients import gradient_mode, per_sample_gradients  # noqa: E402
+from lightning_influence.losses import default_loss  # noqa: E402
+from lightning_influence.params import select_blocks  # noqa: E402
+
+GIB = 2**30
+
+
+def best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
+    """Fastest of ``repeat`` timed calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def throughput(model: nn.Module, batches: List[Any]) -> Dict[str, float]:
+    """Samples/s of a training step (forward + backward of the mean loss over the trainable
+    parameters) and of per-sample gradients of the audited blocks, on the same batches."""
+    blocks = select_blocks(model, "auto")
+    n = sum(default_loss(model, b).losses.shape[0] for b in batches[:1]) * len(batches)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def train_step() -> None:
+        model.eval()  # same mode as the gradient pass: no dropout, a like-for-like comparison
+        for batch in batches:
+            loss = default_loss(model, batch).losses.mean()
+            torch.autograd.grad(loss, trainable)
+
+    def per_sample() -> None:
+        with gradient_mode(model, blocks):
+            for batch in batches:
+                per_sample_gradients(model, blocks, batch)
+
+    t_train, t_grad = best_of(train_step), best_of(per_sample)
+    return {"train_samples_per_s": n / t_train, "grad_samples_per_s": n / t_grad, "ratio": t_train / t_grad}
+
+
+def solver_times(ns: List[int], dims: List[int], rank: int = 8, m_curv: int = 500) -> List[Dict[str, Any]]:
+    """Seconds to fit each solver on ``m_curv`` curvature gradients and apply it to ``n``
+    training gradients of one ``(rank, d)`` block (the fvm pattern), float32."""
+    out = []
+    for d in dims:
+        for n in ns:
+            g = torch.Generator().manual_seed(n + d)
+            curv = torch.randn(m_curv, rank, d, generator=g)
+            train = torch.randn(n, rank, d, generator=g)
+            lam = 0.1 * float(curv.pow(2).mean())
+            for name in ("identity", "datainf", "hyperinf", "exact", "lissa"):
+                solver = make_solver(name, **({"max_iter": 200} if name == "lissa" else {}))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    start = time.perf_counter()
+                    solver.fit(curv, lam)
+                    fit = time.perf_counter() - start
+                    start = time.perf_counter()
+                    for chunk in train.split(1024):
+                        (chunk * solver.apply(chunk)).sum((1, 2))
+                    apply = time.perf_counter() - start
+                out.append({"solver": name, "n": n, "d": d, "fit_s": fit, "apply_s": apply})
+                print(out[-1], flush=True)
+    return out
+
+
+def epoch_vs_audit(model: nn.Module, train: Any, val: Any, train_batches: List[Any], steps: int,
+                   batch_size: int) -> Dict[str, float]:
+    """One training epoch (forward, backward, AdamW step) vs the end-to-end fvm audit."""
+    import copy
+
+    trained = copy.deepcopy(model)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    trained.train()
+    start = time.perf_counter()
+    for batch in train_batches:
+        loss = default_loss(trained, batch).losses.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    epoch = time.perf_counter() - start
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    result = audit(model, train, val, method="fvm", batch_size=batch_size,
+                   tuning={"steps": steps, "batch_size": batch_size})
+    total = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    per_sample = result.config["audited_parameters"] * 4  # float32 storage
+    stored = per_sample * (len(result) + len(val.dataset if hasattr(val, "dataset") else val))
+    tuning = result.stage_seconds.get("tuning", 0.0)
+    return {"epoch_s": epoch, "audit_s": total, "tuning_s": tuning, "audit_minus_tuning_s": total - tuning,
+            "ratio_without_tuning": (total - tuning) / epoch, "stages": result.stage_seconds,
+            "stored_gradient_bytes": stored, "peak_rss_growth_bytes": max(peak - before, 0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    here = os.path.dirname(os.path.abspath(__file__))
+    parser.add_argument("--glue-dir", default=os.path.join(here, "..", "..", "shared", "data"))
+    parser.add_argument("--n-text", type=int, default=512)
+    parser.add_argument("--solver-ns", type=int, nargs="+", default=[1000, 4000, 16000])
+    parser.add_argument("--solver-dims", type=int, nargs="+", default=[64, 384, 1024])
+    parser.add_argument("--out", default=os.path.join(here, "results", "speed.json"))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.n_text, args.solver_ns, args.solver_dims = 64, [200, 400], [32]
+    torch.manual_seed(0)
+    tables, raw = [], {}
+
+    # --- digits MLP
+    split = noisy_digits(0.2, seed=0)
+    mlp = train_mlp(digits_mlp(0), split.train.x, split.train.y, epochs=50 if args.quick else 300)
+    x, y = split.train.x, split.train.y
+    batches = [(x[i:i + 128], y[i:i + 128]) for i in range(0, len(y) - 127, 128)]
+    raw["digits_throughput"] = throughput(mlp, batches)
+    raw["digits_epoch"] = epoch_vs_audit(mlp, split.train, split.val, batches, 100 if args.quick else 1000, 128)
+
+    # --- MiniLM + LoRA on SST-2
+    text = noisy_glue(os.path.join(args.glue_dir, "sst2"), "sst2", args.n_text, max(32, args.n_text // 8), 0.2)
+    tokenizer = minilm_tokenizer()
+    lm = minilm_lora(0)
+    train_loader = text_loader(text.train, tokenizer, 32, 64)
+    val_loader = text_loader(text.val, tokenizer, 32, 64)
+    text_batches = list(train_loader)
+    raw["minilm_throughput"] = throughput(lm, text_batches[: max(2, len(text_batches) // 4)])
+    raw["minilm_epoch"] = epoch_vs_audit(lm, train_loader, val_loader, text_batches, 10 if args.quick else 50, 32)
+
+    rows = []
+    for key, label in (("digits", "digits MLP (all 4,810 parameters audited), batch 128"),
+                       ("minilm", "MiniLM + LoRA r=8 q/v (24 blocks), SST-2, batch 32")):
+        t, e = raw[f"{key}_throughput"], raw[f"{key}_epoch"]
+        rows.append([label, f"{t['train_samples_per_s']:.0f}", f"{t['grad_samples_per_s']:.0f}", f"{t['ratio']:.2f}",
+                     f"{e['epoch_s']:.1f}", f"{e['audit_minus_tuning_s']:.1f}", f"{e['ratio_without_tuning']:.2f}",
+                     f"{e['tuning_s']:.1f}", f"{e['stored_gradient_bytes'] / 2**20:.1f}",
+                     f"{e['peak_rss_growth_bytes'] / 2**20:.0f}"])
+    tables.append({
+        "title": "Audit speed against training", "machine": machine(), "date": today(),
+        "command": "python benchmarks/speed.py" + (" --quick" if args.quick else ""),
+        "columns": ["model", "train step samples/s", "per-sample grads samples/s", "grad / train",
+                    "1 epoch s", "audit s (w/o tuning)", "audit / epoch", "tuning s", "stored grads MiB",
+                    "peak RSS growth MiB"],
+        "rows": rows,
+        "notes": ["train step = forward + backward of the mean loss (no optimizer), same batches; "
+                  "grad / train = per-sample gradient throughput over training throughput (goal >= 0.7)",
+                  "audit / epoch = end-to-end fvm audit without its tuning steps over one AdamW epoch "
+                  "(goal <= 2); tuning steps are listed apart (digits 1000 SAM steps, MiniLM 50)"],
+    })
+    solver_rows = solver_times(args.solver_ns, args.solver_dims)
+    raw["solvers"] = solver_rows
+    tables.append({
+        "title": "Solver time on the same gradients (fit on 500 curvature samples + apply to n), one (8, d) block",
+        "machine": machine(), "date": today(),
+        "command": "python benchmarks/speed.py" + (" --quick" if args.quick else ""),
+        "columns": ["solver", "d"] + [f"n={n} s" for n in args.solver_ns],
+        "rows": [[s, d] + [f"{r['fit_s'] + r['apply_s']:.3f}" for r in solver_rows if r["solver"] == s and r["d"] == d]
+                 for d in args.solver_dims for s in ("identity", "datainf", "hyperinf", "exact", "lissa")],
+        "notes": ["lissa capped at 200 iterations here (it needs O(condition number) iterations to converge)"],
+    })
+    result = {"tables": tables, "raw": raw}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as handle:
+        json.dump(result, handle, indent=1, default=float)
+    for table in tables:
+        print(json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,616 @@
+"""``InfluenceCallback``: audit the training data automatically when ``Trainer.fit`` ends.
+
+The callback is thin glue over :func:`~lightning_influence.audit`:
+
+- ``__init__`` checks the options (like ``ModelCheckpoint``);
+- ``setup("fit")`` checks what depends on the data and the model, before the first
+  training step: validation data exists, the training set is indexable, ``noisy`` has one
+  flag per training sample, ``params`` selects something to audit;
+- ``on_train_end`` (the model is still on the trainer's device there; by ``on_fit_end``
+  Lightning has moved it to the CPU) runs the audit on every rank, under the precision
+  plugin's forward context, with the global RNG isolated so training is not disturbed;
+  rank zero then reports to every logger, writes the scores file and prints a summary.
+  ``every_n_epochs`` also audits at the end of every N-th training epoch, and
+  ``run(trainer, module)`` audits by hand.
+
+The implementation is namespace-free (:class:`InfluenceCallbackMixin`); this module's
+:class:`InfluenceCallback` is a ``lightning.pytorch.Callback``, and
+``lightning_influence.pl.InfluenceCallback`` the same on ``pytorch_lightning.Callback``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+import uuid
+import warnings
+import weakref
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, default_collate
+
+from .audit import _parse_dtype, audit, check_noisy, validate_options
+from .config import CurvatureConfig, TuningConfig, coerce
+from .data import dataset_of
+from .distributed import RemoteStageError
+from .params import select_blocks
+from .progress import NullProgress, Progress, TqdmProgress
+from .result import AuditResult
+from .solvers import InverseSolver
+
+ON_ERROR = ("warn", "raise")
+
+
+class InfluenceCallbackError(RuntimeError):
+    """The callback could not find what it needs (e.g. the trainer has no training data)."""
+
+
+class InfluenceCallbackMixin:
+    """Score every training sample's influence (higher = more harmful, e.g. mislabeled) when
+    training ends, and report it to the trainer's loggers.
+
+    The audit options are those of :func:`~lightning_influence.audit` (see there):
+    ``method``, ``solver``, ``params``, ``noisy``, ``top_k``, ``seed``, ``tuning``,
+    ``curvature``, ``damping``, ``batch_size``, ``grad_dtype``, ``clean_labels``,
+    ``per_validation``, ``nonfinite``, ``max_memory``, ``spill_dir``, ``projection``, ``loss_fn``.
+
+    The audited data are the trainer's own training and validation sets (from the datamodule
+    or the loaders passed to ``fit``); the callback builds sequential loaders over the
+    underlying datasets (reusing their ``collate_fn``), so sample id = dataset position
+    whatever shuffling or sampler training used. Only the first validation loader is used.
+
+    Args:
+        every_n_epochs: also audit at the end of every N-th training epoch (``None``: never).
+        run_on_fit_end: audit when training ends (default). With both off, only :meth:`run`.
+        on_error: ``"warn"``: a failure inside the audit (or its reporting) is a warning with
+            its cause and training results are kept; ``"raise"``: re-raise it.
+        describe: ``sample_id -> str`` readable text (the sentence, the file name) for the
+            top-k tables.
+        scores_filename: the full per-sample scores file written into ``dirpath``
+            (``None``: none). Audits at an epoch end add ``-epoch{E}`` before the suffix.
+        dirpath: where the scores file goes (default ``trainer.log_dir``, the first logger's
+            folder, else ``default_root_dir``).
+        verbose: print the one-screen summary at the end (default: when the trainer shows
+            a progress bar).
+
+    Attributes:
+        result: the latest :class:`~lightning_influence.AuditResult` (``None`` before), on
+            every rank; under ``ddp_spawn`` also in the launching process.
+        scores_path: the path of the latest scores file (rank zero).
+        last_error: the exception of the latest failed audit under ``on_error="warn"``.
+
+    Checkpointed state (``state_dict``, under :attr:`state_key`, which names the method and
+    solver): ``ran``, ``epoch`` (``trainer.current_epoch`` when the audit ran: the epoch's
+    index at an epoch end, the number of epochs done at the end of fit), ``global_step``,
+    ``audits`` (how many ran) and ``metrics``. Weights already audited at the same global
+    step (the last epoch's end, or before a resume) are not audited again. Note that
+    ``ModelCheckpoint`` saves before ``on_train_epoch_end`` when it monitors validation
+    metrics, so only checkpoints written later (e.g. ``save_on_train_epoch_end=True``) hold
+    an epoch-end audit; no checkpoint ever holds the end-of-fit audit, which runs after the
+    last one is written and changes nothing the user owns.
+
+    Under DDP every rank runs the audit (sharded by the audit's own collectives; every rank
+    ends with the full result); only rank zero logs, writes files and shows progress.
+    Under ``fast_dev_run`` the automatic audits are skipped.
+    """
+
+    _namespace = "lightning.pytorch"
+
+    def __init__(
+        self,
+        method: Literal["fvm", "vm", "standard"] = "fvm",
+        solver: Union[str, InverseSolver] = "hyperinf",
+        params: Union[str, List[str]] = "auto",
+        noisy: Optional[Sequence[bool]] = None,
+        top_k: int = 50,
+        seed: int = 0,
+        tuning: Optional[TuningConfig] = None,
+        curvature: Optional[CurvatureConfig] = None,
+        damping: Optional[float] = None,
+        batch_size: int = 32,
+        grad_dtype: Optional[str] = None,
+        clean_labels: Optional[Sequence[int]] = None,
+        per_validation: bool = False,
+        nonfinite: Literal["exclude", "raise"] = "exclude",
+        max_memory: Optional[int] = None,
+        spill_dir: Optional[str] = None,
+        projection: Optional[int] = None,
+        loss_fn: Optional[Callable] = None,
+        every_n_epochs: Optional[int] = None,
+        run_on_fit_end: bool = True,
+        on_error: Literal["warn", "raise"] = "warn",
+        describe: Optional[Callable[[int], str]] = None,
+        scores_filename: Optional[str] = "influence_scores.csv",
+        dirpath: Optional[str] = None,
+        verbose: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        validate_options(method, solver, nonfinite)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if every_n_epochs is not None and (isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int)
+                                           or every_n_epochs < 1):
+            raise ValueError(f"every_n_epochs must be None or a positive integer, got {every_n_epochs!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if damping is not None and not damping > 0:
+            raise ValueError(f"damping must be > 0, got {damping!r}")
+        if projection is not None and (isinstance(projection, bool) or not isinstance(projection, int)
+                                       or projection < 1):
+            raise ValueError(f"projection must be None or a positive integer, got {projection!r}")
+        if max_memory is not None and max_memory < 0:
+            raise ValueError(f"max_memory must be >= 0 bytes, got {max_memory!r}")
+        for name, fn in (("describe", describe), ("loss_fn", loss_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        if scores_filename is not None and (not scores_filename or os.path.basename(scores_filename) != scores_filename):
+            raise ValueError(f"scores_filename must be a plain file name (use dirpath for the folder), "
+                             f"got {scores_filename!r}")
+        _parse_dtype(grad_dtype, torch.float32)
+        self.method = method
+        self.solver = solver
+        self.params = params if isinstance(params, str) else list(params)
+        self.noisy = None if noisy is None else _flags(noisy)
+        self.top_k = top_k
+        self.seed = seed
+        self.tuning = None if tuning is None else coerce(TuningConfig, tuning)
+        self.curvature = None if curvature is None else coerce(CurvatureConfig, curvature)
+        self.damping = damping
+        self.batch_size = batch_size
+        self.grad_dtype = grad_dtype
+        self.clean_labels = None if clean_labels is None else torch.as_tensor(clean_labels).long()
+        self.per_validation = per_validation
+        self.nonfinite = nonfinite
+        self.max_memory = max_memory
+        self.spill_dir = spill_dir
+        self.projection = projection
+        self.loss_fn = loss_fn
+        self.every_n_epochs = every_n_epochs
+        self.run_on_fit_end = run_on_fit_end
+        self.on_error = on_error
+        self.describe = describe
+        self.scores_filename = scores_filename
+        self.dirpath = None if dirpath is None else os.fspath(dirpath)
+        self.verbose = verbose
+
+        self.scores_path: Optional[str] = None
+        self.last_error: Optional[BaseException] = None
+        self._result: Optional[AuditResult] = None
+        self._state: Dict[str, Any] = {"ran": False, "epoch": None, "global_step": None, "audits": 0}
+        self._data: Dict[str, Any] = {}
+        self._deferred: List[str] = []
+        self._warned_val = False
+        # ddp_spawn/fork: the hooks run in worker processes; rank zero hands the result back here
+        self._owner_pid = os.getpid()
+        self._handoff = os.path.join(tempfile.gettempdir(), f"lightning_influence-{uuid.uuid4().hex}.pt")
+        weakref.finalize(self, _remove_quietly, self._handoff)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def result(self) -> Optional[AuditResult]:
+        """The latest audit's :class:`~lightning_influence.AuditResult` (``None`` before any)."""
+        self._collect_handoff()
+        return self._result
+
+    @property
+    def ran(self) -> bool:
+        """Whether an audit has completed (also in an earlier run this one resumed from)."""
+        self._collect_handoff()
+        return bool(self._state["ran"])
+
+    @property
+    def state_key(self) -> str:
+        solver = self.solver if isinstance(self.solver, str) else type(self.solver).__name__
+        return self._generate_state_key(method=self.method, solver=solver)  # type: ignore[attr-defined]
+
+    def state_dict(self) -> Dict[str, Any]:
+        self._collect_handoff()
+        return dict(self._state)
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._state.update({k: state_dict[k] for k in ("ran", "epoch", "global_step", "audits", "metrics")
+                            if k in state_dict})
+
+    def run(self, trainer: Any, pl_module: Optional[nn.Module] = None, *, train_data: Any = None,
+            val_data: Any = None) -> AuditResult:
+        """Audit now and report: every rank computes the result, rank zero logs it and writes
+        the scores file. Raises on failure (``on_error`` applies to the automatic runs only).
+
+        ``train_data``/``val_data`` (Datasets or DataLoaders) replace the trainer's own."""
+        return self._run(trainer, pl_module, train_data, val_data, epoch_tag=False)
+
+    def _run(self, trainer: Any, pl_module: Optional[nn.Module], train_data: Any, val_data: Any,
+             epoch_tag: bool) -> AuditResult:
+        module = pl_module if pl_module is not None else trainer.lightning_module
+        if module is None:
+            raise InfluenceCallbackError("InfluenceCallback.run needs a module: pass pl_module")
+        train = train_data if train_data is not None else self._loader(trainer, module, "train", at_run=True)
+        val = val_data if val_data is not None else self._loader(trainer, module, "val", at_run=True)
+        if train is None:
+            raise InfluenceCallbackError("InfluenceCallback: the trainer has no training data to audit; "
+                                         "pass train_data= to run()")
+        if val is None:
+            raise InfluenceCallbackError("InfluenceCallback: the trainer has no validation data; influence is "
+                                         "measured on validation samples. Pass val_data= to run()")
+        n = len(dataset_of(train, "train_data"))
+        noisy = check_noisy(self.noisy, n, "noisy")
+        strategy = getattr(trainer, "strategy", None)
+        device = getattr(strategy, "root_device", None)
+        precision = getattr(strategy, "precision_plugin", None)
+        if precision is not None:  # batches as training_step sees them (e.g. float64 under "64-true")
+            train, val = _converting(train, precision.convert_input), _converting(val, precision.convert_input)
+        context = precision.forward_context() if precision is not None else nullcontext()
+        is_zero = bool(getattr(trainer, "is_global_zero", True))
+        with _isolated_rng(), torch.inference_mode(False), torch.enable_grad(), context:
+            result = audit(
+                module, train, val, loss_fn=self.loss_fn, method=self.method, solver=self.solver,
+                params=self.params, noisy=noisy, top_k=self.top_k, seed=self.seed, tuning=self.tuning,
+                curvature=self.curvature, damping=self.damping, batch_size=self.batch_size,
+                grad_dtype=self.grad_dtype, device=device, clean_labels=self.clean_labels,
+                per_validation=self.per_validation, nonfinite=self.nonfinite, max_memory=self.max_memory,
+                spill_dir=self.spill_dir, projection=self.projection, progress=self._progress(trainer) if is_zero else NullProgress(),
+            )
+        self._result = result
+        epoch = getattr(trainer, "current_epoch", None)
+        step = getattr(trainer, "global_step", None)
+        self._state.update(ran=True, epoch=epoch, global_step=step, audits=int(self._state.get("audits", 0)) + 1,
+                           metrics={k: float(v) for k, v in result.metrics.items()
+                                    if isinstance(v, (int, float))})
+        self._report(trainer, result, step, epoch_tag)
+        return result
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit" or not self._automatic:
+            return
+        self._data = {}
+        self._deferred = []
+        self._check(trainer, pl_module, in_setup=True)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._deferred:  # the module builds its loaders or layers in its own setup/configure_model
+            self._check(trainer, pl_module, in_setup=False)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self.every_n_epochs or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self._automatic_run(trainer, pl_module, epoch_tag=True)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        # Not on_fit_end: by then the strategy's teardown has moved the model to the CPU.
+        if self.run_on_fit_end:
+            self._automatic_run(trainer, pl_module, epoch_tag=False)
+
+    # ------------------------------------------------------------------ internals
+
+    @property
+    def _automatic(self) -> bool:
+        return bool(self.run_on_fit_end or self.every_n_epochs)
+
+    def _automatic_run(self, trainer: Any, pl_module: Any, epoch_tag: bool) -> None:
+        """An audit from a hook: failures follow ``on_error``."""
+        if getattr(trainer, "fast_dev_run", False):
+            self._log().info("InfluenceCallback: skipped under fast_dev_run")
+            return
+        try:
+            if self._state.get("ran") and self._state.get("global_step") == trainer.global_step:
+                # these exact weights were audited already (at the last epoch's end, or before a resume)
+                if not epoch_tag and self._result is not None:
+                    self._write_scores(trainer, self._result, epoch_tag=False)  # the final file still appears
+                return
+            self._run(trainer, pl_module, None, None, epoch_tag)
+            self.last_error = None
+        except Exception as err:  # noqa: BLE001 - the policy decides
+            self.last_error = err
+            if self.on_error == "raise":
+                raise
+            if isinstance(err, RemoteStageError):
+                if trainer.is_global_zero:
+                    warnings.warn(f"InfluenceCallback: the audit failed on another rank ({err}); the training "
+                                  "run and its checkpoints are unaffected", RuntimeWarning, stacklevel=2)
+            else:
+                rank = "" if trainer.world_size == 1 else f" on rank {trainer.global_rank}"
+                warnings.warn(f"InfluenceCallback: the audit failed{rank} with {type(err).__name__}: {err}. "
+                              "The training run and its checkpoints are unaffected; pass on_error='raise' "
+                              "to see the traceback", RuntimeWarning, stacklevel=2)
+
+    def _check(self, trainer: Any, module: Any, in_setup: bool) -> None:
+        """The fail-fast checks; with ``in_setup`` what the module only builds in its own setup
+        is left for ``on_fit_start`` (still before the first training step)."""
+        validate_options(self.method, self.solver, self.nonfinite)
+        datasets = {}
+        for kind in ("train", "val"):
+            if kind in self._data and not in_setup:
+                loader = self._data[kind]
+            elif in_setup and self._source_is_module(trainer, kind):
+                # the LightningModule's own *_dataloader hooks: call them only after its setup()
+                # (which runs after the callbacks'), in on_fit_start, still before any training step
+                self._deferred.append(kind)
+                continue
+            else:
+                loader = self._loader(trainer, module, kind, at_run=False)
+            if loader is None:
+                if kind == "train":
+                    raise InfluenceCallbackError("InfluenceCallback: the trainer has no training data to audit")
+                raise InfluenceCallbackError(
+                    "InfluenceCallback: no validation data. Influence is measured on validation samples: "
+                    "give the trainer a val_dataloader (datamodule, LightningModule, or fit(val_dataloaders=...))")
+            name = "the training data" if kind == "train" else "the validation data"
+            datasets[kind] = _prefixed(dataset_of, loader, name)
+            if len(datasets[kind]) == 0:
+                raise InfluenceCallbackError(f"InfluenceCallback: {name} is empty")
+            self._data[kind] = loader
+        if "train" in datasets:
+            n = len(datasets["train"])
+            _prefixed(check_noisy, self.noisy, n, "noisy")
+            if self.clean_labels is not None and self.clean_labels.shape != (n,):
+                raise ValueError(f"InfluenceCallback: clean_labels must have one label per training sample "
+                                 f"({n}), got shape {tuple(self.clean_labels.shape)}")
+        if not any(True for _ in module.parameters()) and in_setup:
+            self._deferred.append("params")  # layers built in setup()/configure_model()
+        else:
+            _prefixed(select_blocks, module, self.params)
+
+    def _source_is_module(self, trainer: Any, kind: str) -> bool:
+        source = _data_source(trainer, kind)
+        return (source is not None and isinstance(getattr(source, "instance", None), nn.Module)
+                and bool(source.is_defined()))
+
+    def _loader(self, trainer: Any, module: Any, kind: str, at_run: bool) -> Any:
+        """The one training (or first validation) DataLoader of the fit, or ``None``."""
+        found = None
+        if at_run:
+            if kind == "train":
+                found = getattr(trainer, "train_dataloader", None)
+            if found is None:
+                found = self._data.get(kind)
+        if found is None:
+            source = _data_source(trainer, kind)
+            if source is not None:
+                if getattr(source, "instance", None) is None or not source.is_defined():
+                    return None
+                found = source.dataloader()
+            else:  # no private data source (another Lightning version): the public hooks
+                for owner in (getattr(trainer, "datamodule", None), module):
+                    hook = getattr(owner, f"{kind}_dataloader", None)
+                    if hook is not None:
+                        try:
+                            found = hook()
+                            break
+                        except Exception:  # noqa: BLE001 - not defined there ("must be implemented")
+                            continue
+        return self._single(found, kind)
+
+    def _single(self, loaders: Any, kind: str) -> Any:
+        if loaders is None:
+            return None
+        if type(loaders).__name__ == "CombinedLoader":
+            loaders = loaders.iterables
+        if isinstance(loaders, Mapping):
+            items = list(loaders.values())
+        elif isinstance(loaders, (list, tuple)):
+            items = list(loaders)
+        else:
+            return loaders
+        if not items:
+            return None
+        if len(items) > 1:
+            if kind == "train":
+                raise InfluenceCallbackError(
+                    f"InfluenceCallback audits one training DataLoader; the trainer has {len(items)}. "
+                    "Call run(trainer, module, train_data=...) with the one to audit")
+            if not self._warned_val:
+                self._warned_val = True
+                warnings.warn(f"InfluenceCallback: the trainer has {len(items)} validation loaders; the audit "
+                              "measures influence on the first one", UserWarning, stacklevel=2)
+        return self._single(items[0], kind)
+
+    def _progress(self, trainer: Any) -> Progress:
+        bar = getattr(trainer, "progress_bar_callback", None)
+        if bar is None or getattr(bar, "is_disabled", False):
+            return NullProgress()
+        if "RichProgressBar" in {c.__name__ for c in type(bar).__mro__}:
+            return _RichProgress(bar)
+        return TqdmProgress(leave=False)
+
+    def _log(self) -> logging.Logger:
+        # a child of the namespace's logger, which prints INFO to the console like Lightning's own
+        return logging.getLogger(f"{self._namespace}.callbacks.influence")
+
+    def _report(self, trainer: Any, result: AuditResult, step: Optional[int], epoch_tag: bool) -> None:
+        folder = self._scores_folder(trainer)  # every rank asks: a collective under DDP
+        if not getattr(trainer, "is_global_zero", True):
+            return
+        from .reporting import report, summary_text
+
+        if self._is_worker():
+            _atomic_torch_save({"result": result.to_dict(), "state": dict(self._state)}, self._handoff)
+        report(result, list(getattr(trainer, "loggers", [])), top_k=self.top_k, describe=self.describe, step=step)
+        self._write_scores(trainer, result, epoch_tag, folder)
+        verbose = self.verbose if self.verbose is not None else getattr(trainer, "progress_bar_callback", None) \
+            is not None
+        if verbose:
+            text = summary_text(result, top=10, describe=self.describe)
+            if self.scores_path:
+                text += f"\n\nAll scores: {self.scores_path}"
+            self._log().info(text)
+
+    def _scores_folder(self, trainer: Any) -> Optional[str]:
+        """``dirpath``, else ``trainer.log_dir`` (call on every rank: it is a collective under DDP)."""
+        if self.dirpath is not None or not self.scores_filename:
+            return self.dirpath
+        try:
+            folder = trainer.log_dir
+        except Exception:  # noqa: BLE001 - e.g. a trainer that was never fit
+            folder = None
+        return folder or getattr(trainer, "default_root_dir", None) or os.getcwd()
+
+    def _write_scores(self, trainer: Any, result: AuditResult, epoch_tag: bool, folder: Optional[str] = None) -> None:
+        """Rank zero writes the full per-sample scores file (atomically)."""
+        if not self.scores_filename:
+            return
+        folder = folder if folder is not None else self._scores_folder(trainer)
+        if not getattr(trainer, "is_global_zero", True):
+            return
+        from .reporting import write_scores_file
+
+        filename = self.scores_filename
+        if epoch_tag:
+            stem, suffix = os.path.splitext(filename)
+            filename = f"{stem}-epoch{trainer.current_epoch}{suffix}"
+        self.scores_path = write_scores_file(result, folder, filename)
+
+    def _is_worker(self) -> bool:
+        return os.getpid() != getattr(self, "_owner_pid", os.getpid())
+
+    def _collect_handoff(self) -> None:
+        """In the launching process of ``ddp_spawn``: take the result that rank zero left."""
+        path = getattr(self, "_handoff", None)
+        if self._is_worker() or path is None or not os.path.exists(path):
+            return
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"InfluenceCallback: could not read the result a worker left in {path}: {err}",
+                          RuntimeWarning, stacklevel=3)
+            return
+        self._result = AuditResult.from_dict(payload["result"])
+        self._state.update(payload.get("state", {}))
+        _remove_quietly(path)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_data"] = {}  # loaders travel with the trainer, not with the callback
+        return state
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _flags(noisy: Any) -> Tensor:
+    flags = torch.as_tensor(noisy)
+    if flags.dim() != 1:
+        raise ValueError(f"noisy must be a 1-D sequence of flags, one per training sample, got shape "
+                         f"{tuple(flags.shape)}")
+    return check_noisy(flags, flags.shape[0])
+
+
+def _prefixed(fn: Callable, *args: Any) -> Any:
+    """Call ``fn``; a ``ValueError``/``TypeError`` gets the callback's name in front."""
+    try:
+        return fn(*args)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"InfluenceCallback: {err}") from err
+
+
+class _ConvertingCollate:
+    """The loader's collate function followed by the precision plugin's ``convert_input``."""
+
+    def __init__(self, collate: Callable, convert: Callable) -> None:
+        self.collate, self.convert = collate, convert
+
+    def __call__(self, items: Any) -> Any:
+        return self.convert(self.collate(items))
+
+
+def _converting(data: Any, convert: Callable) -> DataLoader:
+    """A loader over the dataset behind ``data`` (ids unchanged: the audit builds its own
+    sequential loaders from its dataset and collate function) whose batches are converted."""
+    collate = data.collate_fn if isinstance(data, DataLoader) else default_collate
+    return DataLoader(dataset_of(data, "data"), collate_fn=_ConvertingCollate(collate, convert))
+
+
+def _data_source(trainer: Any, kind: str) -> Any:
+    fit_loop = getattr(trainer, "fit_loop", None)
+    if fit_loop is None:
+        return None
+    loop = fit_loop if kind == "train" else getattr(getattr(fit_loop, "epoch_loop", None), "val_loop", None)
+    return getattr(loop, "_data_source", None)
+
+
+@contextmanager
+def _isolated_rng() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's (CPU and initialised CUDA) global RNG states on
+    exit, so an audit in the middle of training changes no later shuffle or dropout mask."""
+    python_state = random.getstate()
+    torch_state = torch.get_rng_state()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda_states = torch.cuda.get_rng_state_all() if cuda else None
+    try:
+        import numpy
+
+        numpy_state = numpy.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        numpy = None  # type: ignore[assignment]
+        numpy_state = None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        if numpy is not None:
+            numpy.random.set_state(numpy_state)
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class _RichProgress(Progress):
+    """One ``rich`` bar per stage for trainers with a ``RichProgressBar``: a task in the
+    trainer's own live display while it runs, else a transient display of its own."""
+
+    def __init__(self, bar: Any = None) -> None:
+        self.bar = bar
+
+    @contextmanager
+    def stage(self, name: str, total: int) -> Iterator[Callable[[int], None]]:
+        shared = getattr(self.bar, "progress", None)
+        if shared is not None and not getattr(self.bar, "_progress_stopped", True):
+            task = shared.add_task(f"influence: {name}", total=max(total, 1))
+            try:
+                yield lambda k: shared.update(task, advance=k)
+            finally:
+                shared.remove_task(task)
+            return
+        from rich.progress import Progress as RichBars
+
+        with RichBars(transient=True) as bars:
+            task = bars.add_task(f"influence: {name}", total=max(total, 1))
+            yield lambda k: bars.advance(task, k)
+
+
+from lightning.pytorch.callbacks import Callback as _Callback  # noqa: E402  (the core above is namespace-free)
+
+
+class InfluenceCallback(InfluenceCallbackMixin, _Callback):
+    __doc__ = InfluenceCallbackMixin.__doc__
+    _namespace = "lightning.pytorch"
+
+
+__all__ = ["InfluenceCallback", "InfluenceCallbackMixin", "InfluenceCallbackError"]

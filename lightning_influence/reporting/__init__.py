@@ -1,0 +1,106 @@
+"""Reporting an :class:`~lightning_influence.AuditResult` to Lightning loggers.
+
+:func:`report` sends the scalars (``influence/<metric>``, ``influence/time/<stage>``) to every
+logger through its own ``log_metrics``, then the rich output through one adapter per logger
+type (TensorBoard, W&B, MLflow, CSV). Logger types are recognised by class name within the
+``lightning.pytorch`` / ``pytorch_lightning`` (and Fabric) logger modules, so neither namespace
+is imported here. Only global rank zero writes; an adapter's failure (a missing optional
+package, a closed run) becomes a warning, never an exception.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Optional, Sequence
+
+from ..result import AuditResult
+from . import csv as _csv
+from . import mlflow as _mlflow
+from . import tensorboard as _tensorboard
+from . import wandb as _wandb
+from ._common import is_rank_zero, warn
+from .figures import detection_curve_figure, detection_curve_rows
+from .scalars import log_scalars, mlflow_name, scalar_metrics
+from .summary import summary_text, write_scores_file
+from .tables import markdown_table, text_table, top_k_rows
+
+__all__ = ["report", "logger_kind", "top_k_rows", "markdown_table", "text_table", "summary_text",
+           "write_scores_file", "detection_curve_figure", "detection_curve_rows", "scalar_metrics", "ADAPTERS"]
+
+log = logging.getLogger(__name__)
+
+#: logger modules whose classes are recognised by name (both namespaces, and Fabric's)
+LOGGER_MODULES = ("lightning.pytorch.loggers", "pytorch_lightning.loggers",
+                  "lightning.fabric.loggers", "lightning_fabric.loggers")
+#: logger class name -> adapter kind
+LOGGER_CLASSES = {"TensorBoardLogger": "tensorboard", "WandbLogger": "wandb",
+                  "MLFlowLogger": "mlflow", "CSVLogger": "csv"}
+#: adapter kind -> function ``write(logger, result, rows, step)`` for the rich output
+ADAPTERS: Dict[str, Callable[..., None]] = {"tensorboard": _tensorboard.write, "wandb": _wandb.write,
+                                            "mlflow": _mlflow.write, "csv": _csv.write}
+#: adapter kind -> metric-name rewrite its backend needs
+RENAMES: Dict[str, Callable[[str], str]] = {"mlflow": mlflow_name}
+#: optional packages each adapter needs, for the warning's hint
+PACKAGES = {"tensorboard": "tensorboard, matplotlib", "wandb": "wandb, matplotlib",
+            "mlflow": "mlflow, pandas, matplotlib", "csv": ""}
+
+
+def logger_kind(logger: Any) -> Optional[str]:
+    """``"tensorboard"``, ``"wandb"``, ``"mlflow"``, ``"csv"`` or ``None`` (unknown) for a logger
+    instance (subclasses included), from either Lightning namespace."""
+    for cls in type(logger).__mro__:
+        kind = LOGGER_CLASSES.get(cls.__name__)
+        if kind is not None and cls.__module__.startswith(LOGGER_MODULES):
+            return kind
+    return None
+
+
+def report(result: AuditResult, loggers: Sequence[Any], *, top_k: int = 50,
+           describe: Optional[Callable[[int], str]] = None, step: Optional[int] = None) -> None:
+    """Report ``result`` to every logger in ``loggers`` (on global rank zero only).
+
+    Every logger gets the scalars via its ``log_metrics(metrics, step)``: ``influence/<name>``
+    for each finite metric (AUROC, AP, precision@k, ..., score summary statistics) and
+    ``influence/time/<stage>``. Known logger types also get rich output: TensorBoard (score
+    histogram, markdown top-k table, PR curve and detection-curve figure when ``noisy`` is
+    known), W&B (``wandb.Table``, histogram, figure), MLflow (table, scores file and figure
+    artifacts), CSV (``influence_top_k.csv``, ``influence_detection_curve.csv`` in ``log_dir``).
+    Other loggers get the scalars only (and a debug message). Failures are warnings.
+
+    Args:
+        result: the audit result.
+        loggers: the loggers, e.g. ``trainer.loggers`` (a single logger is accepted too).
+        top_k: rows in the top-k table.
+        describe: optional ``describe(sample_id) -> str`` for a readable ``text`` column.
+        step: the step passed to the loggers (e.g. ``trainer.global_step``).
+    """
+    if not is_rank_zero():
+        return
+    if loggers is None:
+        return
+    loggers = [loggers] if hasattr(loggers, "log_metrics") else list(loggers)
+    if not loggers:
+        return
+    scalars = scalar_metrics(result)
+    rows = top_k_rows(result, top_k, describe)
+    for logger in loggers:
+        kind = logger_kind(logger)
+        name = type(logger).__name__
+        try:
+            log_scalars(logger, scalars, step, rename=RENAMES.get(kind))
+        except Exception as err:
+            warn(f"lightning_influence: could not log the influence scalars to {name} "
+                 f"({type(err).__name__}: {err})")
+        if kind is None:
+            log.debug("lightning_influence: no rich-output adapter for logger type %s.%s; it got the scalars only",
+                      type(logger).__module__, type(logger).__qualname__)
+        else:
+            try:
+                ADAPTERS[kind](logger, result, rows, step=step)
+            except Exception as err:
+                hint = f" (needs: {PACKAGES[kind]})" if isinstance(err, ImportError) and PACKAGES[kind] else ""
+                warn(f"lightning_influence: could not write the {kind} report to {name}{hint}: "
+                     f"{type(err).__name__}: {err}")
+        try:
+            logger.save()
+        except Exception as err:
+            log.debug("lightning_influence: %s.save() failed: %s", name, err)

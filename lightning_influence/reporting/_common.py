@@ -1,0 +1,80 @@
+"""Shared helpers of the reporting adapters: rank-zero checks, warnings, finite scores,
+atomic CSV writing."""
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+import warnings
+from typing import Any, Dict, List, Sequence
+
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
+from torch import Tensor
+
+ENV_RANK_KEYS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def global_rank() -> int:
+    """The process's global rank as Lightning knows it (``rank_zero_only.rank``), else from the
+    usual environment variables, else 0."""
+    rank = getattr(rank_zero_only, "rank", None)
+    if rank is not None:
+        return int(rank)
+    for key in ENV_RANK_KEYS:
+        if os.environ.get(key) is not None:
+            return int(os.environ[key])
+    return 0
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank zero (the only one that writes reports)."""
+    return global_rank() == 0
+
+
+def warn(message: str) -> None:
+    """Warn once from rank zero (``rank_zero_warn``), falling back to ``warnings.warn`` when
+    Lightning has not set ``rank_zero_only.rank``."""
+    if getattr(rank_zero_only, "rank", None) is not None:
+        rank_zero_warn(message, stacklevel=3)
+    elif is_rank_zero():
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def finite_scores(scores: Tensor) -> Tensor:
+    """``scores`` as float64 with NaN/inf (excluded samples) replaced by a value below every
+    finite score, so they sort last, as in ``AuditResult.ranking``."""
+    s = scores.detach().to("cpu", torch.float64)
+    ok = torch.isfinite(s)
+    if bool(ok.all()):
+        return s
+    low = float(s[ok].min()) - 1.0 if bool(ok.any()) else 0.0
+    return torch.where(ok, s, torch.full_like(s, low))
+
+
+def rank_normalised(scores: Tensor) -> Tensor:
+    """Scores mapped into [0, 1] by dense rank: ties kept, order kept, excluded samples at 0."""
+    _, inverse = torch.unique(finite_scores(scores), sorted=True, return_inverse=True)
+    top = int(inverse.max()) if inverse.numel() else 0
+    return inverse.to(torch.float64) / max(top, 1)
+
+
+def write_csv(path: str, rows: Sequence[Dict[str, Any]], columns: List[str]) -> str:
+    """Write ``rows`` to ``path`` as CSV atomically (temporary file in the same folder, then a
+    rename). Returns ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=folder)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

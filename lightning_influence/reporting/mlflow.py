@@ -1,0 +1,26 @@
+"""MLflow adapter: ``logger.experiment`` is an ``MlflowClient``, ``logger.run_id`` the run."""
+from __future__ import annotations
+
+import tempfile
+from typing import Any, Dict, List, Optional
+
+from ..result import AuditResult
+from .figures import detection_curve_figure
+from .summary import write_scores_file
+from .tables import columns_of
+
+ARTIFACT_DIR = "influence"
+
+
+def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None) -> None:
+    """Log the table ``influence/top_k.json`` (``log_table``), the full scores file
+    ``influence/influence_scores.csv`` (``log_artifact``) and, when ``result.noisy`` is known,
+    the figure ``influence/detection_curve.png`` (``log_figure``)."""
+    client, run_id = logger.experiment, logger.run_id
+    cols = columns_of(rows)
+    client.log_table(run_id, data={c: [r.get(c) for r in rows] for c in cols},
+                     artifact_file=f"{ARTIFACT_DIR}/top_k.json")
+    with tempfile.TemporaryDirectory(prefix="influence-") as folder:
+        client.log_artifact(run_id, write_scores_file(result, folder), ARTIFACT_DIR)
+    if result.noisy is not None:
+        client.log_figure(run_id, detection_curve_figure(result), f"{ARTIFACT_DIR}/detection_curve.png")

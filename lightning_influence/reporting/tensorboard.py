@@ -1,0 +1,26 @@
+"""TensorBoard adapter: ``logger.experiment`` is a ``SummaryWriter``."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from ..result import AuditResult
+from ._common import rank_normalised
+from .figures import detection_curve_figure
+from .tables import markdown_table
+
+
+def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None) -> None:
+    """Score histogram ``influence/scores``, markdown top-k table ``influence/top_k``, and, when
+    ``result.noisy`` is known, the PR curve ``influence/pr_curve`` (rank-normalised scores as
+    predictions) and the detection-curve figure ``influence/detection_curve``."""
+    writer = logger.experiment
+    scores = result.scores.detach().cpu().double()
+    finite = scores[scores.isfinite()]
+    if finite.numel():
+        writer.add_histogram("influence/scores", finite.numpy(), global_step=step)
+    writer.add_text("influence/top_k", markdown_table(rows), global_step=step)
+    if result.noisy is not None:
+        labels = result.noisy.detach().cpu().bool().numpy()
+        writer.add_pr_curve("influence/pr_curve", labels, rank_normalised(scores).numpy(), global_step=step)
+        writer.add_figure("influence/detection_curve", detection_curve_figure(result), global_step=step, close=True)
+    writer.flush()
