@@ -15,7 +15,8 @@ from .base import InverseSolver, register_solver
 class HyperINFSolver(InverseSolver):
     """``v ↦ v X`` with ``X ≈ A^{-1}``, ``A = (1/N) Σ_i g_iᵀ g_i + λI`` (``d × d``, no ``1/r``).
 
-    ``X_{k+1} = X_k (2I − A X_k)`` from ``X_0 = Aᵀ / (‖A‖_1 ‖A‖_∞)`` (always convergent),
+    ``X_{k+1} = X_k (2I − A X_k)`` from ``X_0 = 2I / (‖A‖_1 + λ)`` (always convergent for the
+    symmetric positive-definite ``A``),
     until ``‖I − A X‖_F / sqrt(d) < tol`` or ``max_iter`` updates; ``X`` is then symmetrised.
     The iteration runs in ``compute_dtype`` (``None``: the input dtype) and ``X`` is cast back.
     ``info = {"iterations": k, "residual": float}``; a run that does not converge (or stalls
@@ -49,7 +50,11 @@ class HyperINFSolver(InverseSolver):
         d, dtype = gram.shape[0], self._dtype(gram)
         eye = torch.eye(d, dtype=dtype, device=gram.device)
         a = gram.to(dtype) / max(n, 1) + float(damping) * eye
-        x = a.T / (torch.linalg.matrix_norm(a, ord=1) * torch.linalg.matrix_norm(a, ord=math.inf))
+        # A is symmetric positive definite with λ <= eigenvalues <= ‖A‖_1, so X_0 = α I with
+        # α = 2 / (‖A‖_1 + λ) puts every eigenvalue of A X_0 in (0, 2): the iteration always
+        # converges, in about log2(κ) steps (half those of the generic start Aᵀ/(‖A‖_1 ‖A‖_∞)).
+        alpha = 2.0 / (float(torch.linalg.matrix_norm(a, ord=1)) + float(damping))
+        x = alpha * eye
         res, prev, k = math.inf, math.inf, 0
         while True:
             resid = eye - a @ x
