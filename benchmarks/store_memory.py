@@ -23,7 +23,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine, today  # noqa: E402
 
-SHAPES = {f"layer0.{m}.lora_{ab}": (8, 384) for m in ("query", "value") for ab in ("A", "B")}
+def shapes(hidden: int = 384) -> dict:
+    """LoRA r=8 blocks of query and value in one layer: lora_A (8, hidden), lora_Bᵀ (8, hidden)."""
+    return {f"layer0.{m}.lora_{ab}": (8, hidden) for m in ("query", "value") for ab in ("A", "B")}
+
+
+SHAPES = shapes()
 GIB = 2**30
 
 
@@ -73,19 +78,22 @@ def main() -> None:
     parser.add_argument("--spill-dir", default=None)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "store_memory.json"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for the test suite")
+    parser.add_argument("--hidden", type=int, default=384, help="block width (MiniLM: 384)")
     parser.add_argument("--child", nargs=3, metavar=("N", "BUDGET", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global SHAPES
+    SHAPES = shapes(args.hidden)
     if args.child:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         print(json.dumps(run_one(int(args.child[0]), int(args.child[1]), args.child[2])))
         return
     if args.quick:
-        args.sizes, args.check_n, args.budget_gib = [500, 1000, 2000], 500, 0.005
+        args.sizes, args.check_n, args.budget_gib, args.hidden = [500, 1000, 2000], 500, 0.001, 64
     budget = int(args.budget_gib * GIB)
     spill = args.spill_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "spill-tmp")
 
     def child(n: int, b: int) -> dict:
-        proc = subprocess.run([sys.executable, __file__, "--child", str(n), str(b), spill],
+        proc = subprocess.run([sys.executable, __file__, "--hidden", str(args.hidden), "--child", str(n), str(b), spill],
                               capture_output=True, text=True, check=True)
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -105,7 +113,7 @@ def main() -> None:
         "columns": ["n", "store GiB", "spilled", "write s", "fit s (once)", "score s", "write+score µs / sample", "peak RSS GiB",
                     "peak RSS − RSS after imports, GiB"],
         "rows": rows,
-        "notes": [f"memory budget {args.budget_gib} GiB; the store holds 4 blocks of (8, 384) per sample",
+        "notes": [f"memory budget {args.budget_gib} GiB; the store holds 4 blocks of (8, {args.hidden}) per sample",
                   f"scores of a spilled run equal the in-memory run at n={args.check_n}: max relative "
                   f"difference {max_rel:.2e}",
                   "time per sample stays flat as n grows: the cost is linear in n"],
