@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
+from ._io import atomic_open
 from .audit import _parse_dtype, audit, check_noisy, validate_options
 from .config import CurvatureConfig, TuningConfig, coerce
 from .data import dataset_of
@@ -563,15 +564,8 @@ def _isolated_rng() -> Iterator[None]:
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+    with atomic_open(path, binary=True) as handle:
+        torch.save(obj, handle)
 
 
 def _remove_quietly(path: str) -> None:

@@ -106,7 +106,7 @@ def _generic_grads(model: nn.Module, blocks: List[Block], batch: Any, loss_fn: O
                    batch_size: int) -> Dict[str, Tensor]:
     """Per-sample gradients of arbitrary parameters with ``torch.func`` (vmap over grad).
     Falls back to one backward per sample, with a warning, if the model can't be vmapped."""
-    from torch.func import functional_call, grad, vmap
+    from torch.func import grad, vmap
 
     names = [b.name for b in blocks]
     params = {b.name: b.param.detach() for b in blocks}

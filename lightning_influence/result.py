@@ -5,12 +5,13 @@ import csv
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor
+
+from ._io import atomic_open
 
 
 @dataclass
@@ -95,35 +96,20 @@ class AuditResult:
         The file is written atomically: a temporary file in the same folder, then a rename,
         so an interruption never leaves a truncated file under ``path``. Returns ``path``."""
         path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
         suffix = os.path.splitext(path)[1].lower()
-        try:
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-        except OSError as err:
-            raise OSError(err.errno, f"can't save the audit result to {path}: its folder {folder} is not a "
-                                     f"writable directory ({err.strerror})") from err
-        try:
-            with (os.fdopen(fd, "wb") if suffix == ".pt" else os.fdopen(fd, "w", newline="")) as handle:
-                if suffix == ".pt":
-                    torch.save(self.to_dict(), handle)
-                elif suffix == ".json":
-                    json.dump({"method": self.method, "solver": self.solver, "metrics": _jsonable(self.metrics),
-                               "excluded": self.excluded, "stage_seconds": self.stage_seconds,
-                               "rows": _jsonable(self.rows())}, handle, indent=1)
-                else:
-                    rows = self.rows()
-                    writer = csv.DictWriter(handle, fieldnames=[c for c in self.COLUMNS if c in rows[0]]
-                                            if rows else ["id", "score", "rank"])
-                    writer.writeheader()
-                    writer.writerows(rows)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_open(path, binary=suffix == ".pt", what="the audit result") as handle:
+            if suffix == ".pt":
+                torch.save(self.to_dict(), handle)
+            elif suffix == ".json":
+                json.dump({"method": self.method, "solver": self.solver, "metrics": _jsonable(self.metrics),
+                           "excluded": self.excluded, "stage_seconds": self.stage_seconds,
+                           "rows": _jsonable(self.rows())}, handle, indent=1)
+            else:
+                rows = self.rows()
+                writer = csv.DictWriter(handle, fieldnames=[c for c in self.COLUMNS if c in rows[0]]
+                                        if rows else ["id", "score", "rank"])
+                writer.writeheader()
+                writer.writerows(rows)
         return path
 
     def to_dict(self) -> Dict[str, Any]:

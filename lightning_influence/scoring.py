@@ -12,7 +12,7 @@ Every score is a sum over blocks (block-diagonal curvature).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 import torch
 from torch import Tensor

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 import warnings
 from typing import Any, Dict, List, Sequence
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 from torch import Tensor
+from .._io import atomic_open
 
 ENV_RANK_KEYS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
@@ -60,21 +60,9 @@ def rank_normalised(scores: Tensor) -> Tensor:
 
 
 def write_csv(path: str, rows: Sequence[Dict[str, Any]], columns: List[str]) -> str:
-    """Write ``rows`` to ``path`` as CSV atomically (temporary file in the same folder, then a
-    rename). Returns ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=folder)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``rows`` to ``path`` as CSV atomically (see ``lightning_influence._io``). Returns ``path``."""
+    with atomic_open(path) as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
     return path
