@@ -327,6 +327,7 @@ class InfluenceCallbackMixin:
         """The fail-fast checks; with ``in_setup`` what the module only builds in its own setup
         is left for ``on_fit_start`` (still before the first training step)."""
         validate_options(self.method, self.solver, self.nonfinite)
+        _check_strategy(trainer)
         datasets = {}
         for kind in ("train", "val"):
             if kind in self._data and not in_setup:
@@ -561,6 +562,23 @@ def _isolated_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_states)
         if numpy is not None:
             numpy.random.set_state(numpy_state)
+
+
+# Strategies whose parameters are sharded or partitioned across ranks: a deep copy of one rank's
+# module would audit a shard of each weight. Supporting them needs the strategy's own way of
+# gathering the full (LoRA) parameters; until then setup() refuses them before training starts.
+_SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
+
+
+def _check_strategy(trainer: Any) -> None:
+    strategy = getattr(trainer, "strategy", None)
+    names = {cls.__name__ for cls in type(strategy).__mro__} if strategy is not None else set()
+    sharded = names.intersection(_SHARDED_STRATEGIES)
+    if sharded:
+        raise InfluenceCallbackError(
+            f"InfluenceCallback does not support {sorted(sharded)[0]} yet: its parameters are sharded across "
+            "ranks. Use a DDP strategy (strategy='ddp' or 'ddp_spawn'), or run audit() on the gathered model "
+            "after training")
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:

@@ -66,3 +66,21 @@ def test_ddp_spawn_matches_single_process(tmp_path):
         torch.testing.assert_close(distributed.scores, single.scores, rtol=1e-5, atol=0)
         assert torch.equal(distributed.ranking, single.ranking)
         assert distributed.metrics["auroc"] == pytest.approx(single.metrics["auroc"])
+
+
+def test_sharded_strategies_are_refused_in_setup(tmp_path):
+    """FSDP-like strategies shard the parameters: setup() says so before the first training step."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_influence.callback import InfluenceCallbackError, _check_strategy
+
+    class FakeTrainer:
+        strategy = FSDPStrategy.__new__(FSDPStrategy)  # the type is what matters, not a live process group
+
+    with pytest.raises(InfluenceCallbackError, match="FSDPStrategy"):
+        _check_strategy(FakeTrainer())
+
+    class DDPTrainer:
+        strategy = L.strategies.DDPStrategy.__new__(L.strategies.DDPStrategy)
+
+    _check_strategy(DDPTrainer())  # DDP is supported: no error
