@@ -84,3 +84,55 @@ def test_sharded_strategies_are_refused_in_setup(tmp_path):
         strategy = L.strategies.DDPStrategy.__new__(L.strategies.DDPStrategy)
 
     _check_strategy(DDPTrainer())  # DDP is supported: no error
+
+
+def _failing_rank_worker(rank: int, world: int, port: int, queue) -> None:
+    """One process of a 2-rank gloo group whose rank 1 fails inside the gradient stage."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        train, val = make_data()
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+        def loss_fn(model, batch):
+            x, y = batch
+            if rank == 1 and torch.is_grad_enabled():
+                raise RuntimeError("boom on rank 1")
+            return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+        try:
+            audit(model, train, val, method="standard", loss_fn=loss_fn, batch_size=8)
+            queue.put((rank, "finished"))
+        except Exception as err:  # noqa: BLE001 - the test inspects which error each rank saw
+            queue.put((rank, f"{type(err).__name__}: {err}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_error_on_one_rank_is_agreed_and_nobody_hangs():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_failing_rank_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung in a collective"
+    outcome = dict(queue.get(timeout=5) for _ in range(2))
+    assert outcome[1].startswith("RuntimeError: boom on rank 1")
+    assert outcome[0].startswith("RemoteStageError")  # rank 0 learns of it and raises too
