@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(1)  # the CI machine has 2 cores; 2 threads spin under load
+torch.set_num_threads(1)  # tiny tensors: extra OpenMP threads only spin on a 2-core (often shared) CPU
 
 
 

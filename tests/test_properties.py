@@ -32,13 +32,6 @@ OPTIONS = {"lissa": {"max_iter": 50000}}
 TOLERANCE = {"exact": 1e-7, "hyperinf": 1e-4, "lissa": 1e-4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @st.composite
 def setups(draw, n_min=1):

@@ -27,14 +27,6 @@ from lightning_influence.solvers import ExactSolver
 FAST = {"steps": 2, "batch_size": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: extra OpenMP threads only spin against the other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def data(n: int, seed: int = 0, classes: int = 3, d: int = 8) -> TensorPairs:
     g = torch.Generator().manual_seed(seed)

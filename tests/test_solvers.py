@@ -10,14 +10,6 @@ from lightning_influence.solvers import (SOLVERS, InverseSolver, check_solver, d
 SHAPES = {"woodbury": (7, 3, 5), "dense": (50, 2, 4)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: OpenMP threads only spin against the other processes on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def rel(a, b):
     return float((a - b).norm() / b.norm())

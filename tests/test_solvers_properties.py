@@ -9,14 +9,6 @@ from lightning_influence.solvers import datainf_damping, make_solver
 OPTIONS = {"lissa": {"max_iter": 50000}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: OpenMP threads only spin against the other processes on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @st.composite
 def problems(draw):
