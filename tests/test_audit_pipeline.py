@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader
 
 from conftest import TokenDataset, mlp, pad_collate, tiny_bert_lora
 from lightning_influence import AuditResult, audit
-from lightning_influence.datasets import TensorPairs
 
 SST2 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "sst2")
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from conftest import mlp
-from lightning_influence import AuditResult, InverseSolver, audit
+from lightning_influence import AuditResult, audit
 from lightning_influence.audit import NonFiniteGradientError
 from lightning_influence.datasets import TensorPairs
 from lightning_influence.gradients import gradient_mode, per_sample_gradients
