@@ -7,7 +7,8 @@ markers are appended at the end of the README. Other JSON files are left alone.
 
 The table schema (shared by every benchmark)::
 
-    {"tables": [{"title": str, "machine": str | dict, "date": str, "command": str,
+    {"intro": str (optional markdown, rendered first),
+     "tables": [{"title": str, "machine": str | dict, "date": str, "command": str,
                  "columns": [str, ...], "rows": [[cell, ...], ...], "notes": [str, ...]}, ...]}
 
 Usage::
@@ -75,7 +76,9 @@ def render_table(table: Dict[str, Any], level: int = 4) -> str:
 
 
 def render_document(doc: Dict[str, Any]) -> str:
-    parts = [render_table(t) for t in doc.get("tables", [])]
+    """The optional ``intro`` (markdown) followed by every table."""
+    parts = [str(doc["intro"]).rstrip() + "\n"] if doc.get("intro") else []
+    parts += [render_table(t) for t in doc.get("tables", [])]
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -375,7 +375,9 @@ def score(prepared: Prepared, solver: Any = "hyperinf", curvature: Union[None, C
           nonfinite: str = "exclude", progress: Optional[Progress] = None) -> AuditResult:
     """Stages 4-6: curvature + solve, scores, metrics. Can be called several times on one
     :class:`Prepared` (e.g. to compare solvers on the same gradients)."""
-    p, dist, stages = prepared, prepared.dist, prepared.stages
+    p, dist = prepared, prepared.dist
+    stages = _Stages(p.device)  # this call's own solve/score/metrics times, after prepare()'s stages
+    stages.seconds = dict(p.stages.seconds)
     curvature_cfg = coerce(CurvatureConfig, curvature)
     progress = progress or NullProgress()
     noisy_flags = check_noisy(noisy, p.n)

@@ -127,3 +127,18 @@ def test_minilm_lora_end_to_end():
     assert torch.isfinite(result.scores).all() and result.scores.shape == (160,)
     assert 0.0 <= result.metrics["auroc"] <= 1.0
     assert result.solver_info["max_iterations"] > 0
+
+
+def test_score_twice_on_one_prepare_times_each_call_alone(blobs):
+    from lightning_influence.audit import prepare, score
+
+    train, val = blobs
+    prepared = prepare(mlp(), train, val, method="fvm", tuning={"steps": 3})
+    try:
+        first = score(prepared, "exact")
+        second = score(prepared, "hyperinf")
+    finally:
+        prepared.close()
+    assert first.stage_seconds["tuning"] == second.stage_seconds["tuning"]  # shared prepare() stages
+    assert "solve" not in prepared.stages.seconds  # score() never adds its times to the shared prepare()
+    assert first.solver == "exact" and second.solver == "hyperinf"
