@@ -4,12 +4,12 @@ Public names: :class:`InfluenceCallback`, :func:`audit`, :class:`AuditResult`, t
 dataclasses, and the solver registry (:class:`InverseSolver`, :func:`register_solver`,
 :data:`SOLVERS`).
 """
-from .audit import audit
+from .audit import audit, prepare, score
 from .config import CurvatureConfig, TuningConfig
 from .result import AuditResult
 from .solvers import SOLVERS, InverseSolver, make_solver, register_solver
 
-__all__ = ["audit", "AuditResult", "TuningConfig", "CurvatureConfig", "InverseSolver", "register_solver",
+__all__ = ["audit", "prepare", "score", "AuditResult", "TuningConfig", "CurvatureConfig", "InverseSolver", "register_solver",
            "make_solver", "SOLVERS", "InfluenceCallback"]
 
 
