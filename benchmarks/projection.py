@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from _machine import machine, today  # noqa: E402
+from common import machine_info as machine, now as today  # noqa: E402
 from common import minilm_lora, minilm_tokenizer, text_loader, train_text  # noqa: E402
 
 from lightning_influence import TuningConfig, audit  # noqa: E402

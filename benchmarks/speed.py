@@ -28,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from _machine import machine, today  # noqa: E402
+from common import machine_info as machine, now as today  # noqa: E402
 from common import digits_mlp, minilm_lora, minilm_tokenizer, text_loader, train_mlp  # noqa: E402
 
 from lightning_influence import audit, make_solver  # noqa: E402

@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import machine, today  # noqa: E402
+from common import machine_info as machine, now as today  # noqa: E402
 
 def shapes(hidden: int = 384) -> dict:
     """LoRA r=8 blocks of query and value in one layer: lora_A (8, hidden), lora_Bᵀ (8, hidden)."""
