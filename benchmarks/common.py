@@ -61,6 +61,19 @@ def machine_info() -> Dict[str, Any]:
     return info
 
 
+def write_results(result: Dict[str, Any], path: str) -> None:
+    """Write a results document (``{"tables": [...], ...}``, the schema ``render.py`` reads)
+    atomically to ``path`` and print its tables."""
+    import json
+
+    from lightning_influence._io import atomic_open
+
+    with atomic_open(path, what="the benchmark results") as handle:
+        json.dump(result, handle, indent=1, default=float)
+    for table in result.get("tables", []):
+        print(json.dumps(table, indent=1))
+
+
 def now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from common import machine_info as machine, now as today  # noqa: E402
+from common import machine_info as machine, now as today, write_results  # noqa: E402
 from common import minilm_lora, minilm_tokenizer, text_loader, train_text  # noqa: E402
 
 from lightning_influence import TuningConfig, audit  # noqa: E402
@@ -91,10 +90,7 @@ def main() -> None:
                   f"{args.n_val} clean validation sentences; audited: full query/value weights of layers 4-5 "
                   "(4 blocks of 384 x 384)"],
     }], "raw": raw}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=1)
-    print(json.dumps(result["tables"][0], indent=1))
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Run: python benchmarks/speed.py [--quick] [--glue-dir ../shared/data]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -28,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from common import machine_info as machine, now as today  # noqa: E402
+from common import machine_info as machine, now as today, write_results  # noqa: E402
 from common import digits_mlp, minilm_lora, minilm_tokenizer, text_loader, train_mlp  # noqa: E402
 
 from lightning_influence import audit, make_solver  # noqa: E402
@@ -201,11 +200,7 @@ def main() -> None:
         "notes": ["lissa capped at 200 iterations here (it needs O(condition number) iterations to converge)"],
     })
     result = {"tables": tables, "raw": raw}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=1, default=float)
-    for table in tables:
-        print(json.dumps(table, indent=1))
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

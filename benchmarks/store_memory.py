@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info as machine, now as today  # noqa: E402
+from common import machine_info as machine, now as today, write_results  # noqa: E402
 
 def shapes(hidden: int = 384) -> dict:
     """LoRA r=8 blocks of query and value in one layer: lora_A (8, hidden), lora_Bᵀ (8, hidden)."""
@@ -119,10 +119,7 @@ def main() -> None:
                   "time per sample stays flat as n grows: the cost is linear in n"],
     }], "raw": {"runs": [{k: v for k, v in r.items() if k != "scores_head"} for r in runs],
                 "equality_max_rel": max_rel, "budget_bytes": budget}}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=1)
-    print(json.dumps(result["tables"][0], indent=1))
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":
