@@ -67,12 +67,19 @@ def pad_collate(items):
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.stack([it["labels"] for it in items])}
 
 
-@pytest.fixture
-def blobs():
-    """A 3-class Gaussian-blob problem in 8-D: (train, val) TensorPairs in float64."""
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(3, 8, generator=g, dtype=torch.float64) * 2
+def gaussian_blobs(n_train: int, n_val: int, dim: int, seed: int = 0):
+    """A 3-class Gaussian-blob problem in ``dim`` dimensions: (train, val) TensorPairs in float64."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(3, dim, generator=g, dtype=torch.float64) * 2
+
     def make(n):
         y = torch.randint(0, 3, (n,), generator=g)
-        return TensorPairs(centers[y] + torch.randn(n, 8, generator=g, dtype=torch.float64), y)
-    return make(40), make(20)
+        return TensorPairs(centers[y] + torch.randn(n, dim, generator=g, dtype=torch.float64), y)
+
+    return make(n_train), make(n_val)
+
+
+@pytest.fixture
+def blobs():
+    """40 training and 20 validation samples of :func:`gaussian_blobs` in 8-D."""
+    return gaussian_blobs(40, 20, 8)

@@ -7,22 +7,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from conftest import gaussian_blobs
 from lightning_influence import InfluenceCallback, audit
-from lightning_influence.datasets import TensorPairs
 
 COMBOS = [("standard", "hyperinf"), ("standard", "datainf"), ("fvm", "hyperinf"), ("fvm", "datainf")]
 OPTIONS = dict(tuning={"steps": 8, "batch_size": 8}, batch_size=8)
 
 
 def make_data():
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(3, 6, generator=g, dtype=torch.float64) * 2
-
-    def make(n):
-        y = torch.randint(0, 3, (n,), generator=g)
-        return TensorPairs(centers[y] + torch.randn(n, 6, generator=g, dtype=torch.float64), y)
-
-    return make(37), make(13)  # odd sizes: shards of unequal length, no sampler padding allowed
+    # odd sizes: shards of unequal length, no sampler padding allowed
+    return gaussian_blobs(37, 13, 6)
 
 
 class Classifier(L.LightningModule):
