@@ -107,11 +107,6 @@ def lora_parameter_names(model: nn.Module) -> List[str]:
     return found
 
 
-def has_lora(model: nn.Module) -> bool:
-    """Whether the model has PEFT LoRA layers with an active adapter."""
-    return bool(lora_parameter_names(model))
-
-
 def select_blocks(model: nn.Module, params: ParamsSpec = "auto") -> List[Block]:
     """The audited blocks of ``model``.
 
