@@ -11,15 +11,16 @@ Fallback, for any other parameter: ``torch.func.vmap`` over ``grad`` of the sing
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from .losses import LossFn, LossOutput, default_loss
+from .losses import _SHIFT_DECISIONS, BatchFormatError, LossFn, LossOutput, default_loss
 from .params import Block
 
 
@@ -105,39 +106,78 @@ def _linear_grad(block: Block, records: List[List[Optional[Tensor]]], batch_size
 def _generic_grads(model: nn.Module, blocks: List[Block], batch: Any, loss_fn: Optional[LossFn],
                    batch_size: int) -> Dict[str, Tensor]:
     """Per-sample gradients of arbitrary parameters with ``torch.func`` (vmap over grad).
-    Falls back to one backward per sample, with a warning, if the model can't be vmapped."""
+    Falls back to one backward per sample, with a warning, if the model can't be vmapped.
+
+    The batch is split into samples through its structure (tuples, lists, mappings, named
+    tuples and dataclasses of tensors); a batch that can't be split is a clear
+    :class:`BatchFormatError`, never the whole batch's gradient for every sample."""
     from torch.func import grad, vmap
 
     names = [b.name for b in blocks]
     params = {b.name: b.param.detach() for b in blocks}
+    tree, rebuild = _splittable(batch)
+    _prime_loss(model, batch, loss_fn)
 
     def single_loss(p: Dict[str, Tensor], sample: Any) -> Tensor:
-        one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, sample)
+        one = rebuild(tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, sample))
         with _swapped(model, p):
-            return default_loss(model, one, loss_fn).losses.sum()
+            return _one_sample_loss(model, one, loss_fn, batch)
 
-    in_dims = (None, tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch))
+    in_dims = (None, tree_map(lambda t: 0 if isinstance(t, Tensor) else None, tree))
     try:
-        grads = vmap(grad(single_loss), in_dims=in_dims, randomness="same")(params, batch)
+        grads = vmap(grad(single_loss), in_dims=in_dims, randomness="same")(params, tree)
+    except BatchFormatError:
+        raise
     except Exception as err:  # noqa: BLE001 - any vmap limitation: fall back, correctness first
         warnings.warn(f"per-sample gradients of {len(names)} non-Linear parameter(s) can't be vmapped "
                       f"({type(err).__name__}: {err}); falling back to one backward per sample (slow)")
         rows = []
         for i in range(batch_size):  # slow path, only when vmap is impossible: plain autograd, so
             # that what broke vmap (e.g. a full backward hook's autograd.Function) can't break it
-            one = tree_map(lambda t: t[i:i + 1] if isinstance(t, Tensor) else t, batch)
-            loss = default_loss(model, one, loss_fn).losses.sum()
+            one = rebuild(tree_map(lambda t: t[i:i + 1] if isinstance(t, Tensor) else t, tree))
+            loss = _one_sample_loss(model, one, loss_fn, batch)
             found = torch.autograd.grad(loss, [b.param for b in blocks], allow_unused=True)
             rows.append({b.name: torch.zeros_like(b.param) if g is None else g.detach() for b, g in zip(blocks, found)})
         grads = {n: torch.stack([r[n] for r in rows]) for n in names}
     return {b.name: b.to_matrix(grads[b.name]) for b in blocks}
 
 
+def _splittable(batch: Any) -> Tuple[Any, Callable[[Any], Any]]:
+    """``(tree, rebuild)``: the batch as a structure ``torch.utils._pytree`` can split along
+    dimension 0, and the function that turns a (per-sample) tree back into the user's type.
+    Dataclass batches are taken apart field by field; other structures pass through as they are."""
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch) if f.init}
+        return fields, lambda tree: dataclasses.replace(batch, **tree)
+    return batch, lambda tree: tree
+
+
+def _one_sample_loss(model: nn.Module, one: Any, loss_fn: Optional[LossFn], batch: Any) -> Tensor:
+    """The loss of one sample (a batch of one); an unsplit batch is refused."""
+    losses = default_loss(model, one, loss_fn).losses
+    if losses.shape[0] != 1:
+        raise BatchFormatError(
+            f"per-sample gradients of non-Linear parameters need a batch that splits into samples, but a "
+            f"{type(batch).__name__} batch gave {losses.shape[0]} losses for one sample: its tensors are hidden "
+            "from torch's pytree (a custom class). Make the batch a dict, tuple, named tuple or dataclass of "
+            "tensors, register it with torch.utils._pytree, or audit only Linear layers (params=...)")
+    return losses.sum()
+
+
+def _prime_loss(model: nn.Module, batch: Any, loss_fn: Optional[LossFn]) -> None:
+    """Let the default loss ask the model about its labels' shift outside vmap (once per model)."""
+    if loss_fn is None and isinstance(batch, Mapping) and "labels" in batch and model not in _SHIFT_DECISIONS:
+        with torch.no_grad():
+            default_loss(model, batch)
+
+
 @contextmanager
 def _swapped(model: nn.Module, values: Dict[str, Tensor]) -> Iterator[None]:
     from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call uses
 
-    with _reparametrize_module(model, values):
+    # tie_weights: a parameter shared by several modules (GPT-2's lm_head and wte) is swapped
+    # in every place it is used, so the gradient covers all of its uses
+    with _reparametrize_module(model, values, tie_weights=True):
         yield
 
 

@@ -11,8 +11,9 @@ sample, no reduction. Without one, :func:`default_loss` picks by the batch's for
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,20 +56,146 @@ def _logits_of(output: Any) -> Tensor:
                            "or an object with .logits. Pass loss_fn=(model, batch) -> per-sample losses")
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    return type(base).__name__.endswith("ForCausalLM") or bool(getattr(config, "is_decoder", False))
+def hf_model_of(model: nn.Module) -> Optional[nn.Module]:
+    """The outermost Hugging Face ``PreTrainedModel`` inside ``model`` (the model itself, a
+    PEFT model's base model, a LightningModule's attribute, a compiled module's original), or
+    ``None``."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # transformers is optional
+        return None
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+def _structural_shift_guess(model: nn.Module) -> bool:
+    """Only for models that report no loss of their own: a decoder-only HF model shifts."""
+    hf = hf_model_of(model)
+    if hf is None:
+        return False
+    name = type(hf).__name__
+    return bool(getattr(getattr(hf, "config", None), "is_decoder", False)) or "CausalLM" in name or "LMHead" in name
+
+
+#: model -> whether its token loss shifts the labels (asked of each model object once)
+_SHIFT_DECISIONS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+class LossMismatchError(ValueError):
+    """The default per-sample loss does not reproduce the model's own loss; pass ``loss_fn``."""
+
+
+def reported_loss(output: Any) -> Optional[Tensor]:
+    """The scalar loss a model's output carries (``output.loss`` or ``output["loss"]``), or ``None``."""
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
+
+
+def token_label_shift(model: nn.Module, inputs: Mapping[str, Any], labels: Tensor) -> bool:
+    """Whether ``model``'s own token loss aligns the logits at ``t`` with the label at ``t + 1``
+    (causal LMs), for token logits ``(B, T, V)`` and labels ``(B, T)``.
+
+    Asked of the model itself, once per model object: it is called (without gradients) on
+    ``inputs`` plus ``labels``, and the loss it reports is compared with the batch's token-mean
+    cross entropy with and without the shift (the inner Hugging Face model is asked when the
+    wrapper's forward takes no labels). Raises :class:`LossMismatchError` when it is neither
+    (label smoothing, class weights, ...). A model that reports no loss falls back to a
+    structural guess, which the pre-flight check verifies against ``training_step``."""
+    if model in _SHIFT_DECISIONS:
+        return _SHIFT_DECISIONS[model]
+    if _under_vmap(labels):  # no probe inside vmap; gradients.py primes the decision outside
+        return _structural_shift_guess(model)
+    decision: Optional[bool] = None
+    inner = hf_model_of(model)
+    for owner in [model] + ([inner] if inner is not None and inner is not model else []):
+        try:
+            with torch.no_grad():
+                output = _call_with_mapping(owner, {**inputs, "labels": labels})
+            reported = reported_loss(output)
+            logits = _logits_of(output).detach() if reported is not None else None
+        except Exception:  # noqa: BLE001 - this owner takes no labels: ask the next one
+            continue
+        if reported is None or logits is None or logits.dim() != 3:
+            continue
+        value = float(reported.detach().float())
+        candidates = {shift: _batch_token_mean(logits, labels, shift) for shift in (False, True)}
+        matches = [s for s, c in candidates.items() if abs(c - value) <= 1e-3 * abs(value) + 1e-5]
+        if not matches:
+            raise LossMismatchError(
+                f"{type(owner).__name__} reports a loss of {value:.6g} on this batch, but the token-averaged cross "
+                f"entropy of its logits is {candidates[False]:.6g} (labels as given) or {candidates[True]:.6g} "
+                "(shifted by one, as causal LMs do): the model computes another loss (label smoothing? class "
+                "weights? an auxiliary term?). Pass loss_fn=(model, batch) -> per-sample losses of shape (B,)")
+        decision = matches[0] if len(matches) == 1 else None  # both: a degenerate batch, ask again later
+        if decision is None:
+            return _structural_shift_guess(model)
+        break
+    if decision is None:
+        decision = _structural_shift_guess(model)
+    _SHIFT_DECISIONS[model] = decision
+    return decision
+
+
+def _batch_token_mean(logits: Tensor, labels: Tensor, shift: bool) -> float:
+    """The token-mean cross entropy over the whole batch, as HF's loss functions reduce it."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    labels = labels.to(logits.device)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return float(total) / max(int((labels != IGNORE_INDEX).sum()), 1)
+
+
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+def problem_type(model: nn.Module, labels: Tensor, n_outputs: int) -> str:
+    """Hugging Face's rule for class-logit heads (``ForSequenceClassificationLoss``): the
+    config's ``problem_type`` if set; else regression for one output, single-label
+    classification for integer labels, multi-label otherwise. Without an HF config:
+    single-label classification."""
+    hf = hf_model_of(model)
+    config = getattr(hf, "config", None) if hf is not None else None
+    if config is None:
+        return "single_label_classification"
+    if getattr(config, "problem_type", None) in PROBLEM_TYPES:
+        return config.problem_type
+    if n_outputs == 1:
+        return "regression"
+    return "single_label_classification" if not labels.dtype.is_floating_point else "multi_label_classification"
+
+
+def _forward_parameters(model: nn.Module) -> Optional[Tuple[set, bool, int]]:
+    """``(named parameters, takes **kwargs, required positional count)`` of ``model.forward``."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    params = sig.parameters.values()
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    required = sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                   and p.default is p.empty)
+    return names, any(p.kind == p.VAR_KEYWORD for p in params), required
 
 
 def _call_with_mapping(model: nn.Module, inputs: Mapping[str, Any]) -> Any:
-    try:
-        sig = inspect.signature(model.forward)
-        takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()) or all(
-            k in sig.parameters for k in inputs)
-    except (TypeError, ValueError):
-        takes_kwargs = True
-    return model(**inputs) if takes_kwargs else model(dict(inputs))
+    """``model(**inputs)`` when its forward names the keys (or takes ``**kwargs``), else
+    ``model(inputs)`` for a forward that takes the batch as one argument. Keys that the forward
+    can't take are a :class:`BatchFormatError` naming them."""
+    found = _forward_parameters(model)
+    if found is None:
+        return model(**inputs)
+    names, var_kw, required = found
+    unknown = sorted(str(k) for k in inputs if k not in names)
+    if not unknown or var_kw:
+        return model(**inputs)
+    if required == 1 and len(names) >= 1 and not any(k in names for k in inputs):
+        return model(dict(inputs))  # forward(self, batch): the mapping is one argument
+    raise BatchFormatError(
+        f"the batch has key(s) {unknown} that {type(model).__name__}.forward does not take (it takes "
+        f"{sorted(names)}); the default loss passes every key but 'labels' to the model. Drop them in the "
+        "collate_fn, or pass loss_fn=(model, batch) -> per-sample losses of shape (B,)")
 
 
 def _under_vmap(t: Tensor) -> bool:
@@ -122,8 +249,25 @@ def default_loss(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None)
         shift = False
     elif isinstance(batch, Mapping) and "labels" in batch:
         labels = batch["labels"]
-        logits = _logits_of(_call_with_mapping(model, {k: v for k, v in batch.items() if k != "labels"}))
-        shift = logits.dim() == 3 and _is_causal_lm(model)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        try:
+            logits = _logits_of(_call_with_mapping(model, inputs))
+        except TypeError as err:
+            if isinstance(err, BatchFormatError):
+                raise
+            raise BatchFormatError(
+                f"calling {type(model).__name__} with the batch's keys {sorted(map(str, inputs))} failed "
+                f"({err}); the default loss passes every key but 'labels' to the model. Drop keys the model "
+                "doesn't take in the collate_fn, or pass loss_fn=(model, batch) -> per-sample losses (B,)") from err
+        if logits.dim() == 2 and labels.dim() >= 1:
+            kind = problem_type(model, labels, logits.shape[-1])
+            if kind == "regression":
+                target = labels.to(logits.dtype).reshape(logits.shape[0], -1)
+                return LossOutput(_check_losses((logits - target).pow(2).mean(1), batch))
+            if kind == "multi_label_classification":
+                losses = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+                return LossOutput(_check_losses(losses.mean(1), batch))
+        shift = logits.dim() == 3 and token_label_shift(model, inputs, labels)
     else:
         raise BatchFormatError(
             f"the default loss can't handle a batch of type {_describe(batch)}; it understands "

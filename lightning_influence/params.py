@@ -67,9 +67,12 @@ def _is_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
-def _make_block(name: str, param: nn.Parameter, owner: Optional[nn.Module]) -> Block:
+def _make_block(name: str, param: nn.Parameter, owner: Optional[nn.Module], shared: bool = False) -> Block:
     role = name.rsplit(".", 1)[-1]
-    linear = owner if owner is not None and _is_plain_linear(owner) and role in ("weight", "bias") else None
+    # a parameter that several modules hold (tied embeddings, a weight used twice) takes the
+    # generic path: the Linear fast path would only see the Linear's own use of it
+    linear = (owner if owner is not None and not shared and _is_plain_linear(owner) and role in ("weight", "bias")
+              else None)
     if param.dim() >= 2:
         rows, cols = param.shape[0], param[0].numel()
         transpose = rows > cols
@@ -138,7 +141,9 @@ def select_blocks(model: nn.Module, params: ParamsSpec = "auto") -> List[Block]:
     if not names:
         raise ValueError(f"params={params!r} selects no parameter to audit (no parameter requires grad?)")
     owners = {}
-    for mod_name, module in model.named_modules():
-        for p_name, _ in module.named_parameters(recurse=False):
-            owners[f"{mod_name}.{p_name}" if mod_name else p_name] = module
-    return [_make_block(n, named[n], owners.get(n)) for n in names]
+    holders: dict = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, p in module.named_parameters(recurse=False):
+            owners.setdefault(f"{mod_name}.{p_name}" if mod_name else p_name, module)
+            holders.setdefault(id(p), set()).add(id(module))
+    return [_make_block(n, named[n], owners.get(n), shared=len(holders.get(id(named[n]), ())) > 1) for n in names]
