@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, default_collate
 from ._io import atomic_open
 from .audit import _parse_dtype, audit, check_noisy, validate_options
 from .config import CurvatureConfig, TuningConfig, coerce
-from .data import dataset_of
+from .data import collate_of, dataset_of
 from .distributed import RemoteStageError
 from .params import select_blocks
 from .progress import NullProgress, Progress, TqdmProgress
@@ -70,7 +70,16 @@ class InfluenceCallbackMixin:
         on_error: ``"warn"``: a failure inside the audit (or its reporting) is a warning with
             its cause and training results are kept; ``"raise"``: re-raise it.
         describe: ``sample_id -> str`` readable text (the sentence, the file name) for the
-            top-k tables.
+            top-k tables. Without it, text data describe themselves: a tokenizer found as the
+            ``tokenizer`` / ``processing_class`` attribute of the LightningModule, the datamodule
+            or the training loader's collate function decodes each sample's ``input_ids``
+            (else a ``text``/``sentence`` string field of the sample is shown), cut to 120 characters.
+        render: ``sample_id -> image`` (a PIL image, a NumPy array or a tensor ``(H, W)``,
+            ``(H, W, C)`` or ``(C, H, W)``) for the gallery of the top-k samples (TensorBoard
+            image ``influence/gallery``, a ``wandb.Image`` per W&B table row, MLflow and CSV
+            ``gallery.png``), e.g. for flat or custom inputs. Without it, training batches that
+            collate to images (a ``(B, C, H, W)``, ``(B, H, W, C)`` or ``(B, H, W)`` tensor) are
+            drawn as they are; ``False``: no gallery.
         scores_filename: the full per-sample scores file written into ``dirpath``
             (``None``: none). Audits at an epoch end add ``-epoch{E}`` before the suffix.
         dirpath: where the scores file goes (default ``trainer.log_dir``, the first logger's
@@ -125,6 +134,7 @@ class InfluenceCallbackMixin:
         run_on_fit_end: bool = True,
         on_error: Literal["warn", "raise"] = "warn",
         describe: Optional[Callable[[int], str]] = None,
+        render: Union[None, bool, Callable[[int], Any]] = None,
         scores_filename: Optional[str] = "influence_scores.csv",
         dirpath: Optional[str] = None,
         verbose: Optional[bool] = None,
@@ -150,6 +160,9 @@ class InfluenceCallbackMixin:
         for name, fn in (("describe", describe), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        if render is not None and render is not False and not callable(render):
+            raise TypeError(f"render must be None, False or a callable sample_id -> image, "
+                            f"got {type(render).__name__}")
         if scores_filename is not None and (not scores_filename or os.path.basename(scores_filename) != scores_filename):
             raise ValueError(f"scores_filename must be a plain file name (use dirpath for the folder), "
                              f"got {scores_filename!r}")
@@ -176,6 +189,7 @@ class InfluenceCallbackMixin:
         self.run_on_fit_end = run_on_fit_end
         self.on_error = on_error
         self.describe = describe
+        self.render = render
         self.scores_filename = scores_filename
         self.dirpath = None if dirpath is None else os.fspath(dirpath)
         self.verbose = verbose
@@ -245,6 +259,7 @@ class InfluenceCallbackMixin:
         strategy = getattr(trainer, "strategy", None)
         device = getattr(strategy, "root_device", None)
         precision = getattr(strategy, "precision_plugin", None)
+        raw_train = train  # the gallery and the decoded text show the samples as the data gives them
         if precision is not None:  # batches as training_step sees them (e.g. float64 under "64-true")
             train, val = _converting(train, precision.convert_input), _converting(val, precision.convert_input)
         context = precision.forward_context() if precision is not None else nullcontext()
@@ -264,7 +279,7 @@ class InfluenceCallbackMixin:
         self._state.update(ran=True, epoch=epoch, global_step=step, audits=int(self._state.get("audits", 0)) + 1,
                            metrics={k: float(v) for k, v in result.metrics.items()
                                     if isinstance(v, (int, float))})
-        self._report(trainer, result, step, epoch_tag)
+        self._report(trainer, result, step, epoch_tag, train=raw_train, module=module)
         return result
 
     # ------------------------------------------------------------------ hooks
@@ -427,7 +442,8 @@ class InfluenceCallbackMixin:
         # a child of the namespace's logger, which prints INFO to the console like Lightning's own
         return logging.getLogger(f"{self._namespace}.callbacks.influence")
 
-    def _report(self, trainer: Any, result: AuditResult, step: Optional[int], epoch_tag: bool) -> None:
+    def _report(self, trainer: Any, result: AuditResult, step: Optional[int], epoch_tag: bool,
+                train: Any = None, module: Any = None) -> None:
         folder = self._scores_folder(trainer)  # every rank asks: a collective under DDP
         if not getattr(trainer, "is_global_zero", True):
             return
@@ -435,15 +451,36 @@ class InfluenceCallbackMixin:
 
         if self._is_worker():
             _atomic_torch_save({"result": result.to_dict(), "state": dict(self._state)}, self._handoff)
-        report(result, list(getattr(trainer, "loggers", [])), top_k=self.top_k, describe=self.describe, step=step)
+        describe, render = self._sample_hooks(trainer, module, train)
+        report(result, list(getattr(trainer, "loggers", [])), top_k=self.top_k, describe=describe, step=step,
+               render=render)
         self._write_scores(trainer, result, epoch_tag, folder)
         verbose = self.verbose if self.verbose is not None else getattr(trainer, "progress_bar_callback", None) \
             is not None
         if verbose:
-            text = summary_text(result, top=10, describe=self.describe)
+            text = summary_text(result, top=10, describe=describe)
             if self.scores_path:
                 text += f"\n\nAll scores: {self.scores_path}"
             self._log().info(text)
+
+    def _sample_hooks(self, trainer: Any, module: Any, train: Any) -> Any:
+        """``(describe, render)`` for the reports: the user's hooks, else built from the training
+        data (decoded text through a tokenizer, pictures of image batches), else ``None``."""
+        from .reporting import dataset_renderer, find_tokenizer, text_describer
+
+        describe, render = self.describe, self.render
+        if train is not None and (describe is None or render is None):
+            try:
+                dataset, collate = dataset_of(train, "train_data"), collate_of(train)
+                if render is None:
+                    render = dataset_renderer(dataset, collate)
+                if describe is None:
+                    tokenizer = find_tokenizer(module, getattr(trainer, "datamodule", None), collate)
+                    describe = text_describer(dataset, collate, tokenizer)
+            except Exception as err:  # noqa: BLE001 - the tables go out without them
+                warnings.warn(f"InfluenceCallback: could not read the training samples for the report "
+                              f"({type(err).__name__}: {err})", RuntimeWarning, stacklevel=2)
+        return describe, (render if callable(render) else None)
 
     def _scores_folder(self, trainer: Any) -> Optional[str]:
         """``dirpath``, else ``trainer.log_dir`` (call on every rank: it is a collective under DDP)."""

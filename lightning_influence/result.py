@@ -64,7 +64,22 @@ class AuditResult:
         rank[self.ranking] = torch.arange(1, len(self) + 1)
         return rank
 
-    COLUMNS = ("id", "score", "rank", "loss_trained", "loss_tuned", "label", "suggested_label", "noisy")
+    @property
+    def percentile(self) -> Tensor:
+        """``(n,)`` float64, each sample's score percentile in ``(0, 100]``: the share of scored
+        samples whose score is at most this one's (the most harmful sample is at 100, ties share
+        a value). Scale-free, unlike the raw score, whose size depends on the curvature and the
+        damping. Excluded (NaN-score) samples get NaN."""
+        scores = self.scores.detach().to("cpu", torch.float64)
+        out = torch.full_like(scores, float("nan"))
+        ok = torch.isfinite(scores)
+        if bool(ok.any()):
+            ordered = torch.sort(scores[ok]).values
+            out[ok] = 100.0 * torch.searchsorted(ordered, scores[ok], right=True).double() / ordered.numel()
+        return out
+
+    COLUMNS = ("id", "score", "rank", "loss_trained", "loss_tuned", "label", "suggested_label", "noisy",
+               "percentile")
 
     def rows(self, ids: Optional[Tensor] = None) -> List[Dict[str, Any]]:
         """One dict per sample (all, or ``ids`` in that order) with the columns of ``COLUMNS``
@@ -74,7 +89,7 @@ class AuditResult:
         columns = {
             "score": self.scores, "rank": rank, "loss_trained": self.loss_trained,
             "loss_tuned": self.loss_tuned, "label": self.labels, "suggested_label": self.predicted,
-            "noisy": self.noisy,
+            "noisy": self.noisy, "percentile": self.percentile,
         }
         present = {k: v.tolist() for k, v in columns.items() if v is not None}
         out = []
@@ -91,7 +106,7 @@ class AuditResult:
 
     def save(self, path: str) -> str:
         """Write every sample's id, score and rank (plus losses, labels, suggested labels and
-        noisy flags when known), most harmful first. The format follows the suffix:
+        noisy flags when known, and the score percentile), most harmful first. The format follows the suffix:
         ``.csv`` (default), ``.json`` (rows + metrics), ``.pt`` (this object's tensors).
         The file is written atomically: a temporary file in the same folder, then a rename,
         so an interruption never leaves a truncated file under ``path``. Returns ``path``."""

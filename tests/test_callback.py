@@ -176,7 +176,8 @@ def test_tensorboard_and_csv_loggers_read_back(tmp_path, data, caplog, capsys):
     assert cb.scores_path == scores_file
     rows = read_csv(scores_file)
     assert len(rows) == N_TRAIN and sorted(int(r["id"]) for r in rows) == list(range(N_TRAIN))
-    assert set(rows[0]) == {"id", "score", "rank", "loss_trained", "loss_tuned", "label", "suggested_label", "noisy"}
+    assert set(rows[0]) == {"id", "score", "rank", "loss_trained", "loss_tuned", "label", "suggested_label", "noisy",
+                            "percentile"}
     assert int(rows[0]["id"]) == top_id and rows[0]["rank"] == "1"
     by_id = {int(r["id"]): r for r in rows}
     assert all(float(by_id[i]["score"]) == pytest.approx(float(result.scores[i])) for i in range(N_TRAIN))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import logging
 import math
@@ -59,8 +60,8 @@ def test_top_k_rows_and_tables(result):
     rows = top_k_rows(result, K, describe=lambda i: f"sample | #{i}")
     assert [r["id"] for r in rows] == result.ranking[:K].tolist()
     assert [r["rank"] for r in rows] == list(range(1, K + 1))
-    assert list(rows[0]) == ["rank", "id", "score", "loss_trained", "loss_tuned", "label", "suggested_label",
-                             "noisy", "text"]
+    assert list(rows[0]) == ["rank", "id", "score", "percentile", "loss_trained", "loss_tuned", "label",
+                             "suggested_label", "noisy", "text"]
     assert rows[0]["text"] == f"sample | #{rows[0]['id']}"
     table = markdown_table(rows).splitlines()
     assert len(table) == K + 2 and table[0].startswith("| rank | id | score")
@@ -290,3 +291,270 @@ def test_only_rank_zero_writes(result, monkeypatch):
     monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
     report(result, [logger])
     assert logger.calls == []
+
+
+# --------------------------------------------------------------------------- the samples themselves: gallery, text
+
+
+def test_percentile_is_scale_free_and_in_every_table(result, tmp_path):
+    pct = result.percentile
+    assert float(pct[result.ranking[0]]) == 100.0 and bool((pct > 0).all())
+    assert torch.equal(pct.argsort(descending=True, stable=True)[:5], result.ranking[:5])
+    scaled = make_result()
+    scaled.scores = scaled.scores * 7.5e8  # another curvature scale: same percentiles
+    assert torch.allclose(scaled.percentile, pct)
+    rows = top_k_rows(result, K)
+    assert list(rows[0])[:4] == ["rank", "id", "score", "percentile"] and rows[0]["percentile"] == 100.0
+    assert "| percentile |" in markdown_table(rows)
+    with open(write_scores_file(result, str(tmp_path))) as handle:
+        header = handle.readline().strip().split(",")
+    assert header == list(AuditResult.COLUMNS)  # existing columns first, in order; percentile last
+    res = make_result()
+    res.scores[3] = float("nan")
+    assert math.isnan(float(res.percentile[3])) and float(res.percentile.nanmean()) > 0
+
+
+def test_images_recognised_from_batches_and_hooks():
+    from PIL import Image
+
+    from lightning_influence.reporting.gallery import dataset_renderer, image_layout, to_image
+    from lightning_influence.datasets import TensorPairs
+
+    assert image_layout(torch.rand(2, 3, 5, 6)) == "BCHW"
+    assert image_layout(torch.randint(0, 255, (2, 5, 6, 3), dtype=torch.uint8)) == "BHWC"
+    assert image_layout(torch.rand(2, 5, 6)) == "BHW"
+    assert image_layout(torch.rand(2, 64)) is None  # flat features
+    assert image_layout(torch.randint(0, 9, (2, 5, 6))) is None  # token ids / class maps
+    y = torch.zeros(4, dtype=torch.long)
+    assert dataset_renderer(TensorPairs(torch.rand(4, 64), y)) is None
+    render = dataset_renderer(TensorPairs(torch.rand(4, 1, 8, 8) * 5 - 2, y))
+    assert to_image(render(2)).shape == (8, 8, 3)
+    assert to_image(dataset_renderer(TensorPairs(torch.rand(4, 1, 4, 4), y))(0)).shape == (4, 4, 3)
+    assert to_image(torch.rand(1, 4, 4)).shape == (4, 4, 3) and to_image(torch.rand(4, 4, 3)).shape == (4, 4, 3)
+    image = to_image(render(2))
+    assert image.shape == (8, 8, 3) and float(image.min()) == 0.0 and float(image.max()) == 1.0
+    pil = Image.fromarray((torch.rand(6, 7, 3) * 255).to(torch.uint8).numpy())
+    assert to_image(pil).shape == (6, 7, 3)
+    with pytest.raises(ValueError, match="image"):
+        to_image(torch.rand(5, 6, 7))
+
+
+def test_render_failure_warns_and_keeps_the_tables(result, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(save_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="render"):
+        report(result, [logger], top_k=K, render=lambda i: 1 / 0)
+    assert len(read_csv(os.path.join(logger.log_dir, "influence_top_k.csv"))) == K
+    assert not os.path.exists(os.path.join(logger.log_dir, "influence_gallery.png"))
+
+
+def _image_blobs(n_train: int = 96, n_val: int = 32, flat: bool = False):
+    """Gaussian blobs in 16-D shaped as 1x4x4 images (or kept flat), 20 % flipped labels."""
+    from conftest import gaussian_blobs
+
+    from lightning_influence.datasets import TensorPairs, flip_labels
+
+    train, val = gaussian_blobs(n_train, n_val, 16)
+    shape = (-1, 16) if flat else (-1, 1, 4, 4)
+    noisy_y, flipped = flip_labels(train.y, 0.2, 3, seed=0)
+    return (TensorPairs(train.x.float().reshape(shape), noisy_y), TensorPairs(val.x.float().reshape(shape), val.y),
+            flipped)
+
+
+def _fit_images(tmp_path, loggers, flat: bool = False, **options):
+    import lightning.pytorch as L
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from lightning_influence import InfluenceCallback, TuningConfig
+
+    class ImageClassifier(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    train, val, noisy = _image_blobs(flat=flat)
+    cb = InfluenceCallback(noisy=noisy, tuning=TuningConfig(steps=10, batch_size=32), top_k=12, **options)
+    trainer = L.Trainer(default_root_dir=str(tmp_path), max_epochs=2, accelerator="cpu", devices=1, logger=loggers,
+                        callbacks=[cb], log_every_n_steps=1, enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer.fit(ImageClassifier(), DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=32))
+    assert cb.result is not None, cb.last_error
+    return cb, train
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+def test_image_run_tensorboard_gallery_read_back(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from PIL import Image
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    tb, csv_logger = TensorBoardLogger(save_dir=str(tmp_path)), CSVLogger(save_dir=str(tmp_path / "csv"))
+    cb, _ = _fit_images(tmp_path, [tb, csv_logger])  # (B, 1, 4, 4) batches: no render= needed
+    acc = ea.EventAccumulator(tb.log_dir, size_guidance={k: 0 for k in ea.DEFAULT_SIZE_GUIDANCE})
+    acc.Reload()
+    assert "influence/gallery" in acc.Tags()["images"]
+    (event,) = acc.Images("influence/gallery")
+    picture = Image.open(io.BytesIO(event.encoded_image_string))
+    assert picture.size == (event.width, event.height) and event.width > 600 and event.height > 150
+    (text_tag,) = acc.PluginTagToContent("text")
+    table = acc.Tensors(text_tag)[0].tensor_proto.string_val[0].decode()
+    assert table.startswith("| rank | id | score | percentile |")
+    saved = Image.open(os.path.join(csv_logger.log_dir, "influence_gallery.png"))
+    assert saved.size[0] > 600
+    top = read_csv(os.path.join(csv_logger.log_dir, "influence_top_k.csv"))
+    assert float(top[0]["percentile"]) == 100.0
+    assert [int(r["id"]) for r in top] == cb.result.ranking[:12].tolist()
+
+
+def wandb_records(path: str, kinds=("artifact",)):
+    """The ``Record``s of the given kinds in an offline run's ``.wandb`` file, read with W&B's
+    own protobuf over the file's LevelDB-log framing (32 KiB blocks, 7-byte headers); waits
+    (up to 30 s) for the run's exit record, as the W&B core may still be writing."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    deadline = time.monotonic() + 30
+    while True:
+        raw, found, finished = open(path, "rb").read(), [], False
+        block, pos, pending = 32768, 7, b""
+        while pos + 7 <= len(raw):
+            left = block - pos % block
+            _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+            if left < 7 or (length == 0 and kind == 0):
+                pos += left
+                continue
+            if pos + 7 + length > len(raw):
+                break
+            chunk, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+            pending = chunk if kind in (1, 2) else pending + chunk
+            if kind in (1, 4):
+                record = pb.Record()
+                record.ParseFromString(pending)
+                kind_of = record.WhichOneof("record_type")
+                finished |= kind_of == "exit"
+                if kind_of in kinds:
+                    found.append(record)
+        if finished or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+def test_image_run_wandb_table_has_image_cells_and_mlflow_gallery(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    for key, value in {"WANDB_SILENT": "true", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
+                       "WANDB_DATA_DIR": str(tmp_path / "wandb-data"), "MLFLOW_ALLOW_FILE_STORE": "true"}.items():
+        monkeypatch.setenv(key, value)
+    wandb_logger = WandbLogger(mode="offline", save_dir=str(tmp_path), project="influence-test")
+    uri = f"file:{tmp_path}/mlruns"
+    mlflow_logger = MLFlowLogger(experiment_name="gallery", tracking_uri=uri)
+    try:
+        cb, _ = _fit_images(tmp_path, [wandb_logger, mlflow_logger])
+        run_dir = wandb_logger.experiment.dir
+    finally:
+        wandb.finish()
+    # W&B keeps a logged table with media as the run's "run_table" artifact: read it from the run's records
+    (events,) = glob.glob(os.path.join(os.path.dirname(run_dir), "*.wandb"))
+    (artifact,) = [r.artifact for r in wandb_records(events) if r.artifact.type == "run_table"]
+    files = {entry.path: entry.local_path for entry in artifact.manifest.contents}
+    table = json.load(open(files["influence/top_k.table.json"]))
+    assert table["columns"][:4] == ["rank", "id", "score", "percentile"] and table["columns"][-1] == "image"
+    assert [row[1] for row in table["data"]] == cb.result.ranking[:12].tolist()
+    cells = [row[-1] for row in table["data"]]
+    assert len(cells) == 12 and all(c["_type"] == "image-file" for c in cells)
+    assert cells[0]["caption"].startswith(f"#1  id {table['data'][0][1]}") and "p100.0" in cells[0]["caption"]
+    picture = Image.open(files[cells[0]["path"]])  # the cell's picture, enlarged from 4x4 for the table
+    assert picture.size == (cells[0]["width"], cells[0]["height"]) == (64, 64)
+    assert glob.glob(os.path.join(run_dir, "media", "images", "influence", "gallery_*.png"))
+    paths = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(mlflow_logger.run_id, "influence")}
+    assert "influence/gallery.png" in paths
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+def test_render_hook_draws_flat_inputs(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_influence import InfluenceCallback
+
+    with pytest.raises(TypeError, match="render"):
+        InfluenceCallback(render="pixels")
+    flat_logger = CSVLogger(save_dir=str(tmp_path / "flat"))
+    _fit_images(tmp_path, [flat_logger], flat=True)  # flat (B, 16) inputs are not pictures by themselves
+    assert not os.path.exists(os.path.join(flat_logger.log_dir, "influence_gallery.png"))
+    hooked = CSVLogger(save_dir=str(tmp_path / "hooked"))
+    data = _image_blobs(flat=True)[0]
+    seen = []
+    _fit_images(tmp_path, [hooked], flat=True, render=lambda i: seen.append(i) or data.x[i].reshape(4, 4))
+    assert os.path.exists(os.path.join(hooked.log_dir, "influence_gallery.png")) and len(seen) == 12
+    off = CSVLogger(save_dir=str(tmp_path / "off"))
+    _fit_images(tmp_path, [off], render=False)
+    assert not os.path.exists(os.path.join(off.log_dir, "influence_gallery.png"))
+
+
+class WordTokenizer:
+    """A stand-in for a Hugging Face tokenizer: token id ``t`` is the word ``w<t>``, 0 is padding."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(f"w{t}" for t in ids if t or not skip_special_tokens)
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+def test_text_tables_decode_inputs_with_the_modules_tokenizer(tmp_path):
+    import lightning.pytorch as L
+    from conftest import TokenDataset, pad_collate, tiny_bert_lora
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    from lightning_influence import InfluenceCallback, TuningConfig
+
+    class TextClassifier(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_bert_lora()
+            self.tokenizer = WordTokenizer()
+
+        def forward(self, **batch):
+            return self.model(**batch)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(**batch).loss
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05)
+
+    train, val = TokenDataset(n=24), TokenDataset(n=8, seed=1)
+    logger = CSVLogger(save_dir=str(tmp_path))
+    cb = InfluenceCallback(tuning=TuningConfig(steps=3, batch_size=8), top_k=5, verbose=True)  # no describe=
+    trainer = L.Trainer(default_root_dir=str(tmp_path), max_epochs=1, accelerator="cpu", devices=1, logger=logger,
+                        callbacks=[cb], enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(TextClassifier(), DataLoader(train, batch_size=8, collate_fn=pad_collate),
+                DataLoader(val, batch_size=8, collate_fn=pad_collate))
+    assert cb.result is not None, cb.last_error
+    top = read_csv(os.path.join(logger.log_dir, "influence_top_k.csv"))
+    assert [r["text"] for r in top] == [" ".join(f"w{t}" for t in train.tokens[int(r["id"])].tolist()) for r in top]
+    assert not os.path.exists(os.path.join(logger.log_dir, "influence_gallery.png"))  # token ids are no pictures

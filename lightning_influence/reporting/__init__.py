@@ -2,7 +2,8 @@
 
 :func:`report` sends the scalars (``influence/<metric>``, ``influence/time/<stage>``) to every
 logger through its own ``log_metrics``, then the rich output through one adapter per logger
-type (TensorBoard, W&B, MLflow, CSV). Logger types are recognised by class name within the
+type (TensorBoard, W&B, MLflow, CSV), with a picture gallery of the top-k samples when a
+``render`` hook draws them (:mod:`.gallery`). Logger types are recognised by class name within the
 ``lightning.pytorch`` / ``pytorch_lightning`` (and Fabric) logger modules, so neither namespace
 is imported here. Only global rank zero writes; an adapter's failure (a missing optional
 package, a closed run) becomes a warning, never an exception.
@@ -19,12 +20,14 @@ from . import tensorboard as _tensorboard
 from . import wandb as _wandb
 from ._common import is_rank_zero, warn
 from .figures import detection_curve_figure, detection_curve_rows
+from .gallery import Gallery, build_gallery, dataset_renderer, find_tokenizer, text_describer
 from .scalars import log_scalars, mlflow_name, scalar_metrics
 from .summary import summary_text, write_scores_file
 from .tables import markdown_table, text_table, top_k_rows
 
 __all__ = ["report", "logger_kind", "top_k_rows", "markdown_table", "text_table", "summary_text",
-           "write_scores_file", "detection_curve_figure", "detection_curve_rows", "scalar_metrics", "ADAPTERS"]
+           "write_scores_file", "detection_curve_figure", "detection_curve_rows", "scalar_metrics", "ADAPTERS",
+           "Gallery", "build_gallery", "dataset_renderer", "find_tokenizer", "text_describer"]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,8 @@ LOGGER_MODULES = ("lightning.pytorch.loggers", "pytorch_lightning.loggers",
 #: logger class name -> adapter kind
 LOGGER_CLASSES = {"TensorBoardLogger": "tensorboard", "WandbLogger": "wandb",
                   "MLFlowLogger": "mlflow", "CSVLogger": "csv"}
-#: adapter kind -> function ``write(logger, result, rows, step)`` for the rich output
+#: adapter kind -> function ``write(logger, result, rows, step, gallery=None)`` for the rich output
+#: (``gallery`` is passed only when there is one)
 ADAPTERS: Dict[str, Callable[..., None]] = {"tensorboard": _tensorboard.write, "wandb": _wandb.write,
                                             "mlflow": _mlflow.write, "csv": _csv.write}
 #: adapter kind -> metric-name rewrite its backend needs
@@ -55,7 +59,8 @@ def logger_kind(logger: Any) -> Optional[str]:
 
 
 def report(result: AuditResult, loggers: Sequence[Any], *, top_k: int = 50,
-           describe: Optional[Callable[[int], str]] = None, step: Optional[int] = None) -> None:
+           describe: Optional[Callable[[int], str]] = None, step: Optional[int] = None,
+           render: Optional[Callable[[int], Any]] = None) -> None:
     """Report ``result`` to every logger in ``loggers`` (on global rank zero only).
 
     Every logger gets the scalars via its ``log_metrics(metrics, step)``: ``influence/<name>``
@@ -64,6 +69,9 @@ def report(result: AuditResult, loggers: Sequence[Any], *, top_k: int = 50,
     histogram, markdown top-k table, PR curve and detection-curve figure when ``noisy`` is
     known), W&B (``wandb.Table``, histogram, figure), MLflow (table, scores file and figure
     artifacts), CSV (``influence_top_k.csv``, ``influence_detection_curve.csv`` in ``log_dir``).
+    With ``render``, the top-k samples' pictures too: the gallery figure ``influence/gallery``
+    in TensorBoard, a ``wandb.Image`` per W&B table row (column ``image``) and the gallery,
+    ``influence/gallery.png`` in MLflow, ``influence_gallery.png`` in the CSV logger's folder.
     Other loggers get the scalars only (and a debug message). Failures are warnings.
 
     Args:
@@ -72,6 +80,8 @@ def report(result: AuditResult, loggers: Sequence[Any], *, top_k: int = 50,
         top_k: rows in the top-k table.
         describe: optional ``describe(sample_id) -> str`` for a readable ``text`` column.
         step: the step passed to the loggers (e.g. ``trainer.global_step``).
+        render: optional ``render(sample_id) -> image`` (PIL image, array or tensor, see
+            :func:`.gallery.to_image`) for the gallery; e.g. :func:`.gallery.dataset_renderer`.
     """
     if not is_rank_zero():
         return
@@ -82,6 +92,13 @@ def report(result: AuditResult, loggers: Sequence[Any], *, top_k: int = 50,
         return
     scalars = scalar_metrics(result)
     rows = top_k_rows(result, top_k, describe)
+    gallery: Optional[Gallery] = None
+    if render is not None:
+        try:
+            gallery = build_gallery(rows, render)
+        except Exception as err:  # noqa: BLE001 - e.g. a broken image hook: the tables still go out
+            warn(f"lightning_influence: could not draw the top-k gallery ({type(err).__name__}: {err})")
+    extra = {"gallery": gallery} if gallery is not None else {}
     for logger in loggers:
         kind = logger_kind(logger)
         name = type(logger).__name__
@@ -95,7 +112,7 @@ def report(result: AuditResult, loggers: Sequence[Any], *, top_k: int = 50,
                       type(logger).__module__, type(logger).__qualname__)
         else:
             try:
-                ADAPTERS[kind](logger, result, rows, step=step)
+                ADAPTERS[kind](logger, result, rows, step=step, **extra)
             except Exception as err:
                 hint = f" (needs: {PACKAGES[kind]})" if isinstance(err, ImportError) and PACKAGES[kind] else ""
                 warn(f"lightning_influence: could not write the {kind} report to {name}{hint}: "

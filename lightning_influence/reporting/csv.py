@@ -5,19 +5,33 @@ import os
 from typing import Any, Dict, List, Optional
 
 from ..result import AuditResult
+from .._io import atomic_open
 from ._common import write_csv
 from .figures import detection_curve_rows
+from .gallery import Gallery
 from .tables import columns_of
 
 TOP_K_FILE = "influence_top_k.csv"
 CURVE_FILE = "influence_detection_curve.csv"
+GALLERY_FILE = "influence_gallery.png"
 
 
-def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None) -> None:
-    """Write ``influence_top_k.csv`` and, when ``result.noisy`` is known,
-    ``influence_detection_curve.csv`` into the logger's ``log_dir`` (atomically)."""
+def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None,
+          gallery: Optional[Gallery] = None) -> None:
+    """Write ``influence_top_k.csv``, when ``result.noisy`` is known
+    ``influence_detection_curve.csv``, and with a ``gallery`` its picture
+    ``influence_gallery.png`` into the logger's ``log_dir`` (atomically)."""
     folder = os.fspath(logger.log_dir)
     write_csv(os.path.join(folder, TOP_K_FILE), rows, columns_of(rows))
     if result.noisy is not None:
         write_csv(os.path.join(folder, CURVE_FILE), detection_curve_rows(result),
                   ["fraction_inspected", "fraction_noisy_found"])
+    if gallery is not None:
+        save_figure(gallery.figure(), os.path.join(folder, GALLERY_FILE))
+
+
+def save_figure(figure: Any, path: str) -> str:
+    """Save a matplotlib ``figure`` as PNG to ``path`` atomically. Returns ``path``."""
+    with atomic_open(path, binary=True, what="the figure") as handle:
+        figure.savefig(handle, format="png")
+    return path

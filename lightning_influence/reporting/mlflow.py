@@ -6,16 +6,19 @@ from typing import Any, Dict, List, Optional
 
 from ..result import AuditResult
 from .figures import detection_curve_figure
+from .gallery import Gallery
 from .summary import write_scores_file
 from .tables import columns_of
 
 ARTIFACT_DIR = "influence"
 
 
-def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None) -> None:
+def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None,
+          gallery: Optional[Gallery] = None) -> None:
     """Log the table ``influence/top_k.json`` (``log_table``), the full scores file
-    ``influence/influence_scores.csv`` (``log_artifact``) and, when ``result.noisy`` is known,
-    the figure ``influence/detection_curve.png`` (``log_figure``)."""
+    ``influence/influence_scores.csv`` (``log_artifact``), when ``result.noisy`` is known the
+    figure ``influence/detection_curve.png``, and with a ``gallery`` its picture
+    ``influence/gallery.png`` (``log_figure``)."""
     client, run_id = logger.experiment, logger.run_id
     cols = columns_of(rows)
     client.log_table(run_id, data={c: [r.get(c) for r in rows] for c in cols},
@@ -24,3 +27,5 @@ def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Op
         client.log_artifact(run_id, write_scores_file(result, folder), ARTIFACT_DIR)
     if result.noisy is not None:
         client.log_figure(run_id, detection_curve_figure(result), f"{ARTIFACT_DIR}/detection_curve.png")
+    if gallery is not None:
+        client.log_figure(run_id, gallery.figure(), f"{ARTIFACT_DIR}/gallery.png")

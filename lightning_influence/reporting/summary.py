@@ -37,6 +37,6 @@ def summary_text(result: AuditResult, top: int = 10, describe: Optional[Callable
 
 def write_scores_file(result: AuditResult, directory: str, filename: str = "influence_scores.csv") -> str:
     """Write every sample's row (id, score, rank, losses, label, suggested label, noisy flag
-    when known), most harmful first, to ``directory/filename`` atomically via
+    when known, score percentile), most harmful first, to ``directory/filename`` atomically via
     :meth:`AuditResult.save` (format by suffix). Returns the path."""
     return result.save(os.path.join(os.fspath(directory), filename))

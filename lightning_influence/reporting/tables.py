@@ -7,15 +7,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from ..result import AuditResult
 from ._common import warn
 
-#: column order of every top-k table
-COLUMNS = ("rank", "id", "score", "loss_trained", "loss_tuned", "label", "suggested_label", "noisy", "text")
+#: column order of every top-k table (``percentile``, the scale-free score, beside the raw one)
+COLUMNS = ("rank", "id", "score", "percentile", "loss_trained", "loss_tuned", "label", "suggested_label", "noisy",
+           "text")
 MAX_TEXT = 120
 
 
 def top_k_rows(result: AuditResult, k: int, describe: Optional[Callable[[int], str]] = None) -> List[Dict[str, Any]]:
     """Rows of the ``k`` most harmful samples, most harmful first.
 
-    Each row has ``rank``, ``id``, ``score`` and those of ``loss_trained``, ``loss_tuned``,
+    Each row has ``rank``, ``id``, ``score``, ``percentile`` and those of ``loss_trained``, ``loss_tuned``,
     ``label``, ``suggested_label``, ``noisy`` the result holds, plus ``text`` =
     ``describe(id)`` when ``describe`` is given (empty when it raises, with one warning).
     """

@@ -6,13 +6,16 @@ from typing import Any, Dict, List, Optional
 from ..result import AuditResult
 from ._common import rank_normalised
 from .figures import detection_curve_figure
+from .gallery import Gallery
 from .tables import markdown_table
 
 
-def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None) -> None:
+def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None,
+          gallery: Optional[Gallery] = None) -> None:
     """Score histogram ``influence/scores``, markdown top-k table ``influence/top_k``, and, when
     ``result.noisy`` is known, the PR curve ``influence/pr_curve`` (rank-normalised scores as
-    predictions) and the detection-curve figure ``influence/detection_curve``."""
+    predictions) and the detection-curve figure ``influence/detection_curve``; with a
+    ``gallery``, its figure as the image ``influence/gallery``."""
     writer = logger.experiment
     scores = result.scores.detach().cpu().double()
     finite = scores[scores.isfinite()]
@@ -23,4 +26,6 @@ def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Op
         labels = result.noisy.detach().cpu().bool().numpy()
         writer.add_pr_curve("influence/pr_curve", labels, rank_normalised(scores).numpy(), global_step=step)
         writer.add_figure("influence/detection_curve", detection_curve_figure(result), global_step=step, close=True)
+    if gallery is not None:
+        writer.add_figure("influence/gallery", gallery.figure(), global_step=step, close=True)
     writer.flush()
