@@ -3,15 +3,18 @@
 scikit-learn's 8x8 digits (real images, bundled with scikit-learn) get 20 % of their training
 labels flipped. An MLP whose Linear layers carry PEFT LoRA adapters (r=8) is trained with
 Lightning, and `InfluenceCallback` audits the training data when `fit` ends: it prints a
-summary, logs to TensorBoard and writes every sample's score to a CSV file.
+summary, logs to TensorBoard (with a gallery of the most harmful digits) and writes every
+sample's score to a CSV file. The digits are stored flat (64 features), so the demo passes
+`render=` to show them as 8x8 pictures.
 
-Run: python examples/demo.py [--epochs 30] [--logdir demo_logs]
+Run: python examples/demo.py [--epochs 40] [--logdir demo_logs] [--gallery docs/gallery.png]
 Then: tensorboard --logdir demo_logs
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 
 import lightning.pytorch as L
 import torch
@@ -60,6 +63,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--noise", type=float, default=0.2)
     parser.add_argument("--logdir", default="demo_logs")
+    parser.add_argument("--gallery", default=None, help="also copy the top-k gallery PNG here")
     args = parser.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -69,6 +73,7 @@ def main() -> None:
     callback = InfluenceCallback(
         method="fvm", solver="hyperinf", params="lora", noisy=split.noisy, clean_labels=split.clean_labels,
         top_k=50, tuning=TuningConfig(steps=300),
+        render=lambda i: split.train.x[i].reshape(8, 8),  # the flat 64 features are an 8x8 picture
         describe=lambda i: f"digit image #{i}: given {int(split.train.y[i])}, clean {int(split.clean_labels[i])}")
     loggers = [TensorBoardLogger(args.logdir, name="digits"), CSVLogger(args.logdir, name="digits_csv")]
     trainer = L.Trainer(max_epochs=args.epochs, callbacks=[callback], logger=loggers, accelerator="cpu",
@@ -80,6 +85,12 @@ def main() -> None:
         raise SystemExit(f"the audit failed: {callback.last_error!r}")
     print(f"\nTensorBoard logs: {os.path.abspath(loggers[0].log_dir)}  (tensorboard --logdir {args.logdir})")
     print(f"Every sample's score: {callback.scores_path}")
+    gallery = os.path.join(loggers[1].log_dir, "influence_gallery.png")
+    print(f"The {callback.top_k} most harmful digits: {gallery}")
+    if args.gallery:
+        os.makedirs(os.path.dirname(os.path.abspath(args.gallery)), exist_ok=True)
+        shutil.copyfile(gallery, args.gallery)
+        print(f"  copied to {args.gallery}")
 
 
 if __name__ == "__main__":

