@@ -4,7 +4,9 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch import Tensor
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler,
+                              SequentialSampler, Subset, WeightedRandomSampler)
 
 
 def dataset_of(data: Any, name: str) -> Dataset:
@@ -46,3 +48,60 @@ def shuffled_loader_factory(data: Any, batch_size: int, seed: int, name: str = "
                           drop_last=False, collate_fn=collate, generator=generator)
 
     return make
+
+
+def selected_ids(data: Any, name: str = "data") -> Optional[Tensor]:
+    """The dataset positions a DataLoader's sampler yields, sorted ``(k,)``, or ``None`` when it
+    yields every sample (no loader, a sequential or shuffling sampler, a distributed one: the
+    audit shards by itself). A sampler that selects a subset (``SubsetRandomSampler``, a custom
+    sampler or batch sampler) is honoured: the audit scores the samples it yields, and ids stay
+    dataset positions. One that yields a different set of samples on each pass (drawing with
+    replacement) is refused with a clear error."""
+    if not isinstance(data, DataLoader):
+        return None
+    n = len(dataset_of(data, name))
+    batch_sampler = data.batch_sampler
+    sampler = _users_sampler(batch_sampler.sampler if isinstance(batch_sampler, BatchSampler) else data.sampler)
+    custom_batches = batch_sampler is not None and not isinstance(batch_sampler, BatchSampler)
+    if not custom_batches:
+        if sampler is None or isinstance(sampler, SequentialSampler):
+            return None
+        if isinstance(sampler, RandomSampler) and (sampler.replacement or sampler.num_samples >= n):
+            return None  # every sample (with replacement: each one can be drawn)
+        if isinstance(sampler, WeightedRandomSampler) and sampler.replacement:
+            weights = torch.as_tensor(sampler.weights)
+            ids = (weights > 0).nonzero().squeeze(1)
+            return None if ids.numel() == n else ids
+    def one_pass() -> Tensor:
+        if custom_batches:
+            drawn = [int(i) for batch in batch_sampler for i in batch]
+        else:
+            drawn = [int(i) for i in sampler]
+        return torch.unique(torch.as_tensor(drawn, dtype=torch.long))
+
+    first = one_pass()
+    if not torch.equal(first, one_pass()):
+        raise ValueError(
+            f"{name}: the DataLoader's sampler ({type(sampler if not custom_batches else batch_sampler).__name__}) "
+            "yields a different set of samples on each pass, so 'the training set' is not defined. Pass the "
+            "Dataset itself (every sample is audited) or a Subset of the samples to audit")
+    if first.numel() and (int(first[0]) < 0 or int(first[-1]) >= n):
+        raise ValueError(f"{name}: the sampler yields positions outside the dataset [0, {n})")
+    return None if first.numel() == n else first
+
+
+def _users_sampler(sampler: Any) -> Any:
+    """The user's own sampler behind a distributed wrapper (``None``: every sample)."""
+    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)  # Lightning's DistributedSamplerWrapper
+    if inner is not None:
+        return inner
+    if isinstance(sampler, DistributedSampler):
+        return None  # a plain distributed sampler covers the dataset across ranks
+    return sampler
+
+
+def subset_loader(data: Any, ids: Tensor) -> DataLoader:
+    """A loader over the ``ids`` positions of the dataset behind ``data``, batching as ``data``
+    does (same collate function); its sample ``j`` is dataset position ``ids[j]``."""
+    return DataLoader(Subset(dataset_of(data, "data"), ids.tolist()), batch_size=max(1, data.batch_size or 1)
+                      if isinstance(data, DataLoader) else 1, collate_fn=collate_of(data))
