@@ -45,7 +45,7 @@ ADAPTERS: Dict[str, Callable[..., None]] = {"tensorboard": _tensorboard.write, "
 RENAMES: Dict[str, Callable[[str], str]] = {"mlflow": mlflow_name}
 #: optional packages each adapter needs, for the warning's hint
 PACKAGES = {"tensorboard": "tensorboard, matplotlib", "wandb": "wandb, matplotlib",
-            "mlflow": "mlflow, pandas, matplotlib", "csv": ""}
+            "mlflow": "mlflow, pandas, matplotlib", "csv": "matplotlib (for the gallery)"}
 
 
 def logger_kind(logger: Any) -> Optional[str]:
