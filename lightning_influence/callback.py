@@ -39,6 +39,7 @@ from .config import CurvatureConfig, TuningConfig, coerce
 from .data import collate_of, dataset_of
 from .distributed import RemoteStageError
 from .params import select_blocks
+from .preflight import check as preflight_check
 from .progress import NullProgress, Progress, TqdmProgress
 from .result import AuditResult
 from .solvers import InverseSolver
@@ -57,7 +58,16 @@ class InfluenceCallbackMixin:
     The audit options are those of :func:`~lightning_influence.audit` (see there):
     ``method``, ``solver``, ``params``, ``noisy``, ``top_k``, ``seed``, ``tuning``,
     ``curvature``, ``damping``, ``batch_size``, ``grad_dtype``, ``clean_labels``,
-    ``per_validation``, ``nonfinite``, ``max_memory``, ``spill_dir``, ``projection``, ``loss_fn``.
+    ``per_validation``, ``nonfinite``, ``max_memory``, ``spill_dir``, ``projection``, ``loss_fn``,
+    ``device`` (default: the trainer's device) and ``preflight``.
+
+    With ``preflight`` (default) the callback runs :func:`~lightning_influence.preflight.check`
+    in ``setup()`` (or ``on_fit_start`` when the module builds its data or layers in its own
+    setup), before the first training step: the per-sample loss runs on the user's first
+    training samples and equals the model's own loss (a Hugging Face ``.loss``, else the
+    module's ``training_step`` on each sample alone), every audited block's per-sample
+    gradient equals autograd, and the gradient store fits in memory. Any failure is raised
+    there, not after training. Its report is :attr:`preflight_report`.
 
     The audited data are the trainer's own training and validation sets (from the datamodule
     or the loaders passed to ``fit``); the callback builds sequential loaders over the
@@ -130,6 +140,8 @@ class InfluenceCallbackMixin:
         spill_dir: Optional[str] = None,
         projection: Optional[int] = None,
         loss_fn: Optional[Callable] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        preflight: bool = True,
         every_n_epochs: Optional[int] = None,
         run_on_fit_end: bool = True,
         on_error: Literal["warn", "raise"] = "warn",
@@ -184,6 +196,9 @@ class InfluenceCallbackMixin:
         self.max_memory = max_memory
         self.spill_dir = spill_dir
         self.projection = projection
+        self.device = None if device is None else torch.device(device)
+        self.preflight = bool(preflight)
+        self.preflight_report: Optional[Any] = None
         self.loss_fn = loss_fn
         self.every_n_epochs = every_n_epochs
         self.run_on_fit_end = run_on_fit_end
@@ -257,7 +272,7 @@ class InfluenceCallbackMixin:
         n = len(dataset_of(train, "train_data"))
         noisy = check_noisy(self.noisy, n, "noisy")
         strategy = getattr(trainer, "strategy", None)
-        device = getattr(strategy, "root_device", None)
+        device = self.device if self.device is not None else getattr(strategy, "root_device", None)
         precision = getattr(strategy, "precision_plugin", None)
         raw_train = train  # the gallery and the decoded text show the samples as the data gives them
         if precision is not None:  # batches as training_step sees them (e.g. float64 under "64-true")
@@ -271,7 +286,7 @@ class InfluenceCallbackMixin:
                 curvature=self.curvature, damping=self.damping, batch_size=self.batch_size,
                 grad_dtype=self.grad_dtype, device=device, clean_labels=self.clean_labels,
                 per_validation=self.per_validation, nonfinite=self.nonfinite, max_memory=self.max_memory,
-                spill_dir=self.spill_dir, projection=self.projection, progress=self._progress(trainer) if is_zero else NullProgress(),
+                spill_dir=self.spill_dir, projection=self.projection, preflight=self.preflight, progress=self._progress(trainer) if is_zero else NullProgress(),
             )
         self._result = result
         epoch = getattr(trainer, "current_epoch", None)
@@ -375,6 +390,52 @@ class InfluenceCallbackMixin:
             self._deferred.append("params")  # layers built in setup()/configure_model()
         else:
             _prefixed(select_blocks, module, self.params)
+        if "train" in self._data and "val" in self._data and "params" not in self._deferred:
+            self._note_trimmed_training(trainer, len(dataset_of(self._data["train"], "train_data")))
+            if self.preflight:
+                self._run_preflight(trainer, module, converted=not in_setup)
+
+    def _run_preflight(self, trainer: Any, module: Any, converted: bool) -> None:
+        """The pre-flight check on the trainer's own first training samples (see the class doc).
+        ``converted``: the precision plugin has converted the module (from ``on_fit_start`` on;
+        in ``setup()`` it has not, so the batches are not converted either)."""
+        strategy = getattr(trainer, "strategy", None)
+        precision = getattr(strategy, "precision_plugin", None)
+        context = precision.forward_context() if precision is not None else nullcontext()
+        error: Optional[BaseException] = None
+        try:
+            with _isolated_rng(), torch.inference_mode(False), context:
+                report = _prefixed(
+                    preflight_check, module, self._data["train"], self._data["val"], loss_fn=self.loss_fn,
+                    params=self.params, method=self.method, solver=self.solver,
+                    fisher=(self.curvature.fisher if self.curvature is not None else "empirical"),
+                    grad_dtype=_parse_dtype(self.grad_dtype, None) if self.grad_dtype else None, device=self.device,
+                    max_memory=self.max_memory, spill_dir=self.spill_dir, projection=self.projection,
+                    reference_loss=training_step_loss(module),
+                    convert=precision.convert_input if precision is not None and converted else None)
+        except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows
+            error = err
+        # under DDP every rank decides together: one rank failing alone would leave the others
+        # waiting for it in the first gradient all-reduce
+        reduce = getattr(strategy, "reduce_boolean_decision", None)
+        all_ok = reduce(error is None, all=True) if reduce is not None and trainer.world_size > 1 else error is None
+        if error is not None:
+            raise error
+        if not all_ok:
+            raise InfluenceCallbackError("InfluenceCallback: the pre-flight check failed on another rank (see its error)")
+        self.preflight_report = report
+        if getattr(trainer, "is_global_zero", True):
+            self._log().info(f"InfluenceCallback: {report.summary()}")
+
+    def _note_trimmed_training(self, trainer: Any, n: int) -> None:
+        """Say so when Lightning trains on fewer batches than the audit will score."""
+        for flag in ("limit_train_batches", "overfit_batches"):
+            value = getattr(trainer, flag, None)
+            trimmed = value not in (None, 1.0, 0.0) if flag == "limit_train_batches" else bool(value)
+            if trimmed and isinstance(value, (int, float)):
+                warnings.warn(f"InfluenceCallback: {flag}={value}: training sees only part of the training data each "
+                              f"epoch, but the audit scores all {n} samples the training loader yields (pass "
+                              "run(trainer, train_data=...) to audit another set)", UserWarning, stacklevel=3)
 
     def _source_is_module(self, trainer: Any, kind: str) -> bool:
         source = _data_source(trainer, kind)
@@ -542,12 +603,39 @@ def _flags(noisy: Any) -> Tensor:
     return check_noisy(flags, flags.shape[0])
 
 
-def _prefixed(fn: Callable, *args: Any) -> Any:
+def _prefixed(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """Call ``fn``; a ``ValueError``/``TypeError`` gets the callback's name in front."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except (ValueError, TypeError) as err:
         raise type(err)(f"InfluenceCallback: {err}") from err
+
+
+def training_step_loss(module: Any) -> Optional[Callable[[Any], Optional[Tensor]]]:
+    """``batch -> the loss training_step returns`` for the pre-flight comparison, or ``None``
+    (manual optimisation: its training_step steps the optimiser itself). The step runs on a
+    shallow copy of the module (the parameters are shared, the module's own attributes such as
+    step counters are not), in eval mode without gradients, with ``log``/``log_dict`` silenced;
+    a step that still fails outside the fit loop is skipped (no comparison)."""
+    step = getattr(module, "training_step", None)
+    if step is None or not getattr(module, "automatic_optimization", True):
+        return None
+
+    def reference(batch: Any) -> Optional[Tensor]:
+        import copy
+
+        sandbox = copy.copy(module)
+        sandbox.__dict__["log"] = sandbox.__dict__["log_dict"] = lambda *args, **kwargs: None
+        try:
+            with torch.no_grad():
+                out = type(module).training_step(sandbox, batch, 0)
+        except Exception:  # noqa: BLE001 - a step that needs the fit loop can't be a reference
+            return None
+        if isinstance(out, Mapping):
+            out = out.get("loss")
+        return out if isinstance(out, Tensor) and out.numel() == 1 else None
+
+    return reference
 
 
 class _ConvertingCollate:
@@ -564,7 +652,11 @@ def _converting(data: Any, convert: Callable) -> DataLoader:
     """A loader over the dataset behind ``data`` (ids unchanged: the audit builds its own
     sequential loaders from its dataset and collate function) whose batches are converted."""
     collate = data.collate_fn if isinstance(data, DataLoader) else default_collate
-    return DataLoader(dataset_of(data, "data"), collate_fn=_ConvertingCollate(collate, convert))
+    dataset = dataset_of(data, "data")
+    if isinstance(data, DataLoader) and data.batch_sampler is not None:  # keep what the sampler selects
+        return DataLoader(dataset, batch_sampler=data.batch_sampler, collate_fn=_ConvertingCollate(collate, convert))
+    sampler = data.sampler if isinstance(data, DataLoader) else None
+    return DataLoader(dataset, sampler=sampler, collate_fn=_ConvertingCollate(collate, convert))
 
 
 def _data_source(trainer: Any, kind: str) -> Any:

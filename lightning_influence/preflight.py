@@ -110,8 +110,12 @@ def check(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional
     """
     start = time.perf_counter()
     report = PreflightReport()
-    train_ids, val_ids = selected_ids(train_data, "train_data"), selected_ids(val_data, "val_data")
     n_all = len(dataset_of(train_data, "train_data"))
+    if n_all == 0:
+        raise ValueError("train_data is empty: there is nothing to audit")
+    if len(dataset_of(val_data, "val_data")) == 0:
+        raise ValueError("val_data is empty: influence is measured on validation samples")
+    train_ids, val_ids = selected_ids(train_data, "train_data"), selected_ids(val_data, "val_data")
     report.train_samples = n_all if train_ids is None else int(train_ids.numel())
     report.val_samples = len(dataset_of(val_data, "val_data")) if val_ids is None else int(val_ids.numel())
     if train_ids is not None:
@@ -120,6 +124,10 @@ def check(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional
     first = next((p for p in model.parameters()), None)
     device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
     store_dtype = grad_dtype or (torch.float64 if first is not None and first.dtype == torch.float64 else torch.float32)
+    if any(p.is_inference() for p in model.parameters()):  # made under inference_mode: no autograd on them
+        from .audit import copy_model
+
+        model = copy_model(model)
     blocks = select_blocks(model, params)
     _check_memory(report, blocks, store_dtype, method, solver, fisher, max_memory, spill_dir, projection)
 
@@ -128,15 +136,21 @@ def check(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional
     batch = to_device(next(iter(sequential_loader(train_data, len(ids), ids.tolist(), name="train_data"))))
     singles = [to_device(b) for b in sequential_loader(train_data, 1, ids.tolist(), name="train_data")]
     report.samples = len(ids)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
             losses = default_loss(model, batch, loss_fn).losses.detach()
-        _check_loss(report, model, batch, singles, losses, loss_fn, reference_loss)
-        _check_gradients(report, model, blocks, batch, loss_fn)
+        finite = torch.isfinite(losses).cpu()
+        if not bool(finite.any()):
+            report.notes.append("the first training samples have a non-finite loss: the loss and gradient checks "
+                                "were skipped (the audit excludes such samples)")
+        else:
+            _check_loss(report, model, batch, singles, losses, loss_fn, reference_loss, finite)
+            _check_gradients(report, model, blocks, batch, loss_fn, finite)
     finally:
-        model.train(was_training)
+        for module, mode in modes.items():
+            module.training = mode
     report.seconds = time.perf_counter() - start
     return report
 
@@ -159,8 +173,9 @@ def _rel(a: Tensor, b: Tensor) -> float:
 
 
 def _check_loss(report: PreflightReport, model: nn.Module, batch: Any, singles: List[Any], losses: Tensor,
-                loss_fn: Optional[LossFn], reference_loss: Optional[Callable[[Any], Optional[Tensor]]]) -> None:
-    """Each sample's loss in the batch = the model's own loss for it alone."""
+                loss_fn: Optional[LossFn], reference_loss: Optional[Callable[[Any], Optional[Tensor]]],
+                finite: Tensor) -> None:
+    """Each sample's loss in the batch = the model's own loss for it alone (finite ones only)."""
     reference: Optional[List[float]] = None
     if loss_fn is None and not hasattr(model, "per_sample_loss") and isinstance(batch, Mapping) and "labels" in batch:
         reference, report.loss_reference = _own_losses(model, singles), "the model's own loss"
@@ -169,8 +184,8 @@ def _check_loss(report: PreflightReport, model: nn.Module, batch: Any, singles: 
     if reference is None:
         report.loss_reference = None
         return
-    expected = torch.tensor(reference, dtype=torch.float64)
-    got = losses.double().cpu()
+    expected = torch.tensor(reference, dtype=torch.float64)[finite]
+    got = losses.double().cpu()[finite]
     tol = TOLERANCE.get(losses.dtype, 1e-3)
     error = float(((got - expected).abs() / expected.abs().clamp_min(1e-8)).max())
     report.loss_error = error
@@ -214,20 +229,24 @@ def _reference_losses(reference_loss: Callable[[Any], Optional[Tensor]], singles
 
 
 def _check_gradients(report: PreflightReport, model: nn.Module, blocks: List[Block], batch: Any,
-                     loss_fn: Optional[LossFn]) -> None:
-    """The batched per-sample gradients of every block = autograd of each sample's loss."""
+                     loss_fn: Optional[LossFn], finite: Tensor) -> None:
+    """The batched per-sample gradients of every block = autograd of each sample's loss
+    (samples with a finite loss only: the audit excludes the others)."""
     with gradient_mode(model, blocks):
         got, _ = per_sample_gradients(model, blocks, batch, loss_fn)
         out = default_loss(model, batch, loss_fn)
         params = [b.param for b in blocks]
         expected = {b.name: [] for b in blocks}
-        for i in range(out.losses.shape[0]):  # a handful of samples: the independent reference
+        for i in finite.nonzero().squeeze(1).tolist():  # a handful of samples: the independent reference
             found = torch.autograd.grad(out.losses[i], params, retain_graph=True, allow_unused=True)
             for b, g in zip(blocks, found):
                 expected[b.name].append(b.to_matrix((torch.zeros_like(b.param) if g is None else g).unsqueeze(0))[0])
     bad = []
     for b in blocks:
-        error = _rel(got[b.name], torch.stack(expected[b.name]))
+        want = torch.stack(expected[b.name])
+        have = got[b.name][finite.to(got[b.name].device)]
+        rows = torch.isfinite(want).flatten(1).all(1)  # a non-finite gradient is excluded by the audit
+        error = _rel(have[rows], want[rows]) if bool(rows.any()) else 0.0
         report.gradient_error[b.name] = error
         if not error <= TOLERANCE.get(b.param.dtype, 1e-3):
             bad.append(f"{b.name} ({error:.2g})")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List
 
+import lightning.pytorch as L
 import torch
 from torch import nn
 
@@ -73,8 +74,8 @@ def with_lora(model: nn.Module, task_type: str, targets: List[str]) -> nn.Module
     return wrapped
 
 
-class Holder(nn.Module):
-    """A LightningModule-like wrapper: the HF model is an attribute; forward takes the mapping's
+class Holder(L.LightningModule):
+    """A LightningModule holding the HF model as an attribute; forward takes the mapping's
     keys and returns the HF output (as most LightningModules written for HF models do)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -85,7 +86,7 @@ class Holder(nn.Module):
         return self.model(**batch)
 
 
-class LogitsOnlyHolder(nn.Module):
+class LogitsOnlyHolder(L.LightningModule):
     """A wrapper whose forward takes only ``input_ids``/``attention_mask`` and returns logits:
     the model's own loss can't be asked through it (the inner HF model is asked instead)."""
 

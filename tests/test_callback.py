@@ -531,7 +531,9 @@ def broken_loss(model, batch):
 @pytest.mark.parametrize("on_error", ["warn", "raise"])
 def test_a_failing_audit_warns_or_raises(tmp_path, data, on_error):
     train, val, _ = data
-    cb = InfluenceCallback(loss_fn=broken_loss, tuning=FAST, on_error=on_error)
+    # with the pre-flight check this loss fails in setup() (see the test below); without it,
+    # the failure comes after training, which is what on_error is for
+    cb = InfluenceCallback(loss_fn=broken_loss, tuning=FAST, on_error=on_error, preflight=False)
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"))
     module = TinyClassifier()
     trainer = make_trainer(tmp_path, [cb, checkpoint], max_epochs=1, enable_checkpointing=True)
@@ -547,6 +549,15 @@ def test_a_failing_audit_warns_or_raises(tmp_path, data, on_error):
     assert module.training_steps == len(loaders[0])  # training itself completed
     assert glob.glob(str(tmp_path / "ckpt" / "*.ckpt"))  # and its checkpoint is there
     assert cb.result is None and not cb.ran
+
+
+def test_a_loss_that_fails_is_caught_by_the_preflight_before_training(tmp_path, data):
+    train, val, _ = data
+    module = TinyClassifier()
+    trainer = make_trainer(tmp_path, [InfluenceCallback(loss_fn=broken_loss, tuning=FAST)], max_epochs=1)
+    with pytest.raises(RuntimeError, match="boom in the loss"):
+        trainer.fit(module, DataLoader(train, batch_size=32), DataLoader(val, batch_size=32))
+    assert module.training_steps == 0
 
 
 # ---------------------------------------------------------------------- stateful

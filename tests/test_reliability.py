@@ -552,22 +552,32 @@ def failing_loss(k: int, exc: BaseException):
 # n=12, m=6, batch 4, fvm with 2 SAM steps: calls 1-3 the loss at θ*, 4-7 tuning (2 per step),
 # 8-10 training gradients, 11-12 validation gradients.
 STAGE_CALLS = {"loss_at_trained": 1, "tuning": 5, "train_gradients": 9, "val_gradients": 12}
+# the pre-flight check before them: the loss, the per-sample gradients, the autograd reference
+PREFLIGHT_CALLS = 3
 
 
 def test_stage_call_map(small):
+    # the map counts the pipeline's own calls: the pre-flight check (3 calls, tested below) is off
+    counter = failing_loss(0, Boom())
+    run(users_model(), *small, loss_fn=counter, max_memory=1, preflight=False)
+    assert counter.calls[0] == 12
     counter = failing_loss(0, Boom())
     run(users_model(), *small, loss_fn=counter, max_memory=1)
-    assert counter.calls[0] == 12
+    assert counter.calls[0] == 12 + PREFLIGHT_CALLS
 
 
 @pytest.mark.parametrize("exc", [Boom("injected"), KeyboardInterrupt()], ids=["exception", "keyboard_interrupt"])
-@pytest.mark.parametrize("stage", sorted(STAGE_CALLS))
+@pytest.mark.parametrize("stage", sorted(STAGE_CALLS) + ["preflight"])
 def test_model_and_files_restored_after_failure_in_loss(small, tmp_path, stage, exc):
     model = users_model()
     before = model_state(model)
     with torch.no_grad():  # the caller's autograd state must come back too
         with pytest.raises(type(exc)):
-            run(model, *small, loss_fn=failing_loss(STAGE_CALLS[stage], exc), max_memory=1, spill_dir=str(tmp_path))
+            if stage == "preflight":
+                run(model, *small, loss_fn=failing_loss(1, exc), max_memory=1, spill_dir=str(tmp_path))
+            else:
+                run(model, *small, loss_fn=failing_loss(STAGE_CALLS[stage], exc), max_memory=1,
+                    spill_dir=str(tmp_path), preflight=False)
         assert not torch.is_grad_enabled()
     assert_state(before, model_state(model))
     assert os.listdir(tmp_path) == []  # spilled gradient files removed
