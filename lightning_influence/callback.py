@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import tempfile
+import time
 import uuid
 import warnings
 import weakref
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
 from ._io import atomic_open
-from .audit import _parse_dtype, audit, check_noisy, validate_options
+from .audit import _parse_dtype, audit, check_noisy, resolve_rank_by, validate_options
 from .config import CurvatureConfig, TuningConfig, coerce
 from .data import collate_of, dataset_of
 from .distributed import RemoteStageError
@@ -142,6 +143,7 @@ class InfluenceCallbackMixin:
         loss_fn: Optional[Callable] = None,
         device: Optional[Union[str, torch.device]] = None,
         preflight: bool = True,
+        rank_by: str = "auto",
         every_n_epochs: Optional[int] = None,
         run_on_fit_end: bool = True,
         on_error: Literal["warn", "raise"] = "warn",
@@ -199,6 +201,11 @@ class InfluenceCallbackMixin:
         self.device = None if device is None else torch.device(device)
         self.preflight = bool(preflight)
         self.preflight_report: Optional[Any] = None
+        resolve_rank_by(rank_by, method)  # a bad rank_by fails here, before training
+        self.rank_by = rank_by
+        self._batch_start: Optional[float] = None
+        self._epoch_compute = 0.0  # seconds inside training_step batches, this epoch
+        self._last_epoch_compute: Optional[float] = None
         self.loss_fn = loss_fn
         self.every_n_epochs = every_n_epochs
         self.run_on_fit_end = run_on_fit_end
@@ -286,8 +293,12 @@ class InfluenceCallbackMixin:
                 curvature=self.curvature, damping=self.damping, batch_size=self.batch_size,
                 grad_dtype=self.grad_dtype, device=device, clean_labels=self.clean_labels,
                 per_validation=self.per_validation, nonfinite=self.nonfinite, max_memory=self.max_memory,
-                spill_dir=self.spill_dir, projection=self.projection, preflight=self.preflight, progress=self._progress(trainer) if is_zero else NullProgress(),
+                spill_dir=self.spill_dir, projection=self.projection, preflight=self.preflight, rank_by=self.rank_by, progress=self._progress(trainer) if is_zero else NullProgress(),
             )
+        epoch_seconds = self._last_epoch_compute or (self._epoch_compute or None)
+        if epoch_seconds and result.tuning:  # the tuning's cost beside one training epoch
+            result.tuning["train_epoch_seconds"] = epoch_seconds
+            result.tuning["epochs_of_training"] = result.stage_seconds.get("tuning", 0.0) / epoch_seconds
         self._result = result
         epoch = getattr(trainer, "current_epoch", None)
         step = getattr(trainer, "global_step", None)
@@ -310,7 +321,22 @@ class InfluenceCallbackMixin:
         if self._deferred:  # the module builds its loaders or layers in its own setup/configure_model
             self._check(trainer, pl_module, in_setup=False)
 
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._epoch_compute:
+            self._last_epoch_compute = self._epoch_compute
+        self._epoch_compute = 0.0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._batch_start is not None:
+            self._epoch_compute += time.perf_counter() - self._batch_start
+            self._batch_start = None
+
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._epoch_compute:  # a complete epoch's compute (the audit may run right after this)
+            self._last_epoch_compute = self._epoch_compute
         if not self.every_n_epochs or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         self._automatic_run(trainer, pl_module, epoch_tag=True)
@@ -392,7 +418,9 @@ class InfluenceCallbackMixin:
             _prefixed(select_blocks, module, self.params)
         if "train" in self._data and "val" in self._data and "params" not in self._deferred:
             self._note_trimmed_training(trainer, len(dataset_of(self._data["train"], "train_data")))
-            if self.preflight:
+            if self.preflight and in_setup and _converts_module(trainer):
+                self._deferred.append("preflight")  # check the module as it will train: after strategy.setup()
+            elif self.preflight:
                 self._run_preflight(trainer, module, converted=not in_setup)
 
     def _run_preflight(self, trainer: Any, module: Any, converted: bool) -> None:
@@ -609,6 +637,17 @@ def _prefixed(fn: Callable, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except (ValueError, TypeError) as err:
         raise type(err)(f"InfluenceCallback: {err}") from err
+
+
+def _converts_module(trainer: Any) -> bool:
+    """Whether the trainer's precision plugin changes the module's dtype when the strategy sets
+    up (``"64-true"``, ``"16-true"``, quantisation...): it overrides ``convert_module``."""
+    precision = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+    if precision is None:
+        return False
+    from lightning.pytorch.plugins.precision import Precision
+
+    return type(precision).convert_module is not Precision.convert_module
 
 
 def training_step_loss(module: Any) -> Optional[Callable[[Any], Optional[Tensor]]]:

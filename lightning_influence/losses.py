@@ -179,10 +179,20 @@ def _forward_parameters(model: nn.Module) -> Optional[Tuple[set, bool, int]]:
     return names, any(p.kind == p.VAR_KEYWORD for p in params), required
 
 
+def _defines_forward(model: nn.Module) -> bool:
+    """Whether ``model``'s class (not ``nn.Module`` or ``LightningModule`` itself) defines forward."""
+    owner = next((cls for cls in type(model).__mro__ if "forward" in cls.__dict__), nn.Module)
+    return not owner.__module__.startswith(("torch.nn.", "lightning.pytorch.core", "pytorch_lightning.core"))
+
+
 def _call_with_mapping(model: nn.Module, inputs: Mapping[str, Any]) -> Any:
     """``model(**inputs)`` when its forward names the keys (or takes ``**kwargs``), else
     ``model(inputs)`` for a forward that takes the batch as one argument. Keys that the forward
     can't take are a :class:`BatchFormatError` naming them."""
+    if not _defines_forward(model):  # e.g. a LightningModule whose training_step calls self.model
+        inner = hf_model_of(model)    # directly: the Hugging Face model inside is called instead
+        if inner is not None:
+            return _call_with_mapping(inner, inputs)
     found = _forward_parameters(model)
     if found is None:
         return model(**inputs)

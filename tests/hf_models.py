@@ -98,6 +98,17 @@ class LogitsOnlyHolder(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+class NoForwardHolder(L.LightningModule):
+    """A LightningModule without a forward of its own: its training_step calls ``self.model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+
 def lm_samples(n: int = 5, seed: int = 0, prompt_masked: bool = True) -> List[Dict[str, torch.Tensor]]:
     """Variable-length token sequences; labels = input ids with the first tokens (the prompt)
     masked with -100, as instruction tuning does."""

@@ -67,12 +67,14 @@ def _wrap(model, how, lora):
         return hf.Holder(model), model
     if how == "logits-only":
         return hf.LogitsOnlyHolder(model), model
+    if how == "no-forward":
+        return hf.NoForwardHolder(model), model
     if how == "compiled":
         return torch.compile(model, backend="eager"), model
     return model, model
 
 
-@pytest.mark.parametrize("how", ["bare", "peft", "holder", "logits-only", "compiled"])
+@pytest.mark.parametrize("how", ["bare", "peft", "holder", "logits-only", "no-forward", "compiled"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_per_sample_loss_is_the_models_own_loss(case, how):
     make, samples_of, lora = CASES[case]
