@@ -19,10 +19,38 @@ from torch import Tensor
 
 from .config import CurvatureConfig
 from .solvers import InverseSolver, make_solver
+from .solvers._linalg import blas_threads
 from .distributed import Collectives
 from .store import GradientStore
 
 Blocks = Mapping[str, Tensor]
+
+
+def _make(solver: Any, options: Dict[str, Any]) -> Any:
+    return make_solver(solver, **options) if isinstance(solver, (str, type)) else make_solver(solver)
+
+
+def _ours(instance: Any) -> bool:
+    """A solver of this package (known not to modify the gradients it is fitted on in place)."""
+    return type(instance).__module__.startswith("lightning_influence.")
+
+
+def _group_chunks(store: Any, size: int):
+    """``store.group_chunks`` (one read of every block per chunk), or per-block chunks stacked."""
+    if hasattr(store, "group_chunks"):
+        yield from store.group_chunks(size)
+        return
+    for start, blocks in store.chunks(size):
+        yield start, {shape: torch.stack([blocks[n] for n in names]) for shape, names in _groups(store)}
+
+
+def _groups(store: Any):
+    if hasattr(store, "groups"):
+        return store.groups
+    out: Dict[Any, list] = {}
+    for name in store.names:
+        out.setdefault(tuple(store.shapes[name]), []).append(name)
+    return list(out.items())
 
 
 def fit_solvers(curvature: GradientStore, valid: Tensor, solver: Any, config: CurvatureConfig,
@@ -31,41 +59,100 @@ def fit_solvers(curvature: GradientStore, valid: Tensor, solver: Any, config: Cu
     """One fitted solver per block. The curvature gradients (``(N, r, d)`` per block, this
     rank's shard, only rows where ``valid``) are streamed in chunks into each solver's
     statistics, combined across ranks (sum or concatenation), then fitted with DataInf's
-    damping computed from the global mean of ``g²``. Every rank ends with identical solvers."""
+    damping computed from the global mean of ``g²``. Every rank ends with identical solvers.
+
+    The store is read once, all blocks together (one pass over its chunks, not one per block);
+    a solver with no statistics (``identity``) reads nothing. The statistics are combined
+    across ranks block by block, in the store's block order, on every rank; then the solvers
+    are fitted, equal-shaped blocks of one solver class together (:meth:`InverseSolver.fit_group`)."""
     options = config.solver_options or {}
-    fitted: Dict[str, InverseSolver] = {}
-    for name in curvature.names:
-        instance = make_solver(solver, **options) if isinstance(solver, (str, type)) else make_solver(solver)
-        streaming = hasattr(instance, "statistics") and hasattr(instance, "fit_statistics")
-        reductions = getattr(instance, "reductions", {"grads": "cat"}) if streaming else {"grads": "cat"}
-        parts: Dict[str, list] = {key: [] for key in reductions}
-        sumsq = torch.zeros((), dtype=torch.float64)
-        for start, blocks in curvature.chunks(chunk):
-            g = blocks[name][valid[start:start + blocks[name].shape[0]]].to(device, compute_dtype)
-            sumsq += g.double().pow(2).sum().cpu()
-            stats = instance.statistics(g) if streaming else {"grads": g}
-            for key, value in stats.items():
-                parts[key].append(value)
-        r, d = curvature.shapes[name]
-        count = dist.all_reduce_sum(torch.tensor([float(valid.sum()), float(sumsq)], dtype=torch.float64))
-        n_total, sumsq_total = int(count[0]), float(count[1])
-        combined: Dict[str, Tensor] = {}
-        for key, how in reductions.items():
-            if how == "sum":
-                local = torch.stack(parts[key]).sum(0) if parts[key] else None
-                if local is None:  # an empty shard still joins the collective with zeros
-                    local = torch.zeros_like(instance.statistics(torch.zeros(1, r, d, device=device,
-                                                                             dtype=compute_dtype))[key])
-                combined[key] = dist.all_reduce_sum(local)
+    names = list(curvature.names)
+    instances = {name: _make(solver, options) for name in names}
+    streaming = {name: hasattr(inst, "statistics") and hasattr(inst, "fit_statistics")
+                 for name, inst in instances.items()}
+    reductions = {name: (getattr(inst, "reductions", {"grads": "cat"}) if streaming[name] else {"grads": "cat"})
+                  for name, inst in instances.items()}
+    relative = config.damping_rule != "absolute"
+    reads = {name for name in names
+             if reductions[name] or (relative and getattr(instances[name], "needs_damping", True))}
+    sums: Dict[str, Dict[str, Tensor]] = {name: {} for name in names}
+    cats: Dict[str, Dict[str, list]] = {name: {k: [] for k, how in reductions[name].items() if how != "sum"}
+                                        for name in names}
+    sumsq = {name: torch.zeros((), dtype=torch.float64) for name in names}
+    with blas_threads():
+        if reads:
+            for start, groups in _group_chunks(curvature, chunk):
+                for shape, group_names in _groups(curvature):
+                    sel = [i for i, name in enumerate(group_names) if name in reads]
+                    if not sel:
+                        continue
+                    data = groups[shape]
+                    mask = valid[start:start + data.shape[1]]
+                    if len(sel) < len(group_names):
+                        data = data[sel]
+                    if not bool(mask.all()):
+                        data = data[:, mask]
+                    if data.shape[1] == 0:
+                        continue
+                    data = data.to(device, compute_dtype)
+                    flat_rows = data.reshape(data.shape[0], 1, -1)   # Σ g² per block: one batched dot
+                    squares = (flat_rows @ flat_rows.transpose(1, 2)).reshape(-1).double().cpu()
+                    for j, i in enumerate(sel):
+                        name = group_names[i]
+                        sumsq[name] += squares[j]
+                        g = data[j]
+                        if not reductions[name]:
+                            continue
+                        if not _ours(instances[name]):
+                            g = g.clone()  # a user solver gets its own copy, as it always did
+                        stats = instances[name].statistics(g) if streaming[name] else {"grads": g}
+                        for key, value in stats.items():
+                            if reductions[name].get(key) == "sum":
+                                acc = sums[name].get(key)
+                                sums[name][key] = value.clone() if acc is None else acc.add_(value)
+                            else:
+                                cats[name][key].append(value)
+        count_valid = float(valid.sum())
+        fit_args: Dict[str, tuple] = {}
+        for name in names:  # the collectives: every rank, every block, in the same order
+            r, d = curvature.shapes[name]
+            instance = instances[name]
+            count = dist.all_reduce_sum(torch.tensor([count_valid, float(sumsq[name])], dtype=torch.float64))
+            n_total, sumsq_total = int(count[0]), float(count[1])
+            combined: Dict[str, Tensor] = {}
+            for key, how in reductions[name].items():
+                if how == "sum":
+                    local = sums[name].get(key)
+                    if local is None:  # an empty shard still joins the collective with zeros
+                        local = torch.zeros_like(instance.statistics(torch.zeros(1, r, d, device=device,
+                                                                                 dtype=compute_dtype))[key])
+                    combined[key] = dist.all_reduce_sum(local)
+                else:
+                    parts = cats[name][key]
+                    local = (parts[0] if len(parts) == 1 else torch.cat(parts) if parts
+                             else torch.zeros(0, r, d, device=device, dtype=compute_dtype))
+                    combined[key] = dist.all_gather_cat(local)
+                    cats[name][key] = []
+            if n_total == 0:
+                raise ValueError(f"no valid curvature sample for block {name}")
+            fit_args[name] = (combined, n_total, _damping(sumsq_total / (n_total * r * d), config))
+        fitted: Dict[str, InverseSolver] = {}
+        by_class: Dict[type, list] = {}
+        for name in names:
+            instance = instances[name]
+            combined, n_total, lam = fit_args.pop(name)
+            if not streaming[name]:
+                fitted[name] = instance.fit(combined["grads"], lam)
+            elif hasattr(type(instance), "fit_group"):
+                by_class.setdefault(type(instance), []).append((name, combined, n_total, lam))
             else:
-                local = torch.cat(parts[key]) if parts[key] else torch.zeros(0, r, d, device=device, dtype=compute_dtype)
-                combined[key] = dist.all_gather_cat(local)
-        if n_total == 0:
-            raise ValueError(f"no valid curvature sample for block {name}")
-        lam = _damping(sumsq_total / (n_total * r * d), config)
-        fitted[name] = (instance.fit_statistics(combined, n_total, lam) if streaming
-                        else instance.fit(combined["grads"], lam))
-    return fitted
+                fitted[name] = instance.fit_statistics(combined, n_total, lam)
+        for cls, items in by_class.items():
+            done = cls.fit_group([instances[i[0]] for i in items], [i[1] for i in items],
+                                 [i[2] for i in items], [i[3] for i in items])
+            for item, solver_ in zip(items, done):
+                fitted[item[0]] = solver_
+    return {name: fitted[name] for name in names}
 
 
 def _damping(mean_sq: float, config: CurvatureConfig) -> float:
@@ -89,16 +176,36 @@ def solver_info(solvers: Mapping[str, InverseSolver]) -> Dict[str, Any]:
     return summary
 
 
+def _quadratic_plan(names, solvers: Mapping[str, Any]):
+    """Split a group of equal-shaped blocks into runs of one solver class: ``[(cls, [index])]``."""
+    plan: Dict[Any, list] = {}
+    for i, name in enumerate(names):
+        s = solvers[name]
+        key = type(s) if hasattr(type(s), "quadratic_group") else ("apply", i)
+        plan.setdefault(key, []).append(i)
+    return list(plan.items())
+
+
 def self_influence(train: GradientStore, solvers: Mapping[str, InverseSolver], chunk: int,
                    device: torch.device, compute_dtype: torch.dtype) -> Tensor:
-    """``vm``/``fvm`` scores ``Σ_l g_lᵀ (C_l + λ_l I)^{-1} g_l`` for every stored sample: ``(n,)``."""
+    """``vm``/``fvm`` scores ``Σ_l g_lᵀ (C_l + λ_l I)^{-1} g_l`` for every stored sample: ``(n,)``.
+
+    One read of the store; each solver's quadratic form (fused where its inverse allows:
+    :meth:`InverseSolver.quadratic_group`), equal-shaped blocks of one solver class together."""
     scores = torch.zeros(len(train), dtype=torch.float64)
-    for start, blocks in train.chunks(chunk):
+    plans = [(shape, names, _quadratic_plan(names, solvers)) for shape, names in _groups(train)]
+    for start, groups in _group_chunks(train, chunk):
         total = None
-        for name, g in blocks.items():
-            g = g.to(device, compute_dtype)
-            part = (g * solvers[name].apply(g)).sum(dim=(1, 2))
-            total = part if total is None else total + part
+        for shape, names, plan in plans:
+            data = groups[shape]
+            for key, idx in plan:
+                sub = (data if len(idx) == len(names) else data[idx]).to(device, compute_dtype)
+                if isinstance(key, tuple):  # a duck-typed solver: apply, then the dot product
+                    s = solvers[names[idx[0]]]
+                    part = (sub[0] * s.apply(sub[0])).sum(dim=(1, 2))
+                else:
+                    part = key.quadratic_group([solvers[names[i]] for i in idx], sub).sum(0)
+                total = part if total is None else total + part
         scores[start:start + total.shape[0]] = total.double().cpu()
     return scores
 
@@ -115,11 +222,14 @@ def cross_influence(train: GradientStore, inverse: Blocks, chunk: int, device: t
     block: ``(M, n)``. With ``M = 1`` and ``v = v̄`` these are the ``standard`` scores."""
     m = next(iter(inverse.values())).shape[0]
     scores = torch.zeros(m, len(train), dtype=torch.float64)
-    for start, blocks in train.chunks(chunk):
+    groups = _groups(train)
+    us = {shape: [inverse[name].reshape(m, -1) for name in names] for shape, names in groups}
+    for start, chunks in _group_chunks(train, chunk):  # one read of the store, all blocks together
         total = None
-        for name, g in blocks.items():
-            u = inverse[name]
-            part = u.reshape(m, -1) @ g.to(device, compute_dtype).reshape(g.shape[0], -1).T
-            total = part if total is None else total + part
+        for shape, names in groups:
+            data = chunks[shape].to(device, compute_dtype)
+            for u, g in zip(us[shape], data):
+                g = g.reshape(g.shape[0], -1)
+                total = u @ g.T if total is None else total.addmm_(u, g.T)
         scores[:, start:start + total.shape[1]] = -total.double().cpu()
     return scores

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ class GradientStore:
         self.directory: Optional[str] = None
         self.blocks: Dict[str, Tensor] = {}
         self._files: Dict[str, int] = {}
+        self._groups: Dict[Tuple[int, int], Tensor] = {}
         if self.spilled:
             if dtype not in _NUMPY_DTYPES:
                 raise ValueError(f"a spilled store needs float16/32/64 storage, got {dtype}")
@@ -53,7 +54,13 @@ class GradientStore:
                 self._files[name] = os.open(os.path.join(self.directory, f"block{i}.bin"),
                                             os.O_RDWR | os.O_CREAT, 0o600)
         else:
-            self.blocks = {name: torch.zeros(n, r, d, dtype=dtype) for name, (r, d) in shapes.items()}
+            # equal-shaped blocks share one (B, n, r, d) tensor, so that a chunk of a whole group is a
+            # view (one batched product per group, no copy); each block is a contiguous view into it
+            self._groups = {shape: torch.zeros(len(names), n, *shape, dtype=dtype)
+                            for shape, names in self.groups}
+            for shape, names in self.groups:
+                for b, name in enumerate(names):
+                    self.blocks[name] = self._groups[shape][b]
 
     @property
     def names(self) -> Sequence[str]:
@@ -61,6 +68,14 @@ class GradientStore:
 
     def __len__(self) -> int:
         return self.n
+
+    @property
+    def groups(self) -> List[Tuple[Tuple[int, int], List[str]]]:
+        """The blocks grouped by shape, in order of first appearance: ``[((r, d), [names])]``."""
+        out: Dict[Tuple[int, int], List[str]] = {}
+        for name, shape in self.shapes.items():
+            out.setdefault(tuple(shape), []).append(name)
+        return list(out.items())
 
     def _row_bytes(self, name: str) -> int:
         r, d = self.shapes[name]
@@ -105,9 +120,38 @@ class GradientStore:
         for start in range(0, self.n, size):
             yield start, {name: self.block(name, slice(start, start + size)) for name in self.shapes}
 
+    def group_chunks(self, size: int) -> Iterator[Tuple[int, Dict[Tuple[int, int], Tensor]]]:
+        """Yield ``(start, {(r, d): (B, ≤size, r, d)})`` over all rows, in order: every block of
+        each shape group in one tensor (block order as in :attr:`groups`). In RAM these are
+        views; a spilled store reads each chunk of every block once, into one buffer per group.
+        One pass over this iterator reads the store once, all blocks together."""
+        for start in range(0, self.n, size):
+            stop = min(start + size, self.n)
+            if not self.spilled:
+                yield start, {shape: self._groups[shape][:, start:stop] for shape, _ in self.groups}
+                continue
+            out = {}
+            for shape, names in self.groups:
+                buf = torch.empty(len(names), stop - start, *shape, dtype=self.dtype)
+                for b, name in enumerate(names):
+                    self._read_into(name, start, buf[b])
+                out[shape] = buf
+            yield start, out
+
+    def _read_into(self, name: str, start: int, out: Tensor) -> None:
+        """Read rows ``start .. start + len(out)`` of a spilled block into the contiguous ``out``."""
+        view = memoryview(out.numpy()).cast("B")
+        offset, done = start * self._row_bytes(name), 0
+        while done < len(view):
+            got = os.preadv(self._files[name], [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(f"the gradient spill file of {name} ended early")
+            done += got
+
     def close(self) -> None:
         """Release the memory; close and remove the spilled files unless ``keep_files``."""
         self.blocks = {}
+        self._groups = {}
         for fd in self._files.values():
             os.close(fd)
         self._files = {}

@@ -16,7 +16,7 @@ Usage, per block::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, Type, Union
+from typing import Any, Callable, Dict, List, Sequence, Type, Union
 
 import torch
 from torch import Tensor
@@ -60,6 +60,27 @@ class InverseSolver(ABC):
     def fit_statistics(self, stats: Dict[str, Tensor], n: int, damping: float) -> "InverseSolver":
         """Fit from statistics combined over all ``n`` curvature samples. Returns ``self``."""
         return self.fit(stats["grads"], damping)
+
+    # --- batched fitting and fused scoring (optional; the defaults loop over the blocks) ----
+
+    @classmethod
+    def fit_group(cls, solvers: Sequence["InverseSolver"], stats: Sequence[Dict[str, Tensor]],
+                  counts: Sequence[int], dampings: Sequence[float]) -> List["InverseSolver"]:
+        """Fit several solvers of this class (one per block) from their statistics; a solver may
+        override it to batch equal-shaped blocks into one product. Returns the fitted solvers."""
+        return [s.fit_statistics(st, n, lam) for s, st, n, lam in zip(solvers, stats, counts, dampings)]
+
+    def quadratic(self, vectors: Tensor) -> Tensor:
+        """``vᵀ (C + λI)^{-1} v`` for each of ``vectors`` ``(M, r, d)``: ``(M,)`` (the fvm score
+        of one block). The default applies the inverse and takes the dot product; a solver
+        whose inverse has a cheaper quadratic form overrides it."""
+        return (vectors * self.apply(vectors)).sum(dim=(1, 2))
+
+    @classmethod
+    def quadratic_group(cls, solvers: Sequence["InverseSolver"], vectors: Tensor) -> Tensor:
+        """The quadratic forms of several blocks of equal shape: ``vectors`` ``(B, M, r, d)``
+        (one block per solver) → ``(B, M)``."""
+        return torch.stack([s.quadratic(v) for s, v in zip(solvers, vectors)])
 
 
 SOLVERS: Dict[str, Type[InverseSolver]] = {}

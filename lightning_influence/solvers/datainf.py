@@ -28,3 +28,12 @@ class DataInfSolver(InverseSolver):
         coef = (v @ self._g.T) / self._denom                  # (M, N)
         out = (v - coef @ self._g / self._g.shape[0]) / self._lam
         return out.reshape(vectors.shape).to(vectors.dtype)
+
+    def quadratic(self, vectors: Tensor) -> Tensor:
+        """``vᵀ apply(v) = (‖v‖² − (1/N) Σ_i (g_i·v)² / (λ + ‖g_i‖²)) / λ`` per vector: one
+        ``(M, D) × (D, N)`` product instead of the two of :meth:`apply`. Returns ``(M,)``."""
+        v = flat(vectors).to(self._g)
+        coef = v @ self._g.T                                   # (M, N)
+        sq = (v.unsqueeze(1) @ v.unsqueeze(2)).reshape(-1)     # ‖v‖²
+        drop = (coef * coef) @ (1.0 / self._denom)             # Σ_i (g_i·v)² / (λ + ‖g_i‖²)
+        return ((sq - drop / self._g.shape[0]) / self._lam).to(vectors.dtype)

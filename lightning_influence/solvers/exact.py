@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._linalg import gram, outer_gram
 from .base import InverseSolver, flat, register_solver
 
 
@@ -38,16 +39,19 @@ class ExactSolver(InverseSolver):
         g = flat(grads)
         n, dim = g.shape
         self._lam = float(damping)
-        eye = torch.eye(min(n, dim), dtype=g.dtype, device=g.device)
         if n < dim:
             if self._lam <= 0:
                 raise ValueError("the Woodbury path (N < r*d) needs damping > 0")
             self._g = g
-            self._factor = _factor(n * self._lam * eye + g @ g.T)
+            k = outer_gram(g)                                  # G Gᵀ: a symmetric rank-k update
+            k.diagonal().add_(n * self._lam)
+            self._factor = _factor(k)
             self.info = {"method": "woodbury"}
         else:
             self._g = None
-            self._factor = _factor(g.T @ g / n + self._lam * eye)
+            f = gram(g).to(g.dtype).div_(n)                   # Gᵀ G / N: a symmetric rank-k update
+            f.diagonal().add_(self._lam)
+            self._factor = _factor(f)
             self.info = {"method": "dense"}
         return self
 
@@ -61,3 +65,18 @@ class ExactSolver(InverseSolver):
         else:
             out = _solve(self._factor, v.T).T
         return out.reshape(vectors.shape).to(vectors.dtype)
+
+    def quadratic(self, vectors: Tensor) -> Tensor:
+        """``vᵀ (F + λI)^{-1} v`` per vector, from the Cholesky factor ``L`` by one triangular
+        solve: Woodbury ``(‖v‖² − ‖L⁻¹ G v‖²) / λ``, dense ``‖L⁻¹ v‖²``. Returns ``(M,)``."""
+        if self._factor[0] != "cholesky":
+            return super().quadratic(vectors)
+        chol = self._factor[1]
+        v = flat(vectors).to(chol)
+        rhs = self._g @ v.T if self._g is not None else v.T              # (N or D, M)
+        w = torch.linalg.solve_triangular(chol, rhs, upper=False)
+        wsq = (w * w).sum(0)
+        if self._g is None:
+            return wsq.to(vectors.dtype)
+        sq = (v * v).sum(1)
+        return ((sq - wsq) / self._lam).to(vectors.dtype)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ._linalg import gram
 from .base import InverseSolver, register_solver
 
 
@@ -19,14 +20,20 @@ class HyperINFSolver(InverseSolver):
     symmetric positive-definite ``A``),
     until ``‖I − A X‖_F / sqrt(d) < tol`` or ``max_iter`` updates; ``X`` is then symmetrised.
     The iteration runs in ``compute_dtype`` (``None``: the input dtype) and ``X`` is cast back.
-    ``info = {"iterations": k, "residual": float}``; a run that does not converge (or stalls
+    The Gram matrix is a symmetric rank-k update with float32 products accumulated in float64;
+    while the residual is above ``float32_until`` (``None``: never) the Schulz products run in
+    float32, the last quadratically converging steps in ``compute_dtype``. Blocks of equal
+    ``d`` fitted together (:meth:`fit_group`) iterate as one batched product.
+    ``info = {"iterations": k, "residual": float, "float32_iterations": k32}``; a run that does not converge (or stalls
     at the rounding floor of ``compute_dtype``) warns with both numbers.
     """
 
     def __init__(self, tol: float = 1e-6, max_iter: int = 100,
-                 compute_dtype: Optional[torch.dtype] = torch.float64) -> None:
+                 compute_dtype: Optional[torch.dtype] = torch.float64,
+                 float32_until: Optional[float] = 1e-2) -> None:
         super().__init__()
         self.tol, self.max_iter, self.compute_dtype = float(tol), int(max_iter), compute_dtype
+        self.float32_until = None if float32_until is None else float(float32_until)
 
     reductions = {"gram": "sum"}  # the d x d sum of g_iᵀ g_i: all-reduced, never the gradients
 
@@ -35,9 +42,12 @@ class HyperINFSolver(InverseSolver):
         return torch.float32 if dtype == torch.float64 and like.device.type == "mps" else dtype  # no fp64 on MPS
 
     def statistics(self, grads: Tensor) -> Dict[str, Tensor]:
-        """``{"gram": Σ_i g_iᵀ g_i}`` ``(d, d)`` of a chunk ``(N_c, r, d)``."""
-        gm = grads.detach().reshape(-1, grads.shape[-1]).to(self._dtype(grads))
-        return {"gram": gm.T @ gm}
+        """``{"gram": Σ_i g_iᵀ g_i}`` ``(d, d)`` of a chunk ``(N_c, r, d)``: a symmetric rank-k
+        update with products in the gradients' precision, accumulated in ``compute_dtype``."""
+        gm = grads.detach().reshape(-1, grads.shape[-1])
+        if gm.dtype not in (torch.float32, torch.float64):
+            gm = gm.to(self._dtype(grads))
+        return {"gram": gram(gm, self._dtype(grads))}
 
     def fit(self, grads: Tensor, damping: float) -> "HyperINFSolver":
         """Invert the damped GFIM of ``grads`` ``(N, r, d)``; returns ``self``."""
@@ -46,36 +56,121 @@ class HyperINFSolver(InverseSolver):
 
     def fit_statistics(self, stats: Dict[str, Tensor], n: int, damping: float) -> "HyperINFSolver":
         """Invert ``A = gram / n + λI`` by Schulz iteration; returns ``self``."""
-        gram = stats["gram"]
-        d, dtype = gram.shape[0], self._dtype(gram)
-        eye = torch.eye(d, dtype=dtype, device=gram.device)
-        a = gram.to(dtype) / max(n, 1) + float(damping) * eye
+        return type(self).fit_group([self], [stats], [n], [damping])[0]
+
+    @classmethod
+    def fit_group(cls, solvers: Sequence["HyperINFSolver"], stats: Sequence[Dict[str, Tensor]],
+                  counts: Sequence[int], dampings: Sequence[float]) -> List["HyperINFSolver"]:
+        """Fit several solvers at once: the Schulz iterations of blocks with the same ``d`` (and
+        the same options) run as batched products ``(B, d, d)``."""
+        groups: Dict[Any, List[int]] = {}
+        for i, (solver, st) in enumerate(zip(solvers, stats)):
+            key = (type(solver), st["gram"].shape[0], st["gram"].device, solver._dtype(st["gram"]),
+                   solver.tol, solver.max_iter, solver.float32_until)
+            groups.setdefault(key, []).append(i)
+        for idx in groups.values():
+            members = [solvers[i] for i in idx]
+            xs, infos = members[0]._schulz(torch.stack([stats[i]["gram"] for i in idx]),
+                                           [counts[i] for i in idx], [dampings[i] for i in idx])
+            for solver, x, info in zip(members, xs, infos):
+                if not info["residual"] < solver.tol:
+                    warnings.warn(f"hyperinf: Schulz iteration did not converge: {info['iterations']} iterations, "
+                                  f"residual {info['residual']:.3g} >= tol {solver.tol:.3g}", RuntimeWarning,
+                                  stacklevel=3)
+                solver._x = x.to(getattr(solver, "_out_dtype", stats[0]["gram"].dtype))
+                solver._cast = None
+                solver.info = info
+        return list(solvers)
+
+    def _schulz(self, grams: Tensor, counts: Sequence[int], dampings: Sequence[float]):
+        """``X ≈ (gram/n + λI)^{-1}`` for a stack ``(B, d, d)``: ``(X (B, d, d), [info])``.
+
+        While the residual is above ``float32_until`` the products run in float32 (half the
+        time of float64 on a CPU, far less on a GPU); the last, quadratically converging steps
+        and the residual that decides convergence run in ``compute_dtype``."""
+        b, d = grams.shape[0], grams.shape[-1]
+        dtype = self._dtype(grams)
+        eye = torch.eye(d, dtype=dtype, device=grams.device)
+        scale = torch.tensor([1.0 / max(n, 1) for n in counts], dtype=dtype, device=grams.device).view(b, 1, 1)
+        lam = torch.tensor([float(x) for x in dampings], dtype=dtype, device=grams.device).view(b, 1, 1)
+        a = grams.to(dtype) * scale + lam * eye
         # A is symmetric positive definite with λ <= eigenvalues <= ‖A‖_1, so X_0 = α I with
         # α = 2 / (‖A‖_1 + λ) puts every eigenvalue of A X_0 in (0, 2): the iteration always
         # converges, in about log2(κ) steps (half those of the generic start Aᵀ/(‖A‖_1 ‖A‖_∞)).
-        alpha = 2.0 / (float(torch.linalg.matrix_norm(a, ord=1)) + float(damping))
-        x = alpha * eye
-        res, prev, k = math.inf, math.inf, 0
-        while True:
-            resid = eye - a @ x
-            res = float(torch.linalg.matrix_norm(resid)) / math.sqrt(d)
-            if res < self.tol or k >= self.max_iter or not res < prev:
-                break  # converged, out of iterations, or stalled at the rounding floor (or NaN)
-            x = x + x @ resid                                  # = X (2I − A X)
-            prev, k = res, k + 1
-        if not res < self.tol:
-            warnings.warn(f"hyperinf: Schulz iteration did not converge: {k} iterations, "
-                          f"residual {res:.3g} >= tol {self.tol:.3g}", RuntimeWarning, stacklevel=2)
-        self._x = ((x + x.T) / 2).to(getattr(self, "_out_dtype", gram.dtype))
-        self.info = {"iterations": k, "residual": res}
-        return self
+        alpha = 2.0 / (torch.linalg.matrix_norm(a, ord=1).view(b, 1, 1) + lam)
+        low = torch.float32 if (self.float32_until is not None and dtype == torch.float64
+                                and grams.device.type != "mps") else None
+        a_low = a.to(low) if low is not None else None
+        # X_0 = αI: its residual I − αA and the first update X_1 = α(2I − αA) need no product
+        first = 1 if self.max_iter >= 1 else 0
+        x = alpha * (eye + (eye - alpha * a)) if first else alpha * eye.expand(b, d, d)
+        iters = torch.full((b,), first, dtype=torch.long)
+        low_iters = torch.zeros(b, dtype=torch.long)
+        res = torch.full((b,), math.inf, dtype=torch.float64)
+        prev = torch.full((b,), math.inf, dtype=torch.float64)
+        active = torch.arange(b)
+        in_low = low is not None
+        while active.numel():
+            if in_low:
+                xa = x[active].to(low)
+                r_low = torch.eye(d, dtype=low, device=grams.device) - a_low[active] @ xa
+                res_a = (torch.linalg.matrix_norm(r_low).double().cpu() / math.sqrt(d))
+                go_high = (res_a < self.float32_until) | ~(res_a < prev[active]) | (iters[active] >= self.max_iter)
+                if bool(go_high.any()):  # leave float32 for every active block at once: one batch
+                    in_low = False
+                    prev[active] = math.inf
+                    continue
+                x[active] = (xa + xa @ r_low).to(dtype)
+                prev[active] = res_a
+                iters[active] += 1
+                low_iters[active] += 1
+                continue
+            xa = x[active]
+            r = eye - a[active] @ xa
+            res_a = torch.linalg.matrix_norm(r).double().cpu() / math.sqrt(d)
+            res[active] = res_a
+            # converged, out of iterations, or stalled at the rounding floor (or NaN)
+            done = (res_a < self.tol) | (iters[active] >= self.max_iter) | ~(res_a < prev[active])
+            keep = ~done
+            if bool(keep.any()):
+                ka = active[keep]
+                x[ka] = xa[keep] + xa[keep] @ r[keep]                # = X (2I − A X)
+                prev[ka] = res_a[keep]
+                iters[ka] += 1
+            active = active[keep]
+        x = (x + x.transpose(-1, -2)) / 2
+        infos = [{"iterations": int(iters[i]), "residual": float(res[i]), "float32_iterations": int(low_iters[i])}
+                 for i in range(b)]
+        return x, infos
+
+    def quadratic(self, vectors: Tensor) -> Tensor:
+        """``Σ_{r,d} v ⊙ (v X)`` per vector of ``vectors`` ``(M, r, d)``: ``(M,)``."""
+        return type(self).quadratic_group([self], vectors.unsqueeze(0))[0]
+
+    @classmethod
+    def quadratic_group(cls, solvers: Sequence["HyperINFSolver"], vectors: Tensor) -> Tensor:
+        """The quadratic forms of a group of blocks at once: ``vectors`` ``(B, M, r, d)`` →
+        ``(B, M)``, one batched product with the stacked ``X`` ``(B, d, d)``."""
+        b, m, r, d = vectors.shape
+        x = torch.stack([s._x_for(vectors.dtype) for s in solvers])
+        v = vectors.reshape(b, m * r, d)
+        if x.dtype != v.dtype:
+            v = v.to(x.dtype)
+        return (torch.bmm(v, x) * v).sum(-1).reshape(b, m, r).sum(-1)
+
+    def _x_for(self, dtype: torch.dtype) -> Tensor:
+        """``X`` in ``dtype`` for float32/float64 vectors (X was computed in float64, the product
+        needn't be), cached."""
+        if self._x.dtype == dtype or dtype not in (torch.float32, torch.float64):
+            return self._x
+        cast = getattr(self, "_cast", None)
+        if cast is None or cast.dtype != dtype:
+            self._cast = cast = self._x.to(dtype)
+        return cast
 
     def apply(self, vectors: Tensor) -> Tensor:
         """Return ``vectors @ X`` for ``vectors`` ``(M, r, d)``: shape ``(M, r, d)``."""
-        if self._x.dtype != vectors.dtype and vectors.dtype in (torch.float32, torch.float64):
-            # apply in the vectors' precision: X was computed in float64, the product needn't be
-            cast = getattr(self, "_cast", None)
-            if cast is None or cast.dtype != vectors.dtype:
-                self._cast = cast = self._x.to(vectors.dtype)
-            return vectors @ cast
+        x = self._x_for(vectors.dtype)
+        if x.dtype == vectors.dtype:
+            return vectors @ x
         return (vectors.to(self._x) @ self._x).to(vectors.dtype)

@@ -1,6 +1,8 @@
 """The identity "inverse": influence becomes a plain gradient dot product (TracIn at θ*)."""
 from __future__ import annotations
 
+from typing import Dict
+
 from torch import Tensor
 
 from .base import InverseSolver, register_solver
@@ -8,7 +10,17 @@ from .base import InverseSolver, register_solver
 
 @register_solver("identity")
 class IdentitySolver(InverseSolver):
-    """No curvature: ``apply(v) = v``. ``info`` stays ``{}``."""
+    """No curvature: ``apply(v) = v``. ``info`` stays ``{}``. It needs no statistics of the
+    curvature gradients, so fitting it reads nothing."""
+
+    reductions: Dict[str, str] = {}
+
+    def statistics(self, grads: Tensor) -> Dict[str, Tensor]:
+        return {}
+
+    def fit_statistics(self, stats: Dict[str, Tensor], n: int, damping: float) -> "IdentitySolver":
+        self.info = {}
+        return self
 
     def fit(self, grads: Tensor, damping: float) -> "IdentitySolver":
         """Ignore ``grads`` ``(N, r, d)`` and ``damping``; returns ``self``."""
@@ -18,3 +30,8 @@ class IdentitySolver(InverseSolver):
     def apply(self, vectors: Tensor) -> Tensor:
         """Return a copy of ``vectors`` ``(M, r, d)``."""
         return vectors.clone()
+
+    def quadratic(self, vectors: Tensor) -> Tensor:
+        """``‖v‖²`` per vector of ``vectors`` ``(M, r, d)``."""
+        flat = vectors.reshape(vectors.shape[0], 1, -1)
+        return (flat @ flat.transpose(1, 2)).reshape(-1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -19,12 +20,29 @@ class LiSSASolver(InverseSolver):
     power iterations on ``C`` (capped by ``trace C``, an upper bound). Stops when
     ``max_m ‖r_{t+1} − r_t‖ / ‖r_t‖ < tol`` (``tol`` is raised to ``8·eps`` of the dtype, the
     rounding floor, for low precision); warns if ``max_iter`` is reached first.
-    ``info = {"iterations", "residual", "alpha"}``.
+
+    LiSSA needs O(condition number) iterations, each a product with every curvature gradient
+    for every vector; applied to all training gradients (fvm) that is hours at the default
+    ``tol``. So each :meth:`apply` call also stops after ``max_flops`` floating-point
+    operations (default ``1e11``: about 2 s of one CPU core, milliseconds on a GPU; ``None``:
+    no budget), but never before ``min_iter`` iterations, and warns that it stopped at its
+    budget. ``info = {"iterations", "residual", "alpha", "iteration_cap"}``.
     """
 
-    def __init__(self, tol: float = 1e-7, max_iter: int = 10000, power_iters: int = 30) -> None:
+    def __init__(self, tol: float = 1e-7, max_iter: int = 10000, power_iters: int = 30,
+                 max_flops: Optional[float] = 1e11, min_iter: int = 10) -> None:
         super().__init__()
         self.tol, self.max_iter, self.power_iters = float(tol), int(max_iter), int(power_iters)
+        self.max_flops = None if max_flops is None else float(max_flops)
+        self.min_iter = int(min_iter)
+
+    def _cap(self, m: int) -> int:
+        """Iterations allowed for ``m`` vectors: ``max_iter``, or fewer under ``max_flops``."""
+        if self.max_flops is None:
+            return self.max_iter
+        n, dim = self._g.shape
+        per_iter = m * (2.0 * dim * dim if self._c is not None else 4.0 * n * dim) + 6.0 * m * dim
+        return min(self.max_iter, max(self.min_iter, int(self.max_flops // max(per_iter, 1.0))))
 
     def _curv(self, u: Tensor) -> Tensor:
         """``C`` applied to the rows of ``u`` ``(K, D)``."""
@@ -56,8 +74,9 @@ class LiSSASolver(InverseSolver):
         v = flat(vectors).to(self._g)
         tol = max(self.tol, 8 * torch.finfo(v.dtype).eps)
         tiny = torch.finfo(v.dtype).tiny
+        cap = self._cap(v.shape[0])
         r, res, t = v.clone(), math.inf, 0
-        while t < self.max_iter:
+        while t < cap:
             step = v - self._alpha * (self._curv(r) + self._lam * r)   # r_{t+1} − r_t
             res = float((step.norm(dim=1) / r.norm(dim=1).clamp_min(tiny)).max())
             r = r + step
@@ -65,7 +84,9 @@ class LiSSASolver(InverseSolver):
             if res < tol or not math.isfinite(res):
                 break
         if not res < tol:
+            why = (f" (stopped at its work budget max_flops={self.max_flops:.3g}; raise it, or max_iter, "
+                   "for a converged inverse)" if cap < self.max_iter else "")
             warnings.warn(f"lissa did not converge: {t} iterations, residual (relative step) {res:.3g} "
-                          f">= tol {tol:.3g}", RuntimeWarning, stacklevel=2)
-        self.info = {"iterations": t, "residual": res, "alpha": self._alpha}
+                          f">= tol {tol:.3g}{why}", RuntimeWarning, stacklevel=2)
+        self.info = {"iterations": t, "residual": res, "alpha": self._alpha, "iteration_cap": cap}
         return (self._alpha * r).reshape(vectors.shape).to(vectors.dtype)

@@ -1,0 +1,387 @@
+"""The solve and score stages against the machine's arithmetic limit.
+
+In one run: the machine's matmul peak (a large ``torch.mm`` in float32 and float64) and its
+read bandwidth (a large ``sum``), at the same thread count; then, on identical synthetic
+LoRA-shaped gradients (``--blocks`` blocks of ``(rank, dim)``, by default 24 of 8×384, the
+MiniLM-L6 q/v shape), each solver's fit (:func:`fit_solvers`) and scoring
+(``self_influence`` for fvm, ``inverse_direction`` + ``cross_influence`` for standard) are
+timed, their floating-point operations counted from the shapes, and the achieved GFLOP/s is
+reported with the fraction of the peak (and of the roofline ``min(peak, intensity × bandwidth)``
+for the stages that read more bytes than they compute on).
+
+Also: the spilled store against the RAM store (bytes read per fitting pass), and, with
+``--before REV``, the same measurements with the package as it was at git revision ``REV``
+("ours-before", run in a subprocess on the same gradients; not the HyperINF reference).
+``--reference DIR`` would run the HyperINF reference's ``IFEngine`` from a clone of its
+repository; the clone is never copied into this project. Without it the results say so.
+
+Run: python benchmarks/roofline.py [--quick] [--threads 1] [--ns 1000 4000 16000] [--before REV]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+SOLVERS = ("identity", "datainf", "hyperinf", "exact")
+MODES = ("fvm", "standard")
+
+
+def _best(fn, repeat: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def machine_peak(size: int = 3072) -> Dict[str, float]:
+    """GFLOP/s of a ``size``×``size`` ``torch.mm`` (float32, float64) and GB/s of a 512 MiB read."""
+    import torch
+
+    out: Dict[str, float] = {}
+    for name, dtype in (("float32", torch.float32), ("float64", torch.float64)):
+        a = torch.randn(size, size, dtype=dtype)
+        b = torch.randn(size, size, dtype=dtype)
+        out[f"mm_{name}_gflops"] = 2 * size ** 3 / _best(lambda: a @ b) / 1e9
+    x = torch.ones(128 << 20)  # 512 MiB of float32
+    out["read_gbs"] = x.numel() * 4 / _best(lambda: x.sum()) / 1e9
+    return out
+
+
+def make_stores(n: int, m: int, blocks: int, rank: int, dim: int, seed: int = 0, spill_dir: Optional[str] = None):
+    """Training (``n``) and validation (``m``) stores of float32 gradients, columns scaled over
+    two decades (some conditioning), identical for a given seed whatever the package version."""
+    import torch
+    from lightning_influence.store import GradientStore
+
+    shapes = {f"layer{i // 2}.{'q' if i % 2 == 0 else 'v'}.lora_{'A' if (i // 12) == 0 else 'B'}": (rank, dim)
+              for i in range(blocks)}
+    gen = torch.Generator().manual_seed(seed)
+    cols = torch.logspace(-1, 1, dim)
+    stores = []
+    for count in (n, m):
+        store = GradientStore(count, shapes, max_memory=0 if spill_dir else None, spill_dir=spill_dir)
+        step = 2048
+        for start in range(0, count, step):
+            rows = min(step, count - start)
+            store.write(start, {name: torch.randn(rows, rank, dim, generator=gen) * cols for name in shapes})
+        stores.append(store)
+    return stores
+
+
+def measure(ns: List[int], m: int, blocks: int, rank: int, dim: int, solvers, modes, chunk: int) -> List[Dict[str, Any]]:
+    """Fit and score seconds (and the solvers' info) per (n, mode, solver)."""
+    import torch
+    from lightning_influence.config import CurvatureConfig
+    from lightning_influence import scoring
+
+    cpu, dtype = torch.device("cpu"), torch.float32
+    rows: List[Dict[str, Any]] = []
+    for n in ns:
+        train, val = make_stores(n, m, blocks, rank, dim)
+        for mode in modes:
+            curv = val if mode == "fvm" else train
+            valid = torch.ones(len(curv), dtype=torch.bool)
+            for name in solvers:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    start = time.perf_counter()
+                    fitted = scoring.fit_solvers(curv, valid, name, CurvatureConfig(), cpu, dtype, chunk)
+                    fit_s = time.perf_counter() - start
+                    start = time.perf_counter()
+                    if mode == "fvm":
+                        scores = scoring.self_influence(train, fitted, chunk, cpu, dtype)
+                    else:
+                        mean = {b: val.block(b).mean(0, keepdim=True) for b in val.names}
+                        scores = scoring.cross_influence(train, scoring.inverse_direction(mean, fitted, cpu, dtype),
+                                                         chunk, cpu, dtype)[0]
+                    score_s = time.perf_counter() - start
+                info = next(iter(fitted.values())).info
+                iters = [s.info.get("iterations", 0) for s in fitted.values()]
+                rows.append({"n": n, "m": m, "mode": mode, "solver": name, "fit_s": fit_s, "score_s": score_s,
+                             "iterations_mean": sum(iters) / len(iters), "method": info.get("method"),
+                             "schulz_float32_iterations": info.get("float32_iterations", 0),
+                             "scores_head": [float(x) for x in scores[:64]]})
+                print({k: v for k, v in rows[-1].items() if k != "scores_head"}, flush=True)
+                del fitted, scores
+        train.close()
+        val.close()
+    return rows
+
+
+def spill_reads(n: int, blocks: int, rank: int, dim: int, chunk: int) -> Dict[str, Any]:
+    """hyperinf fit (standard mode: curvature = the training store) from RAM and from a spilled
+    store: seconds and bytes read, against the store's size."""
+    import torch
+    from lightning_influence.config import CurvatureConfig
+    from lightning_influence import scoring
+    from lightning_influence.store import GradientStore
+
+    out: Dict[str, Any] = {"n": n}
+    read = {"bytes": 0}
+    original, original_into = GradientStore.block, getattr(GradientStore, "_read_into", None)
+
+    def counting(self, name, rows=None):
+        t = original(self, name, rows)
+        if self.spilled:
+            read["bytes"] += t.numel() * t.element_size()
+        return t
+
+    def counting_into(self, name, start, out):
+        original_into(self, name, start, out)
+        read["bytes"] += out.numel() * out.element_size()
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        for kind, spill in (("ram", None), ("spilled", tmp)):
+            train, val = make_stores(n, 8, blocks, rank, dim, spill_dir=spill)
+            valid = torch.ones(n, dtype=torch.bool)
+            GradientStore.block = counting
+            if original_into is not None:
+                GradientStore._read_into = counting_into
+            try:
+                read["bytes"] = 0
+                out[f"{kind}_fit_s"] = _best(lambda: scoring.fit_solvers(
+                    train, valid, "hyperinf", CurvatureConfig(), torch.device("cpu"), torch.float32, chunk), 1)
+                out[f"{kind}_bytes_read_per_fit"] = read["bytes"] / 2
+            finally:
+                GradientStore.block = original
+                if original_into is not None:
+                    GradientStore._read_into = original_into
+            out["store_bytes"] = train.nbytes
+            train.close()
+            val.close()
+    out["spilled_reads_over_store"] = out["spilled_bytes_read_per_fit"] / out["store_bytes"]
+    out["spilled_over_ram"] = out["spilled_fit_s"] / out["ram_fit_s"]
+    return out
+
+
+# --------------------------------------------------------------------------- flop counts
+
+def flops(row: Dict[str, Any], blocks: int, rank: int, dim: int) -> Dict[str, Dict[str, float]]:
+    """Useful floating-point operations (multiply + add = 2) of each stage, all blocks, and the
+    bytes of gradients each stage reads: ``{"fit": {...}, "score": {...}}`` with keys
+    ``float32``, ``float64`` (flops in that precision) and ``bytes``. Symmetric products count
+    as a symmetric rank-k update (half a general product); Cholesky ``k³/3``."""
+    n, m, mode, solver = row["n"], row["m"], row["mode"], row["solver"]
+    d, big_d = dim, rank * dim
+    curv = m if mode == "fvm" else n
+    fit = {"float32": 0.0, "float64": 0.0, "bytes": 4.0 * curv * big_d}
+    score = {"float32": 0.0, "float64": 0.0, "bytes": 4.0 * n * big_d}
+    if solver == "identity":
+        fit["bytes"] = 0.0
+        score["float32"] = 2.0 * n * big_d
+    elif solver == "datainf":
+        fit["float32"] = 2.0 * curv * big_d                       # ‖g_i‖², and Σ g² for λ
+        if mode == "fvm":                                         # ‖g‖² − Σ_i (g·g_i)²/(λ+‖g_i‖²)/N, fused
+            score["float32"] = 2.0 * n * curv * big_d + 3.0 * n * curv
+        else:                                                     # apply to v̄ (2 gemv) + one gemv
+            score["float32"] = 4.0 * curv * big_d + 2.0 * n * big_d
+    elif solver == "hyperinf":
+        iters, f32_iters = row["iterations_mean"], row.get("schulz_float32_iterations", 0)
+        fit["float32"] = 1.0 * curv * rank * d * (d + 1)          # Gram as a rank-k update, float32 products
+        schulz = 4.0 * d ** 3                                     # A X, X R per iteration
+        fit["float32"] += schulz * f32_iters
+        fit["float64"] = schulz * max(iters - f32_iters, 0) + 2.0 * d ** 3  # + the final residual check
+        if mode == "fvm":
+            score["float32"] = 2.0 * n * rank * d * d + 2.0 * n * big_d
+        else:
+            score["float32"] = 2.0 * rank * d * d + 2.0 * n * big_d
+    elif solver == "exact":
+        if curv < big_d:                                          # Woodbury on the curv × curv Gram
+            fit["float32"] = 1.0 * curv * curv * big_d
+            fit["float64"] = curv ** 3 / 3.0
+            if mode == "fvm":                                     # ‖g‖² − ‖L⁻¹ G g‖², fused
+                score["float32"] = 2.0 * n * curv * big_d + 1.0 * n * curv * curv
+            else:
+                score["float32"] = 4.0 * curv * big_d + 2.0 * curv * curv + 2.0 * n * big_d
+        else:                                                     # dense D × D
+            fit["float32"] = 1.0 * curv * big_d * big_d
+            fit["float64"] = big_d ** 3 / 3.0
+            if mode == "fvm":                                     # ‖L⁻¹ g‖²
+                score["float32"] = 1.0 * n * big_d * big_d
+            else:
+                score["float32"] = 2.0 * big_d * big_d + 2.0 * n * big_d
+    return {k: {kk: vv * blocks for kk, vv in v.items()} for k, v in (("fit", fit), ("score", score))}
+
+
+def analyse(rows, peak, blocks, rank, dim, before: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    key = lambda r: (r["n"], r["mode"], r["solver"])  # noqa: E731
+    old = {key(r): r for r in before or []}
+    out = []
+    for row in rows:
+        counts = flops(row, blocks, rank, dim)
+        entry = dict(row)
+        entry.pop("scores_head", None)
+        for stage in ("fit", "score"):
+            c, seconds = counts[stage], row[f"{stage}_s"]
+            ideal_flops = c["float32"] / peak["mm_float32_gflops"] + c["float64"] / peak["mm_float64_gflops"]
+            ideal_bytes = c["bytes"] / peak["read_gbs"]
+            total = c["float32"] + c["float64"]
+            entry[f"{stage}_gflop"] = total / 1e9
+            entry[f"{stage}_gflops"] = total / seconds / 1e9 if seconds > 0 else 0.0
+            entry[f"{stage}_peak_fraction"] = ideal_flops / 1e9 / seconds if seconds > 0 else 0.0
+            entry[f"{stage}_roofline_fraction"] = max(ideal_flops / 1e9, ideal_bytes / 1e9) / seconds if seconds > 0 else 0.0
+            entry[f"{stage}_memory_bound"] = ideal_bytes > ideal_flops
+        entry["dominant"] = "fit" if row["fit_s"] >= row["score_s"] else "score"
+        entry["total_s"] = row["fit_s"] + row["score_s"]
+        if key(row) in old:
+            o = old[key(row)]
+            entry["before_fit_s"], entry["before_score_s"] = o["fit_s"], o["score_s"]
+            entry["before_total_s"] = o["fit_s"] + o["score_s"]
+            entry["speedup"] = entry["before_total_s"] / entry["total_s"]
+            a, b = row.get("scores_head"), o.get("scores_head")
+            if a and b:
+                import torch
+                a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+                # the standard scores can be ~0 (a sum of signed terms): relative to the largest one
+                entry["max_rel_diff_vs_before"] = float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+        out.append(entry)
+    return out
+
+
+def run_before(rev: str, args, ns: List[int]) -> Optional[List[Dict[str, Any]]]:
+    """The measurements with the package at git revision ``rev`` (a subprocess importing
+    ``lightning_influence`` from ``git archive rev``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            archive = subprocess.run(["git", "archive", rev, "lightning_influence"], cwd=ROOT, check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        except (OSError, subprocess.CalledProcessError) as err:
+            print(f"--before {rev}: cannot extract the package ({err}); skipped", flush=True)
+            return None
+        out = os.path.join(tmp, "rows.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", out, "--ns", *map(str, ns), "--m", str(args.m),
+               "--blocks", str(args.blocks), "--rank", str(args.rank), "--dim", str(args.dim),
+               "--chunk", str(args.chunk), "--threads", str(args.threads), "--solvers", *args.solvers,
+               "--modes", *args.modes]
+        env = {**os.environ, "PYTHONPATH": tmp + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        subprocess.run(cmd, env=env, check=True)
+        with open(out) as fh:
+            return json.load(fh)
+
+
+def reference_status(path: Optional[str]) -> str:
+    if not path:
+        return ("not run: the HyperINF reference repository is not available on this machine (no internet; "
+                "pass --reference DIR with a clone of it to compare)")
+    if not os.path.isdir(path):
+        return f"not run: --reference {path} is not a directory"
+    return (f"not run: a reference clone is at {path}, but its IFEngine adapter is not part of this "
+            "benchmark yet (it was written without access to the repository)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ns", type=int, nargs="+", default=[1000, 4000, 16000])
+    parser.add_argument("--m", type=int, default=1000, help="validation samples (the fvm curvature)")
+    parser.add_argument("--blocks", type=int, default=24)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--chunk", type=int, default=4096, help="rows per scoring/fitting chunk")
+    parser.add_argument("--solvers", nargs="+", default=list(SOLVERS))
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--before", default=None, help="git revision to measure as 'ours-before'")
+    parser.add_argument("--before-ns", type=int, nargs="+", default=None, help="n values for --before (default: --ns)")
+    parser.add_argument("--spill-n", type=int, default=4000, help="n of the spilled-store measurement (0: skip)")
+    parser.add_argument("--reference", default=None, help="a clone of the HyperINF reference repository")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "roofline.json"))
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.ns, args.m, args.blocks, args.dim, args.chunk = [200, 400], 100, 4, 32, 128
+        args.spill_n = 300
+        args.before_ns = args.before_ns or [200]
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(args.threads)  # scipy's BLAS (if the solvers use it) at the same thread count
+    except ImportError:
+        pass
+    if args.worker:
+        import lightning_influence
+        print(f"worker: lightning_influence from {os.path.dirname(lightning_influence.__file__)}", flush=True)
+        rows = measure(args.ns, args.m, args.blocks, args.rank, args.dim, args.solvers, args.modes, args.chunk)
+        with open(args.worker, "w") as fh:
+            json.dump(rows, fh)
+        return
+
+    sys.path.insert(0, HERE)
+    from common import machine_info, now, write_results  # noqa: E402
+
+    started = time.perf_counter()
+    peak = machine_peak(1024 if args.quick else 3072)
+    print("peak", peak, flush=True)
+    rows = measure(args.ns, args.m, args.blocks, args.rank, args.dim, args.solvers, args.modes, args.chunk)
+    before = run_before(args.before, args, args.before_ns or args.ns) if args.before else None
+    spill = spill_reads(args.spill_n, args.blocks, args.rank, args.dim, args.chunk) if args.spill_n else None
+    peak_after = machine_peak(1024 if args.quick else 3072)  # the machine is shared: bracket the run
+    entries = analyse(rows, peak, args.blocks, args.rank, args.dim, before)
+    command = " ".join(["python benchmarks/roofline.py"] + sys.argv[1:])
+    machine = machine_info()
+    shape = f"{args.blocks} blocks of {args.rank}×{args.dim}, m = {args.m} validation samples, float32 store"
+    columns = ["n", "mode", "solver", "fit s", "score s", "dominant", "GFLOP/s (dominant)", "% of peak (dominant)",
+               "% of roofline (dominant)"]
+    if before:
+        columns += ["before s (fit+score)", "speedup"]
+    table_rows = []
+    for e in entries:
+        dom = e["dominant"]
+        row = [e["n"], e["mode"], e["solver"], f"{e['fit_s']:.3f}", f"{e['score_s']:.3f}",
+               dom + (" (memory-bound)" if e[f"{dom}_memory_bound"] else ""),
+               f"{e[f'{dom}_gflops']:.1f}", f"{100 * e[f'{dom}_peak_fraction']:.0f}",
+               f"{100 * e[f'{dom}_roofline_fraction']:.0f}"]
+        if before:
+            row += [f"{e['before_total_s']:.3f}" if "before_total_s" in e else "", f"{e['speedup']:.2f}×"
+                    if "speedup" in e else ""]
+        table_rows.append(row)
+    notes = [f"machine peak at the start: torch.mm {peak['mm_float32_gflops']:.1f} GFLOP/s float32, "
+             f"{peak['mm_float64_gflops']:.1f} GFLOP/s float64, read {peak['read_gbs']:.1f} GB/s; at the end: "
+             f"{peak_after['mm_float32_gflops']:.1f} / {peak_after['mm_float64_gflops']:.1f} GFLOP/s, "
+             f"{peak_after['read_gbs']:.1f} GB/s ({args.threads} thread(s))",
+             "% of peak = (flops in float32 / float32 peak + flops in float64 / float64 peak) / measured seconds; "
+             "useful flops: a Gram matrix counts as a symmetric rank-k update (half a general product), "
+             "Cholesky k³/3; % of roofline also allows for the bytes of gradients read at the measured bandwidth",
+             "fvm: curvature from the m validation gradients, every training sample scored by its quadratic form; "
+             "standard: curvature from the n training gradients, scores = −v̄ᵀ(C+λI)⁻¹g_i (matrix-vector work: "
+             "memory-bound by construction)",
+             "HyperINF reference: " + reference_status(args.reference)]
+    if before:
+        notes.append(f"before = this package at git revision {args.before} (ours-before, same gradients, "
+                     "run in a subprocess of this run), not the HyperINF reference")
+    tables = [{"title": "Solve and score stages against the machine's matmul peak", "machine": machine, "date": now(),
+               "command": command, "columns": columns, "rows": table_rows, "notes": [shape] + notes}]
+    if spill:
+        tables.append({"title": "Fitting from a spilled store (hyperinf, standard mode: curvature = training store)",
+                       "machine": machine, "date": now(), "command": command,
+                       "columns": ["n", "store MiB", "RAM fit s", "spilled fit s", "spilled / RAM",
+                                   "bytes read per fit / store size"],
+                       "rows": [[spill["n"], f"{spill['store_bytes'] / 2**20:.0f}", f"{spill['ram_fit_s']:.3f}",
+                                 f"{spill['spilled_fit_s']:.3f}", f"{spill['spilled_over_ram']:.2f}",
+                                 f"{spill['spilled_reads_over_store']:.2f}"]],
+                       "notes": ["spilled files are read from the page cache here (warm), not a cold disk"]})
+    result = {"tables": tables, "peak": peak, "peak_after": peak_after, "entries": entries, "spill": spill,
+              "reference": reference_status(args.reference), "options": vars(args),
+              "wall_seconds": time.perf_counter() - started}
+    write_results(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

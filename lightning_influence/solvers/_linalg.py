@@ -1,0 +1,86 @@
+"""Gram matrices at the machine's limit: symmetric rank-k updates, float32 products with
+float64 accumulation.
+
+torch has no symmetric rank-k update (BLAS ``syrk``), which does half the work of the general
+product ``xᵀx``. On the CPU, when SciPy is installed, its BLAS ``syrk`` is used (on the same
+thread count as torch when ``threadpoolctl`` is there too); elsewhere (GPU, no SciPy) the
+general product is used. Either way long sums are cut into row chunks whose products run in
+the input's precision and are accumulated in ``accumulate`` (float64 by default).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+#: rows per product before accumulating in the wider dtype (float32 rounding grows with the sum's length)
+ACCUMULATE_ROWS = 8192
+
+try:  # optional: SciPy's BLAS for syrk
+    from scipy.linalg import blas as _blas
+except ImportError:  # pragma: no cover - SciPy is an optional dependency
+    _blas = None
+
+_SYRK = {torch.float32: "ssyrk", torch.float64: "dsyrk"}
+
+
+_CONTROLLER: list = []
+
+
+@contextlib.contextmanager
+def blas_threads() -> Iterator[None]:
+    """Run SciPy's BLAS on torch's thread count (no-op without SciPy or ``threadpoolctl``)."""
+    if _blas is None:
+        yield
+        return
+    if not _CONTROLLER:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _CONTROLLER.append(ThreadpoolController())  # scans the loaded libraries once
+        except Exception:  # noqa: BLE001 - ImportError, or a platform threadpoolctl can't inspect
+            _CONTROLLER.append(None)
+    controller = _CONTROLLER[0]
+    if controller is None:
+        yield
+        return
+    with controller.limit(limits=torch.get_num_threads(), user_api="blas"):
+        yield
+
+
+def _syrk(x: Tensor, rows_first: bool) -> Optional[Tensor]:
+    """``xᵀx`` (``rows_first``) or ``x xᵀ`` of a 2-D CPU tensor by BLAS syrk, or None."""
+    if _blas is None or x.device.type != "cpu" or x.dtype not in _SYRK or x.requires_grad:
+        return None
+    x = x.contiguous()
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return None
+    fn = getattr(_blas, _SYRK[x.dtype])
+    a = x.numpy().T  # Fortran-ordered (cols, rows): no copy
+    # syrk(trans=0): a aᵀ = xᵀx ; syrk(trans=1): aᵀ a = x xᵀ. The upper triangle is filled.
+    upper = torch.from_numpy(fn(1.0, a, trans=0 if rows_first else 1, lower=0))
+    return upper + upper.triu(1).T
+
+
+def gram(x: Tensor, accumulate: Optional[torch.dtype] = torch.float64) -> Tensor:
+    """``xᵀx`` of ``x`` ``(K, d)``: products in ``x``'s dtype over row chunks of
+    :data:`ACCUMULATE_ROWS`, summed in ``accumulate`` (None: ``x``'s dtype)."""
+    acc = accumulate or x.dtype
+    if x.device.type == "mps" and acc == torch.float64:
+        acc = torch.float32  # no float64 on MPS
+    out = None
+    for part in (x.split(ACCUMULATE_ROWS) if x.shape[0] > ACCUMULATE_ROWS else (x,)):
+        g = _syrk(part, rows_first=True)
+        if g is None:
+            g = part.T @ part
+        out = g.to(acc) if out is None else out.add_(g.to(acc))
+    if out is None:
+        out = torch.zeros(x.shape[1], x.shape[1], dtype=acc, device=x.device)
+    return out
+
+
+def outer_gram(x: Tensor) -> Tensor:
+    """``x xᵀ`` of ``x`` ``(N, D)`` in ``x``'s dtype (a syrk where available)."""
+    g = _syrk(x, rows_first=False)
+    return g if g is not None else x @ x.T
