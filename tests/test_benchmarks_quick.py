@@ -78,3 +78,24 @@ def test_render_generic_tables(tmp_path):
     text = readme.read_text()
     assert done == ["speed"] and "old" not in text and "| grads/train step | 0.8 |" in text
     assert "2025-01-01" in text and text.endswith("tail\n")
+
+
+def test_roofline_quick(tmp_path):
+    """benchmarks/roofline.py --quick: peak, per-stage flops and fractions, ours-before, spill reads."""
+    out = tmp_path / "roofline.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "roofline.py"), "--quick",
+                           "--before", "HEAD", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["peak"]["mm_float32_gflops"] > 0 and doc["peak"]["mm_float64_gflops"] > 0
+    assert doc["tables"] and all(TABLE_KEYS <= set(t) for t in doc["tables"])
+    assert "not run" in doc["reference"]
+    solvers = {(e["mode"], e["solver"]) for e in doc["entries"]}
+    assert {(m, s) for m in ("fvm", "standard") for s in ("identity", "datainf", "hyperinf", "exact")} <= solvers
+    for e in doc["entries"]:
+        for stage in ("fit", "score"):
+            assert _finite(e[f"{stage}_s"]) and _finite(e[f"{stage}_peak_fraction"])
+        if e["n"] == 200:  # measured with --before too, on the same gradients
+            assert _finite(e["speedup"]) and e["max_rel_diff_vs_before"] < 1e-3
+    assert doc["spill"]["spilled_reads_over_store"] == 1.0  # one read of the store per fitting pass

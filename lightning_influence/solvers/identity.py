@@ -14,6 +14,7 @@ class IdentitySolver(InverseSolver):
     curvature gradients, so fitting it reads nothing."""
 
     reductions: Dict[str, str] = {}
+    needs_damping = False  # fit_solvers computes no λ statistics for it
 
     def statistics(self, grads: Tensor) -> Dict[str, Tensor]:
         return {}
