@@ -39,6 +39,7 @@ from .audit import _parse_dtype, audit, check_noisy, resolve_rank_by, validate_o
 from .config import CurvatureConfig, TuningConfig, coerce
 from .data import collate_of, dataset_of
 from .distributed import RemoteStageError
+from .exceptions import InfluenceCallbackError
 from .params import select_blocks
 from .preflight import check as preflight_check
 from .progress import NullProgress, Progress, TqdmProgress
@@ -48,8 +49,6 @@ from .solvers import InverseSolver
 ON_ERROR = ("warn", "raise")
 
 
-class InfluenceCallbackError(RuntimeError):
-    """The callback could not find what it needs (e.g. the trainer has no training data)."""
 
 
 class InfluenceCallbackMixin:

@@ -11,11 +11,11 @@ from typing import Any, Callable, List, Optional, TypeVar
 import torch
 from torch import Tensor
 
+from .exceptions import RemoteStageError
+
 T = TypeVar("T")
 
 
-class RemoteStageError(RuntimeError):
-    """Another rank failed in this stage; its own error was raised there."""
 
 
 class Collectives:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .exceptions import BatchFormatError, LossMismatchError
+
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 IGNORE_INDEX = -100
@@ -39,8 +41,6 @@ class LossOutput:
     labels: Optional[Tensor] = None
 
 
-class BatchFormatError(TypeError):
-    """The default loss does not understand this batch; pass ``loss_fn``."""
 
 
 def _logits_of(output: Any) -> Tensor:
@@ -80,8 +80,6 @@ def _structural_shift_guess(model: nn.Module) -> bool:
 _SHIFT_DECISIONS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
-class LossMismatchError(ValueError):
-    """The default per-sample loss does not reproduce the model's own loss; pass ``loss_fn``."""
 
 
 def reported_loss(output: Any) -> Optional[Tensor]:

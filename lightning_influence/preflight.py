@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import dataset_of, selected_ids, sequential_loader
+from .exceptions import PreflightError
 from .gradients import gradient_mode, per_sample_gradients
 from .losses import LossFn, _call_with_mapping, default_loss, hf_model_of, reported_loss
 from .params import Block, ParamsSpec, select_blocks
@@ -40,8 +41,6 @@ TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16: 5e-2, tor
 RAM_SHARE = 0.8
 
 
-class PreflightError(ValueError):
-    """The audit would be wrong or would not fit; the message says what to change."""
 
 
 @dataclass
