@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import operator
 import time
 import warnings
@@ -17,15 +18,17 @@ import torch
 from torch import Tensor, nn
 
 from .config import METHODS, CurvatureConfig, TuningConfig, as_dict, coerce
-from .data import dataset_of, sequential_loader, shuffled_loader_factory
+from .data import dataset_of, selected_ids, sequential_loader, shuffled_loader_factory, subset_loader
 from .gradients import gradient_mode, per_sample_gradients
 from .losses import LossFn, default_loss, with_sampled_labels
 from .metrics import detection_metrics, score_summary
 from .params import Block, ParamsSpec, select_blocks
+from .preflight import check
 from .progress import NullProgress, Progress
 from .projection import project_blocks
 from .result import AuditResult
 from .distributed import Collectives, default_collectives, shard_ids, unshard
+from .exceptions import NonFiniteGradientError
 from .scoring import cross_influence, fit_solvers, inverse_direction, self_influence, solver_info
 from .solvers import check_solver
 from .store import GradientStore
@@ -34,8 +37,6 @@ NONFINITE = ("exclude", "raise")
 GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class NonFiniteGradientError(FloatingPointError):
-    """Some samples have a non-finite loss or gradient and ``nonfinite="raise"``."""
 
 
 def _parse_dtype(value: Union[None, str, torch.dtype], default: torch.dtype) -> torch.dtype:
@@ -329,10 +330,14 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
             def tune_stage() -> Tuple[Tensor, Dict[str, float]]:
                 with stages("loss_at_trained"):
                     losses = training_losses(working, train_data, batch_size, device, loss_fn, train_ids)
-                with stages("tuning"), progress.stage("tuning", tuning_cfg.steps) as update:
-                    factory = shuffled_loader_factory(val_data, tuning_cfg.batch_size, seed, "val_data")
+                factory = bucketed_loader_factory(val_data, tuning_cfg.batch_size, seed, "val_data",
+                                                  pool=50 if tuning_cfg.bucket else 0)
+                total = planned_steps(tuning_cfg, len(factory(0)), budget_epochs(tuning_cfg, n, m, method == "fvm"))
+                with stages("tuning"), progress.stage("tuning", total) as update:
                     stats = tune_model(working, tuned_params, factory, tuning_cfg, method == "fvm", loss_fn,
-                                       lambda b: _move(b, device), update)
+                                       lambda b: _move(b, device), update,
+                                       eval_loader=sequential_loader(val_data, batch_size, name="val_data"),
+                                       reference=[b.param for b in blocks], train_size=n)
                 return losses, stats
 
             loss_trained, tune_stats = dist.checkpoint(tune_stage)
@@ -359,6 +364,8 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
             return train, val, curv
 
         train, val, curv = dist.checkpoint(gradient_stage)
+        if tuned:  # θ̃ checked on the full validation set, from the validation gradients just gathered
+            tune_stats = _verify_tuning(tune_stats, tuning_cfg, val, dist, projection is None)
     finally:
         del working
     return Prepared(method, n, m, train_ids, val_ids, train, val, curv,
@@ -372,9 +379,11 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
 @_autograd_allowed
 def score(prepared: Prepared, solver: Any = "hyperinf", curvature: Union[None, CurvatureConfig, Mapping] = None, *,
           noisy: Any = None, clean_labels: Any = None, top_k: int = 50, per_validation: bool = False,
-          nonfinite: str = "exclude", progress: Optional[Progress] = None) -> AuditResult:
+          nonfinite: str = "exclude", progress: Optional[Progress] = None, rank_by: str = "auto") -> AuditResult:
     """Stages 4-6: curvature + solve, scores, metrics. Can be called several times on one
-    :class:`Prepared` (e.g. to compare solvers on the same gradients)."""
+    :class:`Prepared` (e.g. to compare solvers on the same gradients). ``rank_by``: see
+    :func:`audit`."""
+    resolve_rank_by(rank_by, prepared.method)
     p, dist = prepared, prepared.dist
     stages = _Stages(p.device)  # this call's own solve/score/metrics times, after prepare()'s stages
     stages.seconds = dict(p.stages.seconds)
@@ -437,20 +446,33 @@ def score(prepared: Prepared, solver: Any = "hyperinf", curvature: Union[None, C
     if bool((labels < 0).all()):
         labels = predicted = None
 
-    def metrics_stage() -> Tuple[Tensor, Dict[str, float]]:
+    influence = scores
+    rankings = {"influence": influence, "loss_trained": loss_trained.clone()}
+    if p.method in ("vm", "fvm"):
+        rankings["loss_tuned"] = loss_tuned.clone()
+    for values in rankings.values():
+        values[~train_valid] = float("nan")  # excluded samples rank last whatever the ranking
+    chosen = resolve_rank_by(rank_by, p.method)
+    scores = rankings[chosen]
+
+    def metrics_stage() -> Tuple[Tensor, Dict[str, float], Dict[str, Dict[str, float]]]:
         with stages("metrics"):
             order = _ranking(scores)
             metrics: Dict[str, float] = score_summary(scores[train_valid])
+            by: Dict[str, Dict[str, float]] = {}
             if noisy_flags is not None:
                 keep = train_valid
                 sub_pred = None if predicted is None or clean is None else predicted[keep]
-                metrics.update(detection_metrics(scores[keep], noisy_flags[keep], k=top_k, predicted=sub_pred,
-                                                 clean_labels=None if clean is None or sub_pred is None else clean[keep]))
-        return order, metrics
+                for name, values in rankings.items():
+                    by[name] = detection_metrics(values[keep], noisy_flags[keep], k=top_k, predicted=sub_pred,
+                                                 clean_labels=None if clean is None or sub_pred is None else clean[keep])
+                metrics.update(by[chosen])
+        return order, metrics, by
 
-    order, metrics = dist.checkpoint(metrics_stage)
+    order, metrics, metrics_by = dist.checkpoint(metrics_stage)
     return AuditResult(
-        scores=scores, ranking=order, metrics=metrics, method=p.method,
+        scores=scores, ranking=order, metrics=metrics, method=p.method, rank_by=chosen, influence=influence,
+        metrics_by=metrics_by,
         solver=solver if isinstance(solver, str) else type(solver).__name__,
         loss_trained=loss_trained, loss_tuned=loss_tuned if p.method in ("vm", "fvm") else None,
         labels=labels, predicted=predicted, noisy=noisy_flags, per_validation=matrix, excluded=excluded,
@@ -486,6 +508,8 @@ def audit(
     progress: Optional[Progress] = None,
     dist: Optional[Collectives] = None,
     projection: Optional[int] = None,
+    preflight: bool = True,
+    rank_by: str = "auto",
 ) -> AuditResult:
     """Score every training sample's influence; higher = more harmful.
 
@@ -521,23 +545,88 @@ def audit(
         dist: collectives for multi-process runs (default: ``torch.distributed`` when initialised).
         projection: project each side of big Linear blocks to this many dimensions with a
             Gaussian sketch (LoGra-style; the full per-sample gradient is never formed).
+        rank_by: what ``result.scores`` and ``result.ranking`` rank by (most harmful first):
+            ``"auto"`` (default: ``"loss_tuned"`` for vm/fvm, ``"influence"`` for standard),
+            ``"influence"`` (the method's influence score), ``"loss_tuned"`` (each sample's
+            loss at θ̃) or ``"loss_trained"`` (at θ*). The influence score is always in
+            ``result.influence``, and with ``noisy`` the detection metrics of every ranking
+            are in ``result.metrics_by``. Why the loss at θ̃ is the default: README,
+            *Which ranking*.
+        preflight: first run :func:`~lightning_influence.preflight.check` on a few training
+            samples (the loss matches the model's own, the gradients match autograd, the store
+            fits in memory); ``result.preflight`` holds its report.
+
+    A DataLoader whose sampler selects a subset (e.g. ``SubsetRandomSampler``) is honoured:
+    only the samples it yields are scored, ids stay dataset positions (the others score NaN,
+    ``result.audited`` lists the scored ones), and ``noisy``/``clean_labels`` are given per
+    dataset position.
     """
     validate_options(method, solver, nonfinite)
+    resolve_rank_by(rank_by, method)
+    tuning = coerce(TuningConfig, tuning)  # bad tuning options fail before any work
     curvature_cfg = coerce(CurvatureConfig, curvature)
     if damping is not None:
         curvature_cfg = CurvatureConfig(**{**as_dict(curvature_cfg), "damping": damping})
     n = len(dataset_of(train_data, "train_data"))
     check_noisy(noisy, n)  # before any expensive stage
     _check_scoring_args(n, seed, top_k if noisy is not None else 1, clean_labels)
+    report = None
+    if preflight:
+        report = (dist or default_collectives(torch.device(device) if device is not None else model_device(model))
+                  ).checkpoint(lambda: _autograd_allowed(check)(model, train_data, val_data, loss_fn=loss_fn, params=params, method=method,
+                                             solver=solver, fisher=curvature_cfg.fisher,
+                                             grad_dtype=_parse_dtype(grad_dtype, None) if grad_dtype else None,
+                                             device=device, max_memory=max_memory, spill_dir=spill_dir,
+                                             projection=projection))
+    # a sampler that selects a subset is honoured: the pipeline runs on those samples, in order
+    train_ids, val_ids = selected_ids(train_data, "train_data"), selected_ids(val_data, "val_data")
+    if train_ids is not None:
+        train_data = subset_loader(train_data, train_ids)
+        noisy = None if noisy is None else check_noisy(noisy, n)[train_ids]
+        clean_labels = None if clean_labels is None else torch.as_tensor(clean_labels)[train_ids]
+    if val_ids is not None:
+        val_data = subset_loader(val_data, val_ids)
     prepared = prepare(model, train_data, val_data, loss_fn=loss_fn, method=method, params=params, tuning=tuning,
                        fisher=curvature_cfg.fisher, seed=seed, batch_size=batch_size, grad_dtype=grad_dtype,
                        device=device, nonfinite=nonfinite, max_memory=max_memory, spill_dir=spill_dir,
                        progress=progress, dist=dist, projection=projection)
     try:
-        return score(prepared, solver, curvature_cfg, noisy=noisy, clean_labels=clean_labels, top_k=top_k,
-                     per_validation=per_validation, nonfinite=nonfinite, progress=progress)
+        result = score(prepared, solver, curvature_cfg, noisy=noisy, clean_labels=clean_labels, top_k=top_k,
+                       per_validation=per_validation, nonfinite=nonfinite, progress=progress, rank_by=rank_by)
     finally:
         prepared.close()
+    result.preflight = report
+    if report is not None:
+        result.stage_seconds = {"preflight": report.seconds, **result.stage_seconds}
+    return result if train_ids is None else on_dataset_positions(result, train_ids, n, val_ids)
+
+
+def on_dataset_positions(result: AuditResult, ids: Tensor, n: int, val_ids: Optional[Tensor] = None) -> AuditResult:
+    """A result computed on the ``ids`` ``(k,)`` subset of a dataset of ``n`` samples, indexed
+    by dataset position: per-sample tensors become ``(n,)`` (NaN, or -1 for labels, where not
+    audited), ``ranking`` and ``excluded`` hold dataset positions, ``audited`` the ids."""
+    def spread(values: Optional[Tensor], fill: float) -> Optional[Tensor]:
+        if values is None:
+            return None
+        out = torch.full((n, *values.shape[1:]), fill, dtype=values.dtype)
+        out[ids] = values
+        return out
+
+    result.scores = spread(result.scores, float("nan"))
+    result.ranking = ids[result.ranking]
+    for name in ("loss_trained", "loss_tuned", "influence"):
+        setattr(result, name, spread(getattr(result, name), float("nan")))
+    for name in ("labels", "predicted"):
+        setattr(result, name, spread(getattr(result, name), -1))
+    if result.noisy is not None:
+        result.noisy = spread(result.noisy, False)
+    if result.per_validation is not None:
+        result.per_validation = spread(result.per_validation.T.contiguous(), float("nan")).T
+    result.excluded = [int(ids[i]) for i in result.excluded]
+    result.audited = ids
+    result.config = {**result.config, "audited_samples": int(ids.numel()), "dataset_samples": n,
+                     "validation_ids": None if val_ids is None else val_ids.tolist()}
+    return result
 
 
 def _check_scoring_args(n: int, seed: Any, top_k: Any, clean_labels: Any) -> None:
@@ -555,10 +644,45 @@ def _check_scoring_args(n: int, seed: Any, top_k: Any, clean_labels: Any) -> Non
                              f"{tuple(clean.shape)} and dtype {clean.dtype}")
 
 
+def _verify_tuning(stats: Dict[str, float], config: TuningConfig, val: _Gathered, dist: Collectives,
+                   exact_gradients: bool) -> Dict[str, float]:
+    """The full validation-set loss, accuracy and mean-gradient norm at θ̃ (eval mode), summed
+    over ranks from each rank's validation shard, checked by :func:`tuning.verify`."""
+    keep = val.valid
+    labelled = keep & (val.labels >= 0)
+    sums = torch.stack([val.losses[keep].sum(), keep.sum().double(),
+                        (val.predicted[labelled] == val.labels[labelled]).sum().double(), labelled.sum().double()])
+    sums = dist.all_reduce_sum(sums.double()).cpu()
+    count = float(sums[1])
+    grad_sq = 0.0
+    for name in val.store.names:
+        block = val.store.block(name)[keep].double().sum(0)
+        grad_sq += float(dist.all_reduce_sum(block).pow(2).sum())
+    nan = float("nan")
+    grad = math.sqrt(grad_sq) / count if count and exact_gradients else nan
+    return dist.checkpoint(lambda: verify_tuning(stats, config, float(sums[0]) / count if count else nan,
+                                                 float(sums[2] / sums[3]) if float(sums[3]) else nan, grad))
+
+
+RANK_BY = ("auto", "influence", "loss_tuned", "loss_trained")
+
+
+def resolve_rank_by(rank_by: str, method: str) -> str:
+    """The ranking ``rank_by`` names for ``method``: ``"auto"`` is ``"loss_tuned"`` (the loss at
+    θ̃) for vm/fvm and ``"influence"`` for standard (which has no θ̃)."""
+    if rank_by not in RANK_BY:
+        raise ValueError(f"unknown rank_by {rank_by!r}; choose one of {RANK_BY}")
+    if rank_by == "auto":
+        return "loss_tuned" if method in ("vm", "fvm") else "influence"
+    if rank_by == "loss_tuned" and method not in ("vm", "fvm"):
+        raise ValueError("rank_by='loss_tuned' needs method='vm' or 'fvm' (standard has no tuned weights θ̃)")
+    return rank_by
+
+
 def _ranking(scores: Tensor) -> Tensor:
     """Sample ids, most harmful first; ties by lower id; NaN (excluded) last."""
     key = torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores)
     return torch.sort(-key, stable=True).indices
 
 
-from .tuning import tune as tune_model  # noqa: E402  (kept at the end: the pipeline reads top-down)
+from .tuning import budget_epochs, bucketed_loader_factory, planned_steps, tune as tune_model, verify as verify_tuning  # noqa: E402  (kept at the end: the pipeline reads top-down)

@@ -15,19 +15,43 @@ FISHERS = ("empirical", "true")
 class TuningConfig:
     """How a copy of the model is moved to a (flat) validation minimum for ``vm``/``fvm``.
 
-    The paper (ICML 2025) uses SGD, lr 0.01, momentum 0.9, weight decay 5e-4, cosine decay,
-    batch 128, 1,000 steps, SAM radius 0.05. Our defaults change three of them: lr 0.03,
-    300 steps, ρ 0.2, chosen on digits with 20 % flips (see ``benchmarks/TUNING.md``: +0.009
-    AUROC and +0.031 AP there, at 30 % of the tuning cost).
+    The budget is stated in **passes over the validation set** (``epochs``), not in steps, so
+    the cost follows the validation set's size; tuning stops early once the loss stops
+    falling. The default optimiser is scale-free: Adam with a *relative* learning rate (each
+    parameter tensor's step is ``lr x`` that tensor's RMS at θ*), under adaptive SAM (ASAM,
+    whose radius ``rho`` is relative to ``|θ|`` as well), so the same defaults work on an MLP's
+    weights and on LoRA matrices (``benchmarks/TUNING.md``). ``optimizer="sgd"`` with
+    ``lr_scale="absolute"``, ``adaptive=False`` is the paper's recipe (ICML 2025: SGD lr 0.01,
+    momentum 0.9, weight decay 5e-4, cosine, batch 128, 1,000 steps, ρ 0.05).
+
+    After tuning the audit checks that θ̃ is a validation minimum (full validation-set loss
+    and accuracy at θ* and θ̃, gradient norm, SAM sharpness; ``AuditResult.tuning``) and warns
+    when it is not.
 
     Attributes:
-        steps: optimisation steps on the validation set.
-        lr: initial learning rate (cosine-decayed to 0 over ``steps``).
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
+        epochs: budget, in passes over the validation set (fractions allowed). ``"auto"``
+            (default): the compute of one training epoch, ``n / (2m)`` passes for fvm (SAM
+            takes two forward-backward passes per sample), ``n / m`` for vm, within [1, 10].
+        steps: a fixed number of optimisation steps instead of ``epochs`` (``0``: no tuning).
+        optimizer: ``"adam"`` (default) or ``"sgd"`` (with ``momentum``): the base optimiser
+            (under SAM for ``fvm``).
+        lr: initial learning rate, cosine-decayed to 0 over the budget. With
+            ``lr_scale="relative"`` (default, Adam only) it is a fraction of each tensor's RMS.
+            ``"auto"`` (default): half the best single step of a short probe of the validation
+            loss along Adam's first step (two mini-batches, a few forward passes; see
+            ``tuning.probe_lr``).
+        lr_scale: ``"relative"`` or ``"absolute"`` (the learning rate as given; always so for SGD).
+        momentum: SGD momentum (``optimizer="sgd"``).
+        weight_decay: weight decay of the base optimiser.
         batch_size: validation mini-batch size (capped at the validation set size).
-        rho: SAM neighbourhood radius (``fvm`` only).
-        adaptive: adaptive SAM (perturbation scaled by ``|θ|``).
+        rho: SAM neighbourhood radius (``fvm`` only; relative to ``|θ|`` when ``adaptive``).
+        adaptive: adaptive SAM (ASAM: perturbation scaled by ``|θ|``), scale-free.
+        tol: early stopping: stop after a pass whose mean validation loss fell by less than
+            this fraction of the previous pass's (``0``: never stop early).
+        probe_factor: ``lr="auto"``: the effective step (``lr / (1 - momentum)`` for SGD) is
+            this fraction of the probe's best single step.
+        bucket: group validation samples of similar size (padded text) into the same
+            mini-batch, which pads less (same-size samples: a plain shuffle either way).
         schedule: ``"cosine"`` or ``"constant"``.
         params: which parameters are tuned: ``"audited"`` (the audited blocks, default) or
             ``"trainable"`` (every parameter with ``requires_grad``).
@@ -35,26 +59,45 @@ class TuningConfig:
             Off by default so that SAM's two passes see the same function.
     """
 
-    steps: int = 300
-    lr: float = 0.03
+    epochs: Union[float, Literal["auto"]] = "auto"
+    steps: Optional[int] = None
+    optimizer: Literal["adam", "sgd"] = "sgd"
+    lr: Union[float, Literal["auto"]] = "auto"
+    lr_scale: Literal["relative", "absolute"] = "relative"
     momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    rho: float = 0.2
-    adaptive: bool = False
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    rho: float = 0.5
+    adaptive: bool = True
+    tol: float = 0.01
+    probe_factor: float = 1.0
+    bucket: bool = True
     schedule: Literal["cosine", "constant"] = "cosine"
     params: Literal["audited", "trainable"] = "audited"
     train_mode: bool = False
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"tuning.steps must be >= 0, got {self.steps}")
-        if not 0 < self.lr < float("inf"):  # also rejects NaN
-            raise ValueError(f"tuning.lr must be a finite number > 0, got {self.lr}")
+        if self.steps is not None and (isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 0):
+            raise ValueError(f"tuning.steps must be None or an integer >= 0, got {self.steps}")
+        if self.epochs != "auto" and (isinstance(self.epochs, str) or not 0 <= self.epochs < float("inf")):
+            raise ValueError(f"tuning.epochs must be a finite number >= 0, got {self.epochs}")
+        if self.lr == "auto":
+            if self.optimizer == "adam" and self.lr_scale != "relative":
+                raise ValueError("tuning.lr='auto' with optimizer='adam' needs lr_scale='relative'; give a number")
+        elif isinstance(self.lr, str) or not 0 < self.lr < float("inf"):  # also rejects NaN
+            raise ValueError(f"tuning.lr must be a finite number > 0 (or 'auto'), got {self.lr!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"tuning.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.lr_scale not in ("relative", "absolute"):
+            raise ValueError(f"tuning.lr_scale must be 'relative' or 'absolute', got {self.lr_scale!r}")
         if self.batch_size < 1:
             raise ValueError(f"tuning.batch_size must be >= 1, got {self.batch_size}")
         if self.rho < 0:
             raise ValueError(f"tuning.rho must be >= 0, got {self.rho}")
+        if not 0 < self.probe_factor < float("inf"):
+            raise ValueError(f"tuning.probe_factor must be a finite number > 0, got {self.probe_factor}")
+        if not 0 <= self.tol < 1:
+            raise ValueError(f"tuning.tol must be in [0, 1), got {self.tol}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"tuning.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.params not in ("audited", "trainable"):

@@ -20,9 +20,18 @@ class AuditResult:
 
     Attributes:
         scores: ``(n,)`` float64, one per training sample (sample id = dataset position);
-            higher = more harmful. Samples excluded for non-finite gradients score NaN.
-        ranking: ``(n,)`` long, sample ids, most harmful first (excluded samples last).
-        metrics: detection metrics when ``noisy`` was given (``auroc``, ``ap``, ...).
+            higher = more harmful, by the ranking ``rank_by`` names (the loss at θ̃ by default
+            for vm/fvm; see ``audit(rank_by=)``). Samples excluded for non-finite gradients
+            score NaN.
+        ranking: ``(n,)`` long, sample ids, most harmful first (excluded samples last; when a
+            sampler selected a subset, only its ``k`` samples).
+        metrics: detection metrics of ``scores`` when ``noisy`` was given (``auroc``, ``ap``, ...).
+        rank_by: what ``scores``/``ranking`` rank by: ``"influence"``, ``"loss_tuned"`` or
+            ``"loss_trained"``.
+        influence: ``(n,)`` the method's influence score (higher = more harmful), whatever
+            ``rank_by`` is.
+        metrics_by: with ``noisy``, the detection metrics of every ranking, side by side:
+            ``{"influence": {...}, "loss_tuned": {...}, "loss_trained": {...}}``.
         method, solver: what produced the scores.
         loss_trained: ``(n,)`` each sample's training loss at the trained weights θ*.
         loss_tuned: ``(n,)`` the loss at the validation-tuned weights θ̃ (``vm``/``fvm``).
@@ -35,6 +44,10 @@ class AuditResult:
         solver_info: the solver's report (iterations, residuals per block).
         tuning: validation-tuning statistics.
         config: the options the audit ran with.
+        audited: ``(k,)`` the dataset positions that were scored when the loader's sampler
+            selected a subset (the others score NaN and are not in ``ranking``); ``None``: all.
+        preflight: the :class:`~lightning_influence.preflight.PreflightReport` of the check
+            that ran before the audit (``None`` with ``preflight=False``).
     """
 
     scores: Tensor
@@ -53,15 +66,20 @@ class AuditResult:
     solver_info: Dict[str, Any] = field(default_factory=dict)
     tuning: Dict[str, float] = field(default_factory=dict)
     config: Dict[str, Any] = field(default_factory=dict)
+    audited: Optional[Tensor] = None
+    preflight: Optional[Any] = None
+    rank_by: str = "influence"
+    influence: Optional[Tensor] = None
+    metrics_by: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
     @property
     def rank(self) -> Tensor:
-        """``(n,)`` each sample's rank, 1 = most harmful."""
-        rank = torch.empty_like(self.ranking)
-        rank[self.ranking] = torch.arange(1, len(self) + 1)
+        """``(n,)`` each sample's rank, 1 = most harmful (0 for samples that were not audited)."""
+        rank = torch.zeros(len(self), dtype=torch.long)
+        rank[self.ranking] = torch.arange(1, self.ranking.numel() + 1)
         return rank
 
     @property
@@ -78,7 +96,7 @@ class AuditResult:
             out[ok] = 100.0 * torch.searchsorted(ordered, scores[ok], right=True).double() / ordered.numel()
         return out
 
-    COLUMNS = ("id", "score", "rank", "loss_trained", "loss_tuned", "label", "suggested_label", "noisy",
+    COLUMNS = ("id", "score", "rank", "influence", "loss_trained", "loss_tuned", "label", "suggested_label", "noisy",
                "percentile")
 
     def rows(self, ids: Optional[Tensor] = None) -> List[Dict[str, Any]]:
@@ -90,6 +108,7 @@ class AuditResult:
             "score": self.scores, "rank": rank, "loss_trained": self.loss_trained,
             "loss_tuned": self.loss_tuned, "label": self.labels, "suggested_label": self.predicted,
             "noisy": self.noisy, "percentile": self.percentile,
+            "influence": self.influence if self.rank_by != "influence" else None,  # else it is "score"
         }
         present = {k: v.tolist() for k, v in columns.items() if v is not None}
         out = []

@@ -30,119 +30,438 @@ def _endless(loader_factory: Callable[[int], DataLoader]) -> Iterator[Any]:
         epoch += 1
 
 
+#: the most passes over the validation set that ``epochs="auto"`` plans
+MAX_AUTO_EPOCHS = 10.0
+
+
+def budget_epochs(config: TuningConfig, train_size: Optional[int], val_size: int, sharpness_aware: bool) -> float:
+    """Passes over the validation set: ``config.epochs``, or for ``"auto"`` the compute of one
+    training epoch (``n`` forward-backward passes; SAM takes two per sample) over the ``m``
+    validation samples: ``n / (2m)`` for fvm, ``n / m`` for vm, within ``[1, MAX_AUTO_EPOCHS]``."""
+    if config.epochs != "auto":
+        return float(config.epochs)
+    if not train_size or not val_size:
+        return 1.0
+    return min(MAX_AUTO_EPOCHS, max(1.0, train_size / ((2 if sharpness_aware else 1) * val_size)))
+
+
+def planned_steps(config: TuningConfig, batches_per_pass: int, epochs: Optional[float] = None) -> int:
+    """The step budget: ``config.steps`` if set, else ``ceil(epochs x batches per pass)``
+    (``epochs``: :func:`budget_epochs`, default ``config.epochs``)."""
+    if config.steps is not None:
+        return int(config.steps)
+    epochs = float(config.epochs if epochs is None else epochs)
+    if epochs == 0:
+        return 0
+    return max(1, math.ceil(epochs * max(int(batches_per_pass), 1)))
+
+
+def _sample_size(batch: Any) -> int:
+    from torch.utils._pytree import tree_leaves
+
+    return max([int(t.numel()) for t in tree_leaves(batch) if isinstance(t, torch.Tensor)] or [0])
+
+
+def bucketed_loader_factory(data: Any, batch_size: int, seed: int, name: str = "val_data",
+                            pool: int = 50) -> Callable[[int], DataLoader]:
+    """``epoch -> loader`` over ``data``, reshuffled every epoch from ``seed``; when samples differ
+    in size (padded text), batches group similar sizes (a random permutation cut into pools of
+    ``pool`` batches, each sorted by size, batch order shuffled), so tuning pads about as little
+    as a length-bucketed training loop. Same-size samples: a plain shuffle."""
+    from .data import collate_of, dataset_of, shuffled_loader_factory
+
+    dataset = dataset_of(data, name)
+    collate = collate_of(data)
+    n = len(dataset)
+    if n == 0 or n > 200_000 or pool < 1:
+        return shuffled_loader_factory(data, batch_size, seed, name)
+    from torch.utils.data import default_collate
+
+    join = collate or default_collate
+    sizes = [_sample_size(join([dataset[i]])) for i in range(n)]
+    if len(set(sizes)) <= 1:
+        return shuffled_loader_factory(data, batch_size, seed, name)
+    size = min(batch_size, n)
+
+    def make(epoch: int) -> DataLoader:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
+        perm = torch.randperm(n, generator=g).tolist()
+        batches: List[List[int]] = []
+        for s in range(0, n, size * pool):
+            chunk = sorted(perm[s:s + size * pool], key=lambda i: sizes[i])
+            batches.extend(chunk[k:k + size] for k in range(0, len(chunk), size))
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return DataLoader(dataset, batch_sampler=[batches[i] for i in order], collate_fn=collate)
+
+    return make
+
+
+def _size_of(loader_factory: Callable[[int], DataLoader]) -> int:
+    try:
+        return len(loader_factory(0).dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return 0
+
+
+def _passes(loader_factory: Callable[[int], DataLoader]) -> int:
+    try:
+        return len(loader_factory(0))
+    except TypeError:  # a loader without a length: one step per "pass"
+        return 1
+
+
+def evaluate(model: nn.Module, loader: Any, loss_fn: Optional[LossFn] = None,
+             to_device: Callable[[Any], Any] = lambda b: b,
+             grad_of: Optional[List[nn.Parameter]] = None) -> Tuple[float, float, int, float]:
+    """Mean loss and accuracy (NaN without class labels) over every sample of ``loader`` with a
+    finite loss, in eval mode, and the norm of the mean loss's gradient with respect to
+    ``grad_of`` (NaN without): ``(loss, accuracy, samples, gradient norm)``. The parameters'
+    ``.grad`` are left as they were."""
+    was_training = model.training
+    model.eval()
+    total, correct, count, labelled = 0.0, 0.0, 0, 0
+    params = list(grad_of or [])
+    saved = [p.grad for p in params]
+    flags = [p.requires_grad for p in params]
+    sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    try:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(True)
+        for batch in loader:
+            finite, out = _finite(model, to_device(batch), loss_fn, grad=bool(params))
+            if finite is None:
+                continue
+            if params:
+                grads = torch.autograd.grad(finite.sum(), params, allow_unused=True)
+                for acc, g in zip(sums, grads):
+                    if g is not None:
+                        acc.add_(g.double())
+            total += float(finite.detach().double().sum())
+            count += int(finite.shape[0])
+            if out.logits is not None and out.labels is not None:
+                correct += float((out.logits.detach().argmax(-1) == out.labels).double().sum())
+                labelled += int(finite.shape[0])
+    finally:
+        model.train(was_training)
+        for p, g, f in zip(params, saved, flags):
+            p.grad = g
+            p.requires_grad_(f)
+    nan = float("nan")
+    norm = math.sqrt(sum(float(a.pow(2).sum()) for a in sums)) / count if params and count else nan
+    return (total / count if count else nan), (correct / labelled if labelled else nan), count, norm
+
+
+def _relative_groups(params: List[nn.Parameter], lr: float) -> List[Dict[str, Any]]:
+    """One parameter group per tensor with ``lr x RMS(tensor)``: a step moves every tensor by the
+    same fraction of its own scale (scale-free). Tensors near 0 (a fresh bias, LoRA's B before
+    training) get the floor ``0.1 x`` the median RMS, itself proportional to the parameters' scale."""
+    return [{"params": [p], "lr": lr * s} for p, s in zip(params, _scales(params))]
+
+
+#: step sizes (fractions of each tensor's RMS) tried by the learning-rate probe
+PROBE_STEPS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+#: the tuning learning rate is this fraction of the probe's best single step
+PROBE_FACTOR = 0.25
+#: validation samples the probe measures the loss on (whole mini-batches, at least one)
+PROBE_SAMPLES = 64
+#: the SGD probe tries η₀·4^-k for k = PROBE_OCTAVES ... -1 (η₀: the Polyak step)
+PROBE_OCTAVES = 5
+
+
+def _scales(params: List[nn.Parameter]) -> List[float]:
+    rms = [float(p.detach().double().pow(2).mean().sqrt()) if p.numel() else 0.0 for p in params]
+    positive = sorted(r for r in rms if r > 0 and math.isfinite(r))
+    floor = 0.1 * positive[len(positive) // 2] if positive else 1.0
+    return [max(r, floor) for r in rms]
+
+
+def _finite(model: nn.Module, batch: Any, loss_fn: Optional[LossFn], grad: bool) -> Tuple[Optional[torch.Tensor], Any]:
+    """The per-sample losses of ``batch``'s samples with a finite loss (recomputed without the
+    others, whose NaN/inf activations would reach the weight gradients as 0 * NaN), and the
+    output of the loss; ``None`` when none is finite."""
+    with torch.set_grad_enabled(grad):
+        out = default_loss(model, batch, loss_fn)
+        ok = torch.isfinite(out.losses.detach())
+        if bool(ok.all()):
+            return out.losses, out
+        if not bool(ok.any()):
+            return None, out
+        out = default_loss(model, _select_rows(batch, ok, out.losses.shape[0]), loss_fn)
+        return (out.losses if bool(torch.isfinite(out.losses.detach()).all()) else None), out
+
+
+def probe_lr(model: nn.Module, params: List[nn.Parameter], batches: List[Any], loss_fn: Optional[LossFn],
+             optimizer: str = "sgd", factor: float = PROBE_FACTOR) -> Tuple[float, Dict[str, float]]:
+    """A learning rate from a short probe of the validation loss (never from noise flags): the
+    mean loss of ``batches`` at θ + η·d along the first step's direction ``d`` for a geometric
+    grid of η, stopping once the loss rises above its value at θ; ``lr = factor x`` the best η.
+
+    ``optimizer="sgd"``: ``d = -g`` (the probe batches' mean gradient) and the grid is
+    ``η₀·2^-k`` around the Polyak step ``η₀ = L/‖g‖²`` (so the probe is scale-free: rescaling
+    the parameters or the loss rescales η₀ with them). ``"adam"``: Adam's first step
+    ``d = -sign(g) x RMS(tensor)`` with η a fraction of each tensor's RMS. θ is restored exactly.
+    Returns ``(lr, {η: probe loss})``."""
+    saved = [p.detach().clone() for p in params]
+
+    def mean_loss() -> float:
+        total, count = 0.0, 0
+        for batch in batches:
+            losses = default_loss(model, batch, loss_fn).losses.detach().double()
+            ok = torch.isfinite(losses)
+            total, count = total + float(losses[ok].sum()), count + int(ok.sum())
+        return total / count if count else float("inf")
+
+    for p in params:
+        p.grad = None
+    count = 0
+    for batch in batches:
+        losses, _ = _finite(model, batch, loss_fn, grad=True)
+        if losses is not None:
+            losses.sum().backward()
+            count += int(losses.shape[0])
+    grads = [p.grad.detach() / max(count, 1) if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params:
+        p.grad = None
+    with torch.no_grad():
+        base = mean_loss()
+    if optimizer == "adam":
+        directions = [-(g.sign() * s) for g, s in zip(grads, _scales(params))]
+        grid = list(PROBE_STEPS)
+    else:
+        sq = sum(float(g.double().pow(2).sum()) for g in grads)
+        directions = [-g for g in grads]
+        eta0 = base / sq if sq > 0 and math.isfinite(base) else 1.0
+        grid = [eta0 * 4.0 ** -k for k in range(PROBE_OCTAVES, -2, -1)]
+    curve: Dict[str, float] = {"0": base}
+    best, best_loss = grid[0], float("inf")
+    try:
+        with torch.no_grad():
+            for eta in grid:
+                for p, s, d in zip(params, saved, directions):
+                    p.copy_(s).add_(d, alpha=eta)
+                value = mean_loss()
+                curve[f"{eta:.3g}"] = value
+                if value < best_loss:
+                    best, best_loss = eta, value
+                if not value <= base:  # past the valley (or NaN): larger steps only get worse
+                    break
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    return factor * best, curve
+
+
 def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[[int], DataLoader],
          config: TuningConfig, sharpness_aware: bool, loss_fn: Optional[LossFn] = None,
          to_device: Callable[[Any], Any] = lambda b: b,
-         progress: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
-    """Tune ``params`` of ``model`` in place for ``config.steps`` steps on the validation data.
+         progress: Optional[Callable[[int], None]] = None, eval_loader: Any = None,
+         reference: Optional[List[nn.Parameter]] = None, train_size: Optional[int] = None) -> Dict[str, float]:
+    """Tune ``params`` of ``model`` in place on the validation data, for ``config.epochs`` passes
+    (or ``config.steps`` steps), stopping early once a pass's mean loss falls by less than
+    ``config.tol``.
 
     ``loader_factory(epoch)`` returns a shuffled loader over the validation set for that
-    epoch (seeded by the caller, so tuning is deterministic). Returns summary statistics:
-    the mean validation loss over the first and the last 10 % of the steps.
+    epoch (seeded by the caller, so tuning is deterministic). ``eval_loader`` (optional) is a
+    sequential loader over the whole validation set: the full-set loss, accuracy and the
+    gradient norm of ``reference`` (the audited parameters; ``grad_norm_start``, the yardstick
+    for the gradient norm at θ̃, see :func:`verify`) at θ* are measured on it before the first
+    step.
+
+    Returns statistics: ``steps``, ``epochs`` (passes run), ``planned_steps``, ``stopped_early``,
+    ``val_loss_start``/``val_loss_end`` (mean mini-batch loss over the first and the last
+    pass), ``val_loss_trained``/``val_acc_trained`` (full set at θ*, with ``eval_loader``),
+    ``sharpness`` (fvm: SAM's perturbed-minus-clean mini-batch loss, mean over the last pass)
+    and ``grad_norm_start`` (full set at θ*).
     """
-    if config.steps == 0:
-        return {"steps": 0}
+    nan = float("nan")
+    stats: Dict[str, float] = {}
+    if eval_loader is not None:  # θ*: full validation-set loss, accuracy and gradient norm (the yardstick)
+        with torch.enable_grad():
+            loss0, acc0, _, grad0 = evaluate(model, eval_loader, loss_fn, to_device, grad_of=reference)
+        stats.update(val_loss_trained=loss0, val_acc_trained=acc0, grad_norm_start=grad0)
+    per_pass = _passes(loader_factory)
+    epochs = budget_epochs(config, train_size, _size_of(loader_factory), sharpness_aware)
+    total = planned_steps(config, per_pass, epochs)
+    stats.update(planned_steps=float(total), planned_epochs=total / max(per_pass, 1), batches_per_pass=float(per_pass))
+    if total == 0:
+        return {"steps": 0.0, **stats}
     was_training = model.training
     flags = {p: p.requires_grad for p in model.parameters()}
     tuned = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in tuned)
     model.train(config.train_mode)
-    sgd_kwargs = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    lr = config.lr
+    if lr == "auto":
+        probe_loader = loader_factory(-1)  # its own shuffle: not the first tuning pass's batches
+        probe = [to_device(b) for b, _ in zip(probe_loader, range(max(1, PROBE_SAMPLES // config.batch_size)))]
+        factor = config.probe_factor * ((1 - config.momentum) if config.optimizer == "sgd" else 1.0)
+        lr, curve = probe_lr(model, params, probe, loss_fn, config.optimizer, factor)  # momentum amplifies 1/(1-β)
+        stats.update({f"probe_loss@{k}": v for k, v in curve.items()})
+    stats["lr"] = float(lr)
+    if config.optimizer == "adam":
+        base: type = torch.optim.Adam
+        kwargs: Dict[str, Any] = dict(lr=lr, weight_decay=config.weight_decay)
+        groups: Any = _relative_groups(params, lr) if config.lr_scale == "relative" else params
+    else:
+        base = torch.optim.SGD
+        kwargs = dict(lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        groups = params
     if sharpness_aware:
         from pytorch_optimizer import SAM
 
-        optimizer: torch.optim.Optimizer = SAM(params, torch.optim.SGD, rho=config.rho,
-                                               adaptive=config.adaptive, **sgd_kwargs)
+        optimizer: torch.optim.Optimizer = SAM(groups, base, rho=config.rho, adaptive=config.adaptive, **kwargs)
     else:
-        optimizer = torch.optim.SGD(params, **sgd_kwargs)
-    stepped = getattr(optimizer, "base_optimizer", optimizer)  # SAM steps through its base SGD
-    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(stepped, T_max=config.steps)
+        optimizer = base(groups, **kwargs)
+    stepped = getattr(optimizer, "base_optimizer", optimizer)  # SAM steps through its base optimiser
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(stepped, T_max=total)
                 if config.schedule == "cosine" else None)
 
-    def finite_loss(batch: Any) -> Tuple[Optional[torch.Tensor], Any]:
-        """The batch's mean loss over its samples with a finite loss, and the batch those samples
-        form. A non-finite sample is dropped from the batch (masking its loss is not enough: its
-        NaN/inf activations would still reach the weight gradients as 0 * NaN). ``None`` if no
-        finite loss is left."""
+    def finite_loss(batch: Any) -> Tuple[Optional[torch.Tensor], Any, int]:
+        """The batch's mean loss over its samples with a finite loss, the batch those samples
+        form, and their number. A non-finite sample is dropped from the batch (masking its loss
+        is not enough: its NaN/inf activations would still reach the weight gradients as
+        0 * NaN). ``None`` if no finite loss is left."""
         losses = default_loss(model, batch, loss_fn).losses
         finite = torch.isfinite(losses.detach())
         if bool(finite.all()):
-            return losses.mean(), batch
+            return losses.mean(), batch, int(losses.shape[0])
         if not bool(finite.any()):
-            return None, batch
+            return None, batch, 0
         batch = _select_rows(batch, finite, losses.shape[0])
         losses = default_loss(model, batch, loss_fn).losses
-        return (losses.mean() if bool(torch.isfinite(losses.detach()).all()) else None), batch
+        ok = bool(torch.isfinite(losses.detach()).all())
+        return (losses.mean() if ok else None), batch, int(losses.shape[0])
 
     def grads_finite() -> bool:
         flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
         return not flags or bool(torch.stack(flags).all())  # one device sync, not one per parameter
 
-    window = max(1, config.steps // 10)
     skipped = 0
+    pass_means: List[float] = []
     first: List[float] = []
-    last: List[float] = []
+    pass_loss, pass_count, gap, gap_count = 0.0, 0, 0.0, 0
+    last_gap = nan
+    steps_run, stopped, runaway = 0, False, False
     batches = _endless(loader_factory)
     try:
         with torch.enable_grad():
-            for step in range(config.steps):
+            for step in range(total):
                 batch = to_device(next(batches))
-                loss, batch = finite_loss(batch)
+                loss, batch, size = finite_loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 if loss is not None:
                     loss.backward()
                 if loss is None or not grads_finite():
                     skipped += 1  # a non-finite gradient would poison the weights: no step
-                elif sharpness_aware:
-                    optimizer.first_step(zero_grad=True)  # type: ignore[attr-defined]
-                    perturbed, _ = finite_loss(batch)
-                    if perturbed is not None:
-                        perturbed.backward()
-                    if perturbed is None or not grads_finite():
-                        optimizer.zero_grad(set_to_none=True)  # second_step restores θ, takes no step
-                        skipped += 1
-                    optimizer.second_step(zero_grad=True)  # type: ignore[attr-defined]
                 else:
-                    optimizer.step()
+                    if sharpness_aware:
+                        optimizer.first_step(zero_grad=True)  # type: ignore[attr-defined]
+                        perturbed, _, _ = finite_loss(batch)
+                        if perturbed is not None:
+                            perturbed.backward()
+                        if perturbed is None or not grads_finite():
+                            optimizer.zero_grad(set_to_none=True)  # second_step restores θ, takes no step
+                            skipped += 1
+                            # a finite clean loss but a non-finite perturbed one: SAM's ε (ρ|θ|² g for ASAM)
+                            # overflowed, so θ itself ran away
+                            runaway = not all(bool(torch.isfinite(p).all()) for p in params)
+                        else:
+                            runaway = False
+                            gap += (float(perturbed.detach()) - float(loss.detach())) * size
+                            gap_count += size
+                        optimizer.second_step(zero_grad=True)  # type: ignore[attr-defined]
+                    else:
+                        optimizer.step()
                 if schedule is not None:
                     with warnings.catch_warnings():  # a skipped step still advances the schedule
                         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                         schedule.step()
                 if loss is not None:
                     value = float(loss.detach())
-                    if step < window:
+                    if step == 0:
                         first.append(value)
-                    if step >= config.steps - window:
-                        last.append(value)
+                    pass_loss += value * size
+                    pass_count += size
+                steps_run = step + 1
                 if progress is not None:
                     progress(1)
+                if steps_run % per_pass == 0 or steps_run == total:  # a pass ends
+                    mean = pass_loss / pass_count if pass_count else nan
+                    last_gap = gap / gap_count if gap_count else nan
+                    pass_means.append(mean)
+                    pass_loss, pass_count, gap, gap_count = 0.0, 0, 0.0, 0
+                    if (config.tol > 0 and len(pass_means) >= 2 and steps_run < total and math.isfinite(mean)
+                            and mean < stats.get("val_loss_trained", pass_means[0])  # not a plateau of a divergence
+                            and pass_means[-2] * (1 - config.tol) < mean <= pass_means[-2] * (1 + config.tol)):
+                        stopped = True  # a plateau: at (or near) a validation minimum. A rising loss is an
+                        break  # overshoot at a high learning rate: the decaying schedule goes on
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    if not all(bool(torch.isfinite(p).all()) for p in params):
+    if runaway or not all(bool(torch.isfinite(p).all()) for p in params):
         raise FloatingPointError("validation tuning diverged (non-finite weights); lower tuning.lr")
-    if skipped == config.steps:
+    if skipped == steps_run:
         raise FloatingPointError(f"validation tuning: all {skipped} steps had a non-finite validation loss or "
                                  "gradient; check the validation data for NaN/inf")
-    if not last:  # finite steps first, then only non-finite losses: the weights ran away
-        raise FloatingPointError(f"validation tuning diverged (non-finite loss over the last {window} steps); "
-                                 "lower tuning.lr")
+    if not pass_means or not math.isfinite(pass_means[-1]):
+        raise FloatingPointError("validation tuning diverged (non-finite loss over the last pass); lower tuning.lr")
     if skipped:
-        warnings.warn(f"validation tuning skipped {skipped} of {config.steps} steps with a non-finite loss or "
+        warnings.warn(f"validation tuning skipped {skipped} of {steps_run} steps with a non-finite loss or "
                       "gradient (samples with a non-finite loss are left out of every step)", RuntimeWarning)
-    nan = float("nan")
-    stats = {"steps": float(config.steps), "val_loss_start": sum(first) / len(first) if first else nan,
-             "val_loss_end": sum(last) / len(last)}
-    if not math.isfinite(stats["val_loss_end"]):
-        raise FloatingPointError(f"validation tuning diverged (loss {stats['val_loss_end']}); lower tuning.lr")
-    start, end = first[0], stats["val_loss_end"]  # the loss before the first update, and at the end
-    if end > max(2 * start, start + 1.0):  # far beyond mini-batch noise: not a validation minimum
-        warnings.warn(f"validation tuning raised the validation loss from {start:.4g} to {end:.4g}: it diverged, "
-                      "and the scores are not taken at a validation minimum; lower tuning.lr", RuntimeWarning)
+    stats.update(steps=float(steps_run), epochs=steps_run / per_pass, stopped_early=float(stopped),
+                 val_loss_start=pass_means[0], val_loss_end=pass_means[-1],
+                 val_loss_first_batch=first[0] if first else nan,
+                 sharpness=last_gap if sharpness_aware else nan)
     return stats
+
+
+#: the loss must fall by at least this fraction of its value at θ* to count as tuned
+MIN_DROP = 0.01
+#: at a validation minimum the full-set gradient norm is below this fraction of its value at θ*
+MAX_GRAD_RATIO = 0.5
+
+
+def verify(stats: Dict[str, float], config: TuningConfig, val_loss: float, val_acc: float,
+           grad_norm: float) -> Dict[str, float]:
+    """Add the full validation-set figures at θ̃ to ``stats`` (``val_loss_tuned``,
+    ``val_acc_tuned``, ``grad_norm_tuned``, ``grad_ratio`` = ``grad_norm_tuned /
+    grad_norm_start``, ``at_minimum`` 1/0) and warn when θ̃ is not a validation minimum: the
+    full-set loss did not fall below its value at θ* by ``MIN_DROP``, or the full-set gradient
+    norm is still above ``MAX_GRAD_RATIO`` of its value at θ*. Returns ``stats``."""
+    out = dict(stats)
+    start = out.get("grad_norm_start", float("nan"))
+    ratio = grad_norm / start if start and math.isfinite(start) and start > 0 else float("nan")
+    out.update(val_loss_tuned=val_loss, val_acc_tuned=val_acc, grad_norm_tuned=grad_norm, grad_ratio=ratio)
+    trained = out.get("val_loss_trained", float("nan"))
+    problems = []
+    if out.get("steps", 0) and math.isfinite(trained) and math.isfinite(val_loss):
+        if trained > 1e-4 and val_loss > trained * (1 - MIN_DROP):
+            verb = "rose" if val_loss > trained else "barely fell"
+            problems.append(f"the full validation-set loss {verb} from {trained:.4g} at θ* to {val_loss:.4g} at θ̃")
+    if out.get("steps", 0) and math.isfinite(ratio) and ratio > MAX_GRAD_RATIO:
+        problems.append(f"the validation gradient norm at θ̃ is still {ratio:.0%} of its value at θ*")
+    if (out.get("steps", 0) and math.isfinite(trained) and math.isfinite(val_loss)
+            and val_loss > max(2 * trained, trained + 1.0)):  # far beyond noise: not a validation minimum
+        warnings.warn(f"validation tuning raised the validation loss from {trained:.4g} to {val_loss:.4g}: it "
+                      "diverged, and the scores are not taken at a validation minimum; lower tuning.lr", RuntimeWarning)
+    out["at_minimum"] = float(not problems) if out.get("steps", 0) else float("nan")
+    if problems:
+        epochs = out.get("planned_epochs", float("nan"))
+        budget = (f"tuning.steps (now {config.steps})" if config.steps is not None else
+                  f"tuning.epochs (now {config.epochs}, {epochs:.2g} passes)")
+        rose = trained == trained and val_loss > trained
+        used = out.get("lr", float("nan"))
+        lr = f"{used:.3g}, probed" if config.lr == "auto" else f"{used:g}"
+        hint = (f"lower tuning.lr (now {lr}) or tuning.rho (now {config.rho:g})" if rose else
+                f"raise {budget} or tuning.lr (now {lr})")
+        warnings.warn("validation tuning did not reach a validation minimum: " + "; ".join(problems)
+                      + f". vm/fvm scores assume θ̃ is at one; {hint}.", RuntimeWarning)
+    return out
 
 
 def _select_rows(batch: Any, keep: torch.Tensor, size: int) -> Any:

@@ -176,7 +176,7 @@ def test_tensorboard_and_csv_loggers_read_back(tmp_path, data, caplog, capsys):
     assert cb.scores_path == scores_file
     rows = read_csv(scores_file)
     assert len(rows) == N_TRAIN and sorted(int(r["id"]) for r in rows) == list(range(N_TRAIN))
-    assert set(rows[0]) == {"id", "score", "rank", "loss_trained", "loss_tuned", "label", "suggested_label", "noisy",
+    assert set(rows[0]) == {"id", "score", "rank", "influence", "loss_trained", "loss_tuned", "label", "suggested_label", "noisy",
                             "percentile"}
     assert int(rows[0]["id"]) == top_id and rows[0]["rank"] == "1"
     by_id = {int(r["id"]): r for r in rows}

@@ -57,7 +57,7 @@ def test_ddp_spawn_matches_single_process(tmp_path):
         assert distributed.config["world_size"] == 2
         single = audit(module, train, val, method=method, solver=solver, noisy=torch.arange(37) % 4 == 0, **OPTIONS)
         assert single.config["world_size"] == 1
-        torch.testing.assert_close(distributed.scores, single.scores, rtol=1e-5, atol=0)
+        torch.testing.assert_close(distributed.influence, single.influence, rtol=1e-5, atol=0)
         assert torch.equal(distributed.ranking, single.ranking)
         assert distributed.metrics["auroc"] == pytest.approx(single.metrics["auroc"])
 

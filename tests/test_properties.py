@@ -102,7 +102,7 @@ def test_audit_matches_dense_reference(method, solver, setup, batch_size):
     result = audit(model(), train, val, method=method, solver=solver, tuning={"steps": 0}, batch_size=batch_size,
                    curvature={"solver_options": OPTIONS.get(solver)})
     expected = reference_scores(method, solver, model(), train, val)
-    err = float((result.scores - expected).norm() / expected.norm().clamp_min(1e-300))
+    err = float((result.influence - expected).norm() / expected.norm().clamp_min(1e-300))
     assert err <= TOLERANCE[solver], err
 
 
@@ -123,7 +123,7 @@ def test_scores_permute_with_the_training_samples(method, setup, data):
     with pytest.warns(RuntimeWarning) if bad is not None else _nothing():
         b = audit(model(), TensorPairs(x[perm], train.y[perm]), val, batch_size=data.draw(st.integers(1, 5)), **kw)
     # sample perm[j] of the original is sample j of the permuted set
-    torch.testing.assert_close(b.scores, a.scores[perm], rtol=1e-8, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(b.influence, a.influence[perm], rtol=1e-8, atol=1e-12, equal_nan=True)
     assert sorted(b.excluded) == sorted((perm == e).nonzero().item() for e in a.excluded)
 
 
@@ -139,7 +139,7 @@ def test_identical_training_samples_score_identically(method, setup, data):
     x[dst], y[dst] = x[src], y[src]
     result = audit(model(), TensorPairs(x, y), val, method=method, solver="hyperinf", tuning={"steps": 2, "batch_size": 4},
                    batch_size=data.draw(st.integers(1, 5)))
-    torch.testing.assert_close(result.scores[dst], result.scores[src], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(result.influence[dst], result.influence[src], rtol=1e-10, atol=1e-14)
 
 
 @st.composite

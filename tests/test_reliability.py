@@ -72,14 +72,14 @@ def test_nonfinite_training_samples_excluded_reported_and_harmless(small, method
         result = run(train=with_nan_rows(train, bad, value), val=val, method=method, solver="exact",
                      per_validation=True)
     assert result.excluded == bad
-    assert torch.isnan(result.scores[bad]).all() and torch.isfinite(result.scores[[i for i in range(12) if i not in bad]]).all()
+    assert torch.isnan(result.influence[bad]).all() and torch.isfinite(result.influence[[i for i in range(12) if i not in bad]]).all()
     assert result.ranking[-2:].tolist() == bad  # excluded rank last
     assert torch.isnan(result.per_validation[:, bad]).all()
     # never poisoning: the other samples score exactly as if the bad ones were not in the data set
     # (for 'standard' this also proves the excluded rows never entered the training curvature)
     keep = [i for i in range(12) if i not in bad]
     clean = run(train=subset(train, keep), val=val, method=method, solver="exact", per_validation=True)
-    torch.testing.assert_close(result.scores[keep], clean.scores, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(result.influence[keep], clean.influence, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(result.per_validation[:, keep], clean.per_validation, rtol=1e-9, atol=1e-12)
 
 
@@ -106,8 +106,8 @@ def test_inf_loss_with_finite_gradient_is_excluded(small):
 
     with pytest.warns(RuntimeWarning, match=r"ids \[1, 9\]"):
         result = run(train=TensorPairs(x, train.y), val=val, method="standard", loss_fn=loss_fn)
-    assert result.excluded == [1, 9] and torch.isnan(result.scores[[1, 9]]).all()
-    assert int(torch.isfinite(result.scores).sum()) == 10
+    assert result.excluded == [1, 9] and torch.isnan(result.influence[[1, 9]]).all()
+    assert int(torch.isfinite(result.influence).sum()) == 10
 
 
 def test_nan_gradient_with_finite_loss_is_excluded(small):
@@ -128,7 +128,7 @@ def test_nan_gradient_with_finite_loss_is_excluded(small):
     with pytest.warns(RuntimeWarning, match=r"ids \[4\]"):
         result = run(train=TensorPairs(x, train.y), val=val, method="standard", loss_fn=loss_fn)
     assert result.excluded == [4] and torch.isfinite(result.loss_trained[4])
-    assert int(torch.isfinite(result.scores).sum()) == 11
+    assert int(torch.isfinite(result.influence).sum()) == 11
 
 
 def test_nonfinite_validation_samples_do_not_poison_tuning(small):
@@ -138,9 +138,9 @@ def test_nonfinite_validation_samples_do_not_poison_tuning(small):
     with pytest.warns(RuntimeWarning, match=r"1 validation sample\(s\).*ids \[2\]"):
         result = run(train=train, val=with_nan_rows(val, [2]), method="fvm")
     clean = run(train=train, val=subset(val, [0, 1, 3, 4, 5]), method="fvm")
-    assert torch.isfinite(result.scores).all() and result.excluded == []
+    assert torch.isfinite(result.influence).all() and result.excluded == []
     # the tuning batch (8) holds the whole validation set: the same 5 samples every step
-    torch.testing.assert_close(result.scores, clean.scores, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(result.influence, clean.influence, rtol=1e-10, atol=1e-12)
 
 
 def test_every_sample_nonfinite_is_a_clear_error(small):
@@ -184,7 +184,7 @@ DAMPING = {"lissa": 1.0}
 def test_one_training_sample(small, method, solver):
     train, val = small
     result = run(train=subset(train, [0]), val=val, method=method, solver=solver, damping=DAMPING.get(solver))
-    assert result.scores.shape == (1,) and torch.isfinite(result.scores).all()
+    assert result.influence.shape == (1,) and torch.isfinite(result.influence).all()
     assert result.ranking.tolist() == [0] and result.metrics["score_std"] == 0.0
 
 
@@ -193,7 +193,7 @@ def test_one_training_sample(small, method, solver):
 def test_one_validation_sample(small, method, solver):
     train, val = small
     result = run(train=train, val=subset(val, [0]), method=method, solver=solver, damping=DAMPING.get(solver))
-    assert torch.isfinite(result.scores).all()
+    assert torch.isfinite(result.influence).all()
     for block in result.solver_info["blocks"].values():  # a well-defined (converged) damped inverse
         assert block.get("residual", 0.0) < 1e-5
 
@@ -207,7 +207,7 @@ def test_single_class_labels(small):
     with pytest.warns(UserWarning, match="AUROC and average precision are undefined"):
         result = run(train=same, val=TensorPairs(val.x, torch.zeros(6, dtype=torch.long)),
                      noisy=torch.zeros(12, dtype=torch.bool))
-    assert torch.isfinite(result.scores).all() and bool((result.scores != 0).any())
+    assert torch.isfinite(result.influence).all() and bool((result.influence != 0).any())
     assert result.metrics["auroc"] != result.metrics["auroc"]  # NaN
 
 
@@ -256,7 +256,7 @@ def test_token_labels_out_of_range():
     ok = [{"input_ids": ids[i], "labels": torch.tensor([1, -100, 4])} for i in range(6)]
     torch.manual_seed(0)
     result = audit(Tagger().double(), ok, ok, method="standard", params=["out.*"])
-    assert torch.isfinite(result.scores).all()
+    assert torch.isfinite(result.influence).all()
     bad = [{**s, "labels": torch.tensor([1, 7, 4])} for s in ok]
     with pytest.raises(ValueError, match=r"token labels out of range \[0, 5\).*\[7"):
         audit(Tagger().double(), bad, ok, method="standard", params=["out.*"])
@@ -323,7 +323,7 @@ def test_frozen_model_is_a_clear_error(small):
 
 def test_huge_seed_works(small):
     result = run(train=small[0], val=small[1], seed=2**62)
-    assert torch.isfinite(result.scores).all()
+    assert torch.isfinite(result.influence).all()
 
 
 # ----------------------------------------------------------------------------- data the pipeline can't use
@@ -403,8 +403,8 @@ def test_float16_storage_overflow_upcasts_with_warning(small, tmp_path, spill):
     with pytest.warns(RuntimeWarning, match=r"gradients of weight reach .*e\+0[67], beyond the range of "
                                             r"grad_dtype=torch.float16 .*storing them in float32"):
         result = run(linear(), train, val, method="standard", solver="exact", grad_dtype="float16", **extra)
-    assert result.excluded == [] and torch.isfinite(result.scores).all()
-    torch.testing.assert_close(result.scores, reference.scores, rtol=1e-2, atol=1e-6)  # fp16-rounded first rows
+    assert result.excluded == [] and torch.isfinite(result.influence).all()
+    torch.testing.assert_close(result.influence, reference.influence, rtol=1e-2, atol=1e-6)  # fp16-rounded first rows
     assert os.listdir(tmp_path) == []  # the float16 store's spill files are gone too
 
 
@@ -438,8 +438,8 @@ def test_half_precision_model_on_cpu(small, dtype):
     half = run(linear(dtype), cast(train, dtype), cast(val, dtype), method="standard", solver="exact")
     full = run(linear(dtype).float(), cast(cast(train, dtype), torch.float32), cast(cast(val, dtype), torch.float32),
                method="standard", solver="exact")
-    assert half.config["grad_dtype"] == "torch.float32" and torch.isfinite(half.scores).all()
-    assert float((half.scores - full.scores).norm() / full.scores.norm()) < 0.05
+    assert half.config["grad_dtype"] == "torch.float32" and torch.isfinite(half.influence).all()
+    assert float((half.influence - full.influence).norm() / full.influence.norm()) < 0.05
 
 
 # ----------------------------------------------------------------------------- solver convergence
@@ -528,7 +528,7 @@ def test_full_backward_hook_with_non_linear_parameters(small):
     plain = run(model(False), *small, method="standard", solver="exact")
     with pytest.warns(UserWarning, match="can't be vmapped.*falling back to one backward per sample"):
         hooked = run(model(True), *small, method="standard", solver="exact")
-    torch.testing.assert_close(hooked.scores, plain.scores, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(hooked.influence, plain.influence, rtol=1e-9, atol=1e-12)
 
 
 class Boom(Exception):
@@ -551,7 +551,9 @@ def failing_loss(k: int, exc: BaseException):
 
 # n=12, m=6, batch 4, fvm with 2 SAM steps: calls 1-3 the loss at θ*, 4-7 tuning (2 per step),
 # 8-10 training gradients, 11-12 validation gradients.
-STAGE_CALLS = {"loss_at_trained": 1, "tuning": 5, "train_gradients": 9, "val_gradients": 12}
+# tuning: the θ* check on the full validation set (2 batches), the lr probe (1 backward + 8 forward
+# passes here) and 2 SAM steps of 2 passes; then 3 training and 2 validation gradient batches
+STAGE_CALLS = {"loss_at_trained": 1, "tuning": 5, "train_gradients": 21, "val_gradients": 23}
 # the pre-flight check before them: the loss, the per-sample gradients, the autograd reference
 PREFLIGHT_CALLS = 3
 
@@ -560,10 +562,10 @@ def test_stage_call_map(small):
     # the map counts the pipeline's own calls: the pre-flight check (3 calls, tested below) is off
     counter = failing_loss(0, Boom())
     run(users_model(), *small, loss_fn=counter, max_memory=1, preflight=False)
-    assert counter.calls[0] == 12
+    assert counter.calls[0] == 23
     counter = failing_loss(0, Boom())
     run(users_model(), *small, loss_fn=counter, max_memory=1)
-    assert counter.calls[0] == 12 + PREFLIGHT_CALLS
+    assert counter.calls[0] == 23 + PREFLIGHT_CALLS
 
 
 @pytest.mark.parametrize("exc", [Boom("injected"), KeyboardInterrupt()], ids=["exception", "keyboard_interrupt"])
@@ -625,7 +627,7 @@ def test_model_and_files_restored_after_success(small, tmp_path, method):
     model = users_model()
     before = model_state(model)
     result = run(model, *small, method=method, max_memory=1, spill_dir=str(tmp_path), per_validation=True)
-    assert torch.isfinite(result.scores).all()
+    assert torch.isfinite(result.influence).all()
     assert_state(before, model_state(model))
     assert os.listdir(tmp_path) == []
 
@@ -636,7 +638,7 @@ def test_audit_inside_inference_mode(small):
     with torch.inference_mode():
         result = run(train=small[0], val=small[1])
         assert torch.is_inference_mode_enabled()
-    assert torch.isfinite(result.scores).all()
+    assert torch.isfinite(result.influence).all()
 
 
 # ----------------------------------------------------------------------------- files
@@ -741,7 +743,7 @@ def test_saved_files_are_complete_and_strict_json_with_excluded(small, tmp_path)
 def test_same_seed_and_data_give_bit_identical_scores(small, method):
     a = run(mlp(), *small, method=method, seed=3, per_validation=True)
     b = run(mlp(), *small, method=method, seed=3, per_validation=True)
-    assert torch.equal(a.scores, b.scores) and torch.equal(a.ranking, b.ranking)
+    assert torch.equal(a.influence, b.influence) and torch.equal(a.ranking, b.ranking)
     assert torch.equal(a.per_validation, b.per_validation)
 
 

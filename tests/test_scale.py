@@ -36,7 +36,7 @@ def test_spilled_audit_equals_in_memory(blobs, tmp_path):
         ref = audit(model, train, val, method=method, tuning={"steps": 5})
         spilled = audit(model, train, val, method=method, tuning={"steps": 5}, max_memory=1024,
                         spill_dir=str(tmp_path / "spill"))
-        torch.testing.assert_close(spilled.scores, ref.scores, rtol=1e-6, atol=0)
+        torch.testing.assert_close(spilled.influence, ref.influence, rtol=1e-6, atol=0)
         assert os.listdir(tmp_path / "spill") == []  # spill files removed afterwards
 
 
@@ -62,5 +62,5 @@ def test_projection_keeps_scores_correlated(blobs):
     sketched = audit(model, train, val, method="fvm", tuning={"steps": 5}, projection=32)
     assert sketched.config["projection"] == 32
     rank = lambda s: s.argsort().argsort().double()  # noqa: E731
-    rho = float(torch.corrcoef(torch.stack([rank(full.scores), rank(sketched.scores)]))[0, 1])
+    rho = float(torch.corrcoef(torch.stack([rank(full.influence), rank(sketched.influence)]))[0, 1])
     assert rho > 0.8

@@ -9,12 +9,21 @@ from ..metrics import score_summary
 from ..result import AuditResult
 
 PREFIX = "influence/"
+#: validation-tuning statistics (``result.tuning`` key -> scalar name after ``influence/``)
+TUNING_SCALARS = {"val_loss_trained": "val_loss_trained", "val_loss_tuned": "val_loss_tuned",
+                  "val_acc_trained": "val_acc_trained", "val_acc_tuned": "val_acc_tuned",
+                  "sharpness": "sharpness", "grad_ratio": "tuning/grad_ratio", "epochs": "tuning/epochs",
+                  "lr": "tuning/lr", "at_minimum": "tuning/at_minimum",
+                  "epochs_of_training": "tuning/cost_in_training_epochs"}
 
 
 def scalar_metrics(result: AuditResult) -> Dict[str, float]:
     """The scalars to log: every finite entry of ``result.metrics`` (plus the score summary
-    statistics if absent) as ``influence/<name>`` and each stage time as
-    ``influence/time/<stage>``. NaN/inf and non-numeric values are left out."""
+    statistics if absent) as ``influence/<name>``, each stage time as
+    ``influence/time/<stage>``, every ranking's detection metrics as
+    ``influence/by_<ranking>/<name>`` (``by_influence``, ``by_loss_tuned``, ``by_loss_trained``),
+    and the validation tuning's figures (``influence/val_loss_trained``, ``val_loss_tuned``,
+    ``val_acc_*``, ``sharpness``, ``tuning/*``). NaN/inf and non-numeric values are left out."""
     metrics: Dict[str, Any] = dict(result.metrics)
     finite = result.scores[result.scores.isfinite()]
     if finite.numel():
@@ -22,6 +31,10 @@ def scalar_metrics(result: AuditResult) -> Dict[str, float]:
             metrics.setdefault(key, value)
     out = {f"{PREFIX}{k}": v for k, v in metrics.items()}
     out.update({f"{PREFIX}time/{k}": v for k, v in result.stage_seconds.items()})
+    for ranking, values in getattr(result, "metrics_by", {}).items():  # every ranking's metrics, side by side
+        out.update({f"{PREFIX}by_{ranking}/{k}": v for k, v in values.items()})
+    tuning = getattr(result, "tuning", {}) or {}
+    out.update({f"{PREFIX}{name}": tuning[key] for key, name in TUNING_SCALARS.items() if key in tuning})
     clean: Dict[str, float] = {}
     for key, value in out.items():
         try:

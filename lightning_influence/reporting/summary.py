@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -24,8 +24,11 @@ def summary_text(result: AuditResult, top: int = 10, describe: Optional[Callable
     if result.stage_seconds:
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.stage_seconds.items())
         lines.append(f"Time per stage: {stages} (total {sum(result.stage_seconds.values()):.2f}s)")
+    lines += tuning_lines(result)
     k = min(int(top), n)
-    lines += ["", f"Top {k} most harmful samples:", text_table(top_k_rows(result, k, describe))]
+    lines += ["", f"Top {k} most harmful samples (ranked by {RANKING_NAMES.get(result.rank_by, result.rank_by)}):",
+              text_table(top_k_rows(result, k, describe))]
+    lines += ranking_table(result)
     if result.metrics:
         lines += ["", "Metrics:"]
         items = [f"{name}={format_cell(float(v))}" for name, v in result.metrics.items()
@@ -33,6 +36,62 @@ def summary_text(result: AuditResult, top: int = 10, describe: Optional[Callable
         for i in range(0, len(items), 4):
             lines.append("  " + "  ".join(items[i:i + 4]))
     return "\n".join(lines)
+
+
+#: plain names of the rankings
+RANKING_NAMES = {"influence": "the influence score", "loss_tuned": "the loss at θ̃ (validation-tuned)",
+                 "loss_trained": "the loss at θ* (trained)"}
+#: the detection metrics shown side by side for every ranking
+SIDE_BY_SIDE = ("auroc", "ap", "recall@noise_rate", "precision@k")
+
+
+def tuning_lines(result: AuditResult) -> List[str]:
+    """vm/fvm: where the validation tuning went (full validation set at θ* and θ̃), its
+    flatness, whether θ̃ is a validation minimum, and its cost beside one training epoch."""
+    t = result.tuning or {}
+    if "val_loss_tuned" not in t or not t.get("steps"):
+        return []
+    f = lambda v: format_cell(float(v))  # noqa: E731
+    parts = [f"{t.get('epochs', float('nan')):.2g} passes over the validation set ({int(t['steps'])} steps, "
+             f"lr {t.get('lr', float('nan')):.3g})",
+             f"full validation set: loss {f(t.get('val_loss_trained', float('nan')))} -> {f(t['val_loss_tuned'])}"]
+    if math.isfinite(t.get("val_acc_tuned", float("nan"))):
+        parts.append(f"accuracy {f(t.get('val_acc_trained', float('nan')))} -> {f(t['val_acc_tuned'])}")
+    if math.isfinite(t.get("sharpness", float("nan"))):
+        parts.append(f"sharpness (SAM loss gap) {f(t['sharpness'])}")
+    if math.isfinite(t.get("grad_ratio", float("nan"))):
+        parts.append(f"gradient norm {t['grad_ratio']:.0%} of its value at θ*")
+    seconds = result.stage_seconds.get("tuning")
+    if seconds is not None:
+        cost = f"{seconds:.1f}s"
+        if math.isfinite(t.get("epochs_of_training", float("nan"))):
+            cost += f" = {t['epochs_of_training']:.2f} training epochs"
+        parts.append(cost)
+    verdict = "at a validation minimum" if t.get("at_minimum") == 1.0 else "NOT at a validation minimum"
+    return [f"Validation tuning: {', '.join(parts)}: {verdict}"]
+
+
+def ranking_table(result: AuditResult) -> List[str]:
+    """The detection metrics of every ranking side by side (with ``noisy`` flags), the one
+    ``result.ranking`` follows first."""
+    by = getattr(result, "metrics_by", None) or {}
+    if not by:
+        return []
+    order = [result.rank_by] + [r for r in ("loss_tuned", "influence", "loss_trained") if r != result.rank_by]
+    rows = []
+    for name in order:
+        if name not in by:
+            continue
+        label = f"{name} ({result.method})" if name == "influence" else name
+        if name == result.rank_by:
+            label += " <- ranking"
+        rows.append({"ranking": label, **{m: by[name].get(m, float("nan")) for m in SIDE_BY_SIDE}})
+    cols = ["ranking", *SIDE_BY_SIDE]
+    cells = [[r["ranking"]] + [format_cell(float(r[m])) for m in SIDE_BY_SIDE] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    fmt = lambda vals: "  ".join(v.ljust(w) if i == 0 else v.rjust(w)  # noqa: E731
+                                  for i, (v, w) in enumerate(zip(vals, widths))).rstrip()
+    return ["", "Detection by ranking (against the noisy flags):", fmt(cols)] + [fmt(c) for c in cells]
 
 
 def write_scores_file(result: AuditResult, directory: str, filename: str = "influence_scores.csv") -> str:

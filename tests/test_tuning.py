@@ -1,0 +1,172 @@
+"""Validation tuning that reaches (and proves it reached) a validation minimum, the budget in
+passes over the validation set, the learning-rate probe, and the rankings side by side."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_influence import audit
+from lightning_influence.config import TuningConfig
+from lightning_influence.datasets import TensorPairs, noisy_digits
+from lightning_influence.metrics import detection_metrics
+from lightning_influence.tuning import budget_epochs, probe_lr
+
+pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
+              pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec"),
+              pytest.mark.filterwarnings("ignore:.*lissa did not converge")]
+
+
+def _digits_mlp(split, epochs=60, seed=0):
+    """A 64-64-10 MLP that fits the noisy digits labels (as in test_audit_quality)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, y = split.train.x, split.train.y
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y)).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    split = noisy_digits(rate=0.2, seed=0)
+    return split, _digits_mlp(split)
+
+
+def _full_val(model, data):
+    with torch.no_grad():
+        logits = model(data.x)
+        return float(nn.functional.cross_entropy(logits, data.y)), float((logits.argmax(-1) == data.y).double().mean())
+
+
+def test_default_tuning_reaches_a_validation_minimum_and_says_so(digits):
+    split, model = digits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = audit(model, split.train, split.val, method="fvm", params="trainable", noisy=split.noisy,
+                       batch_size=128)
+    t = result.tuning
+    loss_star, acc_star = _full_val(model, split.val)  # θ* figures measured independently of the audit
+    assert t["val_loss_trained"] == pytest.approx(loss_star, rel=1e-5)
+    assert t["val_acc_trained"] == pytest.approx(acc_star)
+    assert t["val_loss_tuned"] < 0.5 * t["val_loss_trained"]  # clearly below, on the full validation set
+    assert t["val_acc_tuned"] > t["val_acc_trained"]
+    assert t["grad_ratio"] < 0.5 and t["at_minimum"] == 1.0
+    assert math.isfinite(t["sharpness"]) and t["sharpness"] >= -1e-6  # SAM's perturbed-minus-clean gap
+    assert not [w for w in caught if "did not reach a validation minimum" in str(w.message)]
+    # the default budget: one training epoch of compute, n / (2m) passes for SAM
+    n, m = len(split.train), len(split.val)
+    assert t["planned_epochs"] == pytest.approx(n / (2 * m), abs=1 / t["batches_per_pass"])
+    assert t["epochs"] <= t["planned_epochs"] + 1e-9
+
+
+def test_tuning_that_does_not_reach_a_minimum_warns_and_names_the_fix(digits):
+    split, model = digits
+    with pytest.warns(RuntimeWarning, match=r"did not reach a validation minimum.*raise tuning.steps"):
+        result = audit(model, split.train, split.val, method="vm", params="trainable", batch_size=128,
+                       tuning={"steps": 2, "lr": 1e-7})
+    assert result.tuning["at_minimum"] == 0.0
+    assert result.tuning["val_loss_tuned"] == pytest.approx(result.tuning["val_loss_trained"], rel=1e-3)
+
+
+def test_budget_is_in_passes_over_the_validation_set_and_stops_early(digits):
+    split, model = digits
+    m = len(split.val)
+    cfg = TuningConfig(epochs=1.5, batch_size=30)
+    result = audit(model, split.train, split.val, method="fvm", params="trainable", tuning=cfg)
+    assert result.tuning["batches_per_pass"] == math.ceil(m / 30)
+    assert result.tuning["steps"] == math.ceil(1.5 * math.ceil(m / 30))
+    # a loose tolerance stops after the first pass whose loss fell by less than half
+    early = audit(model, split.train, split.val, method="fvm", params="trainable",
+                  tuning=TuningConfig(epochs=10, batch_size=30, tol=0.5))
+    assert early.tuning["stopped_early"] == 1.0 and early.tuning["epochs"] < 10
+    assert early.tuning["epochs"] == int(early.tuning["epochs"])  # it stops at the end of a pass
+    assert budget_epochs(TuningConfig(), 1000, 300, True) == pytest.approx(1000 / 600)
+    assert budget_epochs(TuningConfig(), 1000, 300, False) == pytest.approx(1000 / 300)
+    assert budget_epochs(TuningConfig(), 10 ** 6, 100, True) == 10.0  # capped
+    assert budget_epochs(TuningConfig(), 50, 300, True) == 1.0  # at least one pass
+
+
+def test_learning_rate_probe_is_scale_free():
+    """Scaling the loss by c scales the gradient by c: the probe's Polyak-step grid scales by
+    1/c, so the step it takes (lr x gradient) is the same."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (64,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3).double()
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+    ce = lambda c: (lambda mod, b: c * nn.functional.cross_entropy(mod(b[0]), b[1], reduction="none"))  # noqa: E731
+    before = [p.detach().clone() for p in model.parameters()]
+    lr1, curve1 = probe_lr(model, list(model.parameters()), batches, ce(1.0))
+    lr10, curve10 = probe_lr(model, list(model.parameters()), batches, ce(10.0))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # θ restored exactly
+    assert lr10 == pytest.approx(lr1 / 10, rel=1e-6)
+    assert min(curve1.values()) < curve1["0"]  # the chosen step lowers the probe loss
+
+
+def test_rank_by_chooses_the_ranking_and_reports_every_ranking(digits):
+    split, model = digits
+    kw = dict(method="fvm", params="trainable", noisy=split.noisy, batch_size=128, top_k=30)
+    default = audit(model, split.train, split.val, **kw)
+    assert default.rank_by == "loss_tuned"
+    assert torch.equal(default.scores, default.loss_tuned)
+    assert torch.all(default.scores[default.ranking][:-1] >= default.scores[default.ranking][1:])
+    by = default.metrics_by
+    assert set(by) == {"influence", "loss_tuned", "loss_trained"}
+    for name, values in (("influence", default.influence), ("loss_tuned", default.loss_tuned),
+                         ("loss_trained", default.loss_trained)):
+        assert by[name]["auroc"] == pytest.approx(detection_metrics(values, split.noisy)["auroc"])
+    assert default.metrics["auroc"] == by["loss_tuned"]["auroc"]
+    influence = audit(model, split.train, split.val, rank_by="influence", **kw)
+    assert influence.rank_by == "influence" and torch.equal(influence.scores, influence.influence)
+    assert torch.equal(influence.influence, default.influence)  # same θ̃, same influence scores
+    assert influence.metrics["auroc"] == pytest.approx(by["influence"]["auroc"])
+    assert audit(model, split.train, split.val, method="standard", params="trainable").rank_by == "influence"
+    with pytest.raises(ValueError, match="rank_by"):
+        audit(model, split.train, split.val, method="standard", rank_by="loss_tuned")
+    with pytest.raises(ValueError, match="rank_by"):
+        audit(model, split.train, split.val, rank_by="gradient_norm")
+
+
+def test_summary_and_loggers_show_both_rankings_read_back(tmp_path):
+    """Both rankings' metrics and the tuning figures reach the summary and a CSVLogger's
+    metrics.csv (read back with the csv module), with the values of the result."""
+    import csv
+
+    import lightning.pytorch as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_influence import InfluenceCallback
+    from lightning_influence.reporting import summary_text
+    from test_callback import NoisyBlobs, TinyClassifier, make_trainer
+
+    dm = NoisyBlobs()
+    cb = InfluenceCallback(noisy=dm.noisy, scores_filename=None)
+    logger = CSVLogger(str(tmp_path), name="csv")
+    make_trainer(tmp_path, [cb], logger=logger, max_epochs=3).fit(TinyClassifier(), dm)
+    result = cb.result
+    assert result is not None and result.rank_by == "loss_tuned"
+    with open(f"{logger.log_dir}/metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    logged = {k: float(v) for row in rows for k, v in row.items() if v not in ("", None) and k.startswith("influence/")}
+    for ranking in ("influence", "loss_tuned", "loss_trained"):
+        for metric in ("auroc", "ap"):
+            assert logged[f"influence/by_{ranking}/{metric}"] == pytest.approx(result.metrics_by[ranking][metric])
+    assert logged["influence/auroc"] == pytest.approx(result.metrics_by["loss_tuned"]["auroc"])
+    for key in ("val_loss_trained", "val_loss_tuned", "val_acc_trained", "val_acc_tuned", "sharpness"):
+        assert logged[f"influence/{key}"] == pytest.approx(result.tuning[key])
+    assert logged["influence/val_loss_tuned"] < logged["influence/val_loss_trained"]
+    # the callback times the training epochs: the tuning's cost in training epochs is logged
+    assert result.tuning["train_epoch_seconds"] > 0
+    assert logged["influence/tuning/cost_in_training_epochs"] == pytest.approx(result.tuning["epochs_of_training"])
+    text = summary_text(result)
+    assert "Detection by ranking" in text and "loss_tuned <- ranking" in text and "influence (fvm)" in text
+    assert f"{result.metrics_by['influence']['auroc']:.4g}" in text
+    assert "Validation tuning:" in text and "training epochs" in text
