@@ -189,13 +189,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--train-steps", type=int, default=1500)
     ap.add_argument("--tuning", type=json.loads, default=None, help="TuningConfig overrides (JSON)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "removal.json"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/removal.json (--quick: a temporary file)")
     opts = ap.parse_args(argv)
     if opts.quick:
         opts.tasks, opts.seeds, opts.q, opts.train_steps = opts.tasks[:1], opts.seeds[:1], [5, 10], 200
         import tempfile
 
-        opts.out = os.path.join(tempfile.gettempdir(), "removal_quick.json")  # never rendered into the README
+        opts.out = opts.out or os.path.join(tempfile.gettempdir(), "removal_quick.json")  # never rendered into the README
+    opts.out = opts.out or os.path.join(HERE, "results", "removal.json")
     torch.set_num_threads(opts.threads)
     header = dict(machine=common.machine_info(), date=common.now(),
                   command="python benchmarks/removal.py " + " ".join(argv if argv is not None else sys.argv[1:]))

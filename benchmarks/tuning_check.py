@@ -119,13 +119,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--digits-steps", type=int, default=1500)
     ap.add_argument("--tuning", type=json.loads, default=None, help="TuningConfig overrides (JSON); default: the library's")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "tuning_check.json"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/tuning_check.json (--quick: a temporary file)")
     opts = ap.parse_args(argv)
     if opts.quick:
         opts.tasks, opts.seeds, opts.digits_steps = ["digits-sym20"], [0], 300
         import tempfile
 
-        opts.out = os.path.join(tempfile.gettempdir(), "tuning_check_quick.json")  # never rendered into the README
+        opts.out = opts.out or os.path.join(tempfile.gettempdir(), "tuning_check_quick.json")  # never rendered into the README
+    opts.out = opts.out or os.path.join(HERE, "results", "tuning_check.json")
     torch.set_num_threads(opts.threads)
     header = dict(machine=common.machine_info(), date=common.now(),
                   command="python benchmarks/tuning_check.py " + " ".join(argv if argv is not None else sys.argv[1:]))

@@ -170,3 +170,26 @@ def test_summary_and_loggers_show_both_rankings_read_back(tmp_path):
     assert "Detection by ranking" in text and "loss_tuned <- ranking" in text and "influence (fvm)" in text
     assert f"{result.metrics_by['influence']['auroc']:.4g}" in text
     assert "Validation tuning:" in text and "training epochs" in text
+
+
+@pytest.mark.parametrize("script", ["tuning_check.py", "removal.py"])
+def test_benchmark_scripts_run_quick_and_record_command_machine_date(tmp_path, script):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", script), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["tables"] and all(t["rows"] and t["command"] and t["date"] and t["machine"] for t in doc["tables"])
+    if script == "removal.py":  # every ranking retrained at every removal level
+        rankings = {r["ranking"] for r in doc["raw"]}
+        assert {"fvm", "vm", "standard", "loss@θ̃", "loss@θ*", "cleanlab", "random", "none"} <= rankings
+        assert all(0.0 <= r["test"] <= 1.0 for r in doc["raw"])
+    else:
+        row = doc["raw"][0]
+        assert row["val_loss_tuned"] < row["val_loss_trained"]
