@@ -46,7 +46,7 @@ def _best(fn, repeat: int = 3) -> float:
     return best
 
 
-def machine_peak(size: int = 3072) -> Dict[str, float]:
+def machine_peak(size: int = 3072, read: bool = True) -> Dict[str, float]:
     """GFLOP/s of a ``size``×``size`` ``torch.mm`` (float32, float64) and GB/s of a 512 MiB read."""
     import torch
 
@@ -55,6 +55,8 @@ def machine_peak(size: int = 3072) -> Dict[str, float]:
         a = torch.randn(size, size, dtype=dtype)
         b = torch.randn(size, size, dtype=dtype)
         out[f"mm_{name}_gflops"] = 2 * size ** 3 / _best(lambda: a @ b) / 1e9
+    if not read:
+        return out
     x = torch.ones(128 << 20)  # 512 MiB of float32
     out["read_gbs"] = x.numel() * 4 / _best(lambda: x.sum()) / 1e9
     return out
@@ -95,6 +97,7 @@ def measure(ns: List[int], m: int, blocks: int, rank: int, dim: int, solvers, mo
             curv = val if mode == "fvm" else train
             valid = torch.ones(len(curv), dtype=torch.bool)
             for name in solvers:
+                local_peak = machine_peak(1024 if dim < 128 else 2048, read=False)  # the machine is shared
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     start = time.perf_counter()
@@ -111,6 +114,7 @@ def measure(ns: List[int], m: int, blocks: int, rank: int, dim: int, solvers, mo
                 info = next(iter(fitted.values())).info
                 iters = [s.info.get("iterations", 0) for s in fitted.values()]
                 rows.append({"n": n, "m": m, "mode": mode, "solver": name, "fit_s": fit_s, "score_s": score_s,
+                             "peak_here": local_peak,
                              "iterations_mean": sum(iters) / len(iters), "method": info.get("method"),
                              "schulz_float32_iterations": info.get("float32_iterations", 0),
                              "scores_head": [float(x) for x in scores[:64]]})
@@ -167,6 +171,33 @@ def spill_reads(n: int, blocks: int, rank: int, dim: int, chunk: int) -> Dict[st
     return out
 
 
+def schulz_vs_cholesky(blocks: int, rank: int, dim: int, m: int) -> Dict[str, Any]:
+    """hyperinf's inverse of the damped GFIM of every block from its Gram matrix: the Schulz
+    iteration (as fitted) against a direct Cholesky inverse (``cholesky`` + ``cholesky_inverse``,
+    float64), on the Gram matrices of ``m`` synthetic samples."""
+    import torch
+    from lightning_influence.solvers import make_solver
+
+    train, _ = make_stores(m, 1, blocks, rank, dim)
+    solvers = [make_solver("hyperinf") for _ in range(blocks)]
+    stats = [s.statistics(train.block(name)) for s, name in zip(solvers, train.names)]
+    lam = [0.1 * float(train.block(name).double().pow(2).mean()) for name in train.names]
+    cls = type(solvers[0])
+    fit = getattr(cls, "fit_group", None)
+    run = (lambda: fit(solvers, stats, [m] * blocks, lam)) if fit else \
+        (lambda: [s.fit_statistics(st, m, l) for s, st, l in zip(solvers, stats, lam)])
+    schulz_s = _best(run, 2)
+    eye = torch.eye(dim, dtype=torch.float64)
+    a = torch.stack([st["gram"].double() / m + l * eye for st, l in zip(stats, lam)])
+    chol_s = _best(lambda: torch.cholesky_inverse(torch.linalg.cholesky(a)), 2)
+    x_chol = torch.cholesky_inverse(torch.linalg.cholesky(a))
+    diff = max(float((s._x.double() - xc).norm() / xc.norm()) for s, xc in zip(solvers, x_chol))
+    train.close()
+    return {"blocks": blocks, "d": dim, "schulz_s": schulz_s, "cholesky_s": chol_s,
+            "iterations": solvers[0].info.get("iterations"), "float32_iterations": solvers[0].info.get("float32_iterations"),
+            "schulz_over_cholesky": schulz_s / chol_s, "max_rel_diff": diff}
+
+
 # --------------------------------------------------------------------------- flop counts
 
 def flops(row: Dict[str, Any], blocks: int, rank: int, dim: int) -> Dict[str, Dict[str, float]]:
@@ -193,7 +224,9 @@ def flops(row: Dict[str, Any], blocks: int, rank: int, dim: int) -> Dict[str, Di
         fit["float32"] = 1.0 * curv * rank * d * (d + 1)          # Gram as a rank-k update, float32 products
         schulz = 4.0 * d ** 3                                     # A X, X R per iteration
         fit["float32"] += schulz * f32_iters
-        fit["float64"] = schulz * max(iters - f32_iters, 0) + 2.0 * d ** 3  # + the final residual check
+        # the first step X_1 = α(2I − αA) needs no product; then float32 steps, float64 steps, and
+        # the final float64 residual check
+        fit["float64"] = schulz * max(iters - f32_iters - 1, 0) + 2.0 * d ** 3
         if mode == "fvm":
             score["float32"] = 2.0 * n * rank * d * d + 2.0 * n * big_d
         else:
@@ -224,9 +257,10 @@ def analyse(rows, peak, blocks, rank, dim, before: Optional[List[Dict[str, Any]]
         counts = flops(row, blocks, rank, dim)
         entry = dict(row)
         entry.pop("scores_head", None)
+        here = {**peak, **row.get("peak_here", {})}  # the peak measured just before this row, if any
         for stage in ("fit", "score"):
             c, seconds = counts[stage], row[f"{stage}_s"]
-            ideal_flops = c["float32"] / peak["mm_float32_gflops"] + c["float64"] / peak["mm_float64_gflops"]
+            ideal_flops = c["float32"] / here["mm_float32_gflops"] + c["float64"] / here["mm_float64_gflops"]
             ideal_bytes = c["bytes"] / peak["read_gbs"]
             total = c["float32"] + c["float64"]
             entry[f"{stage}_gflop"] = total / 1e9
@@ -300,6 +334,7 @@ def main() -> None:
     parser.add_argument("--reference", default=None, help="a clone of the HyperINF reference repository")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "roofline.json"))
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
+    parser.add_argument("--reanalyse", default=None, help="recount the flops of a previous results file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -327,15 +362,34 @@ def main() -> None:
     from common import machine_info, now, write_results  # noqa: E402
 
     started = time.perf_counter()
-    peak = machine_peak(1024 if args.quick else 3072)
-    print("peak", peak, flush=True)
-    rows = measure(args.ns, args.m, args.blocks, args.rank, args.dim, args.solvers, args.modes, args.chunk)
-    before = run_before(args.before, args, args.before_ns or args.ns) if args.before else None
-    spill = spill_reads(args.spill_n, args.blocks, args.rank, args.dim, args.chunk) if args.spill_n else None
-    peak_after = machine_peak(1024 if args.quick else 3072)  # the machine is shared: bracket the run
-    entries = analyse(rows, peak, args.blocks, args.rank, args.dim, before)
     command = " ".join(["python benchmarks/roofline.py"] + sys.argv[1:])
-    machine = machine_info()
+    if args.reanalyse:  # recount the flops of a previous run's measurements (no new timing)
+        with open(args.reanalyse) as fh:
+            old = json.load(fh)
+        peak, peak_after, spill, inverse = old["peak"], old["peak_after"], old["spill"], old["inverse"]
+        opts = old["options"]
+        args.blocks, args.rank, args.dim, args.m, args.threads = (opts[k] for k in ("blocks", "rank", "dim", "m", "threads"))
+        args.before, args.reference = opts.get("before"), opts.get("reference")
+        rows = old["entries"]
+        before = [{"n": e["n"], "mode": e["mode"], "solver": e["solver"], "fit_s": e["before_fit_s"],
+                   "score_s": e["before_score_s"]} for e in rows if "before_fit_s" in e] or None
+        command = old["tables"][0]["command"] + f" (flops recounted by: {command})"
+        machine = old["tables"][0]["machine"]
+    else:
+        peak = machine_peak(1024 if args.quick else 3072)
+        print("peak", peak, flush=True)
+        rows = measure(args.ns, args.m, args.blocks, args.rank, args.dim, args.solvers, args.modes, args.chunk)
+        before = run_before(args.before, args, args.before_ns or args.ns) if args.before else None
+        spill = spill_reads(args.spill_n, args.blocks, args.rank, args.dim, args.chunk) if args.spill_n else None
+        inverse = schulz_vs_cholesky(args.blocks, args.rank, args.dim, args.m)
+        print("schulz vs cholesky", inverse, flush=True)
+        peak_after = machine_peak(1024 if args.quick else 3072)  # the machine is shared: bracket the run
+        machine = machine_info()
+    entries = analyse(rows, peak, args.blocks, args.rank, args.dim, before)
+    if args.reanalyse:
+        for e, r in zip(entries, rows):
+            if "max_rel_diff_vs_before" in r:
+                e["max_rel_diff_vs_before"] = r["max_rel_diff_vs_before"]
     shape = f"{args.blocks} blocks of {args.rank}×{args.dim}, m = {args.m} validation samples, float32 store"
     columns = ["n", "mode", "solver", "fit s", "score s", "dominant", "GFLOP/s (dominant)", "% of peak (dominant)",
                "% of roofline (dominant)"]
@@ -356,7 +410,8 @@ def main() -> None:
              f"{peak['mm_float64_gflops']:.1f} GFLOP/s float64, read {peak['read_gbs']:.1f} GB/s; at the end: "
              f"{peak_after['mm_float32_gflops']:.1f} / {peak_after['mm_float64_gflops']:.1f} GFLOP/s, "
              f"{peak_after['read_gbs']:.1f} GB/s ({args.threads} thread(s))",
-             "% of peak = (flops in float32 / float32 peak + flops in float64 / float64 peak) / measured seconds; "
+             "% of peak = (flops in float32 / float32 peak + flops in float64 / float64 peak) / measured seconds, "
+             "with the peak of a 2048² torch.mm measured just before each row (other jobs share this machine); "
              "useful flops: a Gram matrix counts as a symmetric rank-k update (half a general product), "
              "Cholesky k³/3; % of roofline also allows for the bytes of gradients read at the measured bandwidth",
              "fvm: curvature from the m validation gradients, every training sample scored by its quadratic form; "
@@ -377,7 +432,17 @@ def main() -> None:
                                  f"{spill['spilled_fit_s']:.3f}", f"{spill['spilled_over_ram']:.2f}",
                                  f"{spill['spilled_reads_over_store']:.2f}"]],
                        "notes": ["spilled files are read from the page cache here (warm), not a cold disk"]})
-    result = {"tables": tables, "peak": peak, "peak_after": peak_after, "entries": entries, "spill": spill,
+    tables.append({"title": "hyperinf's d×d inverse: Schulz iteration against a direct Cholesky inverse (CPU)",
+                   "machine": machine, "date": now(), "command": command,
+                   "columns": ["blocks", "d", "Schulz s (as fitted)", "iterations (float32 ones)",
+                               "Cholesky inverse s (float64)", "Schulz / Cholesky", "max rel. diff of X"],
+                   "rows": [[inverse["blocks"], inverse["d"], f"{inverse['schulz_s']:.3f}",
+                             f"{inverse['iterations']} ({inverse['float32_iterations']})", f"{inverse['cholesky_s']:.3f}",
+                             f"{inverse['schulz_over_cholesky']:.1f}", f"{inverse['max_rel_diff']:.1e}"]],
+                   "notes": ["Schulz: ~4d³ flops per iteration; Cholesky + inverse: ~d³ in all. On a CPU the direct "
+                             "inverse is faster; the Schulz iteration is kept (HyperINF's method: all matrix products, "
+                             "which a GPU runs near its peak)"]})
+    result = {"tables": tables, "inverse": inverse, "peak": peak, "peak_after": peak_after, "entries": entries, "spill": spill,
               "reference": reference_status(args.reference), "options": vars(args),
               "wall_seconds": time.perf_counter() - started}
     write_results(result, args.out)
