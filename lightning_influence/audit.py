@@ -332,13 +332,14 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
                     losses = training_losses(working, train_data, batch_size, device, loss_fn, train_ids)
                 factory = bucketed_loader_factory(val_data, tuning_cfg.batch_size, seed, "val_data",
                                                   pool=50 if tuning_cfg.bucket else 0)
-                total = planned_steps(tuning_cfg, len(factory(0)), budget_epochs(tuning_cfg, n, m, method == "fvm"))
+                cost = relative_sample_cost(train_data, val_data, seed) if tuning_cfg.epochs == "auto" else 1.0
+                total = planned_steps(tuning_cfg, len(factory(0)), budget_epochs(tuning_cfg, n * cost, m, method == "fvm"))
                 with stages("tuning"), progress.stage("tuning", total) as update:
                     stats = tune_model(working, tuned_params, factory, tuning_cfg, method == "fvm", loss_fn,
                                        lambda b: _move(b, device), update,
                                        eval_loader=sequential_loader(val_data, batch_size, name="val_data"),
-                                       reference=[b.param for b in blocks], train_size=n)
-                return losses, stats
+                                       reference=[b.param for b in blocks], train_size=n * cost)
+                return losses, {**stats, "train_sample_cost": cost}
 
             loss_trained, tune_stats = dist.checkpoint(tune_stage)
             dist.broadcast_(tuned_params)  # every rank scores at exactly rank 0's θ̃
@@ -685,4 +686,4 @@ def _ranking(scores: Tensor) -> Tensor:
     return torch.sort(-key, stable=True).indices
 
 
-from .tuning import budget_epochs, bucketed_loader_factory, planned_steps, tune as tune_model, verify as verify_tuning  # noqa: E402  (kept at the end: the pipeline reads top-down)
+from .tuning import budget_epochs, bucketed_loader_factory, planned_steps, relative_sample_cost, tune as tune_model, verify as verify_tuning  # noqa: E402  (kept at the end: the pipeline reads top-down)

@@ -59,7 +59,10 @@ class InfluenceCallbackMixin:
     ``method``, ``solver``, ``params``, ``noisy``, ``top_k``, ``seed``, ``tuning``,
     ``curvature``, ``damping``, ``batch_size``, ``grad_dtype``, ``clean_labels``,
     ``per_validation``, ``nonfinite``, ``max_memory``, ``spill_dir``, ``projection``, ``loss_fn``,
-    ``device`` (default: the trainer's device) and ``preflight``.
+    ``device`` (default: the trainer's device), ``preflight`` and ``rank_by`` (what the top-k
+    tables and ``result.ranking`` rank by; default the loss at θ̃). The callback times its
+    training batches, so the summary and the loggers report the validation tuning's cost in
+    training epochs (``influence/tuning/cost_in_training_epochs``).
 
     With ``preflight`` (default) the callback runs :func:`~lightning_influence.preflight.check`
     in ``setup()`` (or ``on_fit_start`` when the module builds its data or layers in its own

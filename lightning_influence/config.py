@@ -31,7 +31,9 @@ class TuningConfig:
     Attributes:
         epochs: budget, in passes over the validation set (fractions allowed). ``"auto"``
             (default): the compute of one training epoch, ``n / (2m)`` passes for fvm (SAM
-            takes two forward-backward passes per sample), ``n / m`` for vm, within [1, 10].
+            takes two forward-backward passes per sample), ``n / m`` for vm, with ``n``
+            weighted by a training sample's size over a validation sample's (token counts for
+            padded text), within [0.5, 10].
         steps: a fixed number of optimisation steps instead of ``epochs`` (``0``: no tuning).
         optimizer: ``"adam"`` (default) or ``"sgd"`` (with ``momentum``): the base optimiser
             (under SAM for ``fvm``).

@@ -34,15 +34,45 @@ def _endless(loader_factory: Callable[[int], DataLoader]) -> Iterator[Any]:
 MAX_AUTO_EPOCHS = 10.0
 
 
-def budget_epochs(config: TuningConfig, train_size: Optional[int], val_size: int, sharpness_aware: bool) -> float:
+#: the fewest passes over the validation set that ``epochs="auto"`` plans
+MIN_AUTO_EPOCHS = 0.5
+
+
+def budget_epochs(config: TuningConfig, train_size: Optional[float], val_size: int, sharpness_aware: bool) -> float:
     """Passes over the validation set: ``config.epochs``, or for ``"auto"`` the compute of one
     training epoch (``n`` forward-backward passes; SAM takes two per sample) over the ``m``
-    validation samples: ``n / (2m)`` for fvm, ``n / m`` for vm, within ``[1, MAX_AUTO_EPOCHS]``."""
+    validation samples: ``n / (2m)`` for fvm, ``n / m`` for vm, within ``[MIN_AUTO_EPOCHS,
+    MAX_AUTO_EPOCHS]``. ``train_size`` may be cost-weighted (:func:`relative_sample_cost`)."""
     if config.epochs != "auto":
         return float(config.epochs)
     if not train_size or not val_size:
         return 1.0
-    return min(MAX_AUTO_EPOCHS, max(1.0, train_size / ((2 if sharpness_aware else 1) * val_size)))
+    return min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, train_size / ((2 if sharpness_aware else 1) * val_size)))
+
+
+def relative_sample_cost(train_data: Any, val_data: Any, seed: int = 0, samples: int = 256) -> float:
+    """How much one training sample costs beside one validation sample: the ratio of their mean
+    sizes (the largest tensor of a sample collated alone, e.g. its token count), over up to
+    ``samples`` random samples of each. 1 for same-size samples (images, features) or when the
+    sizes can't be measured. A validation set of full sentences audited against a training set
+    of short phrases (SST-2) costs more per sample, and ``epochs="auto"`` plans fewer passes."""
+    from torch.utils.data import default_collate
+
+    from .data import collate_of, dataset_of
+
+    try:
+        means = []
+        for data, name in ((train_data, "train_data"), (val_data, "val_data")):
+            dataset = dataset_of(data, name)
+            join = collate_of(data) or default_collate
+            n = len(dataset)
+            g = torch.Generator().manual_seed(seed)
+            ids = torch.randperm(n, generator=g)[:samples].tolist() if n > samples else range(n)
+            sizes = [_sample_size(join([dataset[i]])) for i in ids]
+            means.append(sum(sizes) / max(len(sizes), 1))
+        return means[0] / means[1] if means[0] > 0 and means[1] > 0 else 1.0
+    except Exception:  # an exotic collate: fall back to equal costs
+        return 1.0
 
 
 def planned_steps(config: TuningConfig, batches_per_pass: int, epochs: Optional[float] = None) -> int:

@@ -91,7 +91,32 @@ def test_budget_is_in_passes_over_the_validation_set_and_stops_early(digits):
     assert budget_epochs(TuningConfig(), 1000, 300, True) == pytest.approx(1000 / 600)
     assert budget_epochs(TuningConfig(), 1000, 300, False) == pytest.approx(1000 / 300)
     assert budget_epochs(TuningConfig(), 10 ** 6, 100, True) == 10.0  # capped
-    assert budget_epochs(TuningConfig(), 50, 300, True) == 1.0  # at least one pass
+    assert budget_epochs(TuningConfig(), 50, 300, True) == 0.5  # at least half a pass
+
+
+def test_auto_budget_weights_samples_by_their_size():
+    """Padded text: a validation set of long sentences costs more per sample than a training set
+    of short phrases, and the auto budget (one training epoch of compute) plans fewer passes."""
+    from torch.utils.data import DataLoader
+
+    from conftest import pad_collate
+    from lightning_influence.tuning import relative_sample_cost
+
+    class Sized(torch.utils.data.Dataset):
+        def __init__(self, lengths):
+            self.lengths = lengths
+
+        def __len__(self):
+            return len(self.lengths)
+
+        def __getitem__(self, i):
+            return {"input_ids": torch.ones(self.lengths[i], dtype=torch.long), "labels": torch.tensor(0)}
+
+    short, long_ = Sized([4] * 40), Sized([12] * 10)
+    ratio = relative_sample_cost(DataLoader(short, collate_fn=pad_collate), DataLoader(long_, collate_fn=pad_collate))
+    assert ratio == pytest.approx(4 / 12)
+    same = TensorPairs(torch.zeros(30, 5), torch.zeros(30, dtype=torch.long))
+    assert relative_sample_cost(same, TensorPairs(torch.zeros(7, 5), torch.zeros(7, dtype=torch.long))) == 1.0
 
 
 def test_learning_rate_probe_is_scale_free():
