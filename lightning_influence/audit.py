@@ -565,6 +565,8 @@ def audit(
     validate_options(method, solver, nonfinite)
     resolve_rank_by(rank_by, method)
     tuning = coerce(TuningConfig, tuning)  # bad tuning options fail before any work
+    if batch_size < 1:  # before the pre-flight check's loss calls, too
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     curvature_cfg = coerce(CurvatureConfig, curvature)
     if damping is not None:
         curvature_cfg = CurvatureConfig(**{**as_dict(curvature_cfg), "damping": damping})
