@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .config import CurvatureConfig
 from .solvers import InverseSolver, make_solver
+from .solvers.damping import damping_from_mean_square
 from .solvers._linalg import blas_threads
 from .distributed import Collectives
 from .store import GradientStore
@@ -135,7 +136,8 @@ def fit_solvers(curvature: GradientStore, valid: Tensor, solver: Any, config: Cu
                     cats[name][key] = []
             if n_total == 0:
                 raise ValueError(f"no valid curvature sample for block {name}")
-            fit_args[name] = (combined, n_total, _damping(sumsq_total / (n_total * r * d), config))
+            fit_args[name] = (combined, n_total, damping_from_mean_square(
+                sumsq_total / (n_total * r * d), config.damping, config.damping_rule))
         fitted: Dict[str, InverseSolver] = {}
         by_class: Dict[type, list] = {}
         for name in names:
@@ -153,14 +155,6 @@ def fit_solvers(curvature: GradientStore, valid: Tensor, solver: Any, config: Cu
             for item, solver_ in zip(items, done):
                 fitted[item[0]] = solver_
     return {name: fitted[name] for name in names}
-
-
-def _damping(mean_sq: float, config: CurvatureConfig) -> float:
-    """λ: ``config.damping · mean(g²)`` (DataInf's rule), or ``config.damping`` if absolute."""
-    if config.damping_rule == "absolute":
-        return float(config.damping)
-    # an all-zero block (e.g. a LoRA B at init) still needs a positive λ for the inverse to exist
-    return float(config.damping) * mean_sq if mean_sq > 0 else 1e-12
 
 
 def solver_info(solvers: Mapping[str, InverseSolver]) -> Dict[str, Any]:

@@ -4,6 +4,7 @@ import warnings
 import pytest
 import torch
 
+from lightning_influence.solvers.damping import ZERO_FLOOR
 from lightning_influence.solvers import (SOLVERS, InverseSolver, check_solver, datainf_damping,
                                          make_solver)
 
@@ -161,7 +162,41 @@ def test_datainf_damping_rule():
     assert datainf_damping(grads) == pytest.approx(0.1 * float(grads.pow(2).mean()))
     assert datainf_damping(grads, factor=0.5) == pytest.approx(0.5 * float(grads.pow(2).mean()))
     tiny = datainf_damping(torch.zeros(3, 2, 2))
-    assert 0 < tiny < 1e-15
+    assert tiny == ZERO_FLOOR > 0
     # zero gradients still give a finite inverse
     out = make_solver("exact").fit(torch.zeros(3, 2, 2), tiny).apply(torch.ones(1, 2, 2))
     assert torch.isfinite(out).all()
+
+
+class _RecordingSolver:
+    """A duck-typed solver that records the λ the pipeline gives it."""
+
+    def __init__(self):
+        self.damping = None
+
+    def fit(self, grads, damping):
+        self.damping = damping
+        return self
+
+    def apply(self, vectors):
+        return vectors
+
+
+def test_pipeline_and_datainf_damping_agree_on_an_all_zero_block():
+    # one damping rule: fit_solvers' λ (from the streamed mean of g²) is datainf_damping's,
+    # the all-zero floor included (it used to be 1e-12 in the pipeline, sqrt(tiny) here)
+    from lightning_influence.config import CurvatureConfig
+    from lightning_influence.scoring import fit_solvers
+    from lightning_influence.store import GradientStore
+
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.float64):
+        data = {"zero": torch.zeros(6, 2, 3, dtype=dtype), "live": torch.randn(6, 2, 3, dtype=dtype)}
+        store = GradientStore(6, {k: tuple(v.shape[1:]) for k, v in data.items()}, dtype)
+        store.write(0, data)
+        valid = torch.ones(6, dtype=torch.bool)
+        for factor in (0.1, 0.5):
+            fitted = fit_solvers(store, valid, _RecordingSolver(), CurvatureConfig(damping=factor), cpu, dtype, 4)
+            for name, grads in data.items():
+                assert fitted[name].damping == pytest.approx(datainf_damping(grads, factor), rel=1e-5)
+        store.close()
