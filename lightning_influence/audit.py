@@ -21,7 +21,7 @@ from .config import METHODS, CurvatureConfig, TuningConfig, as_dict, coerce
 from .data import dataset_of, selected_ids, sequential_loader, shuffled_loader_factory, subset_loader
 from .gradients import gradient_mode, per_sample_gradients
 from .losses import LossFn, default_loss, with_sampled_labels
-from .metrics import detection_metrics, score_summary
+from .metrics import check_noisy, detection_metrics, nan_last_ranking, score_summary
 from .params import Block, ParamsSpec, select_blocks
 from .preflight import check
 from .progress import NullProgress, Progress
@@ -46,20 +46,6 @@ def _parse_dtype(value: Union[None, str, torch.dtype], default: torch.dtype) -> 
     if dtype not in GRAD_DTYPES:  # float8 & co. have no inf and ~1 significant digit: never a silent choice
         raise ValueError(f"grad_dtype must be one of 'float16', 'bfloat16', 'float32', 'float64', got {value!r}")
     return dtype
-
-
-def check_noisy(noisy: Any, n: int, name: str = "noisy") -> Optional[Tensor]:
-    """``noisy`` as a bool tensor ``(n,)``; a clear error for a wrong length or dtype."""
-    if noisy is None:
-        return None
-    flags = torch.as_tensor(noisy)
-    if flags.dim() != 1 or flags.shape[0] != n:
-        raise ValueError(f"{name} must have one flag per training sample ({n}), got shape {tuple(flags.shape)}")
-    if flags.dtype != torch.bool:
-        if flags.dtype.is_floating_point or flags.dtype.is_complex or not bool(((flags == 0) | (flags == 1)).all()):
-            raise ValueError(f"{name} must be booleans (or 0/1 integers), got dtype {flags.dtype}")
-        flags = flags.bool()
-    return flags
 
 
 def validate_options(method: str, solver: Any, nonfinite: str = "exclude") -> None:
@@ -333,12 +319,14 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
                 factory = bucketed_loader_factory(val_data, tuning_cfg.batch_size, seed, "val_data",
                                                   pool=50 if tuning_cfg.bucket else 0)
                 cost = relative_sample_cost(train_data, val_data, seed) if tuning_cfg.epochs == "auto" else 1.0
+                check_ids = grad_check_ids(m, seed)  # the gradient-norm check's samples, at θ* and θ̃
                 total = planned_steps(tuning_cfg, len(factory(0)), budget_epochs(tuning_cfg, n * cost, m, method == "fvm"))
                 with stages("tuning"), progress.stage("tuning", total) as update:
                     stats = tune_model(working, tuned_params, factory, tuning_cfg, method == "fvm", loss_fn,
                                        lambda b: _move(b, device), update,
                                        eval_loader=sequential_loader(val_data, batch_size, name="val_data"),
-                                       reference=[b.param for b in blocks], train_size=n * cost)
+                                       reference=[b.param for b in blocks], train_size=n * cost,
+                                       check_loader=sequential_loader(val_data, tuning_cfg.batch_size, check_ids, "val_data"))
                 return losses, {**stats, "train_sample_cost": cost}
 
             loss_trained, tune_stats = dist.checkpoint(tune_stage)
@@ -458,7 +446,7 @@ def score(prepared: Prepared, solver: Any = "hyperinf", curvature: Union[None, C
 
     def metrics_stage() -> Tuple[Tensor, Dict[str, float], Dict[str, Dict[str, float]]]:
         with stages("metrics"):
-            order = _ranking(scores)
+            order = nan_last_ranking(scores)
             metrics: Dict[str, float] = score_summary(scores[train_valid])
             by: Dict[str, Dict[str, float]] = {}
             if noisy_flags is not None:
@@ -682,10 +670,4 @@ def resolve_rank_by(rank_by: str, method: str) -> str:
     return rank_by
 
 
-def _ranking(scores: Tensor) -> Tensor:
-    """Sample ids, most harmful first; ties by lower id; NaN (excluded) last."""
-    key = torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores)
-    return torch.sort(-key, stable=True).indices
-
-
-from .tuning import budget_epochs, bucketed_loader_factory, planned_steps, relative_sample_cost, tune as tune_model, verify as verify_tuning  # noqa: E402  (kept at the end: the pipeline reads top-down)
+from .tuning import budget_epochs, bucketed_loader_factory, grad_check_ids, planned_steps, relative_sample_cost, tune as tune_model, verify as verify_tuning  # noqa: E402  (kept at the end: the pipeline reads top-down)

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
 from ._io import atomic_open
-from .audit import _parse_dtype, audit, check_noisy, resolve_rank_by, validate_options
+from .audit import _parse_dtype, audit, resolve_rank_by, validate_options
+from .metrics import check_noisy
 from .config import CurvatureConfig, TuningConfig, coerce
 from .data import collate_of, dataset_of
 from .distributed import RemoteStageError
@@ -186,7 +187,7 @@ class InfluenceCallbackMixin:
         self.method = method
         self.solver = solver
         self.params = params if isinstance(params, str) else list(params)
-        self.noisy = None if noisy is None else _flags(noisy)
+        self.noisy = check_noisy(noisy)
         self.top_k = top_k
         self.seed = seed
         self.tuning = None if tuning is None else coerce(TuningConfig, tuning)
@@ -623,14 +624,6 @@ class InfluenceCallbackMixin:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _flags(noisy: Any) -> Tensor:
-    flags = torch.as_tensor(noisy)
-    if flags.dim() != 1:
-        raise ValueError(f"noisy must be a 1-D sequence of flags, one per training sample, got shape "
-                         f"{tuple(flags.shape)}")
-    return check_noisy(flags, flags.shape[0])
 
 
 def _prefixed(fn: Callable, *args: Any, **kwargs: Any) -> Any:

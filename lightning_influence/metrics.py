@@ -30,7 +30,10 @@ from torchmetrics.functional.classification import (
 __all__ = [
     "detection_metrics",
     "detection_curve",
+    "check_noisy",
+    "nan_last_ranking",
     "ranking",
+    "ranking_values",
     "score_summary",
 ]
 
@@ -58,24 +61,28 @@ def _check_scores(scores: Tensor, name: str = "scores") -> Tensor:
     return scores
 
 
-def _check_noisy(noisy: Tensor, n: int, device: torch.device) -> Tensor:
-    """Validate a ``(n,)`` bool / 0-1 integer flag tensor and return it as bool."""
-    if not isinstance(noisy, Tensor):
-        raise TypeError(f"noisy must be a torch.Tensor, got {type(noisy).__name__}")
-    if noisy.ndim != 1:
-        raise ValueError(f"noisy must be 1-D with shape (n,), got shape {tuple(noisy.shape)}")
-    if noisy.numel() != n:
-        raise ValueError(
-            f"noisy has length {noisy.numel()} but scores has length {n}; they must match"
-        )
-    noisy = noisy.detach().to(device)
-    if noisy.dtype == torch.bool:
-        return noisy
-    if noisy.is_floating_point() or noisy.is_complex():
-        raise ValueError(f"noisy must be bool or a 0/1 integer tensor, got dtype {noisy.dtype}")
-    if not bool(((noisy == 0) | (noisy == 1)).all()):
-        raise ValueError("noisy is an integer tensor but holds values other than 0 and 1")
-    return noisy.bool()
+def check_noisy(noisy, n: Optional[int] = None, name: str = "noisy") -> Optional[Tensor]:
+    """The one ``noisy`` validator: ``noisy`` (a tensor or any sequence of flags) as a bool
+    tensor ``(n,)``, or ``None`` for ``None``. ``n=None`` takes the length from ``noisy``
+    (it must still be 1-D). Bool, or integers holding only 0 and 1; a clear error otherwise."""
+    if noisy is None:
+        return None
+    flags = noisy.detach() if isinstance(noisy, Tensor) else torch.as_tensor(noisy)
+    if n is None:
+        if flags.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D sequence of flags, one per training sample, got shape "
+                             f"{tuple(flags.shape)}")
+        n = flags.shape[0]
+    if flags.dim() != 1 or flags.shape[0] != n:
+        raise ValueError(f"{name} must have one flag per training sample ({n}), got shape {tuple(flags.shape)}")
+    if flags.dtype == torch.bool:
+        return flags
+    if flags.dtype.is_floating_point or flags.dtype.is_complex:
+        raise ValueError(f"{name} must be booleans (or 0/1 integers), got dtype {flags.dtype}")
+    if not bool(((flags == 0) | (flags == 1)).all()):
+        raise ValueError(f"{name} must be booleans (or 0/1 integers): an integer tensor holds values "
+                         "other than 0 and 1")
+    return flags.bool()
 
 
 def _check_labels(t: Tensor, name: str, n: int, device: torch.device) -> Tensor:
@@ -95,9 +102,27 @@ def _count_for_fraction(f: float, n: int) -> int:
     return min(max(math.ceil(round(f * n, 9)), 0), n)
 
 
+def ranking_values(scores: Tensor) -> Tensor:
+    """``scores`` as finite float64 values in ranking order: NaN (excluded samples) and
+    ``-inf`` become a value below every finite score, ``+inf`` one above. Sorting them
+    (:func:`nan_last_ranking`) gives ``AuditResult.ranking``; curves and colour maps read them."""
+    s = scores.detach().to("cpu", torch.float64)
+    ok = torch.isfinite(s)
+    if bool(ok.all()):
+        return s
+    low, high = (float(s[ok].min()) - 1.0, float(s[ok].max()) + 1.0) if bool(ok.any()) else (0.0, 1.0)
+    return torch.where(ok, s, torch.where(s == float("inf"), torch.full_like(s, high), torch.full_like(s, low)))
+
+
 def _order(scores: Tensor) -> Tensor:
     # Stable ascending sort of -scores == descending by score, lower id first on ties.
     return torch.sort(-scores, stable=True).indices
+
+
+def nan_last_ranking(scores: Tensor) -> Tensor:
+    """The one ranking: sample ids, most harmful first; ties by lower id; NaN (excluded) last
+    (tied with ``-inf``, by id). :func:`ranking` is this for scores it has checked are finite."""
+    return _order(ranking_values(scores))
 
 
 def _to_unit_interval(scores: Tensor) -> Tensor:
@@ -175,7 +200,7 @@ def detection_curve(
         raise ValueError(f"num_points must be >= 2, got {num_points}")
     scores = _check_scores(scores)
     n = scores.numel()
-    noisy = _check_noisy(noisy, n, scores.device)
+    noisy = check_noisy(noisy, n).to(scores.device)
 
     x = torch.linspace(0.0, 1.0, int(num_points), dtype=torch.float64, device=scores.device)
     found = torch.zeros(n + 1, dtype=torch.float64, device=scores.device)
@@ -241,7 +266,7 @@ def detection_metrics(
     """
     scores = _check_scores(scores)
     n = scores.numel()
-    noisy = _check_noisy(noisy, n, scores.device)
+    noisy = check_noisy(noisy, n).to(scores.device)
     if isinstance(k, bool) or int(k) != k or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     k = min(int(k), n)

@@ -271,3 +271,30 @@ def test_score_summary() -> None:
     even = score_summary(torch.tensor([1.0, 2.0, 3.0, 10.0]))
     assert even["score_median"] == pytest.approx(2.5)
     assert score_summary(torch.tensor([7.0]))["score_std"] == 0.0
+
+
+def test_one_nan_last_ranking() -> None:
+    from lightning_influence.metrics import nan_last_ranking, ranking_values
+
+    nan, inf = float("nan"), float("inf")
+    s = torch.tensor([0.5, nan, inf, -inf, 0.5, 2.0, nan], dtype=torch.float64)
+    order = nan_last_ranking(s)
+    assert order.tolist() == [2, 5, 0, 4, 1, 3, 6]  # +inf first; NaN and -inf last, by id
+    # the finite values curves and colour maps read sort the same way (+inf used to go last there)
+    values = ranking_values(s)
+    assert bool(torch.isfinite(values).all()) and torch.equal(ranking(values), order)
+    assert torch.equal(nan_last_ranking(SCORES), ranking(SCORES))
+
+
+def test_one_noisy_validator() -> None:
+    from lightning_influence.metrics import check_noisy
+
+    assert check_noisy(None, 3) is None
+    assert check_noisy([1, 0, 1]).tolist() == [True, False, True]
+    assert check_noisy(torch.tensor([0, 1], dtype=torch.uint8), 2).dtype == torch.bool
+    with pytest.raises(ValueError, match=r"one flag per training sample \(10\), got shape \(9,\)"):
+        detection_metrics(SCORES, NOISY[:9])
+    with pytest.raises(ValueError, match="1-D sequence"):
+        check_noisy([[True], [False]])
+    with pytest.raises(ValueError, match="must be booleans.*float32"):
+        check_noisy(torch.zeros(3), 3)

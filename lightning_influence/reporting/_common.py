@@ -11,6 +11,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 from torch import Tensor
 from .._io import atomic_open
+from ..metrics import ranking_values
 
 ENV_RANK_KEYS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
@@ -41,20 +42,9 @@ def warn(message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=3)
 
 
-def finite_scores(scores: Tensor) -> Tensor:
-    """``scores`` as float64 with NaN/inf (excluded samples) replaced by a value below every
-    finite score, so they sort last, as in ``AuditResult.ranking``."""
-    s = scores.detach().to("cpu", torch.float64)
-    ok = torch.isfinite(s)
-    if bool(ok.all()):
-        return s
-    low = float(s[ok].min()) - 1.0 if bool(ok.any()) else 0.0
-    return torch.where(ok, s, torch.full_like(s, low))
-
-
 def rank_normalised(scores: Tensor) -> Tensor:
     """Scores mapped into [0, 1] by dense rank: ties kept, order kept, excluded samples at 0."""
-    _, inverse = torch.unique(finite_scores(scores), sorted=True, return_inverse=True)
+    _, inverse = torch.unique(ranking_values(scores), sorted=True, return_inverse=True)
     top = int(inverse.max()) if inverse.numel() else 0
     return inverse.to(torch.float64) / max(top, 1)
 

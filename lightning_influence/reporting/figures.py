@@ -6,7 +6,7 @@ from typing import Any, Dict, List
 
 from ..metrics import detection_curve
 from ..result import AuditResult
-from ._common import finite_scores
+from ..metrics import ranking_values
 
 
 def _require_noisy(result: AuditResult) -> None:
@@ -19,7 +19,7 @@ def detection_curve_rows(result: AuditResult, num_points: int = 101) -> List[Dic
     the fraction of noisy samples found when inspecting the ranking's top fraction.
     Excluded (NaN-score) samples count as inspected last. Needs ``result.noisy``."""
     _require_noisy(result)
-    x, y = detection_curve(finite_scores(result.scores), result.noisy.bool(), num_points=num_points)
+    x, y = detection_curve(ranking_values(result.scores), result.noisy.bool(), num_points=num_points)
     return [{"fraction_inspected": float(a), "fraction_noisy_found": float(b)} for a, b in zip(x, y)]
 
 
