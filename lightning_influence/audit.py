@@ -30,7 +30,7 @@ from .result import AuditResult
 from .distributed import Collectives, default_collectives, shard_ids, unshard
 from .exceptions import NonFiniteGradientError
 from .scoring import cross_influence, fit_solvers, inverse_direction, self_influence, solver_info
-from .solvers import check_solver
+from .solvers import check_solver, solver_name
 from .store import GradientStore
 
 NONFINITE = ("exclude", "raise")
@@ -462,11 +462,11 @@ def score(prepared: Prepared, solver: Any = "hyperinf", curvature: Union[None, C
     return AuditResult(
         scores=scores, ranking=order, metrics=metrics, method=p.method, rank_by=chosen, influence=influence,
         metrics_by=metrics_by,
-        solver=solver if isinstance(solver, str) else type(solver).__name__,
+        solver=solver_name(solver),
         loss_trained=loss_trained, loss_tuned=loss_tuned if p.method in ("vm", "fvm") else None,
         labels=labels, predicted=predicted, noisy=noisy_flags, per_validation=matrix, excluded=excluded,
         stage_seconds=dict(stages.seconds), solver_info=solver_info(solvers), tuning=p.tune_stats,
-        config={**p.config, "solver": solver if isinstance(solver, str) else type(solver).__name__,
+        config={**p.config, "solver": solver_name(solver),
                 "curvature": as_dict(curvature_cfg), "world_size": dist.world_size},
     )
 

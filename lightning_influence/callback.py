@@ -45,7 +45,7 @@ from .params import select_blocks
 from .preflight import check as preflight_check
 from .progress import NullProgress, Progress, TqdmProgress
 from .result import AuditResult
-from .solvers import InverseSolver
+from .solvers import InverseSolver, solver_name
 
 ON_ERROR = ("warn", "raise")
 
@@ -247,8 +247,7 @@ class InfluenceCallbackMixin:
 
     @property
     def state_key(self) -> str:
-        solver = self.solver if isinstance(self.solver, str) else type(self.solver).__name__
-        return self._generate_state_key(method=self.method, solver=solver)  # type: ignore[attr-defined]
+        return self._generate_state_key(method=self.method, solver=solver_name(self.solver))  # type: ignore[attr-defined]
 
     def state_dict(self) -> Dict[str, Any]:
         self._collect_handoff()

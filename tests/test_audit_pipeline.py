@@ -67,6 +67,17 @@ def test_dataloader_input_and_sequential_ids(blobs):
     torch.testing.assert_close(a.scores, b.scores, rtol=1e-10, atol=1e-12)
 
 
+def test_solver_display_name_for_a_name_a_class_and_an_instance(blobs):
+    from lightning_influence import InfluenceCallback
+    from lightning_influence.solvers import ExactSolver
+
+    train, val = blobs
+    for spec, name in (("exact", "exact"), (ExactSolver, "ExactSolver"), (ExactSolver(), "ExactSolver")):
+        result = audit(mlp(), train, val, method="standard", solver=spec)
+        assert result.solver == name and result.config["solver"] == name  # a class used to read "type"
+        assert name in InfluenceCallback(method="standard", solver=spec).state_key
+
+
 def test_model_identical_when_audit_raises(blobs):
     train, val = blobs
     model = mlp()

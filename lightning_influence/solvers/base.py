@@ -121,6 +121,14 @@ def make_solver(spec: SolverSpec, **options: Any) -> InverseSolver:
     raise TypeError(f"solver must be a name, an InverseSolver class or instance, got {type(spec).__name__}")
 
 
+def solver_name(spec: Any) -> str:
+    """The solver's display name (``AuditResult.solver``, its config, the callback's state key):
+    a name as given, a class's ``__name__``, an instance's class name."""
+    if isinstance(spec, str):
+        return spec
+    return spec.__name__ if isinstance(spec, type) else type(spec).__name__
+
+
 def check_solver(spec: SolverSpec) -> None:
     """Raise early (e.g. in a callback's ``setup``) if ``spec`` names no solver."""
     make_solver(spec)
