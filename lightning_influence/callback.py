@@ -22,19 +22,15 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
 import time
-import uuid
 import warnings
-import weakref
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
-from ._io import atomic_open
 from .audit import _parse_dtype, audit, resolve_rank_by, validate_options
 from .metrics import check_noisy
 from .config import CurvatureConfig, TuningConfig, coerce
@@ -43,9 +39,14 @@ from .distributed import RemoteStageError
 from .exceptions import InfluenceCallbackError
 from .params import select_blocks
 from .preflight import check as preflight_check
-from .progress import NullProgress, Progress, TqdmProgress
+from .handoff import Handoff
+from .progress import NullProgress, trainer_progress
 from .result import AuditResult
 from .solvers import InverseSolver, solver_name
+from .trainer_data import find_loader, source_is_module
+
+if TYPE_CHECKING:  # pragma: no cover - a hint only: the pytorch_lightning namespace's Trainer works the same
+    import lightning.pytorch as pl
 
 ON_ERROR = ("warn", "raise")
 
@@ -227,9 +228,7 @@ class InfluenceCallbackMixin:
         self._deferred: List[str] = []
         self._warned_val = False
         # ddp_spawn/fork: the hooks run in worker processes; rank zero hands the result back here
-        self._owner_pid = os.getpid()
-        self._handoff = os.path.join(tempfile.gettempdir(), f"lightning_influence-{uuid.uuid4().hex}.pt")
-        weakref.finalize(self, _remove_quietly, self._handoff)
+        self._handoff = Handoff()
 
     # ------------------------------------------------------------------ public API
 
@@ -257,7 +256,7 @@ class InfluenceCallbackMixin:
         self._state.update({k: state_dict[k] for k in ("ran", "epoch", "global_step", "audits", "metrics")
                             if k in state_dict})
 
-    def run(self, trainer: Any, pl_module: Optional[nn.Module] = None, *, train_data: Any = None,
+    def run(self, trainer: "pl.Trainer", pl_module: Optional[nn.Module] = None, *, train_data: Any = None,
             val_data: Any = None) -> AuditResult:
         """Audit now and report: every rank computes the result, rank zero logs it and writes
         the scores file. Raises on failure (``on_error`` applies to the automatic runs only).
@@ -265,7 +264,7 @@ class InfluenceCallbackMixin:
         ``train_data``/``val_data`` (Datasets or DataLoaders) replace the trainer's own."""
         return self._run(trainer, pl_module, train_data, val_data, epoch_tag=False)
 
-    def _run(self, trainer: Any, pl_module: Optional[nn.Module], train_data: Any, val_data: Any,
+    def _run(self, trainer: "pl.Trainer", pl_module: Optional[nn.Module], train_data: Any, val_data: Any,
              epoch_tag: bool) -> AuditResult:
         module = pl_module if pl_module is not None else trainer.lightning_module
         if module is None:
@@ -295,7 +294,7 @@ class InfluenceCallbackMixin:
                 curvature=self.curvature, damping=self.damping, batch_size=self.batch_size,
                 grad_dtype=self.grad_dtype, device=device, clean_labels=self.clean_labels,
                 per_validation=self.per_validation, nonfinite=self.nonfinite, max_memory=self.max_memory,
-                spill_dir=self.spill_dir, projection=self.projection, preflight=self.preflight, rank_by=self.rank_by, progress=self._progress(trainer) if is_zero else NullProgress(),
+                spill_dir=self.spill_dir, projection=self.projection, preflight=self.preflight, rank_by=self.rank_by, progress=trainer_progress(trainer) if is_zero else NullProgress(),
             )
         epoch_seconds = self._last_epoch_compute or (self._epoch_compute or None)
         if epoch_seconds and result.tuning:  # the tuning's cost beside one training epoch
@@ -312,38 +311,38 @@ class InfluenceCallbackMixin:
 
     # ------------------------------------------------------------------ hooks
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def setup(self, trainer: "pl.Trainer", pl_module: Any, stage: str) -> None:
         if stage != "fit" or not self._automatic:
             return
         self._data = {}
         self._deferred = []
         self._check(trainer, pl_module, in_setup=True)
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: Any) -> None:
         if self._deferred:  # the module builds its loaders or layers in its own setup/configure_model
             self._check(trainer, pl_module, in_setup=False)
 
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: Any) -> None:
         if self._epoch_compute:
             self._last_epoch_compute = self._epoch_compute
         self._epoch_compute = 0.0
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._batch_start is not None:
             self._epoch_compute += time.perf_counter() - self._batch_start
             self._batch_start = None
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: Any) -> None:
         if self._epoch_compute:  # a complete epoch's compute (the audit may run right after this)
             self._last_epoch_compute = self._epoch_compute
         if not self.every_n_epochs or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         self._automatic_run(trainer, pl_module, epoch_tag=True)
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: Any) -> None:
         # Not on_fit_end: by then the strategy's teardown has moved the model to the CPU.
         if self.run_on_fit_end:
             self._automatic_run(trainer, pl_module, epoch_tag=False)
@@ -354,7 +353,7 @@ class InfluenceCallbackMixin:
     def _automatic(self) -> bool:
         return bool(self.run_on_fit_end or self.every_n_epochs)
 
-    def _automatic_run(self, trainer: Any, pl_module: Any, epoch_tag: bool) -> None:
+    def _automatic_run(self, trainer: "pl.Trainer", pl_module: Any, epoch_tag: bool) -> None:
         """An audit from a hook: failures follow ``on_error``."""
         if getattr(trainer, "fast_dev_run", False):
             self._log().info("InfluenceCallback: skipped under fast_dev_run")
@@ -381,7 +380,7 @@ class InfluenceCallbackMixin:
                               "The training run and its checkpoints are unaffected; pass on_error='raise' "
                               "to see the traceback", RuntimeWarning, stacklevel=2)
 
-    def _check(self, trainer: Any, module: Any, in_setup: bool) -> None:
+    def _check(self, trainer: "pl.Trainer", module: Any, in_setup: bool) -> None:
         """The fail-fast checks; with ``in_setup`` what the module only builds in its own setup
         is left for ``on_fit_start`` (still before the first training step)."""
         validate_options(self.method, self.solver, self.nonfinite)
@@ -390,7 +389,7 @@ class InfluenceCallbackMixin:
         for kind in ("train", "val"):
             if kind in self._data and not in_setup:
                 loader = self._data[kind]
-            elif in_setup and self._source_is_module(trainer, kind):
+            elif in_setup and source_is_module(trainer, kind):
                 # the LightningModule's own *_dataloader hooks: call them only after its setup()
                 # (which runs after the callbacks'), in on_fit_start, still before any training step
                 self._deferred.append(kind)
@@ -425,7 +424,7 @@ class InfluenceCallbackMixin:
             elif self.preflight:
                 self._run_preflight(trainer, module, converted=not in_setup)
 
-    def _run_preflight(self, trainer: Any, module: Any, converted: bool) -> None:
+    def _run_preflight(self, trainer: "pl.Trainer", module: Any, converted: bool) -> None:
         """The pre-flight check on the trainer's own first training samples (see the class doc).
         ``converted``: the precision plugin has converted the module (from ``on_fit_start`` on;
         in ``setup()`` it has not, so the batches are not converted either)."""
@@ -457,7 +456,7 @@ class InfluenceCallbackMixin:
         if getattr(trainer, "is_global_zero", True):
             self._log().info(f"InfluenceCallback: {report.summary()}")
 
-    def _note_trimmed_training(self, trainer: Any, n: int) -> None:
+    def _note_trimmed_training(self, trainer: "pl.Trainer", n: int) -> None:
         """Say so when Lightning trains on fewer batches than the audit will score."""
         for flag in ("limit_train_batches", "overfit_batches"):
             value = getattr(trainer, flag, None)
@@ -467,81 +466,29 @@ class InfluenceCallbackMixin:
                               f"epoch, but the audit scores all {n} samples the training loader yields (pass "
                               "run(trainer, train_data=...) to audit another set)", UserWarning, stacklevel=3)
 
-    def _source_is_module(self, trainer: Any, kind: str) -> bool:
-        source = _data_source(trainer, kind)
-        return (source is not None and isinstance(getattr(source, "instance", None), nn.Module)
-                and bool(source.is_defined()))
-
-    def _loader(self, trainer: Any, module: Any, kind: str, at_run: bool) -> Any:
+    def _loader(self, trainer: "pl.Trainer", module: Any, kind: str, at_run: bool) -> Any:
         """The one training (or first validation) DataLoader of the fit, or ``None``."""
-        found = None
-        if at_run:
-            if kind == "train":
-                found = getattr(trainer, "train_dataloader", None)
-            if found is None:
-                found = self._data.get(kind)
-        if found is None:
-            source = _data_source(trainer, kind)
-            if source is not None:
-                if getattr(source, "instance", None) is None or not source.is_defined():
-                    return None
-                found = source.dataloader()
-            else:  # no private data source (another Lightning version): the public hooks
-                for owner in (getattr(trainer, "datamodule", None), module):
-                    hook = getattr(owner, f"{kind}_dataloader", None)
-                    if hook is not None:
-                        try:
-                            found = hook()
-                            break
-                        except Exception:  # noqa: BLE001 - not defined there ("must be implemented")
-                            continue
-        return self._single(found, kind)
+        return find_loader(trainer, module, kind, cached=self._data.get(kind), at_run=at_run,
+                           warn_many=self._warn_many_val)
 
-    def _single(self, loaders: Any, kind: str) -> Any:
-        if loaders is None:
-            return None
-        if type(loaders).__name__ == "CombinedLoader":
-            loaders = loaders.iterables
-        if isinstance(loaders, Mapping):
-            items = list(loaders.values())
-        elif isinstance(loaders, (list, tuple)):
-            items = list(loaders)
-        else:
-            return loaders
-        if not items:
-            return None
-        if len(items) > 1:
-            if kind == "train":
-                raise InfluenceCallbackError(
-                    f"InfluenceCallback audits one training DataLoader; the trainer has {len(items)}. "
-                    "Call run(trainer, module, train_data=...) with the one to audit")
-            if not self._warned_val:
-                self._warned_val = True
-                warnings.warn(f"InfluenceCallback: the trainer has {len(items)} validation loaders; the audit "
-                              "measures influence on the first one", UserWarning, stacklevel=2)
-        return self._single(items[0], kind)
-
-    def _progress(self, trainer: Any) -> Progress:
-        bar = getattr(trainer, "progress_bar_callback", None)
-        if bar is None or getattr(bar, "is_disabled", False):
-            return NullProgress()
-        if "RichProgressBar" in {c.__name__ for c in type(bar).__mro__}:
-            return _RichProgress(bar)
-        return TqdmProgress(leave=False)
+    def _warn_many_val(self, message: str) -> None:
+        if not self._warned_val:
+            self._warned_val = True
+            warnings.warn(message, UserWarning, stacklevel=4)
 
     def _log(self) -> logging.Logger:
         # a child of the namespace's logger, which prints INFO to the console like Lightning's own
         return logging.getLogger(f"{self._namespace}.callbacks.influence")
 
-    def _report(self, trainer: Any, result: AuditResult, step: Optional[int], epoch_tag: bool,
+    def _report(self, trainer: "pl.Trainer", result: AuditResult, step: Optional[int], epoch_tag: bool,
                 train: Any = None, module: Any = None) -> None:
         folder = self._scores_folder(trainer)  # every rank asks: a collective under DDP
         if not getattr(trainer, "is_global_zero", True):
             return
         from .reporting import report, summary_text
 
-        if self._is_worker():
-            _atomic_torch_save({"result": result.to_dict(), "state": dict(self._state)}, self._handoff)
+        if self._handoff.is_worker():
+            self._handoff.leave(result, self._state)
         describe, render = self._sample_hooks(trainer, module, train)
         report(result, list(getattr(trainer, "loggers", [])), top_k=self.top_k, describe=describe, step=step,
                render=render)
@@ -554,7 +501,7 @@ class InfluenceCallbackMixin:
                 text += f"\n\nAll scores: {self.scores_path}"
             self._log().info(text)
 
-    def _sample_hooks(self, trainer: Any, module: Any, train: Any) -> Any:
+    def _sample_hooks(self, trainer: "pl.Trainer", module: Any, train: Any) -> Any:
         """``(describe, render)`` for the reports: the user's hooks, else built from the training
         data (decoded text through a tokenizer, pictures of image batches), else ``None``."""
         from .reporting import dataset_renderer, find_tokenizer, text_describer
@@ -573,7 +520,7 @@ class InfluenceCallbackMixin:
                               f"({type(err).__name__}: {err})", RuntimeWarning, stacklevel=2)
         return describe, (render if callable(render) else None)
 
-    def _scores_folder(self, trainer: Any) -> Optional[str]:
+    def _scores_folder(self, trainer: "pl.Trainer") -> Optional[str]:
         """``dirpath``, else ``trainer.log_dir`` (call on every rank: it is a collective under DDP)."""
         if self.dirpath is not None or not self.scores_filename:
             return self.dirpath
@@ -583,7 +530,7 @@ class InfluenceCallbackMixin:
             folder = None
         return folder or getattr(trainer, "default_root_dir", None) or os.getcwd()
 
-    def _write_scores(self, trainer: Any, result: AuditResult, epoch_tag: bool, folder: Optional[str] = None) -> None:
+    def _write_scores(self, trainer: "pl.Trainer", result: AuditResult, epoch_tag: bool, folder: Optional[str] = None) -> None:
         """Rank zero writes the full per-sample scores file (atomically)."""
         if not self.scores_filename:
             return
@@ -598,23 +545,13 @@ class InfluenceCallbackMixin:
             filename = f"{stem}-epoch{trainer.current_epoch}{suffix}"
         self.scores_path = write_scores_file(result, folder, filename)
 
-    def _is_worker(self) -> bool:
-        return os.getpid() != getattr(self, "_owner_pid", os.getpid())
-
     def _collect_handoff(self) -> None:
         """In the launching process of ``ddp_spawn``: take the result that rank zero left."""
-        path = getattr(self, "_handoff", None)
-        if self._is_worker() or path is None or not os.path.exists(path):
-            return
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001
-            warnings.warn(f"InfluenceCallback: could not read the result a worker left in {path}: {err}",
-                          RuntimeWarning, stacklevel=3)
-            return
-        self._result = AuditResult.from_dict(payload["result"])
-        self._state.update(payload.get("state", {}))
-        _remove_quietly(path)
+        handoff = getattr(self, "_handoff", None)
+        collected = handoff.collect() if handoff is not None else None
+        if collected is not None:
+            self._result, state = collected
+            self._state.update(state)
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
@@ -633,7 +570,7 @@ def _prefixed(fn: Callable, *args: Any, **kwargs: Any) -> Any:
         raise type(err)(f"InfluenceCallback: {err}") from err
 
 
-def _converts_module(trainer: Any) -> bool:
+def _converts_module(trainer: "pl.Trainer") -> bool:
     """Whether the trainer's precision plugin changes the module's dtype when the strategy sets
     up (``"64-true"``, ``"16-true"``, quantisation...): it overrides ``convert_module``."""
     precision = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
@@ -692,14 +629,6 @@ def _converting(data: Any, convert: Callable) -> DataLoader:
     return DataLoader(dataset, sampler=sampler, collate_fn=_ConvertingCollate(collate, convert))
 
 
-def _data_source(trainer: Any, kind: str) -> Any:
-    fit_loop = getattr(trainer, "fit_loop", None)
-    if fit_loop is None:
-        return None
-    loop = fit_loop if kind == "train" else getattr(getattr(fit_loop, "epoch_loop", None), "val_loop", None)
-    return getattr(loop, "_data_source", None)
-
-
 @contextmanager
 def _isolated_rng() -> Iterator[None]:
     """Restore Python's, NumPy's and torch's (CPU and initialised CUDA) global RNG states on
@@ -732,7 +661,7 @@ def _isolated_rng() -> Iterator[None]:
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
 
 
-def _check_strategy(trainer: Any) -> None:
+def _check_strategy(trainer: "pl.Trainer") -> None:
     strategy = getattr(trainer, "strategy", None)
     names = {cls.__name__ for cls in type(strategy).__mro__} if strategy is not None else set()
     sharded = names.intersection(_SHARDED_STRATEGIES)
@@ -741,42 +670,6 @@ def _check_strategy(trainer: Any) -> None:
             f"InfluenceCallback does not support {sorted(sharded)[0]} yet: its parameters are sharded across "
             "ranks. Use a DDP strategy (strategy='ddp' or 'ddp_spawn'), or run audit() on the gathered model "
             "after training")
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    with atomic_open(path, binary=True) as handle:
-        torch.save(obj, handle)
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-class _RichProgress(Progress):
-    """One ``rich`` bar per stage for trainers with a ``RichProgressBar``: a task in the
-    trainer's own live display while it runs, else a transient display of its own."""
-
-    def __init__(self, bar: Any = None) -> None:
-        self.bar = bar
-
-    @contextmanager
-    def stage(self, name: str, total: int) -> Iterator[Callable[[int], None]]:
-        shared = getattr(self.bar, "progress", None)
-        if shared is not None and not getattr(self.bar, "_progress_stopped", True):
-            task = shared.add_task(f"influence: {name}", total=max(total, 1))
-            try:
-                yield lambda k: shared.update(task, advance=k)
-            finally:
-                shared.remove_task(task)
-            return
-        from rich.progress import Progress as RichBars
-
-        with RichBars(transient=True) as bars:
-            task = bars.add_task(f"influence: {name}", total=max(total, 1))
-            yield lambda k: bars.advance(task, k)
 
 
 from lightning.pytorch.callbacks import Callback as _Callback  # noqa: E402  (the core above is namespace-free)

@@ -1,9 +1,9 @@
 """Per-stage progress reporting. ``audit()`` takes any :class:`Progress`; the callback passes
-one styled like the trainer's progress bar."""
+one styled like the trainer's progress bar (:func:`trainer_progress`)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 
 class Progress:
@@ -33,3 +33,39 @@ class TqdmProgress(Progress):
             yield bar.update
         finally:
             bar.close()
+
+
+class RichProgress(Progress):
+    """One ``rich`` bar per stage for trainers with a ``RichProgressBar``: a task in the
+    trainer's own live display while it runs, else a transient display of its own."""
+
+    def __init__(self, bar: Any = None) -> None:
+        self.bar = bar
+
+    @contextmanager
+    def stage(self, name: str, total: int) -> Iterator[Callable[[int], None]]:
+        shared = getattr(self.bar, "progress", None)
+        if shared is not None and not getattr(self.bar, "_progress_stopped", True):
+            task = shared.add_task(f"influence: {name}", total=max(total, 1))
+            try:
+                yield lambda k: shared.update(task, advance=k)
+            finally:
+                shared.remove_task(task)
+            return
+        from rich.progress import Progress as RichBars
+
+        with RichBars(transient=True) as bars:
+            task = bars.add_task(f"influence: {name}", total=max(total, 1))
+            yield lambda k: bars.advance(task, k)
+
+
+def trainer_progress(trainer: Any) -> Progress:
+    """A :class:`Progress` styled like the trainer's progress bar: none without one (or a
+    disabled one), rich bars under a ``RichProgressBar`` (of either Lightning namespace,
+    matched by class name), tqdm bars otherwise."""
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if bar is None or getattr(bar, "is_disabled", False):
+        return NullProgress()
+    if "RichProgressBar" in {c.__name__ for c in type(bar).__mro__}:
+        return RichProgress(bar)
+    return TqdmProgress(leave=False)

@@ -638,3 +638,19 @@ def test_pytorch_lightning_namespace(tmp_path, data, caplog):
     with pytest.raises(InfluenceCallbackError, match="no validation data"):
         pl.Trainer(callbacks=[PLInfluenceCallback()], logger=False, max_epochs=1, enable_progress_bar=False,
                    enable_model_summary=False).fit(PLClassifier(), DataLoader(train, batch_size=32))
+
+
+def test_loader_discovery_unwraps_combined_loaders_of_either_namespace():
+    from lightning.pytorch.utilities.combined_loader import CombinedLoader
+    from pytorch_lightning.utilities.combined_loader import CombinedLoader as PLCombinedLoader
+
+    from lightning_influence.trainer_data import single_loader
+
+    a, b = DataLoader(list(range(4))), DataLoader(list(range(3)))
+    for combined in (CombinedLoader([a, b], "sequential"), PLCombinedLoader({"x": a, "y": b}, "sequential")):
+        told = []
+        assert single_loader(combined, "val", told.append) is a
+        assert len(told) == 1 and "2 validation loaders" in told[0]
+        with pytest.raises(InfluenceCallbackError, match="one training DataLoader"):
+            single_loader(combined, "train")
+    assert single_loader([], "val") is None and single_loader(a, "train") is a

@@ -1,0 +1,109 @@
+"""The fit's training and validation DataLoaders, found on a Lightning trainer.
+
+Used by the callback only. Where Lightning has a public attribute it is read
+(``trainer.train_dataloader`` once the fit loop has loaded it, ``trainer.datamodule``, the
+``*_dataloader`` hooks); before the fit loop has loaded anything (in ``setup()``) only its
+data source (``fit_loop._data_source``, private) says where the loaders will come from, and
+whether they come from the LightningModule's own hooks (which may only work after its setup).
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+
+from torch import nn
+
+from .exceptions import InfluenceCallbackError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import lightning.pytorch as pl
+
+_COMBINED_LOADER_MODULES = ("lightning.pytorch.utilities.combined_loader",
+                            "pytorch_lightning.utilities.combined_loader")
+
+
+def data_source(trainer: "pl.Trainer", kind: str) -> Any:
+    """The fit loop's (``kind="train"``) or validation loop's data source, or ``None``."""
+    fit_loop = getattr(trainer, "fit_loop", None)
+    if fit_loop is None:
+        return None
+    loop = fit_loop if kind == "train" else getattr(getattr(fit_loop, "epoch_loop", None), "val_loop", None)
+    return getattr(loop, "_data_source", None)
+
+
+def source_is_module(trainer: "pl.Trainer", kind: str) -> bool:
+    """Whether the ``kind`` loaders come from the LightningModule's own ``*_dataloader`` hook."""
+    source = data_source(trainer, kind)
+    return (source is not None and isinstance(getattr(source, "instance", None), nn.Module)
+            and bool(source.is_defined()))
+
+
+def is_combined_loader(obj: Any) -> bool:
+    """A Lightning ``CombinedLoader`` (of either namespace; a class whose module was never
+    imported can have no instance, so nothing is imported here)."""
+    for name in _COMBINED_LOADER_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and isinstance(obj, module.CombinedLoader):
+            return True
+    return False
+
+
+def find_loader(trainer: "pl.Trainer", module: Any, kind: str, cached: Optional[Any] = None,
+                at_run: bool = False, warn_many: Optional[Callable[[str], None]] = None) -> Any:
+    """The one training (or first validation) DataLoader of the fit, or ``None``.
+
+    ``at_run``: the audit is about to run (the fit loop has loaded its loaders): the trainer's
+    ``train_dataloader``, else ``cached`` (what ``setup()`` found), else the data source."""
+    found = None
+    if at_run:
+        if kind == "train":
+            found = getattr(trainer, "train_dataloader", None)
+        if found is None:
+            found = cached
+    if found is None:
+        source = data_source(trainer, kind)
+        if source is not None:
+            if getattr(source, "instance", None) is None or not source.is_defined():
+                return None
+            found = source.dataloader()
+        else:  # no data source (another Lightning version): the public hooks
+            for owner in (getattr(trainer, "datamodule", None), module):
+                hook = getattr(owner, f"{kind}_dataloader", None)
+                if hook is not None:
+                    try:
+                        found = hook()
+                        break
+                    except Exception:  # noqa: BLE001 - not defined there ("must be implemented")
+                        continue
+    return single_loader(found, kind, warn_many)
+
+
+def single_loader(loaders: Any, kind: str, warn_many: Optional[Callable[[str], None]] = None) -> Any:
+    """The one loader in ``loaders`` (a loader, a list/dict of them, a ``CombinedLoader``):
+    several training loaders are an error; of several validation loaders the first is used,
+    and ``warn_many(message)`` is told."""
+    if loaders is None:
+        return None
+    if is_combined_loader(loaders):
+        loaders = loaders.iterables
+    if isinstance(loaders, Mapping):
+        items = list(loaders.values())
+    elif isinstance(loaders, (list, tuple)):
+        items = list(loaders)
+    else:
+        return loaders
+    if not items:
+        return None
+    if len(items) > 1:
+        if kind == "train":
+            raise InfluenceCallbackError(
+                f"InfluenceCallback audits one training DataLoader; the trainer has {len(items)}. "
+                "Call run(trainer, module, train_data=...) with the one to audit")
+        message = (f"InfluenceCallback: the trainer has {len(items)} validation loaders; the audit "
+                   "measures influence on the first one")
+        if warn_many is not None:
+            warn_many(message)
+        else:
+            warnings.warn(message, UserWarning, stacklevel=2)
+    return single_loader(items[0], kind, warn_many)
