@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import numbers
 import operator
 import time
 import warnings
@@ -55,6 +56,63 @@ def validate_options(method: str, solver: Any, nonfinite: str = "exclude") -> No
     check_solver(solver)
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+
+
+def _positive_int(value: Any, name: str, message: str) -> None:
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(message.format(name=name, value=value))
+
+
+def check_clean_labels(clean_labels: Any, n: Optional[int] = None) -> Optional[Tensor]:
+    """``clean_labels`` as a tensor of integer labels, one per training sample (``n`` of them
+    when known), or ``None``. Floats are an error, not truncated."""
+    if clean_labels is None:
+        return None
+    clean = torch.as_tensor(clean_labels)
+    if (clean.dim() != 1 or (n is not None and clean.shape[0] != n) or clean.is_floating_point()
+            or clean.is_complex()):
+        count = f" ({n})" if n is not None else ""
+        raise ValueError(f"clean_labels must be one integer label per training sample{count}, got shape "
+                         f"{tuple(clean.shape)} and dtype {clean.dtype}")
+    return clean
+
+
+def validate_audit_options(*, method: str = "fvm", solver: Any = "hyperinf", nonfinite: str = "exclude",
+                           rank_by: str = "auto", top_k: Any = 50, seed: Any = 0, tuning: Any = None,
+                           curvature: Any = None, damping: Optional[float] = None, batch_size: Any = 32,
+                           grad_dtype: Any = None, projection: Any = None, max_memory: Any = None,
+                           noisy: Any = None, clean_labels: Any = None,
+                           n: Optional[int] = None) -> Tuple[TuningConfig, CurvatureConfig]:
+    """The one check of the audit options, shared by :func:`audit` and ``InfluenceCallback``
+    (which checks them at construction, before training). Raises ``ValueError`` (``TypeError``
+    for a non-integer ``seed``) with the option's name; with ``n`` (the number of training
+    samples) also the length of ``noisy`` and ``clean_labels``. Returns the tuning and the
+    curvature configuration (``damping`` folded into the latter)."""
+    validate_options(method, solver, nonfinite)
+    resolve_rank_by(rank_by, method)
+    tuning_cfg = coerce(TuningConfig, tuning)
+    curvature_cfg = coerce(CurvatureConfig, curvature)
+    if damping is not None:
+        curvature_cfg = CurvatureConfig(**{**as_dict(curvature_cfg), "damping": damping})
+    _positive_int(batch_size, "batch_size", "{name} must be >= 1 (an integer), got {value!r}")
+    _positive_int(top_k, "top_k", "{name} must be a positive integer, got {value!r}")
+    if projection is not None:
+        _positive_int(projection, "projection", "{name} must be None or a positive integer, got {value!r}")
+    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Real)
+                                   or not max_memory >= 0):
+        raise ValueError(f"max_memory must be None or >= 0 bytes, got {max_memory!r}")
+    try:
+        operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an integer, got {seed!r}") from None
+    _parse_dtype(grad_dtype, torch.float32)
+    check_noisy(noisy, n)
+    check_clean_labels(clean_labels, n)
+    return tuning_cfg, curvature_cfg
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -548,17 +606,12 @@ def audit(
     ``result.audited`` lists the scored ones), and ``noisy``/``clean_labels`` are given per
     dataset position.
     """
-    validate_options(method, solver, nonfinite)
-    resolve_rank_by(rank_by, method)
-    tuning = coerce(TuningConfig, tuning)  # bad tuning options fail before any work
-    if batch_size < 1:  # before the pre-flight check's loss calls, too
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    curvature_cfg = coerce(CurvatureConfig, curvature)
-    if damping is not None:
-        curvature_cfg = CurvatureConfig(**{**as_dict(curvature_cfg), "damping": damping})
     n = len(dataset_of(train_data, "train_data"))
-    check_noisy(noisy, n)  # before any expensive stage
-    _check_scoring_args(n, seed, top_k if noisy is not None else 1, clean_labels)
+    # every option, before any work (the pre-flight check's loss calls included)
+    tuning, curvature_cfg = validate_audit_options(
+        method=method, solver=solver, nonfinite=nonfinite, rank_by=rank_by, top_k=top_k, seed=seed, tuning=tuning,
+        curvature=curvature, damping=damping, batch_size=batch_size, grad_dtype=grad_dtype, projection=projection,
+        max_memory=max_memory, noisy=noisy, clean_labels=clean_labels, n=n)
     report = None
     if preflight:
         report = (dist or default_collectives(torch.device(device) if device is not None else model_device(model))
@@ -616,21 +669,6 @@ def on_dataset_positions(result: AuditResult, ids: Tensor, n: int, val_ids: Opti
     result.config = {**result.config, "audited_samples": int(ids.numel()), "dataset_samples": n,
                      "validation_ids": None if val_ids is None else val_ids.tolist()}
     return result
-
-
-def _check_scoring_args(n: int, seed: Any, top_k: Any, clean_labels: Any) -> None:
-    """Fail before the expensive stages on arguments that would otherwise fail only at the end."""
-    try:
-        operator.index(seed)
-    except TypeError:
-        raise TypeError(f"seed must be an integer, got {seed!r}") from None
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-    if clean_labels is not None:
-        clean = torch.as_tensor(clean_labels)
-        if clean.shape != (n,) or clean.is_floating_point() or clean.is_complex():
-            raise ValueError(f"clean_labels must be one integer label per training sample ({n}), got shape "
-                             f"{tuple(clean.shape)} and dtype {clean.dtype}")
 
 
 def _verify_tuning(stats: Dict[str, float], config: TuningConfig, val: _Gathered, dist: Collectives,

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
-from .audit import _parse_dtype, audit, resolve_rank_by, validate_options
+from .audit import _parse_dtype, audit, check_clean_labels, validate_audit_options, validate_options
 from .metrics import check_noisy
 from .config import CurvatureConfig, TuningConfig, coerce
 from .data import collate_of, dataset_of
@@ -158,23 +158,16 @@ class InfluenceCallbackMixin:
         verbose: Optional[bool] = None,
     ) -> None:
         super().__init__()
-        validate_options(method, solver, nonfinite)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        # the audit's own options: the one validator audit() uses, before any training
+        validate_audit_options(method=method, solver=solver, nonfinite=nonfinite, rank_by=rank_by, top_k=top_k,
+                               seed=seed, tuning=tuning, curvature=curvature, damping=damping,
+                               batch_size=batch_size, grad_dtype=grad_dtype, projection=projection,
+                               max_memory=max_memory, noisy=noisy, clean_labels=clean_labels)
         if every_n_epochs is not None and (isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int)
                                            or every_n_epochs < 1):
             raise ValueError(f"every_n_epochs must be None or a positive integer, got {every_n_epochs!r}")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        if damping is not None and not damping > 0:
-            raise ValueError(f"damping must be > 0, got {damping!r}")
-        if projection is not None and (isinstance(projection, bool) or not isinstance(projection, int)
-                                       or projection < 1):
-            raise ValueError(f"projection must be None or a positive integer, got {projection!r}")
-        if max_memory is not None and max_memory < 0:
-            raise ValueError(f"max_memory must be >= 0 bytes, got {max_memory!r}")
         for name, fn in (("describe", describe), ("loss_fn", loss_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
@@ -184,7 +177,6 @@ class InfluenceCallbackMixin:
         if scores_filename is not None and (not scores_filename or os.path.basename(scores_filename) != scores_filename):
             raise ValueError(f"scores_filename must be a plain file name (use dirpath for the folder), "
                              f"got {scores_filename!r}")
-        _parse_dtype(grad_dtype, torch.float32)
         self.method = method
         self.solver = solver
         self.params = params if isinstance(params, str) else list(params)
@@ -196,7 +188,7 @@ class InfluenceCallbackMixin:
         self.damping = damping
         self.batch_size = batch_size
         self.grad_dtype = grad_dtype
-        self.clean_labels = None if clean_labels is None else torch.as_tensor(clean_labels).long()
+        self.clean_labels = None if clean_labels is None else check_clean_labels(clean_labels).long()
         self.per_validation = per_validation
         self.nonfinite = nonfinite
         self.max_memory = max_memory
@@ -205,7 +197,6 @@ class InfluenceCallbackMixin:
         self.device = None if device is None else torch.device(device)
         self.preflight = bool(preflight)
         self.preflight_report: Optional[Any] = None
-        resolve_rank_by(rank_by, method)  # a bad rank_by fails here, before training
         self.rank_by = rank_by
         self._batch_start: Optional[float] = None
         self._epoch_compute = 0.0  # seconds inside training_step batches, this epoch
@@ -410,9 +401,7 @@ class InfluenceCallbackMixin:
         if "train" in datasets:
             n = len(datasets["train"])
             _prefixed(check_noisy, self.noisy, n, "noisy")
-            if self.clean_labels is not None and self.clean_labels.shape != (n,):
-                raise ValueError(f"InfluenceCallback: clean_labels must have one label per training sample "
-                                 f"({n}), got shape {tuple(self.clean_labels.shape)}")
+            _prefixed(check_clean_labels, self.clean_labels, n)
         if not any(True for _ in module.parameters()) and in_setup:
             self._deferred.append("params")  # layers built in setup()/configure_model()
         else:

@@ -654,3 +654,30 @@ def test_loader_discovery_unwraps_combined_loaders_of_either_namespace():
         with pytest.raises(InfluenceCallbackError, match="one training DataLoader"):
             single_loader(combined, "train")
     assert single_loader([], "val") is None and single_loader(a, "train") is a
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"clean_labels": [0.0, 1.7, 2.0]}, ValueError, "clean_labels must be one integer label"),  # was truncated
+    ({"top_k": 0}, ValueError, "top_k must be a positive integer"),
+    ({"seed": 1.5}, TypeError, "seed must be an integer"),
+    ({"damping": float("inf")}, ValueError, "damping must be a finite number > 0"),
+    ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+    ({"batch_size": 2.5}, ValueError, "batch_size must be >= 1"),
+    ({"projection": 0}, ValueError, "projection must be None or a positive integer"),
+    ({"max_memory": -1}, ValueError, "max_memory must be None or >= 0"),
+    ({"grad_dtype": "float8_e4m3fn"}, ValueError, "grad_dtype must be one of"),
+    ({"tuning": {"lr": float("nan")}}, ValueError, "tuning.lr must be a finite number > 0"),
+    ({"rank_by": "loss_tuned", "method": "standard"}, ValueError, "rank_by='loss_tuned' needs"),
+])
+def test_callback_and_audit_reject_the_same_options(data, kwargs, error, message):
+    # one validator: the callback refuses at construction exactly what audit() refuses
+    from lightning_influence import audit
+
+    train, val, _ = data
+    with pytest.raises(error, match=message):
+        InfluenceCallback(**kwargs)
+    n = len(train)
+    if "clean_labels" in kwargs:
+        kwargs = {"clean_labels": torch.linspace(0, 1.7, n)}
+    with pytest.raises(error, match=message):
+        audit(TinyClassifier(), train, val, **kwargs)
