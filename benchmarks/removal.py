@@ -14,8 +14,18 @@ Tasks (digits, 300 clean validation / 400 clean test images, the rest training):
   (the 4 corner pixels set to full intensity, a pattern absent from validation and test) and
   the label 0 whatever they show. The marker makes them easy to fit: their loss stays low.
 
-Run: python benchmarks/removal.py [--quick] [--seeds 0 1 2] [--tasks sym20 pair20 marker10]
-Writes benchmarks/results/removal.json (rendered into the README by render.py).
+And at CPU scale, text:
+
+- ``sst2``: SST-2 with MiniLM-L6 + LoRA r=8 (the recipe of ``tuning_check.py``: AdamW lr 3e-3,
+  batch 32, 2 epochs), 600 training sentences of ``train.tsv`` with 20 % flipped labels, 200
+  clean validation and 300 clean test sentences of ``dev.tsv`` (disjoint); the rankings of
+  ``--sst2-rankings`` (default fvm, loss at θ̃, loss at θ*, random).
+
+Run: python benchmarks/removal.py [--quick] [--seeds 0 1 2] [--tasks sym20 pair20 marker10 sst2]
+     [--glue-dir ../shared/data]
+Writes benchmarks/results/removal.json (rendered into the README by render.py). The SST-2 table:
+python benchmarks/removal.py --tasks sst2 --glue-dir ../shared/data --sst2-epochs 3 --q 5 10 20
+--out benchmarks/results/removal_sst2.json (about 20 minutes on 2 CPU cores).
 """
 from __future__ import annotations
 
@@ -40,7 +50,9 @@ from lightning_influence import prepare, score  # noqa: E402
 from lightning_influence.datasets import TensorPairs, flip_labels  # noqa: E402
 
 TASKS = {"sym20": "digits, 20 % symmetric flips", "pair20": "digits, 20 % class-dependent flips",
-         "marker10": "digits, 10 % marker -> label 0 (not plain label noise)"}
+         "marker10": "digits, 10 % marker -> label 0 (not plain label noise)",
+         "sst2": "SST-2, 20 % flips (MiniLM + LoRA, 600 train sentences)"}
+DIGITS_TASKS = ("sym20", "pair20", "marker10")
 RANKINGS = ("fvm", "vm", "standard", "loss@θ̃", "loss@θ*", "cleanlab", "random")
 CORNERS = [0, 7, 56, 63]
 
@@ -116,7 +128,80 @@ def order_of(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(-key, stable=True).indices
 
 
+def sst2_split(seed: int, opts: argparse.Namespace) -> Dict[str, Any]:
+    from lightning_influence.datasets import TextPairs, noisy_glue
+
+    tok = common.minilm_tokenizer()
+    split = noisy_glue(os.path.join(opts.glue_dir, "sst2"), "sst2", n_train=opts.sst2_train,
+                       n_val=opts.sst2_val + opts.sst2_test, rate=0.2, seed=seed)
+    v = split.val  # a random draw of dev.tsv: the first sentences validate, the rest test
+    test = TextPairs(v.texts[opts.sst2_val:], v.labels[opts.sst2_val:])
+    split.val = TextPairs(v.texts[:opts.sst2_val], v.labels[:opts.sst2_val])
+    split = common.sort_by_length(split, tok, 64)
+    return dict(tok=tok, train=split.train, val=split.val, test=test, flags=split.noisy)
+
+
+def text_accuracy(model: torch.nn.Module, data: Any, tok: Any) -> float:
+    return float((common.text_probs(model, data, tok).argmax(-1) == data.labels).float().mean())
+
+
+def run_sst2(seed: int, opts: argparse.Namespace) -> List[Dict[str, Any]]:
+    d = sst2_split(seed, opts)
+    tok, train, flags = d["tok"], d["train"], d["flags"]
+    n = len(train)
+    t0 = time.perf_counter()
+
+    def fit(data: Any, model_seed: int) -> torch.nn.Module:
+        return common.train_text(common.minilm_lora(model_seed), data, tok, epochs=opts.sst2_epochs, lr=3e-3,
+                                 seed=seed, batch_size=32, max_length=64)
+
+    def row(name: str, q: float, model: torch.nn.Module, harmful: float) -> Dict[str, Any]:
+        return dict(task="sst2", seed=seed, ranking=name, q=q, removed_harmful=harmful,
+                    val=text_accuracy(model, d["val"], tok), test=text_accuracy(model, d["test"], tok))
+
+    model = fit(train, seed)
+    rows = [row("none", 0, model, 0.0)]
+    wanted = opts.sst2_rankings
+    scores: Dict[str, torch.Tensor] = {}
+    for method in [m for m in ("fvm", "vm", "standard") if m in wanted or (m == "fvm" and
+                                                                          {"loss@θ̃", "loss@θ*"} & set(wanted))]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare(model, common.text_loader(train, tok, 32, 64), common.text_loader(d["val"], tok, 32, 64),
+                               method=method, params="auto", seed=seed, batch_size=32, tuning=opts.tuning)
+            try:
+                result = score(prepared, "hyperinf", rank_by="influence")
+            finally:
+                prepared.close()
+        scores[method] = result.influence
+        if method == "fvm":
+            scores["loss@θ̃"], scores["loss@θ*"] = result.loss_tuned, result.loss_trained
+            log(f"    fvm tuning: val loss {result.tuning.get('val_loss_trained', float('nan')):.3f} -> "
+                f"{result.tuning.get('val_loss_tuned', float('nan')):.3f}")
+    if "cleanlab" in wanted:
+        def fit_predict(tr: np.ndarray, ho: np.ndarray, fold: int) -> torch.Tensor:
+            m = fit(common.subset(train, tr), seed * 100 + fold + 1)
+            return common.text_probs(m, common.subset(train, ho), tok)
+
+        probs, _ = common.cross_val_probs(n, train.labels, 5, seed, fit_predict)
+        scores["cleanlab"] = common.cleanlab_scores(train.labels, probs)
+    scores["random"] = torch.rand(n, generator=torch.Generator().manual_seed(seed + 12345), dtype=torch.float64)
+    for name in wanted:
+        order = order_of(scores[name])
+        for q in opts.q:
+            k = int(round(q / 100 * n))
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[order[:k]] = False
+            retrained = fit(common.subset(train, keep.nonzero().squeeze(1).tolist()), seed)
+            rows.append(row(name, q, retrained, float(flags[order[:k]].float().mean()) if k else 0.0))
+        log(f"    {name}: done ({time.perf_counter() - t0:.0f}s)")
+    log(f"  sst2 seed {seed}: {time.perf_counter() - t0:.0f}s")
+    return rows
+
+
 def run(task: str, seed: int, opts: argparse.Namespace) -> List[Dict[str, Any]]:
+    if task == "sst2":
+        return run_sst2(seed, opts)
     d = make_task(task, seed)
     n = len(d["ytr"])
     t0 = time.perf_counter()
@@ -148,15 +233,16 @@ def tables(raw: List[Dict[str, Any]], opts: argparse.Namespace, header: Dict[str
     out = []
     for task in opts.tasks:
         rows = [r for r in raw if r["task"] == task]
+        names = [name for name in RANKINGS if any(r["ranking"] == name for r in rows)]
         base = [r["test"] for r in rows if r["ranking"] == "none"]
         cols = ["ranking"] + [f"test acc, q={q} %" for q in opts.q] + [f"harmful among removed, q={opts.q[-2] if len(opts.q) > 1 else opts.q[0]} %"]
         table_rows = [["no removal"] + [stat(base)] * len(opts.q) + ["–"]]
         best: Dict[int, str] = {}
         for q in opts.q:
-            means = {name: np.mean([r["test"] for r in rows if r["ranking"] == name and r["q"] == q]) for name in RANKINGS}
+            means = {name: np.mean([r["test"] for r in rows if r["ranking"] == name and r["q"] == q]) for name in names}
             best[q] = max(means, key=means.get)
         qh = opts.q[-2] if len(opts.q) > 1 else opts.q[0]
-        for name in RANKINGS:
+        for name in names:
             cells = []
             for q in opts.q:
                 cell = stat([r["test"] for r in rows if r["ranking"] == name and r["q"] == q])
@@ -165,11 +251,14 @@ def tables(raw: List[Dict[str, Any]], opts: argparse.Namespace, header: Dict[str
             table_rows.append([name] + cells + [harm])
         vcols = ["ranking"] + [f"val acc, q={q} %" for q in opts.q]
         vrows = [["no removal"] + [stat([r["val"] for r in rows if r["ranking"] == "none"])] * len(opts.q)]
-        for name in RANKINGS:
+        for name in names:
             vrows.append([name] + [stat([r["val"] for r in rows if r["ranking"] == name and r["q"] == q]) for q in opts.q])
+        recipe = (f"MiniLM-L6 + LoRA r=8 q/v, AdamW lr 3e-3, batch 32, {opts.sst2_epochs} epochs; {opts.sst2_train} "
+                  f"train / {opts.sst2_val} val / {opts.sst2_test} test sentences" if task == "sst2" else
+                  f"MLP 64-64-10, full-batch Adam lr 0.01, {opts.train_steps} steps")
         notes = [f"seeds {opts.seeds}; mean ± std over seeds (ddof=1); the best test accuracy per q in bold",
                  "q = share of the training set removed (top of each ranking), then a retrain from scratch with the "
-                 f"same recipe and seed (MLP 64-64-10, full-batch Adam lr 0.01, {opts.train_steps} steps)",
+                 f"same recipe and seed ({recipe})",
                  "harmful among removed: the share of the removed samples that were corrupted",
                  f"fvm/vm/standard: influence scores (hyperinf) with the library's default tuning {json.dumps(opts.tuning or {})}; "
                  "loss@θ̃: the loss at fvm's tuned weights; cleanlab: 5-fold confident learning"]
@@ -183,7 +272,14 @@ def tables(raw: List[Dict[str, Any]], opts: argparse.Namespace, header: Dict[str
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, 1 task, 2 removal levels, short training (tests)")
-    ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(DIGITS_TASKS))
+    ap.add_argument("--glue-dir", default=os.path.join(os.path.dirname(HERE), "..", "shared", "data"))
+    ap.add_argument("--sst2-train", type=int, default=600)
+    ap.add_argument("--sst2-val", type=int, default=200)
+    ap.add_argument("--sst2-test", type=int, default=300)
+    ap.add_argument("--sst2-epochs", type=int, default=2)
+    ap.add_argument("--sst2-rankings", nargs="+", choices=list(RANKINGS),
+                    default=["fvm", "loss@θ̃", "loss@θ*", "random"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--q", nargs="+", type=float, default=[2, 5, 10, 20])
     ap.add_argument("--train-steps", type=int, default=1500)

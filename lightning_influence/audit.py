@@ -377,12 +377,14 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
                 factory = bucketed_loader_factory(val_data, tuning_cfg.batch_size, seed, "val_data",
                                                   pool=50 if tuning_cfg.bucket else 0)
                 cost = relative_sample_cost(train_data, val_data, seed) if tuning_cfg.epochs == "auto" else 1.0
+                check_ids = grad_check_ids(m, seed)  # the samples of the gradient yardstick at θ* and the lr probe
                 total = planned_steps(tuning_cfg, len(factory(0)), budget_epochs(tuning_cfg, n * cost, m, method == "fvm"))
                 with stages("tuning"), progress.stage("tuning", total) as update:
                     stats = tune_model(working, tuned_params, factory, tuning_cfg, method == "fvm", loss_fn,
                                        lambda b: _move(b, device), update,
                                        eval_loader=sequential_loader(val_data, batch_size, name="val_data"),
-                                       reference=[b.param for b in blocks], train_size=n * cost)
+                                       reference=[b.param for b in blocks], train_size=n * cost,
+                                       check_loader=sequential_loader(val_data, tuning_cfg.batch_size, check_ids, "val_data"))
                 return losses, {**stats, "train_sample_cost": cost}
 
             loss_trained, tune_stats = dist.checkpoint(tune_stage)
@@ -706,4 +708,4 @@ def resolve_rank_by(rank_by: str, method: str) -> str:
     return rank_by
 
 
-from .tuning import budget_epochs, bucketed_loader_factory, planned_steps, relative_sample_cost, tune as tune_model, verify as verify_tuning  # noqa: E402  (kept at the end: the pipeline reads top-down)
+from .tuning import budget_epochs, bucketed_loader_factory, grad_check_ids, planned_steps, relative_sample_cost, tune as tune_model, verify as verify_tuning  # noqa: E402  (kept at the end: the pipeline reads top-down)

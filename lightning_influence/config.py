@@ -17,11 +17,11 @@ class TuningConfig:
 
     The budget is stated in **passes over the validation set** (``epochs``), not in steps, so
     the cost follows the validation set's size; tuning stops early once the loss stops
-    falling. The default optimiser is scale-free: Adam with a *relative* learning rate (each
-    parameter tensor's step is ``lr x`` that tensor's RMS at θ*), under adaptive SAM (ASAM,
-    whose radius ``rho`` is relative to ``|θ|`` as well), so the same defaults work on an MLP's
-    weights and on LoRA matrices (``benchmarks/TUNING.md``). ``optimizer="sgd"`` with
-    ``lr_scale="absolute"``, ``adaptive=False`` is the paper's recipe (ICML 2025: SGD lr 0.01,
+    falling. The default is scale-free: SGD with momentum and a learning rate probed around
+    the Polyak step ``L/‖g‖²`` of the validation loss, under adaptive SAM (ASAM, whose radius
+    ``rho`` is relative to ``|θ|``), so the same defaults work on an MLP's weights and on LoRA
+    matrices (``benchmarks/TUNING.md``). ``optimizer="sgd"`` with a fixed ``lr``,
+    ``adaptive=False`` is the paper's recipe (ICML 2025: SGD lr 0.01,
     momentum 0.9, weight decay 5e-4, cosine, batch 128, 1,000 steps, ρ 0.05).
 
     After tuning the audit checks that θ̃ is a validation minimum (full validation-set loss
@@ -33,17 +33,19 @@ class TuningConfig:
             (default): the compute of one training epoch, ``n / (2m)`` passes for fvm (SAM
             takes two forward-backward passes per sample), ``n / m`` for vm, with ``n``
             weighted by a training sample's size over a validation sample's (token counts for
-            padded text), within [0.5, 10].
+            padded text), within [0.5, 10]. The checks (the full-set loss at θ*, the gradient
+            check and the lr probe) are counted inside it: the steps get the rest.
         steps: a fixed number of optimisation steps instead of ``epochs`` (``0``: no tuning).
-        optimizer: ``"adam"`` (default) or ``"sgd"`` (with ``momentum``): the base optimiser
+        optimizer: ``"sgd"`` (default, with ``momentum``) or ``"adam"``: the base optimiser
             (under SAM for ``fvm``).
         lr: initial learning rate, cosine-decayed to 0 over the budget. With
             ``lr_scale="relative"`` (default, Adam only) it is a fraction of each tensor's RMS.
-            ``"auto"`` (default): half the best single step of a short probe of the validation
-            loss along Adam's first step (two mini-batches, a few forward passes; see
-            ``tuning.probe_lr``).
+            ``"auto"`` (default): the best single step of a short probe of the validation loss
+            along the gradient of 32 validation samples (the gradient check's; a few forward
+            passes of them; see ``tuning.probe_lr``), times ``probe_factor x (1 - β)`` for SGD.
         lr_scale: ``"relative"`` or ``"absolute"`` (the learning rate as given; always so for SGD).
-        momentum: SGD momentum (``optimizer="sgd"``).
+        momentum: SGD momentum (``optimizer="sgd"``), capped so that its horizon
+            ``1/(1-β)`` is at most a tenth of the planned steps (``result.tuning["momentum"]``).
         weight_decay: weight decay of the base optimiser.
         batch_size: validation mini-batch size (capped at the validation set size).
         rho: SAM neighbourhood radius (``fvm`` only; relative to ``|θ|`` when ``adaptive``).

@@ -7,6 +7,7 @@ pipeline always hands over its own copy.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -196,7 +197,7 @@ PROBE_FACTOR = 0.25
 #: validation samples the probe measures the loss on (whole mini-batches, at least one)
 PROBE_SAMPLES = 64
 #: the SGD probe tries η₀·4^-k for k = PROBE_OCTAVES ... -1 (η₀: the Polyak step)
-PROBE_OCTAVES = 5
+PROBE_OCTAVES = 3
 
 
 def _scales(params: List[nn.Parameter]) -> List[float]:
@@ -221,8 +222,75 @@ def _finite(model: nn.Module, batch: Any, loss_fn: Optional[LossFn], grad: bool)
         return (out.losses if bool(torch.isfinite(out.losses.detach()).all()) else None), out
 
 
+def mean_gradient(model: nn.Module, params: List[nn.Parameter], batches: List[Any],
+                  loss_fn: Optional[LossFn], reference: Optional[List[nn.Parameter]] = None,
+                  ) -> Tuple[List[torch.Tensor], float, int, float]:
+    """The mean loss's gradient over ``batches`` (samples with a finite loss) with respect to
+    ``params``, in the model's current mode, the mean loss, the sample count, and an unbiased
+    estimate of ``‖E g‖²`` over ``reference`` (a subset of ``params``; NaN without, or with
+    fewer than two batches): the mean inner product of gradients of samples in *different*
+    batches (``(‖Σ s_b‖² - Σ ‖s_b‖²) / (c² - Σ c_b²)`` from the batch sums ``s_b``), free of the
+    sampling noise that inflates the norm of a small subset's mean gradient. The parameters'
+    ``.grad`` and ``requires_grad`` are left as they were."""
+    sums = [torch.zeros_like(p) for p in params]
+    flags = [p.requires_grad for p in params]
+    ref_ids = {id(p) for p in (reference or [])}
+    within, sizes_sq = 0.0, 0
+    total, count = 0.0, 0
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in batches:
+                losses, _ = _finite(model, batch, loss_fn, grad=True)
+                if losses is None:
+                    continue
+                grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+                for p, acc, g in zip(params, sums, grads):
+                    if g is not None:
+                        acc.add_(g.detach())
+                        if id(p) in ref_ids:
+                            within += float(g.detach().double().pow(2).sum())
+                total += float(losses.detach().double().sum())
+                count += int(losses.shape[0])
+                sizes_sq += int(losses.shape[0]) ** 2
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    pairs = count ** 2 - sizes_sq
+    full = sum(float(a.double().pow(2).sum()) for p, a in zip(params, sums) if id(p) in ref_ids)
+    sq = (full - within) / pairs if ref_ids and pairs > 0 else float("nan")
+    return [a / max(count, 1) for a in sums], (total / count if count else float("inf")), count, sq
+
+
+#: validation samples of the gradient yardstick at θ* (estimated; θ̃: the full set) and of the probe
+GRAD_CHECK_SAMPLES = 32
+#: a forward pass's cost beside a forward-backward pass's, for counting the checks in the budget
+#: (1/3 for full weight gradients; about 1/2 (measured) for MiniLM + LoRA, whose frozen weights need none)
+FORWARD_COST = 0.5
+#: SGD: the momentum's horizon ``1/(1-β)`` is at most a tenth of the planned steps, but long
+#: enough to average the mini-batches of one probe's worth of samples:
+#: ``β = min(momentum, max(1 - batch_size / GRAD_CHECK_SAMPLES, 1 - MOMENTUM_HORIZON / steps))``
+MOMENTUM_HORIZON = 10.0
+#: ``epochs="auto"``: the checks are counted inside the budget, but at least this share of the
+#: budget is left to the tuning steps
+MIN_STEP_SHARE = 0.25
+
+
+def grad_check_ids(val_size: int, seed: int, samples: Optional[int] = None) -> List[int]:
+    """The validation samples (sorted ids) of the gradient yardstick at θ* (the full-set norm at
+    θ̃ is exact) and of the learning-rate probe: a seeded random subset of ``samples`` (default
+    ``GRAD_CHECK_SAMPLES``; all when fewer)."""
+    samples = GRAD_CHECK_SAMPLES if samples is None else samples
+    if val_size <= samples:
+        return list(range(val_size))
+    g = torch.Generator().manual_seed((seed * 7_919 + 17) % 2**64)
+    return sorted(torch.randperm(val_size, generator=g)[:samples].tolist())
+
+
 def probe_lr(model: nn.Module, params: List[nn.Parameter], batches: List[Any], loss_fn: Optional[LossFn],
-             optimizer: str = "sgd", factor: float = PROBE_FACTOR) -> Tuple[float, Dict[str, float]]:
+             optimizer: str = "sgd", factor: float = PROBE_FACTOR, grads: Optional[List[torch.Tensor]] = None,
+             base: Optional[float] = None) -> Tuple[float, Dict[str, float]]:
     """A learning rate from a short probe of the validation loss (never from noise flags): the
     mean loss of ``batches`` at θ + η·d along the first step's direction ``d`` for a geometric
     grid of η, stopping once the loss rises above its value at θ; ``lr = factor x`` the best η.
@@ -231,7 +299,9 @@ def probe_lr(model: nn.Module, params: List[nn.Parameter], batches: List[Any], l
     ``η₀·2^-k`` around the Polyak step ``η₀ = L/‖g‖²`` (so the probe is scale-free: rescaling
     the parameters or the loss rescales η₀ with them). ``"adam"``: Adam's first step
     ``d = -sign(g) x RMS(tensor)`` with η a fraction of each tensor's RMS. θ is restored exactly.
-    Returns ``(lr, {η: probe loss})``."""
+    ``grads`` / ``base``: the batches' mean gradient and mean loss at θ, when already measured
+    (the tuning's θ* check measures both on the same batches), so the probe runs forward passes
+    only. Returns ``(lr, {η: probe loss})``."""
     saved = [p.detach().clone() for p in params]
 
     def mean_loss() -> float:
@@ -242,19 +312,11 @@ def probe_lr(model: nn.Module, params: List[nn.Parameter], batches: List[Any], l
             total, count = total + float(losses[ok].sum()), count + int(ok.sum())
         return total / count if count else float("inf")
 
-    for p in params:
-        p.grad = None
-    count = 0
-    for batch in batches:
-        losses, _ = _finite(model, batch, loss_fn, grad=True)
-        if losses is not None:
-            losses.sum().backward()
-            count += int(losses.shape[0])
-    grads = [p.grad.detach() / max(count, 1) if p.grad is not None else torch.zeros_like(p) for p in params]
-    for p in params:
-        p.grad = None
-    with torch.no_grad():
-        base = mean_loss()
+    if grads is None:
+        grads, _, _, _ = mean_gradient(model, params, batches, loss_fn)
+    if base is None:
+        with torch.no_grad():
+            base = mean_loss()
     if optimizer == "adam":
         directions = [-(g.sign() * s) for g, s in zip(grads, _scales(params))]
         grid = list(PROBE_STEPS)
@@ -287,7 +349,8 @@ def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[
          config: TuningConfig, sharpness_aware: bool, loss_fn: Optional[LossFn] = None,
          to_device: Callable[[Any], Any] = lambda b: b,
          progress: Optional[Callable[[int], None]] = None, eval_loader: Any = None,
-         reference: Optional[List[nn.Parameter]] = None, train_size: Optional[int] = None) -> Dict[str, float]:
+         reference: Optional[List[nn.Parameter]] = None, train_size: Optional[float] = None,
+         check_loader: Any = None) -> Dict[str, float]:
     """Tune ``params`` of ``model`` in place on the validation data, for ``config.epochs`` passes
     (or ``config.steps`` steps), stopping early once a pass's mean loss falls by less than
     ``config.tol``.
@@ -297,25 +360,58 @@ def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[
     sequential loader over the whole validation set: the full-set loss, accuracy and the
     gradient norm of ``reference`` (the audited parameters; ``grad_norm_start``, the yardstick
     for the gradient norm at θ̃, see :func:`verify`) at θ* are measured on it before the first
-    step.
+    step. ``check_loader`` (optional, with ``eval_loader``): a sequential loader over a subset
+    of the validation set (:func:`grad_check_ids`); the loss at θ* is then measured over the
+    full set with forward passes only, the full-set gradient norm at θ* is *estimated* on this
+    subset without its sampling noise (:func:`mean_gradient`), and the learning-rate probe
+    reuses that gradient and loss (eval mode), so the checks cost little.
+
+    With ``epochs="auto"`` the checks are counted inside the budget (one training epoch of
+    compute, ``train_size`` forward-backward passes): the tuning steps get what the full-set
+    loss at θ*, the gradient check and the probe leave (at least ``MIN_STEP_SHARE`` of it).
 
     Returns statistics: ``steps``, ``epochs`` (passes run), ``planned_steps``, ``stopped_early``,
     ``val_loss_start``/``val_loss_end`` (mean mini-batch loss over the first and the last
     pass), ``val_loss_trained``/``val_acc_trained`` (full set at θ*, with ``eval_loader``),
-    ``sharpness`` (fvm: SAM's perturbed-minus-clean mini-batch loss, mean over the last pass)
-    and ``grad_norm_start`` (full set at θ*).
+    ``sharpness`` (fvm: SAM's perturbed-minus-clean mini-batch loss, mean over the last pass),
+    ``grad_norm_start`` (full set at θ*, estimated with ``check_loader``), ``budget_epochs``
+    (the budget in passes), ``check_epochs`` (the checks' estimated share of one training
+    epoch), ``momentum`` and ``lr`` (used), ``check_s`` / ``probe_s`` / ``steps_s`` (seconds).
     """
     nan = float("nan")
     stats: Dict[str, float] = {}
-    if eval_loader is not None:  # θ*: full validation-set loss, accuracy and gradient norm (the yardstick)
+    clock = time.perf_counter()
+    spent = 0.0  # forward-backward passes of one sample spent on the checks and the probe
+    check: Optional[Tuple[List[Any], List[torch.Tensor], float]] = None  # batches, gradient, loss at θ*
+    m = _size_of(loader_factory)
+    if eval_loader is not None and check_loader is not None:  # θ*: full-set loss (forward only), gradient on a subset
+        with torch.no_grad():
+            loss0, acc0, m0, _ = evaluate(model, eval_loader, loss_fn, to_device)
+        union = list({id(p): p for p in [*(reference or []), *params]}.values())
+        batches_c = [to_device(b) for b in check_loader]
+        was = model.training
+        model.eval()
+        try:
+            grads_c, loss_c, count_c, sq = mean_gradient(model, union, batches_c, loss_fn, reference)
+        finally:
+            model.train(was)
+        by_id = {id(p): g for p, g in zip(union, grads_c)}
+        grad0 = math.sqrt(max(sq, 0.0)) if math.isfinite(sq) else nan  # 0: noise only, no yardstick
+        check = (batches_c, [by_id[id(p)] for p in params], loss_c)
+        spent += m0 * FORWARD_COST + count_c
+        stats.update(val_loss_trained=loss0, val_acc_trained=acc0, grad_norm_start=grad0, grad_check_samples=float(count_c))
+    elif eval_loader is not None:  # θ*: full validation-set loss, accuracy and gradient norm (the yardstick)
         with torch.enable_grad():
-            loss0, acc0, _, grad0 = evaluate(model, eval_loader, loss_fn, to_device, grad_of=reference)
-        stats.update(val_loss_trained=loss0, val_acc_trained=acc0, grad_norm_start=grad0)
+            loss0, acc0, m0, grad0 = evaluate(model, eval_loader, loss_fn, to_device, grad_of=reference)
+        spent += m0
+        stats.update(val_loss_trained=loss0, val_acc_trained=acc0, grad_norm_start=grad0, grad_check_samples=float(m0))
+    stats["check_s"] = time.perf_counter() - clock
     per_pass = _passes(loader_factory)
-    epochs = budget_epochs(config, train_size, _size_of(loader_factory), sharpness_aware)
+    epochs = budget_epochs(config, train_size, m, sharpness_aware)
     total = planned_steps(config, per_pass, epochs)
-    stats.update(planned_steps=float(total), planned_epochs=total / max(per_pass, 1), batches_per_pass=float(per_pass))
+    stats.update(budget_epochs=epochs, batches_per_pass=float(per_pass))
     if total == 0:
+        stats.update(planned_steps=0.0, planned_epochs=0.0)
         return {"steps": 0.0, **stats}
     was_training = model.training
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -324,12 +420,37 @@ def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[
         p.requires_grad_(id(p) in tuned)
     model.train(config.train_mode)
     lr = config.lr
+    clock = time.perf_counter()
     if lr == "auto":
-        probe_loader = loader_factory(-1)  # its own shuffle: not the first tuning pass's batches
-        probe = [to_device(b) for b, _ in zip(probe_loader, range(max(1, PROBE_SAMPLES // config.batch_size)))]
-        factor = config.probe_factor * ((1 - config.momentum) if config.optimizer == "sgd" else 1.0)
-        lr, curve = probe_lr(model, params, probe, loss_fn, config.optimizer, factor)  # momentum amplifies 1/(1-β)
+        factor = config.probe_factor  # for SGD times (1 - momentum) below: momentum amplifies a step 1/(1-β)
+        if check is not None and not config.train_mode:  # the θ* check's batches, gradient and loss (eval mode)
+            probe, grads_p, base_p = check
+            lr, curve = probe_lr(model, params, probe, loss_fn, config.optimizer, factor, grads=grads_p, base=base_p)
+            spent += (len(curve) - 1) * FORWARD_COST * stats.get("grad_check_samples", 0.0)
+        else:
+            probe_loader = loader_factory(-1)  # its own shuffle: not the first tuning pass's batches
+            probe = [to_device(b) for b, _ in zip(probe_loader, range(max(1, PROBE_SAMPLES // config.batch_size)))]
+            lr, curve = probe_lr(model, params, probe, loss_fn, config.optimizer, factor)
+            size = min(PROBE_SAMPLES, max(config.batch_size, 1) * len(probe))
+            spent += size * (1 + FORWARD_COST * len(curve))
         stats.update({f"probe_loss@{k}": v for k, v in curve.items()})
+    stats["probe_s"] = time.perf_counter() - clock
+    if config.epochs == "auto" and config.steps is None and train_size and m:
+        # the checks are part of the one training epoch of compute: the steps get the rest
+        per_sample = 2.0 if sharpness_aware else 1.0
+        left = max(MIN_STEP_SHARE * epochs, epochs - spent / (per_sample * m))
+        total = planned_steps(config, per_pass, left)
+        stats["check_epochs"] = spent / float(train_size)  # the checks' share of one training epoch
+    stats.update(planned_steps=float(total), planned_epochs=total / max(per_pass, 1))
+    # SGD: momentum averages over ~1/(1-β) steps; a short budget gets a shorter horizon (at most
+    # a tenth of the steps), else most of its steps go to building the momentum up
+    floor = 1.0 - config.batch_size / max(GRAD_CHECK_SAMPLES, config.batch_size)
+    momentum = (min(config.momentum, max(floor, 1.0 - MOMENTUM_HORIZON / total))
+                if config.optimizer == "sgd" else 0.0)
+    if config.lr == "auto" and config.optimizer == "sgd":
+        lr = lr * (1 - momentum)
+
+    stats["momentum"] = momentum
     stats["lr"] = float(lr)
     if config.optimizer == "adam":
         base: type = torch.optim.Adam
@@ -337,7 +458,7 @@ def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[
         groups: Any = _relative_groups(params, lr) if config.lr_scale == "relative" else params
     else:
         base = torch.optim.SGD
-        kwargs = dict(lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        kwargs = dict(lr=lr, momentum=momentum, weight_decay=config.weight_decay)
         groups = params
     if sharpness_aware:
         from pytorch_optimizer import SAM
@@ -376,6 +497,7 @@ def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[
     last_gap = nan
     steps_run, stopped, runaway = 0, False, False
     batches = _endless(loader_factory)
+    clock = time.perf_counter()
     try:
         with torch.enable_grad():
             for step in range(total):
@@ -446,7 +568,7 @@ def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[
     stats.update(steps=float(steps_run), epochs=steps_run / per_pass, stopped_early=float(stopped),
                  val_loss_start=pass_means[0], val_loss_end=pass_means[-1],
                  val_loss_first_batch=first[0] if first else nan,
-                 sharpness=last_gap if sharpness_aware else nan)
+                 sharpness=last_gap if sharpness_aware else nan, steps_s=time.perf_counter() - clock)
     return stats
 
 

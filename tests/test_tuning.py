@@ -61,10 +61,16 @@ def test_default_tuning_reaches_a_validation_minimum_and_says_so(digits):
     assert t["grad_ratio"] < 0.5 and t["at_minimum"] == 1.0
     assert math.isfinite(t["sharpness"]) and t["sharpness"] >= -1e-6  # SAM's perturbed-minus-clean gap
     assert not [w for w in caught if "did not reach a validation minimum" in str(w.message)]
-    # the default budget: one training epoch of compute, n / (2m) passes for SAM
+    # the default budget: one training epoch of compute, n / (2m) passes for SAM, the checks
+    # (full-set loss at θ*, the gradient check, the probe) counted inside it
     n, m = len(split.train), len(split.val)
-    assert t["planned_epochs"] == pytest.approx(n / (2 * m), abs=1 / t["batches_per_pass"])
+    assert t["budget_epochs"] == pytest.approx(n / (2 * m))
+    assert 0 < t["check_epochs"] < 0.5
+    left = t["budget_epochs"] - t["check_epochs"] * n / (2 * m)
+    assert t["planned_epochs"] == pytest.approx(left, abs=1 / t["batches_per_pass"])
     assert t["epochs"] <= t["planned_epochs"] + 1e-9
+    steps_cost = t["steps"] * 2 * TuningConfig().batch_size / n  # SAM: two forward-backward passes per sample
+    assert t["check_epochs"] + steps_cost <= 1 + 2 * 2 * TuningConfig().batch_size / n  # within a step of the budget
 
 
 def test_tuning_that_does_not_reach_a_minimum_warns_and_names_the_fix(digits):
@@ -134,6 +140,32 @@ def test_learning_rate_probe_is_scale_free():
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # θ restored exactly
     assert lr10 == pytest.approx(lr1 / 10, rel=1e-6)
     assert min(curve1.values()) < curve1["0"]  # the chosen step lowers the probe loss
+
+
+def test_gradient_check_estimates_the_full_gradient_norm_without_the_subset_noise():
+    """The yardstick at θ* is measured on a small subset: the norm of the subset's mean gradient
+    is inflated by sampling noise, the cross-batch estimate is not (it is the mean inner product
+    of per-sample gradients from different batches, computed exactly here)."""
+    from lightning_influence.tuning import mean_gradient
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (32,), generator=g)
+    model = nn.Linear(6, 3).double()
+    params = list(model.parameters())
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
+    ce = lambda mod, b: nn.functional.cross_entropy(mod(b[0]), b[1], reduction="none")  # noqa: E731
+    grads, loss, count, sq = mean_gradient(model, params, batches, ce, params)
+    per = [torch.cat([t.flatten() for t in torch.autograd.grad(ce(model, (x[i:i + 1], y[i:i + 1])).sum(), params)])
+           for i in range(32)]
+    cross = sum(float(per[i] @ per[j]) for i in range(32) for j in range(32) if i // 8 != j // 8)
+    assert sq == pytest.approx(cross / (32 * 32 - 4 * 64), rel=1e-9)
+    mean = torch.stack(per).mean(0)
+    assert torch.allclose(torch.cat([t.flatten() for t in grads]), mean)
+    assert count == 32 and loss == pytest.approx(float(ce(model, (x, y)).mean().detach()))
+    assert all(p.grad is None for p in params)
+    # the probe reuses a measured gradient and loss: the same learning rate
+    assert probe_lr(model, params, batches, ce, grads=grads, base=loss)[0] == pytest.approx(
+        probe_lr(model, params, batches, ce)[0], rel=1e-9)
 
 
 def test_rank_by_chooses_the_ranking_and_reports_every_ranking(digits):
