@@ -55,6 +55,8 @@ TASKS = {"sym20": "digits, 20 % symmetric flips", "pair20": "digits, 20 % class-
 DIGITS_TASKS = ("sym20", "pair20", "marker10")
 RANKINGS = ("fvm", "vm", "standard", "loss@θ̃", "loss@θ*", "cleanlab", "random")
 CORNERS = [0, 7, 56, 63]
+#: fvm's tuning figures recorded with each seed's no-removal row
+TUNING_KEYS = ("val_loss_trained", "val_loss_tuned", "val_acc_trained", "val_acc_tuned", "steps", "lr", "at_minimum")
 
 
 def log(msg: str) -> None:
@@ -176,6 +178,7 @@ def run_sst2(seed: int, opts: argparse.Namespace) -> List[Dict[str, Any]]:
         scores[method] = result.influence
         if method == "fvm":
             scores["loss@θ̃"], scores["loss@θ*"] = result.loss_tuned, result.loss_trained
+            rows[0].update({f"fvm_{k}": result.tuning.get(k, float("nan")) for k in TUNING_KEYS})
             log(f"    fvm tuning: val loss {result.tuning.get('val_loss_trained', float('nan')):.3f} -> "
                 f"{result.tuning.get('val_loss_tuned', float('nan')):.3f}")
     if "cleanlab" in wanted:
