@@ -175,8 +175,8 @@ class InstructionLoRA(L.LightningModule):
         self.lr = lr
 
     def forward(self, **batch):
-        # the audit's default per-sample loss calls the LightningModule itself with the batch's
-        # keys (all but labels); without a forward it fails with a BatchFormatError in setup
+        # the audit's default per-sample loss calls the LightningModule with the batch's keys (all
+        # but labels); a module without a forward would have the PEFT model inside called instead
         return self.model(**batch)
 
     def training_step(self, batch, batch_idx):

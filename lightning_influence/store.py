@@ -99,16 +99,9 @@ class GradientStore:
             data = self.blocks[name]
             return data if rows is None else data[rows]
         start, stop, _ = (rows or slice(None)).indices(self.n)
-        count = max(stop - start, 0)
-        out = np.empty((count, *self.shapes[name]), dtype=_NUMPY_DTYPES[self.dtype])
-        view = memoryview(out).cast("B")
-        offset, done = start * self._row_bytes(name), 0
-        while done < len(view):
-            got = os.preadv(self._files[name], [view[done:]], offset + done)
-            if got == 0:
-                raise OSError(f"the gradient spill file of {name} ended early")
-            done += got
-        return torch.from_numpy(out)
+        out = torch.empty(max(stop - start, 0), *self.shapes[name], dtype=self.dtype)
+        self._read_into(name, start, out)
+        return out
 
     def chunk_size(self, budget_bytes: int) -> int:
         """Rows per chunk so that one chunk of every block fits in ``budget_bytes``."""
