@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import common  # noqa: E402
 
 from lightning_influence import prepare, score  # noqa: E402
+from lightning_influence.metrics import nan_last_ranking  # noqa: E402
 from lightning_influence.datasets import TensorPairs, flip_labels  # noqa: E402
 
 TASKS = {"sym20": "digits, 20 % symmetric flips", "pair20": "digits, 20 % class-dependent flips",
@@ -97,22 +98,8 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def rankings(d: Dict[str, Any], model: torch.nn.Module, seed: int, opts: argparse.Namespace) -> Dict[str, torch.Tensor]:
     """Every ranking's scores (higher = remove first)."""
     train, val = TensorPairs(d["xtr"], d["ytr"]), TensorPairs(d["xva"], d["yva"])
-    out: Dict[str, torch.Tensor] = {}
-    for method in ("fvm", "vm", "standard"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            prepared = prepare(model, train, val, method=method, params="trainable", seed=seed, batch_size=128,
-                               tuning=opts.tuning)
-            try:
-                result = score(prepared, "hyperinf", rank_by="influence")
-            finally:
-                prepared.close()
-        out[method] = result.influence
-        if method == "fvm":
-            out["loss@θ̃"] = result.loss_tuned
-            out["loss@θ*"] = result.loss_trained
-            log(f"    fvm tuning: val loss {result.tuning.get('val_loss_trained', float('nan')):.3f} -> "
-                f"{result.tuning.get('val_loss_tuned', float('nan')):.3f}")
+    out, _ = method_scores(model, train, val, ("fvm", "vm", "standard"), params="trainable", seed=seed,
+                           batch_size=128, tuning=opts.tuning)
 
     def fit_predict(tr: np.ndarray, ho: np.ndarray, fold: int) -> torch.Tensor:
         m = common.train_mlp(common.digits_mlp(seed * 100 + fold + 1), d["xtr"][tr], d["ytr"][tr],
@@ -125,9 +112,26 @@ def rankings(d: Dict[str, Any], model: torch.nn.Module, seed: int, opts: argpars
     return out
 
 
-def order_of(scores: torch.Tensor) -> torch.Tensor:
-    key = torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores.double())
-    return torch.sort(-key, stable=True).indices
+def method_scores(model: torch.nn.Module, train: Any, val: Any, methods: Sequence[str],
+                  **prepare_kw: Any) -> "tuple[Dict[str, torch.Tensor], Dict[str, float]]":
+    """Each method's influence score (hyperinf), plus the losses at θ̃ and θ* when fvm is among
+    them (``"loss@θ̃"``, ``"loss@θ*"``), and fvm's tuning figures (``{}`` without fvm)."""
+    out: Dict[str, torch.Tensor] = {}
+    tuning: Dict[str, float] = {}
+    for method in methods:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare(model, train, val, method=method, **prepare_kw)
+            try:
+                result = score(prepared, "hyperinf", rank_by="influence")
+            finally:
+                prepared.close()
+        out[method] = result.influence
+        if method == "fvm":
+            out["loss@θ̃"], out["loss@θ*"], tuning = result.loss_tuned, result.loss_trained, result.tuning
+            log(f"    fvm tuning: val loss {tuning.get('val_loss_trained', float('nan')):.3f} -> "
+                f"{tuning.get('val_loss_tuned', float('nan')):.3f}")
+    return out, tuning
 
 
 def sst2_split(seed: int, opts: argparse.Namespace) -> Dict[str, Any]:
@@ -164,23 +168,13 @@ def run_sst2(seed: int, opts: argparse.Namespace) -> List[Dict[str, Any]]:
     model = fit(train, seed)
     rows = [row("none", 0, model, 0.0)]
     wanted = opts.sst2_rankings
-    scores: Dict[str, torch.Tensor] = {}
-    for method in [m for m in ("fvm", "vm", "standard") if m in wanted or (m == "fvm" and
-                                                                          {"loss@θ̃", "loss@θ*"} & set(wanted))]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            prepared = prepare(model, common.text_loader(train, tok, 32, 64), common.text_loader(d["val"], tok, 32, 64),
-                               method=method, params="auto", seed=seed, batch_size=32, tuning=opts.tuning)
-            try:
-                result = score(prepared, "hyperinf", rank_by="influence")
-            finally:
-                prepared.close()
-        scores[method] = result.influence
-        if method == "fvm":
-            scores["loss@θ̃"], scores["loss@θ*"] = result.loss_tuned, result.loss_trained
-            rows[0].update({f"fvm_{k}": result.tuning.get(k, float("nan")) for k in TUNING_KEYS})
-            log(f"    fvm tuning: val loss {result.tuning.get('val_loss_trained', float('nan')):.3f} -> "
-                f"{result.tuning.get('val_loss_tuned', float('nan')):.3f}")
+    methods = [m for m in ("fvm", "vm", "standard")
+               if m in wanted or (m == "fvm" and {"loss@θ̃", "loss@θ*"} & set(wanted))]
+    scores, fvm_tuning = method_scores(model, common.text_loader(train, tok, 32, 64),
+                                       common.text_loader(d["val"], tok, 32, 64), methods, params="auto", seed=seed,
+                                       batch_size=32, tuning=opts.tuning)
+    if "fvm" in methods:
+        rows[0].update({f"fvm_{k}": fvm_tuning.get(k, float("nan")) for k in TUNING_KEYS})
     if "cleanlab" in wanted:
         def fit_predict(tr: np.ndarray, ho: np.ndarray, fold: int) -> torch.Tensor:
             m = fit(common.subset(train, tr), seed * 100 + fold + 1)
@@ -190,7 +184,7 @@ def run_sst2(seed: int, opts: argparse.Namespace) -> List[Dict[str, Any]]:
         scores["cleanlab"] = common.cleanlab_scores(train.labels, probs)
     scores["random"] = torch.rand(n, generator=torch.Generator().manual_seed(seed + 12345), dtype=torch.float64)
     for name in wanted:
-        order = order_of(scores[name])
+        order = nan_last_ranking(scores[name])
         for q in opts.q:
             k = int(round(q / 100 * n))
             keep = torch.ones(n, dtype=torch.bool)
@@ -213,7 +207,7 @@ def run(task: str, seed: int, opts: argparse.Namespace) -> List[Dict[str, Any]]:
                  val=accuracy(model, d["xva"], d["yva"]), test=accuracy(model, d["xte"], d["yte"]))]
     scores = rankings(d, model, seed, opts)
     for name, s in scores.items():
-        order = order_of(s)
+        order = nan_last_ranking(s)
         for q in opts.q:
             k = int(round(q / 100 * n))
             keep = torch.ones(n, dtype=torch.bool)
