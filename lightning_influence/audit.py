@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import METHODS, CurvatureConfig, TuningConfig, as_dict, coerce
-from .data import dataset_of, selected_ids, sequential_loader, shuffled_loader_factory, subset_loader
+from .data import dataset_of, selected_ids, to_device, sequential_loader, shuffled_loader_factory, subset_loader
 from .gradients import gradient_mode, per_sample_gradients
 from .losses import LossFn, default_loss, with_sampled_labels
 from .metrics import check_noisy, detection_metrics, nan_last_ranking, score_summary
@@ -130,12 +130,6 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _move(batch: Any, device: torch.device) -> Any:
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
-    return move_data_to_device(batch, device)
-
-
 class _Stages:
     """Times the pipeline's stages (synchronising CUDA so the figures are honest)."""
 
@@ -161,7 +155,7 @@ def training_losses(model: nn.Module, data: Any, batch_size: int, device: torch.
     try:
         with torch.no_grad():
             for batch in sequential_loader(data, batch_size, _ids(indices), name="train_data"):
-                out.append(default_loss(model, _move(batch, device), loss_fn).losses.detach().double().cpu())
+                out.append(default_loss(model, to_device(batch, device), loss_fn).losses.detach().double().cpu())
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
@@ -195,7 +189,7 @@ def gather_gradients(model: nn.Module, blocks: List[Block], data: Any, *, batch_
     try:
         with gradient_mode(model, blocks):
             for batch in sequential_loader(data, batch_size, _ids(indices), name=name):
-                batch = _move(batch, device)
+                batch = to_device(batch, device)
                 if sample_labels is not None:
                     batch = with_sampled_labels(model, batch, sample_labels, loss_fn)
                 grads, out = per_sample_gradients(model, blocks, batch, loss_fn)
@@ -381,7 +375,7 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
                 total = planned_steps(tuning_cfg, len(factory(0)), budget_epochs(tuning_cfg, n * cost, m, method == "fvm"))
                 with stages("tuning"), progress.stage("tuning", total) as update:
                     stats = tune_model(working, tuned_params, factory, tuning_cfg, method == "fvm", loss_fn,
-                                       lambda b: _move(b, device), update,
+                                       lambda b: to_device(b, device), update,
                                        eval_loader=sequential_loader(val_data, batch_size, name="val_data"),
                                        reference=[b.param for b in blocks], train_size=n * cost,
                                        check_loader=sequential_loader(val_data, tuning_cfg.batch_size, check_ids, "val_data"))

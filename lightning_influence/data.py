@@ -9,6 +9,14 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
                               SequentialSampler, Subset, WeightedRandomSampler)
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it moved to ``device`` (Lightning's own collection walk:
+    tuples, mappings, dataclasses...)."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(batch, device)
+
+
 def dataset_of(data: Any, name: str) -> Dataset:
     """The map-style dataset behind ``data`` (a Dataset or a DataLoader over one). Raises a clear
     error for data the audit can't index."""

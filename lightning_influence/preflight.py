@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .data import dataset_of, selected_ids, sequential_loader
+from .data import dataset_of, selected_ids, sequential_loader, to_device
 from .exceptions import PreflightError
 from .gradients import gradient_mode, per_sample_gradients
 from .losses import LossFn, _call_with_mapping, default_loss, hf_model_of, reported_loss
@@ -155,10 +155,8 @@ def check(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional
 
 
 def _to_device(device: torch.device, convert: Optional[Callable[[Any], Any]]) -> Callable[[Any], Any]:
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
     def move(batch: Any) -> Any:
-        batch = move_data_to_device(batch, device)
+        batch = to_device(batch, device)
         return convert(batch) if convert is not None else batch
 
     return move
