@@ -372,13 +372,15 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
                                                   pool=50 if tuning_cfg.bucket else 0)
                 cost = relative_sample_cost(train_data, val_data, seed) if tuning_cfg.epochs == "auto" else 1.0
                 check_ids = grad_check_ids(m, seed)  # the samples of the gradient yardstick at θ* and the lr probe
+                # at least four batches: the yardstick pairs samples from different batches
+                check_batch = min(tuning_cfg.batch_size, max(1, -(-len(check_ids) // 4)))
                 total = planned_steps(tuning_cfg, len(factory(0)), budget_epochs(tuning_cfg, n * cost, m, method == "fvm"))
                 with stages("tuning"), progress.stage("tuning", total) as update:
                     stats = tune_model(working, tuned_params, factory, tuning_cfg, method == "fvm", loss_fn,
                                        lambda b: to_device(b, device), update,
                                        eval_loader=sequential_loader(val_data, batch_size, name="val_data"),
                                        reference=[b.param for b in blocks], train_size=n * cost,
-                                       check_loader=sequential_loader(val_data, tuning_cfg.batch_size, check_ids, "val_data"))
+                                       check_loader=sequential_loader(val_data, check_batch, check_ids, "val_data"))
                 return losses, {**stats, "train_sample_cost": cost}
 
             loss_trained, tune_stats = dist.checkpoint(tune_stage)

@@ -224,14 +224,22 @@ def _finite(model: nn.Module, batch: Any, loss_fn: Optional[LossFn], grad: bool)
 
 def mean_gradient(model: nn.Module, params: List[nn.Parameter], batches: List[Any],
                   loss_fn: Optional[LossFn], reference: Optional[List[nn.Parameter]] = None,
-                  ) -> Tuple[List[torch.Tensor], float, int, float]:
+                  population: Optional[int] = None) -> Tuple[List[torch.Tensor], float, int, float]:
     """The mean loss's gradient over ``batches`` (samples with a finite loss) with respect to
     ``params``, in the model's current mode, the mean loss, the sample count, and an unbiased
     estimate of ``‖E g‖²`` over ``reference`` (a subset of ``params``; NaN without, or with
     fewer than two batches): the mean inner product of gradients of samples in *different*
     batches (``(‖Σ s_b‖² - Σ ‖s_b‖²) / (c² - Σ c_b²)`` from the batch sums ``s_b``), free of the
-    sampling noise that inflates the norm of a small subset's mean gradient. The parameters'
-    ``.grad`` and ``requires_grad`` are left as they were."""
+    sampling noise that inflates the norm of a small subset's mean gradient.
+
+    With ``population`` (the size ``M`` of the set ``batches`` were drawn from without
+    replacement), the last value is instead an unbiased estimate of the squared norm of the mean
+    gradient over *that whole set*, the figure an exact full-set pass measures:
+    ``‖ḡ_M‖² = D/M + (1 - 1/M)·P``, where ``P`` is the pair estimate above and ``D`` the mean
+    per-sample squared norm, estimated from the batch sums as ``(Σ‖s_b‖² - (Σc_b² - c)·P) / c``.
+    It keeps the set's own sampling term ``D/M``, so it is positive where ``P`` alone is mostly
+    noise, and exact when the batches cover the set (``c = M``). The parameters' ``.grad`` and
+    ``requires_grad`` are left as they were."""
     sums = [torch.zeros_like(p) for p in params]
     flags = [p.requires_grad for p in params]
     ref_ids = {id(p) for p in (reference or [])}
@@ -259,7 +267,17 @@ def mean_gradient(model: nn.Module, params: List[nn.Parameter], batches: List[An
             p.requires_grad_(f)
     pairs = count ** 2 - sizes_sq
     full = sum(float(a.double().pow(2).sum()) for p, a in zip(params, sums) if id(p) in ref_ids)
-    sq = (full - within) / pairs if ref_ids and pairs > 0 else float("nan")
+    if not ref_ids:
+        sq = float("nan")
+    elif population is not None and population <= count:  # the batches are the whole set: exact
+        sq = full / count ** 2 if count else float("nan")
+    elif pairs <= 0:  # one batch: no pair of samples in different batches
+        sq = float("nan")
+    else:
+        sq = (full - within) / pairs
+        if population is not None:
+            diag = (within - (sizes_sq - count) * sq) / count  # mean per-sample ‖g_i‖²
+            sq = diag / population + (1 - 1 / population) * sq
     return [a / max(count, 1) for a in sums], (total / count if count else float("inf")), count, sq
 
 
@@ -363,7 +381,7 @@ def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[
     step. ``check_loader`` (optional, with ``eval_loader``): a sequential loader over a subset
     of the validation set (:func:`grad_check_ids`); the loss at θ* is then measured over the
     full set with forward passes only, the full-set gradient norm at θ* is *estimated* on this
-    subset without its sampling noise (:func:`mean_gradient`), and the learning-rate probe
+    subset, unbiased (:func:`mean_gradient` with ``population``), and the learning-rate probe
     reuses that gradient and loss (eval mode), so the checks cost little.
 
     With ``epochs="auto"`` the checks are counted inside the budget (one training epoch of
@@ -392,11 +410,11 @@ def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[
         was = model.training
         model.eval()
         try:
-            grads_c, loss_c, count_c, sq = mean_gradient(model, union, batches_c, loss_fn, reference)
+            grads_c, loss_c, count_c, sq = mean_gradient(model, union, batches_c, loss_fn, reference, population=m0)
         finally:
             model.train(was)
         by_id = {id(p): g for p, g in zip(union, grads_c)}
-        grad0 = math.sqrt(max(sq, 0.0)) if math.isfinite(sq) else nan  # 0: noise only, no yardstick
+        grad0 = math.sqrt(sq) if math.isfinite(sq) and sq > 0 else nan  # ≤ 0: a degenerate draw, no yardstick
         check = (batches_c, [by_id[id(p)] for p in params], loss_c)
         spent += m0 * FORWARD_COST + count_c
         stats.update(val_loss_trained=loss0, val_acc_trained=acc0, grad_norm_start=grad0, grad_check_samples=float(count_c))

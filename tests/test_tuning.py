@@ -168,6 +168,35 @@ def test_gradient_check_estimates_the_full_gradient_norm_without_the_subset_nois
         probe_lr(model, params, batches, ce)[0], rel=1e-9)
 
 
+def test_gradient_yardstick_is_unbiased_for_the_full_set_gradient_norm():
+    """With ``population``, the subset estimate targets what the exact pass at θ̃ measures: the
+    norm of the mean gradient over the *whole* validation set, sampling term included (the
+    cross-batch estimate alone leaves that term out and is often ≤ 0 on a 32-sample subset,
+    which left the check without a yardstick). Checked against per-sample autograd over 200
+    samples: exact when the batches cover the set, unbiased over random 32-sample subsets."""
+    from lightning_influence.tuning import mean_gradient
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(200, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (200,), generator=g)
+    model = nn.Linear(6, 3).double()
+    params = list(model.parameters())
+    ce = lambda mod, b: nn.functional.cross_entropy(mod(b[0]), b[1], reduction="none")  # noqa: E731
+    per = torch.stack([torch.cat([t.flatten() for t in torch.autograd.grad(ce(model, (x[i:i + 1], y[i:i + 1])).sum(), params)])
+                       for i in range(200)])
+    truth = float(per.mean(0).pow(2).sum())
+    whole = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 200, 50)]
+    assert mean_gradient(model, params, whole, ce, params, population=200)[3] == pytest.approx(truth, rel=1e-9)
+    estimates = []
+    for _ in range(400):
+        ids = torch.randperm(200, generator=g)[:32]
+        batches = [(x[ids[i:i + 8]], y[ids[i:i + 8]]) for i in range(0, 32, 8)]
+        estimates.append(mean_gradient(model, params, batches, ce, params, population=200)[3])
+    est = torch.tensor(estimates)
+    assert abs(float(est.mean()) - truth) < 4 * float(est.std()) / 20  # unbiased: within 4 standard errors
+    noisy_only = mean_gradient(model, params, batches, ce, params)[3]  # the old target, ‖E g‖² without D/M
+    assert estimates[-1] > noisy_only
+
+
 def test_rank_by_chooses_the_ranking_and_reports_every_ranking(digits):
     split, model = digits
     kw = dict(method="fvm", params="trainable", noisy=split.noisy, batch_size=128, top_k=30)
