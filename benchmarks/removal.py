@@ -13,6 +13,15 @@ Tasks (digits, 300 clean validation / 400 clean test images, the rest training):
 - ``marker10``: a harm that is not plain label noise: 10 % of the training images get a marker
   (the 4 corner pixels set to full intensity, a pattern absent from validation and test) and
   the label 0 whatever they show. The marker makes them easy to fit: their loss stays low.
+- ``offdist10``: off-distribution but correctly labelled: 10 % of the training images rotated
+  by a quarter turn (90°), each keeping its true label; validation and test are upright.
+- ``dup10``: near-duplicates: 10 % of the training images replaced by noisy copies (pixel noise
+  σ 0.05, clipped to [0, 1]) of 5 other training images, each copy labelled with its source's
+  (true) label; the 5 sources stay as they are.
+
+In the last three the planted samples are the ``harmful`` ground truth of the detection column
+(share of them among the removed). Every task also has the ``oracle`` ranking: the planted
+samples first (random order among them and among the rest), the ceiling of removal at each q.
 
 And at CPU scale, text:
 
@@ -21,7 +30,7 @@ And at CPU scale, text:
   clean validation and 300 clean test sentences of ``dev.tsv`` (disjoint); the rankings of
   ``--sst2-rankings`` (default fvm, loss at θ̃, loss at θ*, random).
 
-Run: python benchmarks/removal.py [--quick] [--seeds 0 1 2] [--tasks sym20 pair20 marker10 sst2]
+Run: python benchmarks/removal.py [--quick] [--seeds 0 1 2] [--tasks sym20 pair20 marker10 offdist10 dup10 sst2]
      [--glue-dir ../shared/data]
 Writes benchmarks/results/removal.json (rendered into the README by render.py). The SST-2 table:
 python benchmarks/removal.py --tasks sst2 --glue-dir ../shared/data --sst2-epochs 3 --q 5 10 20
@@ -52,9 +61,11 @@ from lightning_influence.datasets import TensorPairs, flip_labels  # noqa: E402
 
 TASKS = {"sym20": "digits, 20 % symmetric flips", "pair20": "digits, 20 % class-dependent flips",
          "marker10": "digits, 10 % marker -> label 0 (not plain label noise)",
+         "offdist10": "digits, 10 % rotated 90° with true labels (off-distribution)",
+         "dup10": "digits, 10 % near-duplicates of 5 images with true labels",
          "sst2": "SST-2, 20 % flips (MiniLM + LoRA, 600 train sentences)"}
-DIGITS_TASKS = ("sym20", "pair20", "marker10")
-RANKINGS = ("fvm", "vm", "standard", "loss@θ̃", "loss@θ*", "cleanlab", "random")
+DIGITS_TASKS = ("sym20", "pair20", "marker10", "offdist10", "dup10")
+RANKINGS = ("fvm", "vm", "standard", "loss@θ̃", "loss@θ*", "cleanlab", "random", "oracle")
 CORNERS = [0, 7, 56, 63]
 #: fvm's tuning figures recorded with each seed's no-removal row
 TUNING_KEYS = ("val_loss_trained", "val_loss_tuned", "val_acc_trained", "val_acc_tuned", "steps", "lr", "at_minimum")
@@ -86,6 +97,20 @@ def make_task(task: str, seed: int, n_val: int = 300, n_test: int = 400) -> Dict
         flags[chosen] = True
         xtr[chosen.unsqueeze(1), torch.tensor(CORNERS)] = 1.0
         ytr[chosen] = 0
+    elif task in ("offdist10", "dup10"):
+        g = torch.Generator().manual_seed(seed + 1)
+        order = torch.randperm(len(ytr), generator=g)
+        k = int(round(0.1 * len(ytr)))
+        chosen = order[:k]
+        flags = torch.zeros(len(ytr), dtype=torch.bool)
+        flags[chosen] = True
+        if task == "offdist10":  # a quarter turn of the 8x8 image, the label unchanged
+            xtr[chosen] = torch.rot90(xtr[chosen].view(-1, 8, 8), 1, (1, 2)).reshape(-1, 64)
+        else:  # k noisy copies of 5 unflagged sources, round robin, with the sources' labels
+            sources = order[k:k + 5]
+            pick = sources[torch.arange(k) % len(sources)]
+            xtr[chosen] = (xtr[pick] + 0.05 * torch.randn(k, xtr.shape[1], generator=g)).clamp(0.0, 1.0)
+            ytr[chosen] = ytr[pick]
     else:
         raise ValueError(task)
     return dict(xtr=xtr, ytr=ytr, flags=flags, xva=x[va], yva=y[va], xte=x[te], yte=y[te])
@@ -109,7 +134,14 @@ def rankings(d: Dict[str, Any], model: torch.nn.Module, seed: int, opts: argpars
     probs, _ = common.cross_val_probs(len(d["ytr"]), d["ytr"], 5, seed, fit_predict)
     out["cleanlab"] = common.cleanlab_scores(d["ytr"], probs)
     out["random"] = torch.rand(len(d["ytr"]), generator=torch.Generator().manual_seed(seed + 12345), dtype=torch.float64)
+    out["oracle"] = oracle_scores(d["flags"], seed)
     return out
+
+
+def oracle_scores(flags: torch.Tensor, seed: int) -> torch.Tensor:
+    """The planted (corrupted) samples first, each group in a random order."""
+    noise = torch.rand(len(flags), generator=torch.Generator().manual_seed(seed + 54321), dtype=torch.float64)
+    return flags.double() + 0.5 * noise
 
 
 def method_scores(model: torch.nn.Module, train: Any, val: Any, methods: Sequence[str],
@@ -183,6 +215,7 @@ def run_sst2(seed: int, opts: argparse.Namespace) -> List[Dict[str, Any]]:
         probs, _ = common.cross_val_probs(n, train.labels, 5, seed, fit_predict)
         scores["cleanlab"] = common.cleanlab_scores(train.labels, probs)
     scores["random"] = torch.rand(n, generator=torch.Generator().manual_seed(seed + 12345), dtype=torch.float64)
+    scores["oracle"] = oracle_scores(flags, seed)
     for name in wanted:
         order = nan_last_ranking(scores[name])
         for q in opts.q:
@@ -258,7 +291,8 @@ def tables(raw: List[Dict[str, Any]], opts: argparse.Namespace, header: Dict[str
                  f"same recipe and seed ({recipe})",
                  "harmful among removed: the share of the removed samples that were corrupted",
                  f"fvm/vm/standard: influence scores (hyperinf) with the library's default tuning {json.dumps(opts.tuning or {})}; "
-                 "loss@θ̃: the loss at fvm's tuned weights; cleanlab: 5-fold confident learning"]
+                 "loss@θ̃: the loss at fvm's tuned weights; cleanlab: 5-fold confident learning"
+                 + ("; oracle: the planted samples first (the ceiling)" if any(r["ranking"] == "oracle" for r in rows) else "")]
         out.append(dict(title=f"Retrain after removal: {TASKS[task]}, clean test accuracy", columns=cols,
                         rows=table_rows, notes=notes, **header))
         out.append(dict(title=f"Retrain after removal: {TASKS[task]}, validation accuracy", columns=vcols,

@@ -44,3 +44,38 @@ def test_speed_quick(tmp_path):
     for key in ("digits_throughput", "minilm_throughput"):
         assert math.isfinite(result["raw"][key]["ratio"]) and result["raw"][key]["ratio"] > 0
     assert {r["solver"] for r in result["raw"]["solvers"]} == {"identity", "datainf", "hyperinf", "exact", "lissa"}
+
+
+def test_removal_digits_tasks_plant_what_they_say(monkeypatch):
+    """removal.py's digits tasks: validation and test are the clean digits, the training set
+    holds exactly the planted share, flagged as the harmful ground truth, and the oracle ranking
+    puts the flagged samples first (milliseconds: no training)."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import removal
+    from lightning_influence.metrics import nan_last_ranking
+
+    digits = load_digits()
+    x, y = torch.tensor(digits.data, dtype=torch.float32) / 16.0, torch.tensor(digits.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(3))
+    va, te, tr = perm[:300], perm[300:700], perm[700:]
+    share = {"sym20": 0.2, "pair20": 0.2, "marker10": 0.1, "offdist10": 0.1, "dup10": 0.1}
+    assert set(share) == set(removal.DIGITS_TASKS)
+    for task, rate in share.items():
+        d = removal.make_task(task, 3)
+        f = d["flags"]
+        assert int(f.sum()) == round(rate * len(tr)), task
+        assert torch.equal(d["xva"], x[va]) and torch.equal(d["yva"], y[va]), task
+        assert torch.equal(d["xte"], x[te]) and torch.equal(d["yte"], y[te]), task
+        assert torch.equal(d["xtr"][~f], x[tr][~f]) and torch.equal(d["ytr"][~f], y[tr][~f]), task
+        assert bool(f[nan_last_ranking(removal.oracle_scores(f, 3))[:int(f.sum())]].all()), task
+        if task == "offdist10":  # rotated a quarter turn, true labels
+            assert torch.equal(d["ytr"][f], y[tr][f])
+            assert torch.equal(d["xtr"][f], torch.rot90(x[tr][f].view(-1, 8, 8), 1, (1, 2)).reshape(-1, 64))
+        if task == "dup10":  # near-copies of at most 5 clean images, with their labels
+            gap = (d["xtr"][f].unsqueeze(1) - x[tr][~f].unsqueeze(0)).abs().mean(-1)
+            nearest = gap.argmin(1)
+            assert float(gap.min(1).values.max()) < 0.06 and len(set(nearest.tolist())) <= 5
+            assert torch.equal(d["ytr"][f], y[tr][~f][nearest])
