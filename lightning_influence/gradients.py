@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from .modes import preserved
 from .losses import _SHIFT_DECISIONS, BatchFormatError, LossFn, LossOutput, default_loss
 from .params import Block
 
@@ -28,20 +29,8 @@ from .params import Block
 def gradient_mode(model: nn.Module, blocks: List[Block]) -> Iterator[None]:
     """Eval mode (dropout off) and ``requires_grad`` on the audited blocks only; the model's
     modes, flags and grad state are restored on exit, also after an exception."""
-    modes = {m: m.training for m in model.modules()}
-    flags = {p: p.requires_grad for p in model.parameters()}
-    audited = {id(b.param) for b in blocks}
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(id(p) in audited)
-        with torch.enable_grad():
-            yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
+    with preserved(model, training=False, requires_grad=[b.param for b in blocks]), torch.enable_grad():
+        yield
 
 
 class _LinearCapture:

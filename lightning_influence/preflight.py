@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .data import dataset_of, selected_ids, sequential_loader, to_device
 from .exceptions import PreflightError
 from .gradients import gradient_mode, per_sample_gradients
+from .modes import preserved
 from .losses import LossFn, _call_with_mapping, default_loss, hf_model_of, reported_loss
 from .params import Block, ParamsSpec, select_blocks
 
@@ -135,9 +136,7 @@ def check(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional
     batch = to_device(next(iter(sequential_loader(train_data, len(ids), ids.tolist(), name="train_data"))))
     singles = [to_device(b) for b in sequential_loader(train_data, 1, ids.tolist(), name="train_data")]
     report.samples = len(ids)
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
+    with preserved(model, params=(), training=False):
         with torch.no_grad():
             losses = default_loss(model, batch, loss_fn).losses.detach()
         finite = torch.isfinite(losses).cpu()
@@ -147,9 +146,6 @@ def check(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional
         else:
             _check_loss(report, model, batch, singles, losses, loss_fn, reference_loss, finite)
             _check_gradients(report, model, blocks, batch, loss_fn, finite)
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
     report.seconds = time.perf_counter() - start
     return report
 

@@ -1,0 +1,51 @@
+"""The one save-and-restore of what the audit's passes change on a model.
+
+The gradient passes, the tuning's checks and steps and the pre-flight check switch train/eval
+mode, turn ``requires_grad`` on or off and clear ``.grad``; :func:`preserved` does the
+switching and puts everything back on exit, also after an exception.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional, Union
+
+from torch import nn
+
+
+@contextmanager
+def preserved(model: Optional[nn.Module] = None, params: Optional[Iterable[nn.Parameter]] = None, *,
+              training: Optional[bool] = None, requires_grad: Union[None, bool, Iterable[nn.Parameter]] = None,
+              clear_grads: bool = False) -> Iterator[None]:
+    """Save, set, and on exit restore:
+
+    - the ``training`` flag of every module of ``model`` (each module's own: a submodule kept in
+      eval mode stays so); with ``training``, ``model.train(training)`` inside;
+    - the ``requires_grad`` flag of ``params`` (default: every parameter of ``model``; ``()``:
+      none). ``requires_grad`` sets them inside: a bool for all of them, or the parameters to
+      turn on (the others of ``params`` off);
+    - with ``clear_grads``, their ``.grad``, set to ``None`` inside.
+    """
+    modes = [(m, m.training) for m in model.modules()] if model is not None else []
+    if params is None:
+        params = model.parameters() if model is not None else ()
+    params = list(params)
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params] if clear_grads else []
+    try:
+        if training is not None and model is not None:
+            model.train(training)
+        if requires_grad is not None:
+            on = None if isinstance(requires_grad, bool) else {id(p) for p in requires_grad}
+            for p in params:
+                p.requires_grad_(bool(requires_grad) if on is None else id(p) in on)
+        if clear_grads:
+            for p in params:
+                p.grad = None
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        for p, grad in zip(params, grads):
+            p.grad = grad
