@@ -679,14 +679,21 @@ def _verify_tuning(stats: Dict[str, float], config: TuningConfig, val: _Gathered
                         (val.predicted[labelled] == val.labels[labelled]).sum().double(), labelled.sum().double()])
     sums = dist.all_reduce_sum(sums.double()).cpu()
     count = float(sums[1])
-    grad_sq = 0.0
+    grad_sq, sample_sq = 0.0, torch.zeros((), dtype=torch.float64)
     for name in val.store.names:
-        block = val.store.block(name)[keep].double().sum(0)
-        grad_sq += float(dist.all_reduce_sum(block).pow(2).sum())
+        block = val.store.block(name)[keep].double()
+        grad_sq += float(dist.all_reduce_sum(block.sum(0)).pow(2).sum())
+        sample_sq += block.pow(2).sum()
+    sample_sq = dist.all_reduce_sum(sample_sq)
     nan = float("nan")
     grad = math.sqrt(grad_sq) / count if count and exact_gradients else nan
+    # the norm sampling noise alone gives the mean of `count` per-sample gradients, sqrt(mean ‖g_i‖² / count);
+    # a ratio of norms, so a random projection (which keeps norms) leaves it meaningful
+    noise = math.sqrt(float(sample_sq) / count) / math.sqrt(count) if count else nan
+    signal = math.sqrt(grad_sq) / count if count else nan
     return dist.checkpoint(lambda: verify_tuning(stats, config, float(sums[0]) / count if count else nan,
-                                                 float(sums[2] / sums[3]) if float(sums[3]) else nan, grad))
+                                                 float(sums[2] / sums[3]) if float(sums[3]) else nan, grad,
+                                                 signal / noise if noise > 0 else nan))
 
 
 RANK_BY = ("auto", "influence", "loss_tuned", "loss_trained")

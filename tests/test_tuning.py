@@ -13,7 +13,7 @@ from lightning_influence import audit
 from lightning_influence.config import TuningConfig
 from lightning_influence.datasets import TensorPairs, noisy_digits
 from lightning_influence.metrics import detection_metrics
-from lightning_influence.tuning import budget_epochs, probe_lr
+from lightning_influence.tuning import MAX_NOISE_RATIO, budget_epochs, probe_lr, verify
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
               pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec"),
@@ -58,7 +58,7 @@ def test_default_tuning_reaches_a_validation_minimum_and_says_so(digits):
     assert t["val_acc_trained"] == pytest.approx(acc_star)
     assert t["val_loss_tuned"] < 0.5 * t["val_loss_trained"]  # clearly below, on the full validation set
     assert t["val_acc_tuned"] > t["val_acc_trained"]
-    assert t["grad_ratio"] < 0.5 and t["at_minimum"] == 1.0
+    assert t["grad_noise_ratio"] < MAX_NOISE_RATIO and t["at_minimum"] == 1.0
     assert math.isfinite(t["sharpness"]) and t["sharpness"] >= -1e-6  # SAM's perturbed-minus-clean gap
     assert not [w for w in caught if "did not reach a validation minimum" in str(w.message)]
     # the default budget: one training epoch of compute, n / (2m) passes for SAM, the checks
@@ -80,6 +80,33 @@ def test_tuning_that_does_not_reach_a_minimum_warns_and_names_the_fix(digits):
                        tuning={"steps": 2, "lr": 1e-7})
     assert result.tuning["at_minimum"] == 0.0
     assert result.tuning["val_loss_tuned"] == pytest.approx(result.tuning["val_loss_trained"], rel=1e-3)
+    # θ̃ ≈ θ* here: the gradient figure against per-sample autograd on the untouched model
+    per, was = [], model.training
+    model.eval()
+    for i in range(len(split.val)):
+        x, y = split.val[i]
+        loss = nn.functional.cross_entropy(model(x[None]), torch.as_tensor(y)[None])
+        per.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]))
+    model.train(was)
+    per = torch.stack(per).double()
+    noise = per.pow(2).sum(1).mean().sqrt() / math.sqrt(len(per))
+    assert result.tuning["grad_noise_ratio"] == pytest.approx(float(per.mean(0).norm() / noise), rel=1e-3)
+    assert result.tuning["grad_noise_ratio"] > 1.0  # a descent direction beyond the noise ...
+    assert result.tuning["grad_ratio"] > 0.5  # ... that tuning did not shrink
+
+
+def test_gradient_beyond_its_sampling_noise_is_not_a_minimum():
+    stats = {"steps": 10.0, "val_loss_trained": 1.0, "planned_epochs": 1.0, "lr": 0.1}
+    with pytest.warns(RuntimeWarning, match=r"gradient at θ̃ is 5.0× the norm sampling noise"):
+        out = verify(stats, TuningConfig(), 0.5, 0.9, 0.1, noise_ratio=5.0)
+    assert out["at_minimum"] == 0.0 and out["grad_noise_ratio"] == 5.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert verify(stats, TuningConfig(), 0.5, 0.9, 0.1, noise_ratio=1.2)["at_minimum"] == 1.0
+        # a gradient that shrank too little against θ* passes only while it is within its noise
+        assert verify({**stats, "grad_norm_start": 0.12}, TuningConfig(), 0.5, 0.9, 0.1, 0.9)["at_minimum"] == 1.0
+    with pytest.warns(RuntimeWarning, match=r"still 83% of its value at θ\*"):
+        assert verify({**stats, "grad_norm_start": 0.12}, TuningConfig(), 0.5, 0.9, 0.1, 1.5)["at_minimum"] == 0.0
 
 
 def test_budget_is_in_passes_over_the_validation_set_and_stops_early(digits):

@@ -59,8 +59,8 @@ def tuning_lines(result: AuditResult) -> List[str]:
         parts.append(f"accuracy {f(t.get('val_acc_trained', float('nan')))} -> {f(t['val_acc_tuned'])}")
     if math.isfinite(t.get("sharpness", float("nan"))):
         parts.append(f"sharpness (SAM loss gap) {f(t['sharpness'])}")
-    if math.isfinite(t.get("grad_ratio", float("nan"))):
-        parts.append(f"gradient norm {t['grad_ratio']:.0%} of its value at θ*")
+    if math.isfinite(t.get("grad_noise_ratio", float("nan"))):
+        parts.append(f"gradient {t['grad_noise_ratio']:.2g}× its sampling noise")
     seconds = result.stage_seconds.get("tuning")
     if seconds is not None:
         cost = f"{seconds:.1f}s"
