@@ -36,30 +36,57 @@ SOLVERS = ("identity", "datainf", "hyperinf", "exact")
 MODES = ("fvm", "standard")
 
 
-def _best(fn, repeat: int = 3) -> float:
+def _best_both(fn, repeat: int = 3):
+    """The best wall-clock and the best CPU (process) seconds of ``repeat`` calls, after a warm-up."""
     fn()
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(repeat):
-        start = time.perf_counter()
+        w, c = time.perf_counter(), time.process_time()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        wall, cpu = min(wall, time.perf_counter() - w), min(cpu, time.process_time() - c)
+    return wall, cpu
+
+
+def _best(fn, repeat: int = 3) -> float:
+    return _best_both(fn, repeat)[0]
 
 
 def machine_peak(size: int = 3072, read: bool = True) -> Dict[str, float]:
-    """GFLOP/s of a ``size``×``size`` ``torch.mm`` (float32, float64) and GB/s of a 512 MiB read."""
+    """GFLOP/s of a ``size``×``size`` ``torch.mm`` (float32, float64) and GB/s of a 512 MiB read,
+    each per wall-clock second and (``*_cpu``) per second of this process's CPU time."""
     import torch
 
     out: Dict[str, float] = {}
     for name, dtype in (("float32", torch.float32), ("float64", torch.float64)):
         a = torch.randn(size, size, dtype=dtype)
         b = torch.randn(size, size, dtype=dtype)
-        out[f"mm_{name}_gflops"] = 2 * size ** 3 / _best(lambda: a @ b) / 1e9
+        wall, cpu = _best_both(lambda: a @ b)
+        out[f"mm_{name}_gflops"] = 2 * size ** 3 / wall / 1e9
+        out[f"mm_{name}_gflops_cpu"] = 2 * size ** 3 / cpu / 1e9
     if not read:
         return out
     x = torch.ones(128 << 20)  # 512 MiB of float32
-    out["read_gbs"] = x.numel() * 4 / _best(lambda: x.sum()) / 1e9
+    wall, cpu = _best_both(lambda: x.sum())
+    out["read_gbs"], out["read_gbs_cpu"] = x.numel() * 4 / wall / 1e9, x.numel() * 4 / cpu / 1e9
     return out
+
+
+def _now() -> str:
+    import datetime
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def mm_floor(train, val) -> Dict[str, float]:
+    """The floor of any identity (gradient dot product) implementation on these gradients: one
+    plain ``torch.mm`` of all ``n`` training gradients laid out as one ``(n, P)`` matrix (a copy
+    made outside the timing) with the mean validation gradient ``(P, 1)``: seconds (wall, CPU)."""
+    import torch
+
+    g = torch.cat([train.block(b).reshape(len(train), -1) for b in train.names], dim=1)
+    v = torch.cat([val.block(b).mean(0).reshape(-1) for b in val.names]).unsqueeze(1)
+    wall, cpu = _best_both(lambda: torch.mm(g, v))
+    del g
+    return {"mm_floor_s": wall, "mm_floor_cpu_s": cpu}
 
 
 def make_stores(n: int, m: int, blocks: int, rank: int, dim: int, seed: int = 0, spill_dir: Optional[str] = None):
@@ -83,8 +110,10 @@ def make_stores(n: int, m: int, blocks: int, rank: int, dim: int, seed: int = 0,
     return stores
 
 
-def measure(ns: List[int], m: int, blocks: int, rank: int, dim: int, solvers, modes, chunk: int) -> List[Dict[str, Any]]:
-    """Fit and score seconds (and the solvers' info) per (n, mode, solver)."""
+def measure(ns: List[int], m: int, blocks: int, rank: int, dim: int, solvers, modes, chunk: int,
+            floor: bool = False) -> List[Dict[str, Any]]:
+    """Fit and score seconds, wall-clock and CPU (and the solvers' info) per (n, mode, solver);
+    with ``floor``, identity's rows also carry :func:`mm_floor`."""
     import torch
     from lightning_influence.config import CurvatureConfig
     from lightning_influence import scoring
@@ -93,6 +122,7 @@ def measure(ns: List[int], m: int, blocks: int, rank: int, dim: int, solvers, mo
     rows: List[Dict[str, Any]] = []
     for n in ns:
         train, val = make_stores(n, m, blocks, rank, dim)
+        floor_times = mm_floor(train, val) if floor and "identity" in solvers else {}
         for mode in modes:
             curv = val if mode == "fvm" else train
             valid = torch.ones(len(curv), dtype=torch.bool)
@@ -100,21 +130,23 @@ def measure(ns: List[int], m: int, blocks: int, rank: int, dim: int, solvers, mo
                 local_peak = machine_peak(1024 if dim < 128 else 2048, read=False)  # the machine is shared
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     fitted = scoring.fit_solvers(curv, valid, name, CurvatureConfig(), cpu, dtype, chunk)
-                    fit_s = time.perf_counter() - start
-                    start = time.perf_counter()
+                    fit_s, fit_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     if mode == "fvm":
                         scores = scoring.self_influence(train, fitted, chunk, cpu, dtype)
                     else:
                         mean = {b: val.block(b).mean(0, keepdim=True) for b in val.names}
                         scores = scoring.cross_influence(train, scoring.inverse_direction(mean, fitted, cpu, dtype),
                                                          chunk, cpu, dtype)[0]
-                    score_s = time.perf_counter() - start
+                    score_s, score_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
                 info = next(iter(fitted.values())).info
                 iters = [s.info.get("iterations", 0) for s in fitted.values()]
-                rows.append({"n": n, "m": m, "mode": mode, "solver": name, "fit_s": fit_s, "score_s": score_s,
-                             "peak_here": local_peak,
+                rows.append({"n": n, "m": m, "mode": mode, "solver": name, "measured": _now(),
+                             "fit_s": fit_s, "score_s": score_s,
+                             "fit_cpu_s": fit_cpu_s, "score_cpu_s": score_cpu_s, "peak_here": local_peak,
+                             **(floor_times if name == "identity" else {}),
                              "iterations_mean": sum(iters) / len(iters), "method": info.get("method"),
                              "schulz_float32_iterations": info.get("float32_iterations", 0),
                              "scores_head": [float(x) for x in scores[:64]]})
@@ -233,15 +265,13 @@ def flops(row: Dict[str, Any], blocks: int, rank: int, dim: int) -> Dict[str, Di
             score["float32"] = 2.0 * rank * d * d + 2.0 * n * big_d
     elif solver == "exact":
         if curv < big_d:                                          # Woodbury on the curv × curv Gram
-            fit["float32"] = 1.0 * curv * curv * big_d
-            fit["float64"] = curv ** 3 / 3.0
+            fit["float32"] = 1.0 * curv * curv * big_d + curv ** 3 / 3.0   # GGᵀ, its float32 Cholesky
             if mode == "fvm":                                     # ‖g‖² − ‖L⁻¹ G g‖², fused
                 score["float32"] = 2.0 * n * curv * big_d + 1.0 * n * curv * curv
             else:
                 score["float32"] = 4.0 * curv * big_d + 2.0 * curv * curv + 2.0 * n * big_d
         else:                                                     # dense D × D
-            fit["float32"] = 1.0 * curv * big_d * big_d
-            fit["float64"] = big_d ** 3 / 3.0
+            fit["float32"] = 1.0 * curv * big_d * big_d + big_d ** 3 / 3.0  # GᵀG, its float32 Cholesky
             if mode == "fvm":                                     # ‖L⁻¹ g‖²
                 score["float32"] = 1.0 * n * big_d * big_d
             else:
@@ -258,18 +288,33 @@ def analyse(rows, peak, blocks, rank, dim, before: Optional[List[Dict[str, Any]]
         entry = dict(row)
         entry.pop("scores_head", None)
         here = {**peak, **row.get("peak_here", {})}  # the peak measured just before this row, if any
-        for stage in ("fit", "score"):
-            c, seconds = counts[stage], row[f"{stage}_s"]
-            ideal_flops = c["float32"] / here["mm_float32_gflops"] + c["float64"] / here["mm_float64_gflops"]
-            ideal_bytes = c["bytes"] / peak["read_gbs"]
-            total = c["float32"] + c["float64"]
-            entry[f"{stage}_gflop"] = total / 1e9
-            entry[f"{stage}_gflops"] = total / seconds / 1e9 if seconds > 0 else 0.0
-            entry[f"{stage}_peak_fraction"] = ideal_flops / 1e9 / seconds if seconds > 0 else 0.0
-            entry[f"{stage}_roofline_fraction"] = max(ideal_flops / 1e9, ideal_bytes / 1e9) / seconds if seconds > 0 else 0.0
-            entry[f"{stage}_memory_bound"] = ideal_bytes > ideal_flops
-        entry["dominant"] = "fit" if row["fit_s"] >= row["score_s"] else "score"
+        # two clocks: wall seconds against the wall-clock peak, and this process's CPU seconds against
+        # the CPU-time peak (one thread: the time the stage actually ran, whatever else shares the cores)
+        for clock, suffix in (("wall", ""), ("cpu", "_cpu")):
+            if f"fit{suffix}_s" not in row or f"mm_float32_gflops{suffix}" not in here:
+                continue
+            for stage in ("fit", "score"):
+                c, seconds = counts[stage], row[f"{stage}{suffix}_s"]
+                ideal_flops = (c["float32"] / here[f"mm_float32_gflops{suffix}"]
+                               + c["float64"] / here[f"mm_float64_gflops{suffix}"])
+                ideal_bytes = c["bytes"] / peak.get(f"read_gbs{suffix}", peak["read_gbs"])
+                total = c["float32"] + c["float64"]
+                entry[f"{stage}_gflop"] = total / 1e9
+                entry[f"{stage}_gflops{suffix}"] = total / seconds / 1e9 if seconds > 0 else 0.0
+                entry[f"{stage}_peak_fraction{suffix}"] = ideal_flops / 1e9 / seconds if seconds > 0 else 0.0
+                entry[f"{stage}_roofline_fraction{suffix}"] = (max(ideal_flops / 1e9, ideal_bytes / 1e9) / seconds
+                                                               if seconds > 0 else 0.0)
+                entry[f"{stage}_memory_bound"] = ideal_bytes > ideal_flops
+        cpu = "fit_cpu_s" in row
+        entry["dominant"] = ("fit" if (row["fit_cpu_s"] >= row["score_cpu_s"] if cpu else row["fit_s"] >= row["score_s"])
+                             else "score")
         entry["total_s"] = row["fit_s"] + row["score_s"]
+        if cpu:
+            entry["total_cpu_s"] = row["fit_cpu_s"] + row["score_cpu_s"]
+        if "mm_floor_s" in row:  # identity against one plain torch.mm of the same gradients
+            entry["over_mm_floor"] = entry["total_s"] / row["mm_floor_s"]
+            if cpu:
+                entry["over_mm_floor_cpu"] = entry["total_cpu_s"] / row["mm_floor_cpu_s"]
         if key(row) in old:
             o = old[key(row)]
             entry["before_fit_s"], entry["before_score_s"] = o["fit_s"], o["score_s"]
@@ -335,6 +380,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(HERE, "results", "roofline.json"))
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
     parser.add_argument("--reanalyse", default=None, help="recount the flops of a previous results file")
+    parser.add_argument("--merge", default=None,
+                        help="a previous results file: its rows that this run does not re-measure are kept")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -378,9 +425,19 @@ def main() -> None:
     else:
         peak = machine_peak(1024 if args.quick else 3072)
         print("peak", peak, flush=True)
-        rows = measure(args.ns, args.m, args.blocks, args.rank, args.dim, args.solvers, args.modes, args.chunk)
+        rows = measure(args.ns, args.m, args.blocks, args.rank, args.dim, args.solvers, args.modes, args.chunk,
+                       floor=True)
         before = run_before(args.before, args, args.before_ns or args.ns) if args.before else None
         spill = spill_reads(args.spill_n, args.blocks, args.rank, args.dim, args.chunk) if args.spill_n else None
+        if args.merge:  # keep the rows of a previous results file that this run did not re-measure
+            with open(args.merge) as fh:
+                old = json.load(fh)
+            fresh = {(r["n"], r["mode"], r["solver"]) for r in rows}
+            kept = [e for e in old["entries"] if (e["n"], e["mode"], e["solver"]) not in fresh]
+            order = {k: i for i, k in enumerate((e["n"], e["mode"], e["solver"]) for e in old["entries"])}
+            rows = sorted(kept + rows, key=lambda r: (r["n"], order.get((r["n"], r["mode"], r["solver"]), 1 << 20)))
+            spill = spill or old.get("spill")
+            command = old["tables"][0]["command"].split(" (rows ")[0] + f" (rows re-measured by: {command})"
         inverse = schulz_vs_cholesky(args.blocks, args.rank, args.dim, args.m)
         print("schulz vs cholesky", inverse, flush=True)
         peak_after = machine_peak(1024 if args.quick else 3072)  # the machine is shared: bracket the run
@@ -391,17 +448,22 @@ def main() -> None:
             if "max_rel_diff_vs_before" in r:
                 e["max_rel_diff_vs_before"] = r["max_rel_diff_vs_before"]
     shape = f"{args.blocks} blocks of {args.rank}×{args.dim}, m = {args.m} validation samples, float32 store"
-    columns = ["n", "mode", "solver", "fit s", "score s", "dominant", "GFLOP/s (dominant)", "% of peak (dominant)",
-               "% of roofline (dominant)"]
+    columns = ["n", "mode", "solver", "measured", "fit s", "score s", "fit CPU s", "score CPU s", "dominant",
+               "GFLOP/s (dominant, CPU)", "% of peak (dominant, CPU)", "% of peak (dominant, wall)",
+               "% of roofline (dominant, CPU)", "identity / one torch.mm (CPU)"]
     if before:
         columns += ["before s (fit+score)", "speedup"]
     table_rows = []
     for e in entries:
         dom = e["dominant"]
-        row = [e["n"], e["mode"], e["solver"], f"{e['fit_s']:.3f}", f"{e['score_s']:.3f}",
+        cpu = "_cpu" if f"{dom}_peak_fraction_cpu" in e else ""
+        row = [e["n"], e["mode"], e["solver"], e.get("measured", "")[:16].replace("T", " "),
+               f"{e['fit_s']:.3f}", f"{e['score_s']:.3f}",
+               f"{e['fit_cpu_s']:.3f}" if "fit_cpu_s" in e else "", f"{e['score_cpu_s']:.3f}" if "fit_cpu_s" in e else "",
                dom + (" (memory-bound)" if e[f"{dom}_memory_bound"] else ""),
-               f"{e[f'{dom}_gflops']:.1f}", f"{100 * e[f'{dom}_peak_fraction']:.0f}",
-               f"{100 * e[f'{dom}_roofline_fraction']:.0f}"]
+               f"{e[f'{dom}_gflops{cpu}']:.1f}", f"{100 * e[f'{dom}_peak_fraction{cpu}']:.0f}" if cpu else "",
+               f"{100 * e[f'{dom}_peak_fraction']:.0f}", f"{100 * e[f'{dom}_roofline_fraction{cpu}']:.0f}",
+               f"{e['over_mm_floor' + cpu]:.2f}" if "over_mm_floor" in e else ""]
         if before:
             row += [f"{e['before_total_s']:.3f}" if "before_total_s" in e else "", f"{e['speedup']:.2f}×"
                     if "speedup" in e else ""]
@@ -412,11 +474,17 @@ def main() -> None:
              f"{peak_after['read_gbs']:.1f} GB/s ({args.threads} thread(s))",
              "% of peak = (flops in float32 / float32 peak + flops in float64 / float64 peak) / measured seconds, "
              "with the peak of a 2048² torch.mm measured just before each row (other jobs share this machine); "
+             "CPU: both the stage and the peak timed in this process's CPU seconds (time.process_time; one thread, "
+             "so the time it actually ran while other jobs took turns on the cores), wall: both in wall-clock "
+             "seconds; "
              "useful flops: a Gram matrix counts as a symmetric rank-k update (half a general product), "
              "Cholesky k³/3; % of roofline also allows for the bytes of gradients read at the measured bandwidth",
              "fvm: curvature from the m validation gradients, every training sample scored by its quadratic form; "
              "standard: curvature from the n training gradients, scores = −v̄ᵀ(C+λI)⁻¹g_i (matrix-vector work: "
              "memory-bound by construction)",
+             "identity / one torch.mm: identity's fit + score seconds over those of one plain torch.mm of the same "
+             "n training gradients as one (n, P) matrix with the mean validation gradient (P, 1), the floor any "
+             "implementation (the HyperINF reference's included) pays: one read of every gradient",
              "HyperINF reference: " + reference_status(args.reference)]
     if before:
         notes.append(f"before = this package at git revision {args.before} (ours-before, same gradients, "

@@ -20,6 +20,30 @@ from torch import Tensor
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 
+def join_rows(parts: Sequence[Tensor]) -> Tensor:
+    """``torch.cat(parts)`` along dim 0, without a copy when the parts are consecutive row ranges
+    of one contiguous tensor (the chunks of a store in RAM are such views): then the view of
+    those rows. Anything else (a spilled store's buffers, masked or converted chunks) is
+    concatenated."""
+    parts = [p for p in parts if p.shape[0]] or list(parts[:1])
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    storage, expected = first.untyped_storage().data_ptr(), first.data_ptr()
+    for p in parts:
+        if (p.dtype != first.dtype or p.device != first.device or p.shape[1:] != first.shape[1:]
+                or not p.is_contiguous() or p.requires_grad or p.untyped_storage().data_ptr() != storage
+                or p.data_ptr() != expected):
+            return torch.cat(parts)
+        expected += p.numel() * p.element_size()
+    shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
+    strides, step = [], 1
+    for size in reversed(shape):  # the contiguous strides of the joined shape
+        strides.append(step)
+        step *= size
+    return first.as_strided(shape, tuple(reversed(strides)), first.storage_offset())
+
+
 class GradientStore:
     """Per-sample gradients of ``n`` samples for named blocks of shape ``(r, d)``.
 

@@ -137,3 +137,11 @@ def check_solver(spec: SolverSpec) -> None:
 def flat(x: Tensor) -> Tensor:
     """``(M, r, d) -> (M, r*d)``: the vectorised view the empirical-Fisher solvers work in."""
     return x.reshape(x.shape[0], -1)
+
+
+def row_sq_norms(x: Tensor) -> Tensor:
+    """``‖x_i‖²`` per row of ``x`` ``(M, D)``: ``(M,)``, one batched ``(1, D)·(D, 1)`` product in
+    ``x``'s dtype, reading ``x`` once at memory speed (no ``x²`` temporary; written with the
+    transposed view, the form the CPU BLAS runs at bandwidth: ``x.unsqueeze(2)`` is ~6× slower)."""
+    rows = x.unsqueeze(1)
+    return (rows @ rows.transpose(1, 2)).reshape(-1)

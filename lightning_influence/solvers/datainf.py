@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import InverseSolver, flat, register_solver
+from .base import InverseSolver, flat, register_solver, row_sq_norms
 
 
 @register_solver("datainf")
@@ -16,9 +16,9 @@ class DataInfSolver(InverseSolver):
         """Keep ``G = flat(grads)`` ``(N, D)`` and ``λ + ‖g_i‖²`` ``(N,)``; returns ``self``."""
         if damping <= 0:
             raise ValueError(f"datainf needs damping > 0, got {damping}")
-        self._g = flat(grads)
+        self._g = flat(grads)  # a view: the gradients are not copied
         self._lam = float(damping)
-        self._denom = self._lam + self._g.pow(2).sum(dim=1)
+        self._denom = self._lam + row_sq_norms(self._g)  # one read of the gradients, no g² temporary
         self.info = {}
         return self
 
@@ -34,6 +34,6 @@ class DataInfSolver(InverseSolver):
         ``(M, D) × (D, N)`` product instead of the two of :meth:`apply`. Returns ``(M,)``."""
         v = flat(vectors).to(self._g)
         coef = v @ self._g.T                                   # (M, N)
-        sq = (v.unsqueeze(1) @ v.unsqueeze(2)).reshape(-1)     # ‖v‖²
+        sq = row_sq_norms(v)                                   # ‖v‖²
         drop = (coef * coef) @ (1.0 / self._denom)             # Σ_i (g_i·v)² / (λ + ‖g_i‖²)
         return ((sq - drop / self._g.shape[0]) / self._lam).to(vectors.dtype)

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ._linalg import gram, outer_gram
-from .base import InverseSolver, flat, register_solver
+from .base import InverseSolver, flat, register_solver, row_sq_norms
 
 
 def _factor(matrix: Tensor):
@@ -78,5 +78,5 @@ class ExactSolver(InverseSolver):
         wsq = (w * w).sum(0)
         if self._g is None:
             return wsq.to(vectors.dtype)
-        sq = (v * v).sum(1)
+        sq = row_sq_norms(v)
         return ((sq - wsq) / self._lam).to(vectors.dtype)
