@@ -35,6 +35,7 @@ from .gradients import gradient_mode, per_sample_gradients
 from .modes import preserved
 from .losses import LossFn, _call_with_mapping, default_loss, hf_model_of, reported_loss
 from .params import Block, ParamsSpec, select_blocks
+from .solvers.base import SolverSpec
 
 #: the largest relative error between the audit's per-sample loss/gradient and the reference
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
@@ -89,7 +90,7 @@ class PreflightReport:
 
 
 def check(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional[LossFn] = None,
-          params: ParamsSpec = "auto", method: str = "fvm", solver: Any = "hyperinf", fisher: str = "empirical",
+          params: ParamsSpec = "auto", method: str = "fvm", solver: SolverSpec = "hyperinf", fisher: str = "empirical",
           grad_dtype: Optional[torch.dtype] = None, device: Union[None, str, torch.device] = None,
           max_memory: Optional[int] = None, spill_dir: Optional[str] = None, projection: Optional[int] = None,
           reference_loss: Optional[Callable[[Any], Optional[Tensor]]] = None, samples: int = 3,
@@ -281,7 +282,7 @@ def _numbers(blocks: List[Block], projection: Optional[int]) -> int:
     return sum(r * d for r, d in (_shape(b, projection) for b in blocks))
 
 
-def _solve_bytes(blocks: List[Block], solver: Any, n_curvature: int, projection: Optional[int],
+def _solve_bytes(blocks: List[Block], solver: SolverSpec, n_curvature: int, projection: Optional[int],
                  compute_bytes: int) -> int:
     """An estimate of the solve stage's peak memory for the built-in solvers (0 if unknown)."""
     name = solver if isinstance(solver, str) else ""
@@ -296,7 +297,7 @@ def _solve_bytes(blocks: List[Block], solver: Any, n_curvature: int, projection:
     return 0
 
 
-def _check_memory(report: PreflightReport, blocks: List[Block], dtype: torch.dtype, method: str, solver: Any,
+def _check_memory(report: PreflightReport, blocks: List[Block], dtype: torch.dtype, method: str, solver: SolverSpec,
                   fisher: str, max_memory: Optional[int], spill_dir: Optional[str], projection: Optional[int]) -> None:
     itemsize = torch.empty((), dtype=dtype).element_size()
     compute_bytes = 8 if dtype == torch.float64 else 4

@@ -3,7 +3,10 @@ one styled like the trainer's progress bar (:func:`trainer_progress`)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+if TYPE_CHECKING:  # pragma: no cover - a hint only: the pytorch_lightning namespace's Trainer works the same
+    import lightning.pytorch as pl
 
 
 class Progress:
@@ -59,7 +62,7 @@ class RichProgress(Progress):
             yield lambda k: bars.advance(task, k)
 
 
-def trainer_progress(trainer: Any) -> Progress:
+def trainer_progress(trainer: "pl.Trainer") -> Progress:
     """A :class:`Progress` styled like the trainer's progress bar: none without one (or a
     disabled one), rich bars under a ``RichProgressBar`` (of either Lightning namespace,
     matched by class name), tqdm bars otherwise."""
