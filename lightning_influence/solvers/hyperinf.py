@@ -106,7 +106,6 @@ class HyperINFSolver(InverseSolver):
         alpha = 2.0 / (top.view(b, 1, 1) + lam)
         low = torch.float32 if (self.float32_until is not None and dtype == torch.float64
                                 and grams.device.type != "mps") else None
-        a_low = a.to(low) if low is not None else None
         # X_0 = αI: its residual I − αA and the first update X_1 = α(2I − αA) need no product
         first = 1 if self.max_iter >= 1 else 0
         x = alpha * (eye + (eye - alpha * a)) if first else alpha * eye.expand(b, d, d)
@@ -114,36 +113,41 @@ class HyperINFSolver(InverseSolver):
         low_iters = torch.zeros(b, dtype=torch.long)
         res = torch.full((b,), math.inf, dtype=torch.float64)
         prev = torch.full((b,), math.inf, dtype=torch.float64)
+        # each step: R = I − A X and X + X R, each one fused batched product (baddbmm: no temporaries)
+        if low is not None:  # every block iterates in float32 (X kept in float32) until one is close
+            a_low, x_low = a.to(low), x.to(low)
+            eye_low = torch.eye(d, dtype=low, device=grams.device).expand(b, d, d)
+            while True:
+                r_low = torch.baddbmm(eye_low, a_low, x_low, alpha=-1.0)
+                res_low = torch.linalg.matrix_norm(r_low).double().cpu() / math.sqrt(d)
+                if bool(((res_low < self.float32_until) | ~(res_low < prev) | (iters >= self.max_iter)).any()):
+                    break  # leave float32 for every block at once: one batch
+                x_low = torch.baddbmm(x_low, x_low, r_low)
+                prev = res_low
+                iters += 1
+                low_iters += 1
+            x = x_low.to(dtype)
+            prev = torch.full((b,), math.inf, dtype=torch.float64)
+            del a_low, x_low, r_low
+        eye_b = eye.expand(b, d, d)
         active = torch.arange(b)
-        in_low = low is not None
         while active.numel():
-            if in_low:
-                xa = x[active].to(low)
-                r_low = torch.eye(d, dtype=low, device=grams.device) - a_low[active] @ xa
-                res_a = (torch.linalg.matrix_norm(r_low).double().cpu() / math.sqrt(d))
-                go_high = (res_a < self.float32_until) | ~(res_a < prev[active]) | (iters[active] >= self.max_iter)
-                if bool(go_high.any()):  # leave float32 for every active block at once: one batch
-                    in_low = False
-                    prev[active] = math.inf
-                    continue
-                x[active] = (xa + xa @ r_low).to(dtype)
-                prev[active] = res_a
-                iters[active] += 1
-                low_iters[active] += 1
-                continue
-            xa = x[active]
-            r = eye - a[active] @ xa
+            full = active.numel() == b
+            xa, aa = (x, a) if full else (x[active], a[active])
+            r = torch.baddbmm(eye_b[:active.numel()], aa, xa, alpha=-1.0)
             res_a = torch.linalg.matrix_norm(r).double().cpu() / math.sqrt(d)
             res[active] = res_a
             # converged, out of iterations, or stalled at the rounding floor (or NaN)
             done = (res_a < self.tol) | (iters[active] >= self.max_iter) | ~(res_a < prev[active])
             keep = ~done
-            if bool(keep.any()):
-                ka = active[keep]
-                x[ka] = xa[keep] + xa[keep] @ r[keep]                # = X (2I − A X)
-                prev[ka] = res_a[keep]
-                iters[ka] += 1
-            active = active[keep]
+            if bool(keep.all()):
+                x = torch.baddbmm(xa, xa, r) if full else x.index_copy_(0, active, torch.baddbmm(xa, xa, r))
+            elif bool(keep.any()):
+                x[active[keep]] = torch.baddbmm(xa[keep], xa[keep], r[keep])  # = X (2I − A X)
+            ka = active[keep]
+            prev[ka] = res_a[keep]
+            iters[ka] += 1
+            active = ka
         x = (x + x.transpose(-1, -2)) / 2
         infos = [{"iterations": int(iters[i]), "residual": float(res[i]), "float32_iterations": int(low_iters[i])}
                  for i in range(b)]
