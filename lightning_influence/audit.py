@@ -679,21 +679,15 @@ def _verify_tuning(stats: Dict[str, float], config: TuningConfig, val: _Gathered
                         (val.predicted[labelled] == val.labels[labelled]).sum().double(), labelled.sum().double()])
     sums = dist.all_reduce_sum(sums.double()).cpu()
     count = float(sums[1])
-    grad_sq, sample_sq = 0.0, torch.zeros((), dtype=torch.float64)
-    for name in val.store.names:
-        block = val.store.block(name)[keep].double()
-        grad_sq += float(dist.all_reduce_sum(block.sum(0)).pow(2).sum())
-        sample_sq += block.pow(2).sum()
-    sample_sq = dist.all_reduce_sum(sample_sq)
     nan = float("nan")
-    grad = math.sqrt(grad_sq) / count if count and exact_gradients else nan
-    # the norm sampling noise alone gives the mean of `count` per-sample gradients, sqrt(mean ‖g_i‖² / count);
-    # a ratio of norms, so a random projection (which keeps norms) leaves it meaningful
-    noise = math.sqrt(float(sample_sq) / count) / math.sqrt(count) if count else nan
-    signal = math.sqrt(grad_sq) / count if count else nan
+    # the mean gradient against its own sampling noise, from every validation sample's gradient (a ratio of
+    # norms and inner products, so a random projection, which keeps them, leaves it meaningful)
+    norm, noise_ratio, z = gradient_noise_test((val.store.block(name)[keep] for name in val.store.names), int(count),
+                                               dist.all_reduce_sum)
+    grad = norm if exact_gradients else nan
     return dist.checkpoint(lambda: verify_tuning(stats, config, float(sums[0]) / count if count else nan,
                                                  float(sums[2] / sums[3]) if float(sums[3]) else nan, grad,
-                                                 signal / noise if noise > 0 else nan))
+                                                 noise_ratio, z))
 
 
 RANK_BY = ("auto", "influence", "loss_tuned", "loss_trained")
@@ -711,4 +705,4 @@ def resolve_rank_by(rank_by: str, method: str) -> str:
     return rank_by
 
 
-from .tuning import budget_epochs, bucketed_loader_factory, grad_check_ids, planned_steps, relative_sample_cost, tune as tune_model, verify as verify_tuning  # noqa: E402  (kept at the end: the pipeline reads top-down)
+from .tuning import budget_epochs, bucketed_loader_factory, grad_check_ids, gradient_noise_test, planned_steps, relative_sample_cost, tune as tune_model, verify as verify_tuning  # noqa: E402  (kept at the end: the pipeline reads top-down)

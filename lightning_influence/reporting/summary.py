@@ -60,7 +60,8 @@ def tuning_lines(result: AuditResult) -> List[str]:
     if math.isfinite(t.get("sharpness", float("nan"))):
         parts.append(f"sharpness (SAM loss gap) {f(t['sharpness'])}")
     if math.isfinite(t.get("grad_noise_ratio", float("nan"))):
-        parts.append(f"gradient {t['grad_noise_ratio']:.2g}× its sampling noise")
+        z = t.get("grad_z", float("nan"))
+        parts.append(f"gradient {t['grad_noise_ratio']:.2g}× its sampling noise" + (f" (z {z:.1f})" if z == z else ""))
     seconds = result.stage_seconds.get("tuning")
     if seconds is not None:
         cost = f"{seconds:.1f}s"
