@@ -1,5 +1,5 @@
 """Gram matrices at the machine's limit: symmetric rank-k updates, float32 products with
-float64 accumulation.
+float64 accumulation; and the Cholesky factor of the damped ones.
 
 torch has no symmetric rank-k update (BLAS ``syrk``), which does half the work of the general
 product ``xᵀx``. On the CPU, when SciPy is installed, its BLAS ``syrk`` is used (on the same
@@ -18,12 +18,14 @@ from torch import Tensor
 #: rows per product before accumulating in the wider dtype (float32 rounding grows with the sum's length)
 ACCUMULATE_ROWS = 8192
 
-try:  # optional: SciPy's BLAS for syrk
+try:  # optional: SciPy's BLAS for syrk, its LAPACK for Cholesky
     from scipy.linalg import blas as _blas
+    from scipy.linalg import lapack as _lapack
 except ImportError:  # pragma: no cover - SciPy is an optional dependency
-    _blas = None
+    _blas = _lapack = None
 
 _SYRK = {torch.float32: "ssyrk", torch.float64: "dsyrk"}
+_POTRF = {torch.float32: "spotrf", torch.float64: "dpotrf"}
 
 
 _CONTROLLER: list = []
@@ -84,3 +86,19 @@ def outer_gram(x: Tensor) -> Tensor:
     """``x xᵀ`` of ``x`` ``(N, D)`` in ``x``'s dtype (a syrk where available)."""
     g = _syrk(x, rows_first=False)
     return g if g is not None else x @ x.T
+
+
+def cholesky_lower(matrix: Tensor, overwrite: bool = False):
+    """The lower Cholesky factor of a symmetric positive-definite 2-D ``matrix``: ``(L, info)``
+    as :func:`torch.linalg.cholesky_ex` (``info`` 0 on success). On the CPU with SciPy, its
+    LAPACK ``potrf`` (OpenBLAS: ~1.35× the single-thread speed of the ``potrf`` torch calls
+    at ``k = 3072``, float32); ``overwrite``: the factor may reuse ``matrix``'s memory."""
+    if (_lapack is None or matrix.device.type != "cpu" or matrix.dtype not in _POTRF or matrix.requires_grad
+            or matrix.ndim != 2 or matrix.shape[0] == 0):
+        chol, info = torch.linalg.cholesky_ex(matrix)
+        return chol, int(info)
+    # a C-ordered symmetric matrix is its own Fortran-ordered transpose: potrf(lower) on the
+    # transpose writes Lᵀ's upper triangle = L row-major, so no copy either way
+    a = matrix.detach().contiguous().numpy().T
+    factor, info = getattr(_lapack, _POTRF[matrix.dtype])(a, lower=0, overwrite_a=int(overwrite), clean=1)
+    return torch.from_numpy(factor.T), int(info)

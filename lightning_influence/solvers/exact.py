@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._linalg import gram, outer_gram
+from ._linalg import cholesky_lower, gram, outer_gram
 from .base import InverseSolver, flat, register_solver, row_sq_norms
 
 
 def _factor(matrix: Tensor):
     """Cholesky factor of a symmetric positive-definite matrix; LU if Cholesky fails."""
-    chol, err = torch.linalg.cholesky_ex(matrix)
-    if int(err) == 0:
+    chol, err = cholesky_lower(matrix)
+    if err == 0:
         return ("cholesky", chol)
     return ("lu", torch.linalg.lu_factor(matrix))
 
@@ -31,7 +31,17 @@ class ExactSolver(InverseSolver):
     With ``G`` the ``(N, D)`` matrix of flattened gradients: if ``N < D`` the Woodbury
     identity ``(GᵀG/N + λI)^{-1} v = (v − Gᵀ (NλI + GGᵀ)^{-1} G v) / λ`` factors only the
     ``N × N`` matrix; otherwise the ``D × D`` matrix ``F + λI`` is formed and factored.
+    Both factorisations run in the gradients' dtype (float32 in the pipeline), by LAPACK
+    ``potrf`` through SciPy on a CPU when it is installed.
     ``info = {"method": "woodbury" | "dense"}``.
+
+    Memory: the solver is fitted on all ``N`` curvature gradients of its block at once (the
+    ``"cat"`` statistic), and :func:`~lightning_influence.scoring.fit_solvers` gathers them for
+    every block before fitting any. From a store in RAM these are views of the store (no copy);
+    from a spilled store they are read into memory: the whole curvature store, every block,
+    even on the dense path, which keeps only the ``D × D`` factor afterwards. For a spilled
+    store with ``N ≥ D`` that does not fit in memory, use ``hyperinf`` (a ``d × d`` sum per
+    block, streamed).
     """
 
     def fit(self, grads: Tensor, damping: float) -> "ExactSolver":

@@ -1,8 +1,9 @@
 """The identity "inverse": influence becomes a plain gradient dot product (TracIn at θ*)."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Sequence
 
+import torch
 from torch import Tensor
 
 from .base import InverseSolver, register_solver
@@ -36,3 +37,9 @@ class IdentitySolver(InverseSolver):
         """``‖v‖²`` per vector of ``vectors`` ``(M, r, d)``."""
         flat = vectors.reshape(vectors.shape[0], 1, -1)
         return (flat @ flat.transpose(1, 2)).reshape(-1)
+
+    @classmethod
+    def quadratic_group(cls, solvers: Sequence["IdentitySolver"], vectors: Tensor) -> Tensor:
+        """``‖v‖²`` of every vector of a group of blocks, ``vectors`` ``(B, M, r, d)`` → ``(B, M)``:
+        one reduction over the (strided) group chunk, read once at memory speed, no copy."""
+        return torch.linalg.vector_norm(vectors, dim=(2, 3)).square()
