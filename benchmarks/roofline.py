@@ -127,7 +127,7 @@ def measure(ns: List[int], m: int, blocks: int, rank: int, dim: int, solvers, mo
             curv = val if mode == "fvm" else train
             valid = torch.ones(len(curv), dtype=torch.bool)
             for name in solvers:
-                local_peak = machine_peak(1024 if dim < 128 else 2048, read=False)  # the machine is shared
+                local_peak = machine_peak(1024 if dim < 128 else 2048)  # the machine is shared
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     start, start_cpu = time.perf_counter(), time.process_time()
@@ -236,7 +236,11 @@ def flops(row: Dict[str, Any], blocks: int, rank: int, dim: int) -> Dict[str, Di
     """Useful floating-point operations (multiply + add = 2) of each stage, all blocks, and the
     bytes of gradients each stage reads: ``{"fit": {...}, "score": {...}}`` with keys
     ``float32``, ``float64`` (flops in that precision) and ``bytes``. Symmetric products count
-    as a symmetric rank-k update (half a general product); Cholesky ``k³/3``."""
+    as a symmetric rank-k update (half a general product); Cholesky ``k³/3``. Bytes: one read
+    of the gradients a stage needs, except where the work is a chain of matrix-vector products
+    over the same gradients, each needing the last one's result (no two can share a read):
+    standard scoring with ``datainf`` and Woodbury ``exact`` reads the curvature gradients
+    twice (``c = G v̄``, then ``Gᵀ c``) and the training gradients once."""
     n, m, mode, solver = row["n"], row["m"], row["mode"], row["solver"]
     d, big_d = dim, rank * dim
     curv = m if mode == "fvm" else n
@@ -251,6 +255,7 @@ def flops(row: Dict[str, Any], blocks: int, rank: int, dim: int) -> Dict[str, Di
             score["float32"] = 2.0 * n * curv * big_d + 3.0 * n * curv
         else:                                                     # apply to v̄ (2 gemv) + one gemv
             score["float32"] = 4.0 * curv * big_d + 2.0 * n * big_d
+            score["bytes"] += 8.0 * curv * big_d
     elif solver == "hyperinf":
         iters, f32_iters = row["iterations_mean"], row.get("schulz_float32_iterations", 0)
         fit["float32"] = 1.0 * curv * rank * d * (d + 1)          # Gram as a rank-k update, float32 products
@@ -270,6 +275,7 @@ def flops(row: Dict[str, Any], blocks: int, rank: int, dim: int) -> Dict[str, Di
                 score["float32"] = 2.0 * n * curv * big_d + 1.0 * n * curv * curv
             else:
                 score["float32"] = 4.0 * curv * big_d + 2.0 * curv * curv + 2.0 * n * big_d
+                score["bytes"] += 8.0 * curv * big_d
         else:                                                     # dense D × D
             fit["float32"] = 1.0 * curv * big_d * big_d + big_d ** 3 / 3.0  # GᵀG, its float32 Cholesky
             if mode == "fvm":                                     # ‖L⁻¹ g‖²
@@ -297,7 +303,7 @@ def analyse(rows, peak, blocks, rank, dim, before: Optional[List[Dict[str, Any]]
                 c, seconds = counts[stage], row[f"{stage}{suffix}_s"]
                 ideal_flops = (c["float32"] / here[f"mm_float32_gflops{suffix}"]
                                + c["float64"] / here[f"mm_float64_gflops{suffix}"])
-                ideal_bytes = c["bytes"] / peak.get(f"read_gbs{suffix}", peak["read_gbs"])
+                ideal_bytes = c["bytes"] / here.get(f"read_gbs{suffix}", peak["read_gbs"])
                 total = c["float32"] + c["float64"]
                 entry[f"{stage}_gflop"] = total / 1e9
                 entry[f"{stage}_gflops{suffix}"] = total / seconds / 1e9 if seconds > 0 else 0.0
@@ -478,7 +484,8 @@ def main() -> None:
              "so the time it actually ran while other jobs took turns on the cores), wall: both in wall-clock "
              "seconds; "
              "useful flops: a Gram matrix counts as a symmetric rank-k update (half a general product), "
-             "Cholesky k³/3; % of roofline also allows for the bytes of gradients read at the measured bandwidth",
+             "Cholesky k³/3; % of roofline also allows for the bytes of gradients read at the read bandwidth "
+             "(a 512 MiB sum) measured with each row's peak",
              "fvm: curvature from the m validation gradients, every training sample scored by its quadratic form; "
              "standard: curvature from the n training gradients, scores = −v̄ᵀ(C+λI)⁻¹g_i (matrix-vector work: "
              "memory-bound by construction)",
