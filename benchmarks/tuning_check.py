@@ -36,9 +36,10 @@ from lightning_influence.config import TuningConfig, as_dict  # noqa: E402
 from lightning_influence.metrics import detection_metrics  # noqa: E402
 
 TASKS = {"digits-sym20": ("digits", 0.2, "symmetric"), "digits-sym40": ("digits", 0.4, "symmetric"),
-         "digits-pair20": ("digits", 0.2, "pairwise"), "sst2": ("sst2", 0.2, None)}
+         "digits-pair20": ("digits", 0.2, "pairwise"), "sst2": ("glue", 0.2, "sst2"), "cola": ("glue", 0.2, "cola")}
 LABELS = {"digits-sym20": "digits, 20 % symmetric", "digits-sym40": "digits, 40 % symmetric",
-          "digits-pair20": "digits, 20 % class-dependent", "sst2": "SST-2, 20 % flips (MiniLM + LoRA)"}
+          "digits-pair20": "digits, 20 % class-dependent", "sst2": "SST-2, 20 % flips (MiniLM + LoRA)",
+          "cola": "CoLA, 20 % flips (MiniLM + LoRA)"}
 
 
 def log(msg: str) -> None:
@@ -58,7 +59,7 @@ def audit_row(model, train, val, noisy, seed, tuning, batch_size, epoch_s, train
     tuning_s = result.stage_seconds.get("tuning", float("nan"))
     return dict(val_loss_trained=t["val_loss_trained"], val_loss_tuned=t["val_loss_tuned"],
                 val_acc_trained=t["val_acc_trained"], val_acc_tuned=t["val_acc_tuned"], sharpness=t["sharpness"],
-                grad_ratio=t["grad_ratio"], grad_noise_ratio=t["grad_noise_ratio"], epochs=t["epochs"], steps=t["steps"], lr=t["lr"], at_minimum=t["at_minimum"],
+                grad_ratio=t["grad_ratio"], grad_noise_ratio=t["grad_noise_ratio"], grad_z=t["grad_z"], epochs=t["epochs"], steps=t["steps"], lr=t["lr"], at_minimum=t["at_minimum"],
                 tuning_s=tuning_s, epoch_s=epoch_s, cost_epochs=tuning_s / epoch_s,
                 check_s=t.get("check_s", float("nan")), probe_s=t.get("probe_s", float("nan")),
                 steps_s=t.get("steps_s", float("nan")), check_epochs=t.get("check_epochs", float("nan")),
@@ -82,11 +83,13 @@ def run_digits(task: str, seed: int, opts: argparse.Namespace) -> Dict[str, Any]
     return audit_row(model, split.train, split.val, split.noisy, seed, opts.tuning, 128, epoch_s, 0.0)
 
 
-def run_sst2(task: str, seed: int, opts: argparse.Namespace) -> Dict[str, Any]:
+def run_glue(task: str, seed: int, opts: argparse.Namespace) -> Dict[str, Any]:
+    """A GLUE task (SST-2 or CoLA) with 20 % flipped labels: MiniLM + LoRA trained, then audited."""
     from lightning_influence.datasets import noisy_glue
 
     tok = common.minilm_tokenizer()
-    split = noisy_glue(os.path.join(opts.glue_dir, "sst2"), "sst2", n_train=opts.glue_train, n_val=opts.glue_val,
+    name = TASKS[task][2]
+    split = noisy_glue(os.path.join(opts.glue_dir, name), name, n_train=opts.glue_train, n_val=opts.glue_val,
                        rate=0.2, seed=seed)
     split = common.sort_by_length(split, tok, 64)
     t0 = time.perf_counter()
@@ -136,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     raw: List[Dict[str, Any]] = []
     for task in opts.tasks:
         for seed in opts.seeds:
-            row = (run_sst2 if TASKS[task][0] == "sst2" else run_digits)(task, seed, opts)
+            row = (run_glue if TASKS[task][0] == "glue" else run_digits)(task, seed, opts)
             row.update(task=task, seed=seed)
             log(f"  {task} seed {seed}: val loss {row['val_loss_trained']:.3f} -> {row['val_loss_tuned']:.3f}, "
                 f"tuning {row['tuning_s']:.1f}s = {row['cost_epochs']:.2f} epochs")
@@ -149,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         rows.append([LABELS[task], stat(col("val_loss_trained")), stat(col("val_loss_tuned")),
                      " / ".join(f"{r['val_loss_trained']:.3f}→{r['val_loss_tuned']:.3f}" for r in rs),
                      stat(col("val_acc_trained")), stat(col("val_acc_tuned")), stat(col("sharpness"), "{:.4f}"),
-                     stat(col("grad_noise_ratio"), "{:.2f}"), stat(col("grad_ratio"), "{:.2f}"), f"{np.mean(col('epochs')):.2f}",
+                     stat(col("grad_noise_ratio"), "{:.2f}"), stat(col("grad_z"), "{:.1f}"), stat(col("grad_ratio"), "{:.2f}"), f"{np.mean(col('epochs')):.2f}",
                      f"{sum(not r['warned'] for r in rs)}/{len(rs)}", stat(col("tuning_s"), "{:.1f}"),
                      stat(col("epoch_s"), "{:.2f}"), stat(col("cost_epochs"), "{:.2f}")])
         det.append([LABELS[task], stat(col("loss_tuned_auroc")), stat(col("influence_auroc")),
@@ -159,7 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
              f"library default tuning: {json.dumps({k: cfg[k] for k in ('epochs', 'optimizer', 'lr', 'momentum', 'batch_size', 'rho', 'adaptive', 'tol')})} "
              "(epochs 'auto' = one training epoch of compute, n/(2m) passes; lr 'auto' = the probe)",
              "grad / noise: the full validation set's mean gradient at θ̃ over the norm sampling noise alone gives it "
-             "(sqrt(mean ‖g_i‖² / M), audited parameters; about 1 at a minimum, the audit warns above 3); grad θ̃/θ*: the "
+             "(sqrt(tr Σ / M), audited parameters; about 1 at a minimum); grad z: M‖ḡ‖² - tr Σ in standard deviations "
+             "sqrt(2 tr Σ²) of what noise gives (the audit warns above 3); grad θ̃/θ*: the "
              "same norm over its value at θ* (estimated on 32 samples, NaN when the estimate is ≤ 0, informative only); "
              "no warning: the audit did not warn that θ̃ is not a validation minimum",
              "cost: tuning seconds (incl. the θ* check and the lr probe) over one training epoch measured in the same "
@@ -168,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
              f"{opts.glue_train} train / {opts.glue_val} val sentences, AdamW lr 3e-3, batch 32, {opts.glue_epochs} epochs"]
     tables = [dict(title="Validation tuning at the defaults: full validation set at θ* and θ̃, and its cost",
                    columns=["task", "val loss θ*", "val loss θ̃", "per seed", "val acc θ*", "val acc θ̃", "sharpness",
-                            "grad / noise θ̃", "grad θ̃/θ*", "passes", "no warning", "tuning s", "1 epoch s", "tuning / epoch"],
+                            "grad / noise θ̃", "grad z θ̃", "grad θ̃/θ*", "passes", "no warning", "tuning s", "1 epoch s", "tuning / epoch"],
                    rows=rows, notes=notes, **header),
               dict(title="Detection at the defaults: the loss at θ̃ (default ranking) beside the fvm influence score",
                    columns=["task", "AUROC loss@θ̃", "AUROC fvm", "AUROC loss@θ*", "AP loss@θ̃", "AP fvm", "AP loss@θ*"],
