@@ -9,14 +9,24 @@ Two audited models:
   ``{"input_ids", "attention_mask", "token_type_ids", "labels"}`` padded per batch by
   :class:`TextCollate`; wrap a dataset in :func:`text_loader` to hand it to ``audit()``.
 
-Plus what every benchmark records: :func:`machine_info`, and K-fold out-of-sample
-probabilities (:func:`cross_val_probs`) for cleanlab's confident learning.
+Plus what every benchmark records: :func:`provenance` (:func:`machine_info`, the date, the
+command), :func:`clean` JSON, and K-fold out-of-sample probabilities (:func:`cross_val_probs`)
+for cleanlab's confident learning.
+
+How the benchmarks import, one rule: each is a script run from the repository root as
+``python benchmarks/<name>.py``, so Python puts ``benchmarks/`` on ``sys.path`` and
+``import common`` needs no set-up; ``lightning_influence`` comes from the install
+(``bash scripts/setup.sh``: ``pip install -e .``); the shared tasks (``examples/tasks.py``)
+are on the path once this module is imported, by the one ``sys.path`` line below. No script
+imports another: what two of them share lives here.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -24,6 +34,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+GLUE_DIR = os.path.join(ROOT, "..", "shared", "data")  # GLUE's TSV folders (sst2/, cola/) beside the checkout
+
+EXAMPLES = os.path.join(ROOT, "examples")
+if EXAMPLES not in sys.path:  # the benchmarks' only path set-up: ``import tasks`` (examples/tasks.py)
+    sys.path.insert(1, EXAMPLES)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -78,6 +97,38 @@ def now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+def provenance(script: str, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """What every results file records: ``machine`` (:func:`machine_info`), ``date``
+    (:func:`now`) and ``command``, the script (pass ``__file__``) as the README runs it with
+    ``argv`` (default: this process's arguments)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python", f"benchmarks/{os.path.basename(script)}", *args])
+    return {"machine": machine_info(), "date": now(), "command": command}
+
+
+def clean(obj: Any) -> Any:
+    """JSON-safe: non-finite floats -> None, tensors -> lists, recursively."""
+    if isinstance(obj, dict):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return clean(obj.tolist())
+    if isinstance(obj, (np.floating, np.integer)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def metrics_of(scores: Tensor, noisy: Tensor) -> Dict[str, float]:
+    """ROC AUC, AP and recall at the noise rate of a ranking ``scores`` against ``noisy``."""
+    from lightning_influence.metrics import detection_metrics
+
+    m = detection_metrics(scores.double(), noisy)
+    return {"auroc": m["auroc"], "ap": m["ap"], "recall": m["recall@noise_rate"]}
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -124,7 +175,7 @@ def mlp_probs(model: nn.Module, x: Tensor) -> Tensor:
 def minilm_tokenizer():
     from transformers import AutoTokenizer
 
-    from lightning_influence.datasets import minilm_path
+    from tasks import minilm_path
 
     return AutoTokenizer.from_pretrained(minilm_path())
 
@@ -140,7 +191,7 @@ def minilm_lora(seed: int, num_labels: int = 2, r: int = 8, alpha: int = 16, dro
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from lightning_influence.datasets import minilm_path
+    from tasks import minilm_path
 
     hf_logging.set_verbosity_error()
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -182,11 +233,11 @@ def token_lengths(dataset: Dataset, tokenizer: Any, max_length: int = 64) -> Lis
 
 
 def sort_by_length(split: Any, tokenizer: Any, max_length: int = 64) -> Any:
-    """The same :class:`~lightning_influence.datasets.NoisySplit` with the training and the
+    """The same :class:`~tasks.NoisySplit` with the training and the
     validation samples reordered by token length (flags and clean labels follow), so that
     sequential passes (the audit's gradient pass) pad little. Sample ids are positions in the
     reordered set."""
-    from lightning_influence.datasets import NoisySplit, TextPairs
+    from tasks import NoisySplit, TextPairs
 
     def order(ds: Dataset) -> List[int]:
         lengths = token_lengths(ds, tokenizer, max_length)

@@ -12,21 +12,17 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from common import machine_info as machine, now as today, write_results  # noqa: E402
-from common import minilm_lora, minilm_tokenizer, text_loader, train_text  # noqa: E402
-
-from lightning_influence import TuningConfig, audit  # noqa: E402
-from lightning_influence.data import shuffled_loader_factory  # noqa: E402
-from lightning_influence.params import select_blocks  # noqa: E402
-from lightning_influence.tuning import tune  # noqa: E402
-from lightning_influence.datasets import noisy_glue  # noqa: E402
+import common
+from common import minilm_lora, minilm_tokenizer, provenance, text_loader, train_text, write_results
+from lightning_influence import TuningConfig, audit
+from lightning_influence.data import shuffled_loader_factory
+from lightning_influence.params import select_blocks
+from lightning_influence.tuning import tune
+from tasks import noisy_glue
 
 PATTERNS = ["*.layer.4.attention.self.query.base_layer.weight", "*.layer.4.attention.self.value.base_layer.weight",
             "*.layer.5.attention.self.query.base_layer.weight", "*.layer.5.attention.self.value.base_layer.weight"]
@@ -39,12 +35,11 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    here = os.path.dirname(os.path.abspath(__file__))
-    parser.add_argument("--glue-dir", default=os.path.join(here, "..", "..", "shared", "data"))
+    parser.add_argument("--glue-dir", default=common.GLUE_DIR)
     parser.add_argument("--n-train", type=int, default=400)
     parser.add_argument("--n-val", type=int, default=100)
     parser.add_argument("--dims", type=int, nargs="+", default=[8, 16, 32, 64, 128])
-    parser.add_argument("--out", default=os.path.join(here, "results", "projection.json"))
+    parser.add_argument("--out", default=os.path.join(common.RESULTS, "projection.json"))
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -63,16 +58,16 @@ def main() -> None:
     tune(tuned, [b.param for b in blocks], shuffled_loader_factory(val, 32, 0), TuningConfig(steps=tune_steps),
          sharpness_aware=True)
     model = tuned
-    common = dict(method="fvm", params=PATTERNS, noisy=split.noisy, tuning={"steps": 0})
+    shared = dict(method="fvm", params=PATTERNS, noisy=split.noisy, tuning={"steps": 0})
     start = time.perf_counter()
-    full = audit(model, train, val, **common)
+    full = audit(model, train, val, **shared)
     full_time = time.perf_counter() - start
     per_sample = full.config["audited_parameters"]
     rows = [["none", per_sample, "1.000", f"{full.metrics['auroc']:.3f}", f"{full_time:.1f}"]]
     raw = {"none": {"auroc": full.metrics["auroc"], "seconds": full_time}}
     for k in args.dims:
         start = time.perf_counter()
-        sketched = audit(model, train, val, projection=k, **common)
+        sketched = audit(model, train, val, projection=k, **shared)
         seconds = time.perf_counter() - start
         rho = spearman(full.scores, sketched.scores)
         stored = 4 * k * k
@@ -81,8 +76,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     result = {"tables": [{
         "title": "Gradient projection: rank agreement with unprojected scores (fvm + hyperinf)",
-        "machine": machine(), "date": today(),
-        "command": "python benchmarks/projection.py" + (" --quick" if args.quick else ""),
+        **provenance(__file__),
         "columns": ["k per side", "numbers stored per sample", "Spearman vs unprojected", "AUROC", "audit s"],
         "rows": rows,
         "notes": [f"fvm: SAM-tuned {tune_steps} steps on the validation set once, then scored with each projection; "

@@ -38,16 +38,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for path in (ROOT, HERE):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-import common  # noqa: E402
-from lightning_influence.audit import prepare, score  # noqa: E402
-from lightning_influence.config import CurvatureConfig, TuningConfig, as_dict  # noqa: E402
-from lightning_influence.metrics import detection_metrics  # noqa: E402
+import common
+from common import clean, metrics_of
+from lightning_influence.audit import prepare, score
+from lightning_influence.config import CurvatureConfig, TuningConfig, as_dict
 
 TASKS = {
     "digits-sym20": dict(data="digits", rate=0.2, kind="symmetric", label="digits, 20 % symmetric"),
@@ -62,13 +56,13 @@ BASELINES = ("loss@θ*", "loss@θ̃", "cleanlab")
 DEFAULT_COLUMN = "fvm/hyperinf"
 METRICS = (("auroc", "ROC AUC"), ("ap", "AP"), ("recall", "recall@noise rate"), ("seconds", "time (s)"))
 
-# The defaults this benchmark recommends for the library (chosen on digits-sym20 only, see
-# benchmarks/TUNING.md). ``--library-defaults`` uses lightning_influence.config's instead.
-RECOMMENDED_TUNING: Dict[str, Any] = dict(steps=300, lr=0.03, momentum=0.9, weight_decay=5e-4, batch_size=128,
-                                          rho=0.2, optimizer="sgd", adaptive=False, tol=0.0, bucket=False)
-# ^ the tuning the published quality tables were measured with (before issue 10's defaults: plain SAM over
-#   SGD, a fixed step count); --library-defaults runs the library's current defaults instead
-RECOMMENDED_CURVATURE: Dict[str, Any] = dict(damping=0.1)
+# The tuning the published quality tables were measured with (chosen on digits-sym20 only, see
+# benchmarks/TUNING.md; plain SAM over SGD for a fixed 300 steps, the library's defaults before
+# issue 10), pinned so that those tables stay reproducible. ``--library-defaults`` runs the
+# library's current ``TuningConfig()`` instead. The curvature is always the library's
+# ``CurvatureConfig()`` (damping 0.1, which is also what the tables used), then ``--curvature``.
+PUBLISHED_TUNING: Dict[str, Any] = dict(steps=300, lr=0.03, momentum=0.9, weight_decay=5e-4, batch_size=128,
+                                        rho=0.2, optimizer="sgd", adaptive=False, tol=0.0, bucket=False)
 
 # sizes per scale: cpu = what fits ~35 min on a shared 2-core CPU; paper = HyperINF's GLUE setup
 SCALES: Dict[str, Dict[str, Any]] = {
@@ -91,26 +85,6 @@ def log(msg: str) -> None:
 def finite(x: Any) -> Optional[float]:
     x = float(x)
     return x if math.isfinite(x) else None
-
-
-def clean(obj: Any) -> Any:
-    """JSON-safe: non-finite floats -> None, tensors -> lists, recursively."""
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return clean(obj.tolist())
-    if isinstance(obj, (np.floating, np.integer)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def metrics_of(scores: torch.Tensor, noisy: torch.Tensor) -> Dict[str, float]:
-    m = detection_metrics(scores.double(), noisy)
-    return {"auroc": m["auroc"], "ap": m["ap"], "recall": m["recall@noise_rate"]}
 
 
 # --------------------------------------------------------------------------- the audit columns
@@ -160,7 +134,7 @@ def audit_columns(model: torch.nn.Module, train: Any, val: Any, noisy: torch.Ten
 # --------------------------------------------------------------------------- digits
 
 def run_digits(task: Dict[str, Any], seed: int, opts: argparse.Namespace) -> List[Dict[str, Any]]:
-    from lightning_influence.datasets import noisy_digits
+    from tasks import noisy_digits
 
     split = noisy_digits(task["rate"], task["kind"], n_val=opts.digits_val, seed=seed)
     x, y = split.train.x, split.train.y
@@ -190,7 +164,7 @@ def run_digits(task: Dict[str, Any], seed: int, opts: argparse.Namespace) -> Lis
 # --------------------------------------------------------------------------- GLUE + MiniLM
 
 def run_glue(task: Dict[str, Any], seed: int, opts: argparse.Namespace) -> List[Dict[str, Any]]:
-    from lightning_influence.datasets import noisy_glue
+    from tasks import noisy_glue
 
     tok = common.minilm_tokenizer()
     folder = os.path.join(opts.glue_dir, task["glue"])
@@ -374,17 +348,18 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (quick: 0)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--solvers", nargs="+", choices=SOLVERS, default=list(SOLVERS))
-    ap.add_argument("--glue-dir", default=os.path.join(ROOT, "..", "shared", "data"),
+    ap.add_argument("--glue-dir", default=common.GLUE_DIR,
                     help="folder holding sst2/ and cola/ with GLUE's train.tsv and dev.tsv")
     ap.add_argument("--scale", choices=["cpu", "paper"], default=None,
                     help="sizes of the GLUE tasks and the LiSSA cap; default: paper with CUDA, else cpu")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "quality.json"))
+    ap.add_argument("--out", default=os.path.join(common.RESULTS, "quality.json"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default 1 on CPU: on a shared small machine one thread per "
                          "process is several times faster than oversubscribed threads)")
     ap.add_argument("--library-defaults", action="store_true",
-                    help="tune/damp with lightning_influence.config's defaults instead of the recommended ones")
+                    help="tune with the library's current TuningConfig() defaults instead of the pinned tuning "
+                         "the published tables used (PUBLISHED_TUNING)")
     ap.add_argument("--tuning", type=json.loads, default=None, help='JSON overrides, e.g. \'{"steps": 300}\'')
     ap.add_argument("--curvature", type=json.loads, default=None, help='JSON overrides, e.g. \'{"damping": 0.01}\'')
     g = ap.add_argument_group("sizes (None = from --scale)")
@@ -418,13 +393,12 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             opts.methods = ["standard", "fvm"]  # vm runs the same code as fvm (plain SGD instead of SAM)
     opts.tasks = opts.tasks or list(TASKS)
     opts.seeds = opts.seeds if opts.seeds is not None else [0, 1, 2]
-    tuning = as_dict(TuningConfig()) if opts.library_defaults else {**as_dict(TuningConfig()), **RECOMMENDED_TUNING}
+    tuning = as_dict(TuningConfig()) if opts.library_defaults else {**as_dict(TuningConfig()), **PUBLISHED_TUNING}
     if opts.quick and tuning.get("steps") is not None:
         tuning["steps"] = min(tuning["steps"], 50)
     tuning.update(opts.tuning or {})
     opts.tuning = as_dict(TuningConfig(**tuning))
-    curvature = as_dict(CurvatureConfig()) if opts.library_defaults else {**as_dict(CurvatureConfig()),
-                                                                          **RECOMMENDED_CURVATURE}
+    curvature = as_dict(CurvatureConfig())
     curvature.update(opts.curvature or {})
     opts.curvature = {k: v for k, v in as_dict(CurvatureConfig(**curvature)).items() if k != "solver_options"}
     if opts.threads is None:
@@ -436,11 +410,11 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--rebuild"]:  # python benchmarks/quality.py --rebuild results/quality.json
-        return rebuild(args[1] if len(args) > 1 else os.path.join(HERE, "results", "quality.json"))
+        return rebuild(args[1] if len(args) > 1 else os.path.join(common.RESULTS, "quality.json"))
     opts = parse(argv)
     torch.set_num_threads(opts.threads)
-    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    machine, date = common.machine_info(), common.now()
+    header = common.provenance(__file__, argv)
+    machine, date, command = header["machine"], header["date"], header["command"]
     glue_tasks = [t for t in opts.tasks if TASKS[t]["data"] == "glue"]
     if glue_tasks and opts.quick and not os.path.isdir(opts.glue_dir):
         log(f"--glue-dir {opts.glue_dir} not found: the quick run uses digits-pair20 instead of {glue_tasks}")

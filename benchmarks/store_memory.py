@@ -20,8 +20,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info as machine, now as today, write_results  # noqa: E402
+import common
+from common import provenance, write_results
 
 def shapes(hidden: int = 384) -> dict:
     """LoRA r=8 blocks of query and value in one layer: lora_A (8, hidden), lora_Bᵀ (8, hidden)."""
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--budget-gib", type=float, default=1.0)
     parser.add_argument("--check-n", type=int, default=20_000, help="size compared against an in-memory run")
     parser.add_argument("--spill-dir", default=None)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "store_memory.json"))
+    parser.add_argument("--out", default=os.path.join(common.RESULTS, "store_memory.json"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for the test suite")
     parser.add_argument("--hidden", type=int, default=384, help="block width (MiniLM: 384)")
     parser.add_argument("--child", nargs=3, metavar=("N", "BUDGET", "DIR"), help=argparse.SUPPRESS)
@@ -109,7 +109,7 @@ def main() -> None:
              f"{(r['peak_rss'] - r['rss_after_imports']) / GIB:.2f}"] for r, us in zip(runs, per_sample)]
     result = {"tables": [{
         "title": "Gradient store under a memory budget (synthetic MiniLM-sized LoRA blocks, r=8, float16)",
-        "machine": machine(), "date": today(), "command": "python benchmarks/store_memory.py" + (" --quick" if args.quick else ""),
+        **provenance(__file__),
         "columns": ["n", "store GiB", "spilled", "write s", "fit s (once)", "score s", "write+score µs / sample", "peak RSS GiB",
                     "peak RSS − RSS after imports, GiB"],
         "rows": rows,

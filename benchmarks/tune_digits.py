@@ -9,8 +9,8 @@ same configuration beside it (the baseline fvm has to beat).
     python benchmarks/tune_digits.py --grid steps=100,300,1000 lr=0.003,0.01,0.03 \
         --damping 0.01 0.1 1 --seeds 0 1 2 --tag stage1
 
-Appends to ``benchmarks/results/tuning_digits.json`` (a list of runs; not rendered into the
-README — TUNING.md summarises it).
+Appends to ``benchmarks/results/tuning_digits.json`` (a list of runs, each with the machine,
+date and command that made it; not rendered into the README — TUNING.md summarises it).
 """
 from __future__ import annotations
 
@@ -18,22 +18,18 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 import warnings
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-
-import common  # noqa: E402
-from quality import clean, metrics_of  # noqa: E402
-from lightning_influence.audit import prepare, score  # noqa: E402
-from lightning_influence.config import TuningConfig, as_dict  # noqa: E402
-from lightning_influence.datasets import noisy_digits  # noqa: E402
+import common
+from common import clean, metrics_of
+from lightning_influence.audit import prepare, score
+from lightning_influence.config import TuningConfig, as_dict
+from tasks import noisy_digits
 
 
 def parse_value(v: str) -> Any:
@@ -45,7 +41,7 @@ def parse_value(v: str) -> Any:
     return {"true": True, "false": False}.get(v.lower(), v)
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--grid", nargs="*", default=[], help="key=v1,v2 over TuningConfig fields")
     ap.add_argument("--base", type=json.loads, default={}, help="fixed TuningConfig overrides (JSON)")
@@ -60,8 +56,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1500)
     ap.add_argument("--params", nargs="+", default=["trainable"], help="audited blocks (name globs or keywords)")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "tuning_digits.json"))
-    opts = ap.parse_args()
+    ap.add_argument("--out", default=os.path.join(common.RESULTS, "tuning_digits.json"))
+    opts = ap.parse_args(argv)
+    header = common.provenance(__file__, argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     keys = [g.split("=")[0] for g in opts.grid]
@@ -101,7 +98,7 @@ def main() -> None:
                    | {"auroc_std": float(np.std([v["auroc"] for v in vs], ddof=1)) if len(vs) > 1 else 0.0}
                    for k, vs in per.items()}
         rec = dict(tag=opts.tag, task=f"digits {opts.kind} {opts.rate}", seeds=opts.seeds, tuning=tuning,
-                   grid_point=cfg, seconds=time.perf_counter() - t0, summary=summary)
+                   grid_point=cfg, seconds=time.perf_counter() - t0, summary=summary, **header)
         records.append(rec)
         best = max((k for k in summary if "/" in k), key=lambda k: summary[k]["auroc"])
         fh = [k for k in summary if k.startswith("fvm/hyperinf")]
@@ -117,6 +114,7 @@ def main() -> None:
             existing = json.load(fh_)
     with open(opts.out, "w") as fh_:
         json.dump(clean(existing + records), fh_, indent=1, ensure_ascii=False)
+    return records
 
 
 if __name__ == "__main__":
