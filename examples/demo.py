@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_influence import InfluenceCallback, TuningConfig
-from lightning_influence.datasets import noisy_digits
+from tasks import noisy_digits
 
 
 class DigitsClassifier(L.LightningModule):

@@ -28,7 +28,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from lightning_influence import InfluenceCallback  # noqa: E402
-from lightning_influence.datasets import minilm_path, noisy_glue  # noqa: E402
+from tasks import minilm_path, noisy_glue  # noqa: E402
 
 
 class Collate:

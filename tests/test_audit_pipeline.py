@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import TokenDataset, mlp, pad_collate, tiny_bert_lora
+from helpers import TokenDataset, mlp, pad_collate, tiny_bert_lora
 from lightning_influence import AuditResult, audit
 
 SST2 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "sst2")
@@ -115,7 +115,7 @@ def test_minilm_lora_end_to_end():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lightning_influence.datasets import minilm_path, noisy_glue
+    from tasks import minilm_path, noisy_glue
 
     split = noisy_glue(SST2, "sst2", n_train=160, n_val=40, rate=0.2)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())

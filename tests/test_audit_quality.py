@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import digits_mlp
 from lightning_influence import audit
-from lightning_influence.datasets import TensorPairs, noisy_digits
+from tasks import TensorPairs, noisy_digits
 
 
 def LogisticRegression(d: int) -> nn.Module:
@@ -75,22 +76,9 @@ def test_leave_one_out_correlation(fisher):
     assert rho >= 0.85
 
 
-def _digits_mlp(split, epochs=60, seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    x, y = split.train.x, split.train.y
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y)).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model
-
-
 def test_fvm_detects_flipped_digits_and_beats_standard():
     split = noisy_digits(rate=0.2, seed=0)
-    model = _digits_mlp(split)
+    model = digits_mlp(split)
     common = dict(solver="hyperinf", noisy=split.noisy, clean_labels=split.clean_labels, batch_size=128)
     fvm = audit(model, split.train, split.val, method="fvm", tuning={"steps": 300, "batch_size": 128}, **common)
     standard = audit(model, split.train, split.val, method="standard", **common)

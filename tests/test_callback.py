@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_influence import AuditResult, InfluenceCallback, TuningConfig
 from lightning_influence.callback import InfluenceCallbackError
-from lightning_influence.datasets import TensorPairs, flip_labels
+from tasks import TensorPairs, flip_labels
 
 N_TRAIN, N_VAL, NOISE = 200, 60, 0.2
 FAST = TuningConfig(steps=10, batch_size=32)  # a few SAM steps: enough to separate the noisy labels here

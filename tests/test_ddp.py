@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import gaussian_blobs
+from helpers import gaussian_blobs
 from lightning_influence import InfluenceCallback, audit
 
 COMBOS = [("standard", "hyperinf"), ("standard", "datainf"), ("fvm", "hyperinf"), ("fvm", "datainf")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import TokenDataset, mlp, pad_collate, tiny_bert_lora
+from helpers import TokenDataset, mlp, pad_collate, tiny_bert_lora
 from lightning_influence.gradients import gradient_mode, per_sample_gradients
 from lightning_influence.losses import default_loss
 from lightning_influence.params import select_blocks

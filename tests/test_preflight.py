@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, SubsetRandomSampler
 
 import hf_models as hf
-from conftest import gaussian_blobs, mlp
+from helpers import gaussian_blobs, mlp
 from lightning_influence import InfluenceCallback, audit
 from lightning_influence.losses import BatchFormatError
 from lightning_influence.preflight import PreflightError, check
@@ -99,7 +99,7 @@ def blobs():
 
 
 def _float32(data):
-    from lightning_influence.datasets import TensorPairs
+    from tasks import TensorPairs
 
     return TensorPairs(data.x.float(), data.y)
 
@@ -190,7 +190,7 @@ def test_the_training_step_reference_leaves_the_module_untouched(tmp_path, blobs
 def test_an_oversized_gradient_store_fails_in_setup_with_the_options(tmp_path):
     """No LoRA, params='auto' on a 1M-parameter model, 12k training samples: ~48 GB of
     gradients on a machine with less RAM: refused before training, with every way out."""
-    from lightning_influence.datasets import TensorPairs
+    from tasks import TensorPairs
 
     g = torch.Generator().manual_seed(0)
     train = TensorPairs(torch.randn(12_000, 1000, generator=g), torch.randint(0, 10, (12_000,), generator=g))

@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from conftest import mlp
+from helpers import mlp
 from lightning_influence import AuditResult, audit
 from lightning_influence.audit import NonFiniteGradientError
-from lightning_influence.datasets import TensorPairs
 from lightning_influence.gradients import gradient_mode, per_sample_gradients
 from lightning_influence.losses import BatchFormatError
 from lightning_influence.params import select_blocks
 from lightning_influence.solvers import ExactSolver
+from tasks import TensorPairs
 
 FAST = {"steps": 2, "batch_size": 8}
 

@@ -320,7 +320,7 @@ def test_images_recognised_from_batches_and_hooks():
     from PIL import Image
 
     from lightning_influence.reporting.gallery import dataset_renderer, image_layout, to_image
-    from lightning_influence.datasets import TensorPairs
+    from tasks import TensorPairs
 
     assert image_layout(torch.rand(2, 3, 5, 6)) == "BCHW"
     assert image_layout(torch.randint(0, 255, (2, 5, 6, 3), dtype=torch.uint8)) == "BHWC"
@@ -353,9 +353,9 @@ def test_render_failure_warns_and_keeps_the_tables(result, tmp_path):
 
 def _image_blobs(n_train: int = 96, n_val: int = 32, flat: bool = False):
     """Gaussian blobs in 16-D shaped as 1x4x4 images (or kept flat), 20 % flipped labels."""
-    from conftest import gaussian_blobs
+    from helpers import gaussian_blobs
 
-    from lightning_influence.datasets import TensorPairs, flip_labels
+    from tasks import TensorPairs, flip_labels
 
     train, val = gaussian_blobs(n_train, n_val, 16)
     shape = (-1, 16) if flat else (-1, 1, 4, 4)
@@ -524,7 +524,7 @@ class WordTokenizer:
 @pytest.mark.filterwarnings("ignore:.*does not have many workers")
 def test_text_tables_decode_inputs_with_the_modules_tokenizer(tmp_path):
     import lightning.pytorch as L
-    from conftest import TokenDataset, pad_collate, tiny_bert_lora
+    from helpers import TokenDataset, pad_collate, tiny_bert_lora
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 

