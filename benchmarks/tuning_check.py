@@ -25,15 +25,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
-
-import common  # noqa: E402
-
-from lightning_influence import prepare, score  # noqa: E402
-from lightning_influence.config import TuningConfig, as_dict  # noqa: E402
-from lightning_influence.metrics import detection_metrics  # noqa: E402
+import common
+from lightning_influence import prepare, score
+from lightning_influence.config import TuningConfig, as_dict
+from lightning_influence.metrics import detection_metrics
 
 TASKS = {"digits-sym20": ("digits", 0.2, "symmetric"), "digits-sym40": ("digits", 0.4, "symmetric"),
          "digits-pair20": ("digits", 0.2, "pairwise"), "sst2": ("glue", 0.2, "sst2"), "cola": ("glue", 0.2, "cola")}
@@ -70,7 +65,7 @@ def audit_row(model, train, val, noisy, seed, tuning, batch_size, epoch_s, train
 
 
 def run_digits(task: str, seed: int, opts: argparse.Namespace) -> Dict[str, Any]:
-    from lightning_influence.datasets import noisy_digits
+    from tasks import noisy_digits
 
     _, rate, kind = TASKS[task]
     split = noisy_digits(rate, kind, n_val=300, seed=seed)
@@ -85,7 +80,7 @@ def run_digits(task: str, seed: int, opts: argparse.Namespace) -> Dict[str, Any]
 
 def run_glue(task: str, seed: int, opts: argparse.Namespace) -> Dict[str, Any]:
     """A GLUE task (SST-2 or CoLA) with 20 % flipped labels: MiniLM + LoRA trained, then audited."""
-    from lightning_influence.datasets import noisy_glue
+    from tasks import noisy_glue
 
     tok = common.minilm_tokenizer()
     name = TASKS[task][2]
@@ -118,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="one digits task, one seed (tests)")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--glue-dir", default=os.path.join(os.path.dirname(HERE), "..", "shared", "data"))
+    ap.add_argument("--glue-dir", default=common.GLUE_DIR)
     ap.add_argument("--glue-train", type=int, default=1000)
     ap.add_argument("--glue-val", type=int, default=300)
     ap.add_argument("--glue-epochs", type=int, default=2)
@@ -132,10 +127,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         import tempfile
 
         opts.out = opts.out or os.path.join(tempfile.gettempdir(), "tuning_check_quick.json")  # never rendered into the README
-    opts.out = opts.out or os.path.join(HERE, "results", "tuning_check.json")
+    opts.out = opts.out or os.path.join(common.RESULTS, "tuning_check.json")
     torch.set_num_threads(opts.threads)
-    header = dict(machine=common.machine_info(), date=common.now(),
-                  command="python benchmarks/tuning_check.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    header = common.provenance(__file__, argv)
     raw: List[Dict[str, Any]] = []
     for task in opts.tasks:
         for seed in opts.seeds:
