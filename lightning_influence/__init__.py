@@ -6,14 +6,14 @@ dataclasses, the solver registry (:class:`InverseSolver`, :func:`register_solver
 (``lightning_influence.exceptions``).
 """
 from .audit import audit, prepare, score
-from .config import CurvatureConfig, TuningConfig
+from .config import AuditOptions, CurvatureConfig, TuningConfig
 from .exceptions import (BatchFormatError, InfluenceCallbackError, LossMismatchError, NonFiniteGradientError,
                          PreflightError, RemoteStageError)
 from .preflight import PreflightReport, check
 from .result import AuditResult
 from .solvers import SOLVERS, InverseSolver, make_solver, register_solver
 
-__all__ = ["audit", "prepare", "score", "AuditResult", "TuningConfig", "CurvatureConfig", "InverseSolver", "register_solver",
+__all__ = ["audit", "prepare", "score", "AuditResult", "AuditOptions", "TuningConfig", "CurvatureConfig", "InverseSolver", "register_solver",
            "make_solver", "SOLVERS", "InfluenceCallback", "check", "PreflightReport", "BatchFormatError",
            "LossMismatchError", "PreflightError", "NonFiniteGradientError", "RemoteStageError", "InfluenceCallbackError"]
 

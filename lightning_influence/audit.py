@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
-import numbers
-import operator
 import time
 import warnings
 from contextlib import contextmanager
@@ -18,101 +15,23 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .config import METHODS, CurvatureConfig, TuningConfig, as_dict, coerce
-from .data import dataset_of, selected_ids, to_device, sequential_loader, shuffled_loader_factory, subset_loader
+from .config import AuditOptions, CurvatureConfig, TuningConfig, as_dict, parse_grad_dtype
+from .data import dataset_of, selected_ids, to_device, sequential_loader, subset_loader
 from .gradients import gradient_mode, per_sample_gradients
 from .losses import LossFn, default_loss, with_sampled_labels
-from .metrics import check_noisy, detection_metrics, nan_last_ranking, score_summary
+from .modes import preserved
+from .metrics import detection_metrics, nan_last_ranking, score_summary
 from .params import Block, ParamsSpec, select_blocks
-from .preflight import check
+from .preflight import PreflightReport, check
 from .progress import NullProgress, Progress
 from .projection import project_blocks
 from .result import AuditResult
 from .distributed import Collectives, default_collectives, shard_ids, unshard
 from .exceptions import NonFiniteGradientError
 from .scoring import cross_influence, fit_solvers, inverse_direction, self_influence, solver_info
-from .solvers import check_solver, solver_name
+from .solvers import solver_name
+from .solvers.base import SolverSpec
 from .store import GradientStore
-
-NONFINITE = ("exclude", "raise")
-GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-
-
-def _parse_dtype(value: Union[None, str, torch.dtype], default: torch.dtype) -> torch.dtype:
-    if value is None:
-        return default
-    dtype = value if isinstance(value, torch.dtype) else getattr(torch, str(value).replace("torch.", ""), None)
-    if dtype not in GRAD_DTYPES:  # float8 & co. have no inf and ~1 significant digit: never a silent choice
-        raise ValueError(f"grad_dtype must be one of 'float16', 'bfloat16', 'float32', 'float64', got {value!r}")
-    return dtype
-
-
-def validate_options(method: str, solver: Any, nonfinite: str = "exclude") -> None:
-    """Raise ``ValueError`` for an unknown method, solver or non-finite policy."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    check_solver(solver)
-    if nonfinite not in NONFINITE:
-        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-
-
-def _positive_int(value: Any, name: str, message: str) -> None:
-    try:
-        ok = not isinstance(value, bool) and operator.index(value) >= 1
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(message.format(name=name, value=value))
-
-
-def check_clean_labels(clean_labels: Any, n: Optional[int] = None) -> Optional[Tensor]:
-    """``clean_labels`` as a tensor of integer labels, one per training sample (``n`` of them
-    when known), or ``None``. Floats are an error, not truncated."""
-    if clean_labels is None:
-        return None
-    clean = torch.as_tensor(clean_labels)
-    if (clean.dim() != 1 or (n is not None and clean.shape[0] != n) or clean.is_floating_point()
-            or clean.is_complex()):
-        count = f" ({n})" if n is not None else ""
-        raise ValueError(f"clean_labels must be one integer label per training sample{count}, got shape "
-                         f"{tuple(clean.shape)} and dtype {clean.dtype}")
-    return clean
-
-
-def validate_audit_options(*, method: str = "fvm", solver: Any = "hyperinf", nonfinite: str = "exclude",
-                           rank_by: str = "auto", top_k: Any = 50, seed: Any = 0, tuning: Any = None,
-                           curvature: Any = None, damping: Optional[float] = None, batch_size: Any = 32,
-                           grad_dtype: Any = None, projection: Any = None, max_memory: Any = None,
-                           noisy: Any = None, clean_labels: Any = None,
-                           n: Optional[int] = None) -> Tuple[TuningConfig, CurvatureConfig]:
-    """The one check of the audit options, shared by :func:`audit` and ``InfluenceCallback``
-    (which checks them at construction, before training). Raises ``ValueError`` (``TypeError``
-    for a non-integer ``seed``) with the option's name; with ``n`` (the number of training
-    samples) also the length of ``noisy`` and ``clean_labels``. Returns the tuning and the
-    curvature configuration (``damping`` folded into the latter)."""
-    validate_options(method, solver, nonfinite)
-    resolve_rank_by(rank_by, method)
-    tuning_cfg = coerce(TuningConfig, tuning)
-    curvature_cfg = coerce(CurvatureConfig, curvature)
-    if damping is not None:
-        curvature_cfg = CurvatureConfig(**{**as_dict(curvature_cfg), "damping": damping})
-    _positive_int(batch_size, "batch_size", "{name} must be >= 1 (an integer), got {value!r}")
-    _positive_int(top_k, "top_k", "{name} must be a positive integer, got {value!r}")
-    if projection is not None:
-        _positive_int(projection, "projection", "{name} must be None or a positive integer, got {value!r}")
-    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Real)
-                                   or not max_memory >= 0):
-        raise ValueError(f"max_memory must be None or >= 0 bytes, got {max_memory!r}")
-    try:
-        operator.index(seed)
-    except TypeError:
-        raise TypeError(f"seed must be an integer, got {seed!r}") from None
-    _parse_dtype(grad_dtype, torch.float32)
-    check_noisy(noisy, n)
-    check_clean_labels(clean_labels, n)
-    return tuning_cfg, curvature_cfg
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -125,13 +44,24 @@ def copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def preflight_check(model: nn.Module, train_data: Any, val_data: Any, options: AuditOptions,
+                    **extra: Any) -> PreflightReport:
+    """:func:`~lightning_influence.preflight.check` under the audit's ``options`` (``extra``: the
+    callback's ``reference_loss`` and ``convert``)."""
+    o = options
+    return check(model, train_data, val_data, loss_fn=o.loss_fn, params=o.params, method=o.method, solver=o.solver,
+                 fisher=o.curvature.fisher, grad_dtype=parse_grad_dtype(o.grad_dtype, None), device=o.device,
+                 max_memory=o.max_memory, spill_dir=o.spill_dir, projection=o.projection, **extra)
+
+
 def model_device(model: nn.Module) -> torch.device:
     param = next(iter(model.parameters()), None)
     return param.device if param is not None else torch.device("cpu")
 
 
-class _Stages:
-    """Times the pipeline's stages (synchronising CUDA so the figures are honest)."""
+class StageTimes:
+    """Times the pipeline's stages (synchronising CUDA so the figures are honest):
+    ``with times("name"): ...`` adds to ``times.seconds["name"]``."""
 
     def __init__(self, device: torch.device) -> None:
         self.seconds: Dict[str, float] = {}
@@ -150,30 +80,30 @@ def training_losses(model: nn.Module, data: Any, batch_size: int, device: torch.
                     loss_fn: Optional[LossFn], indices: Optional[Tensor] = None) -> Tensor:
     """Each sample's loss ``(n,)`` (or of the ``indices`` subset) under ``model`` in eval mode."""
     out: List[Tensor] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in sequential_loader(data, batch_size, _ids(indices), name="train_data"):
-                out.append(default_loss(model, to_device(batch, device), loss_fn).losses.detach().double().cpu())
-    finally:
-        model.train(was_training)
+    with preserved(model, params=(), training=False), torch.no_grad():
+        for batch in sequential_loader(data, batch_size, _ids(indices), name="train_data"):
+            out.append(default_loss(model, to_device(batch, device), loss_fn).losses.detach().double().cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
-class _Gathered:
-    """What one gradient pass over a dataset produced."""
+@dataclass
+class Gathered:
+    """What one gradient pass over (this rank's shard of) a dataset produced, per sample: the
+    gradients ``store``, the ``losses``, a ``valid`` flag (finite loss and gradient), and the
+    ``labels`` and ``predicted`` labels (-1 where the loss has no class labels)."""
 
-    def __init__(self, store: GradientStore, losses: Tensor, valid: Tensor, labels: Tensor,
-                 predicted: Tensor) -> None:
-        self.store, self.losses, self.valid, self.labels, self.predicted = store, losses, valid, labels, predicted
+    store: GradientStore
+    losses: Tensor
+    valid: Tensor
+    labels: Tensor
+    predicted: Tensor
 
 
 def gather_gradients(model: nn.Module, blocks: List[Block], data: Any, *, batch_size: int,
                      device: torch.device, dtype: torch.dtype, loss_fn: Optional[LossFn],
                      sample_labels: Optional[torch.Generator] = None, max_memory: Optional[int] = None,
                      spill_dir: Optional[str] = None, progress: Optional[Callable[[int], None]] = None,
-                     name: str = "data", indices: Optional[Tensor] = None) -> _Gathered:
+                     name: str = "data", indices: Optional[Tensor] = None) -> Gathered:
     """Per-sample gradients of ``blocks`` for every sample of ``data``, in order, into a store
     (``(n, r, d)`` per block), with each sample's loss, a validity flag (finite loss and
     gradient), and the labels and predicted labels for classification.
@@ -215,7 +145,7 @@ def gather_gradients(model: nn.Module, blocks: List[Block], data: Any, *, batch_
     except BaseException:
         store.close()
         raise
-    return _Gathered(store, losses, valid, labels, predicted)
+    return Gathered(store, losses, valid, labels, predicted)
 
 
 def _chunk_rows(store: GradientStore, batch_size: int, max_memory: Optional[int]) -> int:
@@ -284,12 +214,12 @@ class Prepared:
     m: int
     train_ids: Tensor
     val_ids: Tensor
-    train: _Gathered
-    val: _Gathered
-    curvature: _Gathered
+    train: Gathered
+    val: Gathered
+    curvature: Gathered
     loss_trained: Tensor
     tune_stats: Dict[str, float]
-    stages: _Stages
+    stages: StageTimes
     dist: Collectives
     device: torch.device
     compute_dtype: torch.dtype
@@ -328,11 +258,10 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
 
     Under several ranks each gathers its own disjoint shard of the training and validation
     samples; tuning runs on every rank with the same seed and rank 0's result is broadcast."""
-    tuning_cfg = coerce(TuningConfig, tuning)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tuning_cfg = AuditOptions(loss_fn=loss_fn, method=method, params=params, tuning=tuning, curvature={"fisher": fisher},
+                              seed=seed, batch_size=batch_size, grad_dtype=grad_dtype, device=device,
+                              nonfinite=nonfinite, max_memory=max_memory, spill_dir=spill_dir,
+                              projection=projection).tuning  # the options' one check
     n = len(dataset_of(train_data, "train_data"))
     m = len(dataset_of(val_data, "val_data"))
     if n == 0:
@@ -344,9 +273,9 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
     progress = progress or NullProgress()
     first = next(iter(model.parameters()), None)
     param_dtype = first.dtype if first is not None else torch.float32
-    store_dtype = _parse_dtype(grad_dtype, torch.float64 if param_dtype == torch.float64 else torch.float32)
+    store_dtype = parse_grad_dtype(grad_dtype, torch.float64 if param_dtype == torch.float64 else torch.float32)
     compute_dtype = torch.float64 if store_dtype == torch.float64 else torch.float32
-    stages = _Stages(device)
+    stages = StageTimes(device)
     train_ids, val_ids = shard_ids(n, dist.rank, dist.world_size), shard_ids(m, dist.rank, dist.world_size)
     gather = dict(batch_size=batch_size, device=device, dtype=store_dtype, loss_fn=loss_fn)
     tuned = method in ("vm", "fvm")
@@ -386,7 +315,7 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
             loss_trained, tune_stats = dist.checkpoint(tune_stage)
             dist.broadcast_(tuned_params)  # every rank scores at exactly rank 0's θ̃
 
-        def gradient_stage() -> Tuple[_Gathered, _Gathered, _Gathered]:
+        def gradient_stage() -> Tuple[Gathered, Gathered, Gathered]:
             with stages("gradients"), progress.stage("gradients", int(train_ids.numel() + val_ids.numel())) as up:
                 train = gather_gradients(working, blocks, train_data, max_memory=max_memory, spill_dir=spill_dir,
                                          progress=up, name="train_data", indices=train_ids, **gather)
@@ -420,22 +349,21 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
 
 
 @_autograd_allowed
-def score(prepared: Prepared, solver: Any = "hyperinf", curvature: Union[None, CurvatureConfig, Mapping] = None, *,
+def score(prepared: Prepared, solver: SolverSpec = "hyperinf", curvature: Union[None, CurvatureConfig, Mapping] = None, *,
           noisy: Any = None, clean_labels: Any = None, top_k: int = 50, per_validation: bool = False,
           nonfinite: str = "exclude", progress: Optional[Progress] = None, rank_by: str = "auto") -> AuditResult:
     """Stages 4-6: curvature + solve, scores, metrics. Can be called several times on one
     :class:`Prepared` (e.g. to compare solvers on the same gradients). ``rank_by``: see
     :func:`audit`."""
-    resolve_rank_by(rank_by, prepared.method)
     p, dist = prepared, prepared.dist
-    stages = _Stages(p.device)  # this call's own solve/score/metrics times, after prepare()'s stages
+    options = AuditOptions(method=p.method, solver=solver, curvature=curvature, noisy=noisy, clean_labels=clean_labels,
+                           top_k=top_k, per_validation=per_validation, nonfinite=nonfinite, rank_by=rank_by,
+                           n=p.n)  # the options' one check
+    stages = StageTimes(p.device)  # this call's own solve/score/metrics times, after prepare()'s stages
     stages.seconds = dict(p.stages.seconds)
-    curvature_cfg = coerce(CurvatureConfig, curvature)
+    curvature_cfg = options.curvature
     progress = progress or NullProgress()
-    noisy_flags = check_noisy(noisy, p.n)
-    clean = None if clean_labels is None else torch.as_tensor(clean_labels).long()
-    if clean is not None and clean.shape != (p.n,):
-        raise ValueError(f"clean_labels must have one label per training sample ({p.n}), got {tuple(clean.shape)}")
+    noisy_flags, clean = options.noisy, options.clean_labels
     args = (p.device, p.compute_dtype)
 
     # every rank learns which samples are invalid before anything depends on it
@@ -495,7 +423,7 @@ def score(prepared: Prepared, solver: Any = "hyperinf", curvature: Union[None, C
         rankings["loss_tuned"] = loss_tuned.clone()
     for values in rankings.values():
         values[~train_valid] = float("nan")  # excluded samples rank last whatever the ranking
-    chosen = resolve_rank_by(rank_by, p.method)
+    chosen = options.rank_by_resolved
     scores = rankings[chosen]
 
     def metrics_stage() -> Tuple[Tensor, Dict[str, float], Dict[str, Dict[str, float]]]:
@@ -532,7 +460,7 @@ def audit(
     *,
     loss_fn: Optional[LossFn] = None,
     method: str = "fvm",
-    solver: Any = "hyperinf",
+    solver: SolverSpec = "hyperinf",
     params: ParamsSpec = "auto",
     noisy: Any = None,
     top_k: int = 50,
@@ -553,6 +481,7 @@ def audit(
     projection: Optional[int] = None,
     preflight: bool = True,
     rank_by: str = "auto",
+    options: Optional[AuditOptions] = None,
 ) -> AuditResult:
     """Score every training sample's influence; higher = more harmful.
 
@@ -598,6 +527,9 @@ def audit(
         preflight: first run :func:`~lightning_influence.preflight.check` on a few training
             samples (the loss matches the model's own, the gradients match autograd, the store
             fits in memory); ``result.preflight`` holds its report.
+        options: all of the options above as one :class:`~lightning_influence.config.AuditOptions`
+            (then leave their keywords at their defaults). Either way every option is checked
+            once, before any work, by ``AuditOptions``.
 
     A DataLoader whose sampler selects a subset (e.g. ``SubsetRandomSampler``) is honoured:
     only the samples it yields are scored, ids stay dataset positions (the others score NaN,
@@ -605,34 +537,32 @@ def audit(
     dataset position.
     """
     n = len(dataset_of(train_data, "train_data"))
-    # every option, before any work (the pre-flight check's loss calls included)
-    tuning, curvature_cfg = validate_audit_options(
-        method=method, solver=solver, nonfinite=nonfinite, rank_by=rank_by, top_k=top_k, seed=seed, tuning=tuning,
-        curvature=curvature, damping=damping, batch_size=batch_size, grad_dtype=grad_dtype, projection=projection,
-        max_memory=max_memory, noisy=noisy, clean_labels=clean_labels, n=n)
+    # every option checked, once, before any work (the pre-flight check's loss calls included)
+    o = AuditOptions.from_keywords(
+        options, n, loss_fn=loss_fn, method=method, solver=solver, params=params, noisy=noisy, top_k=top_k, seed=seed,
+        tuning=tuning, curvature=curvature, damping=damping, batch_size=batch_size, grad_dtype=grad_dtype,
+        device=device, clean_labels=clean_labels, per_validation=per_validation, nonfinite=nonfinite,
+        max_memory=max_memory, spill_dir=spill_dir, projection=projection, preflight=preflight, rank_by=rank_by)
+    noisy, clean_labels = o.noisy, o.clean_labels
     report = None
-    if preflight:
-        report = (dist or default_collectives(torch.device(device) if device is not None else model_device(model))
-                  ).checkpoint(lambda: _autograd_allowed(check)(model, train_data, val_data, loss_fn=loss_fn, params=params, method=method,
-                                             solver=solver, fisher=curvature_cfg.fisher,
-                                             grad_dtype=_parse_dtype(grad_dtype, None) if grad_dtype else None,
-                                             device=device, max_memory=max_memory, spill_dir=spill_dir,
-                                             projection=projection))
+    if o.preflight:
+        report = (dist or default_collectives(o.device if o.device is not None else model_device(model))
+                  ).checkpoint(lambda: _autograd_allowed(preflight_check)(model, train_data, val_data, o))
     # a sampler that selects a subset is honoured: the pipeline runs on those samples, in order
     train_ids, val_ids = selected_ids(train_data, "train_data"), selected_ids(val_data, "val_data")
     if train_ids is not None:
         train_data = subset_loader(train_data, train_ids)
-        noisy = None if noisy is None else check_noisy(noisy, n)[train_ids]
-        clean_labels = None if clean_labels is None else torch.as_tensor(clean_labels)[train_ids]
+        noisy = None if noisy is None else noisy[train_ids]
+        clean_labels = None if clean_labels is None else clean_labels[train_ids]
     if val_ids is not None:
         val_data = subset_loader(val_data, val_ids)
-    prepared = prepare(model, train_data, val_data, loss_fn=loss_fn, method=method, params=params, tuning=tuning,
-                       fisher=curvature_cfg.fisher, seed=seed, batch_size=batch_size, grad_dtype=grad_dtype,
-                       device=device, nonfinite=nonfinite, max_memory=max_memory, spill_dir=spill_dir,
-                       progress=progress, dist=dist, projection=projection)
+    prepared = prepare(model, train_data, val_data, loss_fn=o.loss_fn, method=o.method, params=o.params,
+                       tuning=o.tuning, fisher=o.curvature.fisher, seed=o.seed, batch_size=o.batch_size,
+                       grad_dtype=o.grad_dtype, device=o.device, nonfinite=o.nonfinite, max_memory=o.max_memory,
+                       spill_dir=o.spill_dir, progress=progress, dist=dist, projection=o.projection)
     try:
-        result = score(prepared, solver, curvature_cfg, noisy=noisy, clean_labels=clean_labels, top_k=top_k,
-                       per_validation=per_validation, nonfinite=nonfinite, progress=progress, rank_by=rank_by)
+        result = score(prepared, o.solver, o.curvature, noisy=noisy, clean_labels=clean_labels, top_k=o.top_k,
+                       per_validation=o.per_validation, nonfinite=o.nonfinite, progress=progress, rank_by=o.rank_by)
     finally:
         prepared.close()
     result.preflight = report
@@ -669,7 +599,7 @@ def on_dataset_positions(result: AuditResult, ids: Tensor, n: int, val_ids: Opti
     return result
 
 
-def _verify_tuning(stats: Dict[str, float], config: TuningConfig, val: _Gathered, dist: Collectives,
+def _verify_tuning(stats: Dict[str, float], config: TuningConfig, val: Gathered, dist: Collectives,
                    exact_gradients: bool) -> Dict[str, float]:
     """The full validation-set loss, accuracy and mean-gradient norm at θ̃ (eval mode), summed
     over ranks from each rank's validation shard, checked by :func:`tuning.verify`."""
@@ -688,21 +618,5 @@ def _verify_tuning(stats: Dict[str, float], config: TuningConfig, val: _Gathered
     return dist.checkpoint(lambda: verify_tuning(stats, config, float(sums[0]) / count if count else nan,
                                                  float(sums[2] / sums[3]) if float(sums[3]) else nan, grad,
                                                  noise_ratio, z))
-
-
-RANK_BY = ("auto", "influence", "loss_tuned", "loss_trained")
-
-
-def resolve_rank_by(rank_by: str, method: str) -> str:
-    """The ranking ``rank_by`` names for ``method``: ``"auto"`` is ``"loss_tuned"`` (the loss at
-    θ̃) for vm/fvm and ``"influence"`` for standard (which has no θ̃)."""
-    if rank_by not in RANK_BY:
-        raise ValueError(f"unknown rank_by {rank_by!r}; choose one of {RANK_BY}")
-    if rank_by == "auto":
-        return "loss_tuned" if method in ("vm", "fvm") else "influence"
-    if rank_by == "loss_tuned" and method not in ("vm", "fvm"):
-        raise ValueError("rank_by='loss_tuned' needs method='vm' or 'fvm' (standard has no tuned weights θ̃)")
-    return rank_by
-
 
 from .tuning import budget_epochs, bucketed_loader_factory, grad_check_ids, gradient_noise_test, planned_steps, relative_sample_cost, tune as tune_model, verify as verify_tuning  # noqa: E402  (kept at the end: the pipeline reads top-down)

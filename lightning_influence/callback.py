@@ -25,20 +25,19 @@ import random
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
-from .audit import _parse_dtype, audit, check_clean_labels, validate_audit_options, validate_options
-from .metrics import check_noisy
-from .config import CurvatureConfig, TuningConfig, coerce
+from .audit import audit, preflight_check
+from .config import AuditOptions, CurvatureConfig, TuningConfig
 from .data import collate_of, dataset_of
 from .distributed import RemoteStageError
 from .exceptions import InfluenceCallbackError
 from .params import select_blocks
-from .preflight import check as preflight_check
 from .handoff import Handoff
 from .progress import NullProgress, trainer_progress
 from .result import AuditResult
@@ -49,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover - a hint only: the pytorch_lightning names
     import lightning.pytorch as pl
 
 ON_ERROR = ("warn", "raise")
+_OPTION_NAMES = frozenset(f.name for f in fields(AuditOptions))
 
 
 
@@ -102,7 +102,13 @@ class InfluenceCallbackMixin:
         verbose: print the one-screen summary at the end (default: when the trainer shows
             a progress bar).
 
+        options: the audit options above as one :class:`~lightning_influence.AuditOptions`
+            (then leave their keywords at their defaults).
+
     Attributes:
+        options: the audit's options (an :class:`~lightning_influence.AuditOptions`, checked
+            at construction and again in ``setup()``); each one also reads and sets as an
+            attribute (``cb.method``, ``cb.tuning.steps``).
         result: the latest :class:`~lightning_influence.AuditResult` (``None`` before), on
             every rank; under ``ddp_spawn`` also in the launching process.
         scores_path: the path of the latest scores file (rank zero).
@@ -156,52 +162,33 @@ class InfluenceCallbackMixin:
         scores_filename: Optional[str] = "influence_scores.csv",
         dirpath: Optional[str] = None,
         verbose: Optional[bool] = None,
+        options: Optional[AuditOptions] = None,
     ) -> None:
         super().__init__()
-        # the audit's own options: the one validator audit() uses, before any training
-        validate_audit_options(method=method, solver=solver, nonfinite=nonfinite, rank_by=rank_by, top_k=top_k,
-                               seed=seed, tuning=tuning, curvature=curvature, damping=damping,
-                               batch_size=batch_size, grad_dtype=grad_dtype, projection=projection,
-                               max_memory=max_memory, noisy=noisy, clean_labels=clean_labels)
+        # the audit's own options: checked by the AuditOptions audit() uses, before any training
+        self.options = AuditOptions.from_keywords(
+            options, loss_fn=loss_fn, method=method, solver=solver, params=params, noisy=noisy, top_k=top_k, seed=seed,
+            tuning=tuning, curvature=curvature, damping=damping, batch_size=batch_size, grad_dtype=grad_dtype,
+            device=device, clean_labels=clean_labels, per_validation=per_validation, nonfinite=nonfinite,
+            max_memory=max_memory, spill_dir=spill_dir, projection=projection, preflight=bool(preflight),
+            rank_by=rank_by)
         if every_n_epochs is not None and (isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int)
                                            or every_n_epochs < 1):
             raise ValueError(f"every_n_epochs must be None or a positive integer, got {every_n_epochs!r}")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        for name, fn in (("describe", describe), ("loss_fn", loss_fn)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        if describe is not None and not callable(describe):
+            raise TypeError(f"describe must be callable, got {type(describe).__name__}")
         if render is not None and render is not False and not callable(render):
             raise TypeError(f"render must be None, False or a callable sample_id -> image, "
                             f"got {type(render).__name__}")
         if scores_filename is not None and (not scores_filename or os.path.basename(scores_filename) != scores_filename):
             raise ValueError(f"scores_filename must be a plain file name (use dirpath for the folder), "
                              f"got {scores_filename!r}")
-        self.method = method
-        self.solver = solver
-        self.params = params if isinstance(params, str) else list(params)
-        self.noisy = check_noisy(noisy)
-        self.top_k = top_k
-        self.seed = seed
-        self.tuning = None if tuning is None else coerce(TuningConfig, tuning)
-        self.curvature = None if curvature is None else coerce(CurvatureConfig, curvature)
-        self.damping = damping
-        self.batch_size = batch_size
-        self.grad_dtype = grad_dtype
-        self.clean_labels = None if clean_labels is None else check_clean_labels(clean_labels).long()
-        self.per_validation = per_validation
-        self.nonfinite = nonfinite
-        self.max_memory = max_memory
-        self.spill_dir = spill_dir
-        self.projection = projection
-        self.device = None if device is None else torch.device(device)
-        self.preflight = bool(preflight)
         self.preflight_report: Optional[Any] = None
-        self.rank_by = rank_by
         self._batch_start: Optional[float] = None
         self._epoch_compute = 0.0  # seconds inside training_step batches, this epoch
         self._last_epoch_compute: Optional[float] = None
-        self.loss_fn = loss_fn
         self.every_n_epochs = every_n_epochs
         self.run_on_fit_end = run_on_fit_end
         self.on_error = on_error
@@ -222,6 +209,20 @@ class InfluenceCallbackMixin:
         self._handoff = Handoff()
 
     # ------------------------------------------------------------------ public API
+
+    def __getattr__(self, name: str) -> Any:
+        # the audit's options read as attributes (cb.method, cb.tuning.steps): they live in self.options
+        options = self.__dict__.get("options")
+        if name in _OPTION_NAMES and options is not None:
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # set into self.options; setup() checks them all again (AuditOptions), before training
+        if name in _OPTION_NAMES and "options" in self.__dict__:
+            setattr(self.options, name, value)
+        else:
+            super().__setattr__(name, value)
 
     @property
     def result(self) -> Optional[AuditResult]:
@@ -268,8 +269,6 @@ class InfluenceCallbackMixin:
         if val is None:
             raise InfluenceCallbackError("InfluenceCallback: the trainer has no validation data; influence is "
                                          "measured on validation samples. Pass val_data= to run()")
-        n = len(dataset_of(train, "train_data"))
-        noisy = check_noisy(self.noisy, n, "noisy")
         strategy = getattr(trainer, "strategy", None)
         device = self.device if self.device is not None else getattr(strategy, "root_device", None)
         precision = getattr(strategy, "precision_plugin", None)
@@ -279,14 +278,8 @@ class InfluenceCallbackMixin:
         context = precision.forward_context() if precision is not None else nullcontext()
         is_zero = bool(getattr(trainer, "is_global_zero", True))
         with _isolated_rng(), torch.inference_mode(False), torch.enable_grad(), context:
-            result = audit(
-                module, train, val, loss_fn=self.loss_fn, method=self.method, solver=self.solver,
-                params=self.params, noisy=noisy, top_k=self.top_k, seed=self.seed, tuning=self.tuning,
-                curvature=self.curvature, damping=self.damping, batch_size=self.batch_size,
-                grad_dtype=self.grad_dtype, device=device, clean_labels=self.clean_labels,
-                per_validation=self.per_validation, nonfinite=self.nonfinite, max_memory=self.max_memory,
-                spill_dir=self.spill_dir, projection=self.projection, preflight=self.preflight, rank_by=self.rank_by, progress=trainer_progress(trainer) if is_zero else NullProgress(),
-            )
+            result = audit(module, train, val, options=replace(self.options, device=device),
+                           progress=trainer_progress(trainer) if is_zero else NullProgress())
         epoch_seconds = self._last_epoch_compute or (self._epoch_compute or None)
         if epoch_seconds and result.tuning:  # the tuning's cost beside one training epoch
             result.tuning["train_epoch_seconds"] = epoch_seconds
@@ -374,7 +367,7 @@ class InfluenceCallbackMixin:
     def _check(self, trainer: "pl.Trainer", module: Any, in_setup: bool) -> None:
         """The fail-fast checks; with ``in_setup`` what the module only builds in its own setup
         is left for ``on_fit_start`` (still before the first training step)."""
-        validate_options(self.method, self.solver, self.nonfinite)
+        self.options = replace(self.options)  # the options' one check again: attributes may have changed
         _check_strategy(trainer)
         datasets = {}
         for kind in ("train", "val"):
@@ -400,8 +393,7 @@ class InfluenceCallbackMixin:
             self._data[kind] = loader
         if "train" in datasets:
             n = len(datasets["train"])
-            _prefixed(check_noisy, self.noisy, n, "noisy")
-            _prefixed(check_clean_labels, self.clean_labels, n)
+            _prefixed(self.options.check_samples, n)
         if not any(True for _ in module.parameters()) and in_setup:
             self._deferred.append("params")  # layers built in setup()/configure_model()
         else:
@@ -424,11 +416,7 @@ class InfluenceCallbackMixin:
         try:
             with _isolated_rng(), torch.inference_mode(False), context:
                 report = _prefixed(
-                    preflight_check, module, self._data["train"], self._data["val"], loss_fn=self.loss_fn,
-                    params=self.params, method=self.method, solver=self.solver,
-                    fisher=(self.curvature.fisher if self.curvature is not None else "empirical"),
-                    grad_dtype=_parse_dtype(self.grad_dtype, None) if self.grad_dtype else None, device=self.device,
-                    max_memory=self.max_memory, spill_dir=self.spill_dir, projection=self.projection,
+                    preflight_check, module, self._data["train"], self._data["val"], self.options,
                     reference_loss=training_step_loss(module),
                     convert=precision.convert_input if precision is not None and converted else None)
         except Exception as err:  # noqa: BLE001 - re-raised below, once every rank knows

@@ -1,14 +1,27 @@
 """Small dataclasses that group the audit's options (in the spirit of Kronfluence's arguments).
 
-``audit()`` and ``InfluenceCallback`` take these directly, or plain dicts with the same keys.
+``audit()`` and ``InfluenceCallback`` take :class:`TuningConfig` and :class:`CurvatureConfig`
+directly, or plain dicts with the same keys; both check all their options through one
+:class:`AuditOptions`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Literal, Mapping, Optional, Type, TypeVar, Union
+import numbers
+import operator
+from dataclasses import InitVar, asdict, dataclass, fields, replace
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Type, TypeVar, Union
+
+import torch
+from torch import Tensor
+
+from .metrics import check_noisy
+from .solvers.base import SolverSpec, check_solver
 
 METHODS = ("fvm", "vm", "standard")
 FISHERS = ("empirical", "true")
+NONFINITE = ("exclude", "raise")
+RANK_BY = ("auto", "influence", "loss_tuned", "loss_trained")
+GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -134,6 +147,153 @@ class CurvatureConfig:
             raise ValueError(f"damping_rule must be 'relative' or 'absolute', got {self.damping_rule!r}")
         if self.fisher not in FISHERS:
             raise ValueError(f"fisher must be one of {FISHERS}, got {self.fisher!r}")
+
+
+@dataclass
+class AuditOptions:
+    """Every option of :func:`~lightning_influence.audit` (see there for each one's meaning),
+    checked once, in ``__post_init__``: ``ValueError`` (``TypeError`` for a non-integer
+    ``seed``) naming the option. ``audit()`` builds one from its keywords (or takes
+    ``options=``); ``InfluenceCallback`` builds one at construction, before any training, and
+    adds only its Lightning-specific options.
+
+    Normalised on construction: ``tuning`` and ``curvature`` become their dataclasses, with
+    ``damping`` (the shortcut for ``curvature.damping``) folded into ``curvature`` and then
+    ``None``; ``noisy`` a bool tensor, ``clean_labels`` a long tensor, ``params`` a name or a
+    list, ``device`` a ``torch.device``. With ``n`` (the number of training samples; not a
+    field) the lengths of ``noisy`` and ``clean_labels`` are checked too; else
+    :meth:`check_samples` checks them once it is known.
+    """
+
+    loss_fn: Optional[Callable] = None
+    method: str = "fvm"
+    solver: SolverSpec = "hyperinf"
+    params: Union[str, List[str]] = "auto"
+    noisy: Any = None
+    top_k: int = 50
+    seed: int = 0
+    tuning: Union[None, TuningConfig, Mapping[str, Any]] = None
+    curvature: Union[None, CurvatureConfig, Mapping[str, Any]] = None
+    damping: Optional[float] = None
+    batch_size: int = 32
+    grad_dtype: Union[None, str, torch.dtype] = None
+    device: Union[None, str, torch.device] = None
+    clean_labels: Any = None
+    per_validation: bool = False
+    nonfinite: str = "exclude"
+    max_memory: Optional[int] = None
+    spill_dir: Optional[str] = None
+    projection: Optional[int] = None
+    preflight: bool = True
+    rank_by: str = "auto"
+    n: InitVar[Optional[int]] = None
+
+    def __post_init__(self, n: Optional[int] = None) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        check_solver(self.solver)
+        if self.nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
+        resolve_rank_by(self.rank_by, self.method)
+        self.tuning = coerce(TuningConfig, self.tuning)
+        self.curvature = coerce(CurvatureConfig, self.curvature)
+        if self.damping is not None:  # the one place the shortcut meets curvature.damping
+            self.curvature = replace(self.curvature, damping=self.damping)
+            self.damping = None
+        _positive_int(self.batch_size, "batch_size", "{name} must be >= 1 (an integer), got {value!r}")
+        _positive_int(self.top_k, "top_k", "{name} must be a positive integer, got {value!r}")
+        if self.projection is not None:
+            _positive_int(self.projection, "projection", "{name} must be None or a positive integer, got {value!r}")
+        if self.max_memory is not None and (isinstance(self.max_memory, bool) or not isinstance(
+                self.max_memory, numbers.Real) or not self.max_memory >= 0):
+            raise ValueError(f"max_memory must be None or >= 0 bytes, got {self.max_memory!r}")
+        try:
+            operator.index(self.seed)
+        except TypeError:
+            raise TypeError(f"seed must be an integer, got {self.seed!r}") from None
+        parse_grad_dtype(self.grad_dtype, torch.float32)
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")
+        self.noisy = check_noisy(self.noisy, n)
+        self.clean_labels = check_clean_labels(self.clean_labels, n)
+        self.params = self.params if isinstance(self.params, str) else list(self.params)
+        self.device = None if self.device is None else torch.device(self.device)
+
+    def check_samples(self, n: int) -> None:
+        """Check that ``noisy`` and ``clean_labels`` hold one value per training sample (``n``)."""
+        check_noisy(self.noisy, n)
+        check_clean_labels(self.clean_labels, n)
+
+    @property
+    def rank_by_resolved(self) -> str:
+        """The ranking ``rank_by`` names for this ``method`` (``"auto"`` resolved)."""
+        return resolve_rank_by(self.rank_by, self.method)
+
+    @classmethod
+    def from_keywords(cls, options: Optional["AuditOptions"], n: Optional[int] = None,
+                      **keywords: Any) -> "AuditOptions":
+        """A copy of ``options`` when given (every keyword must then be at its default: one
+        source for each option), else the options the keywords give; checked for ``n``
+        training samples."""
+        if options is None:
+            return cls(**keywords, n=n)
+        if not isinstance(options, cls):
+            raise TypeError(f"options must be an AuditOptions, got {type(options).__name__}")
+        defaults = {f.name: f.default for f in fields(cls)}
+        given = sorted(name for name, value in keywords.items() if not _is_default(value, defaults[name]))
+        if given:
+            raise ValueError(f"pass the options either as options= or as keywords, not both (also given: {given})")
+        return replace(options, n=n)  # a copy: the caller's object stays theirs
+
+
+def resolve_rank_by(rank_by: str, method: str) -> str:
+    """The ranking ``rank_by`` names for ``method``: ``"auto"`` is ``"loss_tuned"`` (the loss at
+    θ̃) for vm/fvm and ``"influence"`` for standard (which has no θ̃)."""
+    if rank_by not in RANK_BY:
+        raise ValueError(f"unknown rank_by {rank_by!r}; choose one of {RANK_BY}")
+    if rank_by == "auto":
+        return "loss_tuned" if method in ("vm", "fvm") else "influence"
+    if rank_by == "loss_tuned" and method not in ("vm", "fvm"):
+        raise ValueError("rank_by='loss_tuned' needs method='vm' or 'fvm' (standard has no tuned weights θ̃)")
+    return rank_by
+
+
+def parse_grad_dtype(value: Union[None, str, torch.dtype], default: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    """``grad_dtype`` as a torch dtype (``default`` for ``None``)."""
+    if value is None:
+        return default
+    dtype = value if isinstance(value, torch.dtype) else getattr(torch, str(value).replace("torch.", ""), None)
+    if dtype not in GRAD_DTYPES:  # float8 & co. have no inf and ~1 significant digit: never a silent choice
+        raise ValueError(f"grad_dtype must be one of 'float16', 'bfloat16', 'float32', 'float64', got {value!r}")
+    return dtype
+
+
+def check_clean_labels(clean_labels: Any, n: Optional[int] = None) -> Optional[Tensor]:
+    """``clean_labels`` as a long tensor of integer labels, one per training sample (``n`` of
+    them when known), or ``None``. Floats are an error, not truncated."""
+    if clean_labels is None:
+        return None
+    clean = torch.as_tensor(clean_labels)
+    if (clean.dim() != 1 or (n is not None and clean.shape[0] != n) or clean.is_floating_point()
+            or clean.is_complex()):
+        count = f" ({n})" if n is not None else ""
+        raise ValueError(f"clean_labels must be one integer label per training sample{count}, got shape "
+                         f"{tuple(clean.shape)} and dtype {clean.dtype}")
+    return clean.long()
+
+
+def _positive_int(value: Any, name: str, message: str) -> None:
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(message.format(name=name, value=value))
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    return value is default or (isinstance(default, (str, bool, int, float)) and type(value) is type(default)
+                                and value == default)
 
 
 C = TypeVar("C")
