@@ -25,16 +25,13 @@ from typing import Any, Callable, Dict, List
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from common import machine_info as machine, now as today, write_results  # noqa: E402
-from common import digits_mlp, minilm_lora, minilm_tokenizer, text_loader, train_mlp  # noqa: E402
-
-from lightning_influence import audit, make_solver  # noqa: E402
-from lightning_influence.datasets import noisy_digits, noisy_glue  # noqa: E402
-from lightning_influence.gradients import gradient_mode, per_sample_gradients  # noqa: E402
-from lightning_influence.losses import default_loss  # noqa: E402
-from lightning_influence.params import select_blocks  # noqa: E402
+from common import machine_info as machine, now as today, write_results
+from common import digits_mlp, minilm_lora, minilm_tokenizer, text_loader, train_mlp
+from lightning_influence import audit, make_solver
+from lightning_influence.gradients import gradient_mode, per_sample_gradients
+from lightning_influence.losses import default_loss
+from lightning_influence.params import select_blocks
+from tasks import noisy_digits, noisy_glue
 
 GIB = 2**30
 
