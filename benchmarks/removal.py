@@ -49,15 +49,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
-
-import common  # noqa: E402
-
-from lightning_influence import prepare, score  # noqa: E402
-from lightning_influence.metrics import nan_last_ranking  # noqa: E402
-from lightning_influence.datasets import TensorPairs, flip_labels  # noqa: E402
+import common
+from lightning_influence import prepare, score
+from lightning_influence.metrics import nan_last_ranking
+from tasks import TensorPairs, flip_labels
 
 TASKS = {"sym20": "digits, 20 % symmetric flips", "pair20": "digits, 20 % class-dependent flips",
          "marker10": "digits, 10 % marker -> label 0 (not plain label noise)",
@@ -167,7 +162,7 @@ def method_scores(model: torch.nn.Module, train: Any, val: Any, methods: Sequenc
 
 
 def sst2_split(seed: int, opts: argparse.Namespace) -> Dict[str, Any]:
-    from lightning_influence.datasets import TextPairs, noisy_glue
+    from tasks import TextPairs, noisy_glue
 
     tok = common.minilm_tokenizer()
     split = noisy_glue(os.path.join(opts.glue_dir, "sst2"), "sst2", n_train=opts.sst2_train,
@@ -304,7 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, 1 task, 2 removal levels, short training (tests)")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(DIGITS_TASKS))
-    ap.add_argument("--glue-dir", default=os.path.join(os.path.dirname(HERE), "..", "shared", "data"))
+    ap.add_argument("--glue-dir", default=common.GLUE_DIR)
     ap.add_argument("--sst2-train", type=int, default=600)
     ap.add_argument("--sst2-val", type=int, default=200)
     ap.add_argument("--sst2-test", type=int, default=300)
@@ -323,10 +318,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         import tempfile
 
         opts.out = opts.out or os.path.join(tempfile.gettempdir(), "removal_quick.json")  # never rendered into the README
-    opts.out = opts.out or os.path.join(HERE, "results", "removal.json")
+    opts.out = opts.out or os.path.join(common.RESULTS, "removal.json")
     torch.set_num_threads(opts.threads)
-    header = dict(machine=common.machine_info(), date=common.now(),
-                  command="python benchmarks/removal.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    header = common.provenance(__file__, argv)
     raw: List[Dict[str, Any]] = []
     for task in opts.tasks:
         for seed in opts.seeds:
