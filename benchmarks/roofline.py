@@ -411,7 +411,6 @@ def main() -> None:
             json.dump(rows, fh)
         return
 
-    sys.path.insert(0, HERE)
     from common import machine_info, now, write_results  # noqa: E402
 
     started = time.perf_counter()
