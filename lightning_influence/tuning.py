@@ -6,6 +6,7 @@ pipeline always hands over its own copy.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from .config import TuningConfig
 from .losses import LossFn, default_loss
+from .modes import preserved
 
 
 def _endless(loader_factory: Callable[[int], DataLoader]) -> Iterator[Any]:
@@ -148,17 +150,10 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: Optional[LossFn] = None,
     finite loss, in eval mode, and the norm of the mean loss's gradient with respect to
     ``grad_of`` (NaN without): ``(loss, accuracy, samples, gradient norm)``. The parameters'
     ``.grad`` are left as they were."""
-    was_training = model.training
-    model.eval()
     total, correct, count, labelled = 0.0, 0.0, 0, 0
     params = list(grad_of or [])
-    saved = [p.grad for p in params]
-    flags = [p.requires_grad for p in params]
     sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    try:
-        for p in params:
-            p.grad = None
-            p.requires_grad_(True)
+    with preserved(model, params, training=False, requires_grad=True, clear_grads=True):
         for batch in loader:
             finite, out = _finite(model, to_device(batch), loss_fn, grad=bool(params))
             if finite is None:
@@ -173,11 +168,6 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: Optional[LossFn] = None,
             if out.logits is not None and out.labels is not None:
                 correct += float((out.logits.detach().argmax(-1) == out.labels).double().sum())
                 labelled += int(finite.shape[0])
-    finally:
-        model.train(was_training)
-        for p, g, f in zip(params, saved, flags):
-            p.grad = g
-            p.requires_grad_(f)
     nan = float("nan")
     norm = math.sqrt(sum(float(a.pow(2).sum()) for a in sums)) / count if params and count else nan
     return (total / count if count else nan), (correct / labelled if labelled else nan), count, norm
@@ -241,30 +231,23 @@ def mean_gradient(model: nn.Module, params: List[nn.Parameter], batches: List[An
     noise, and exact when the batches cover the set (``c = M``). The parameters' ``.grad`` and
     ``requires_grad`` are left as they were."""
     sums = [torch.zeros_like(p) for p in params]
-    flags = [p.requires_grad for p in params]
     ref_ids = {id(p) for p in (reference or [])}
     within, sizes_sq = 0.0, 0
     total, count = 0.0, 0
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            for batch in batches:
-                losses, _ = _finite(model, batch, loss_fn, grad=True)
-                if losses is None:
-                    continue
-                grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
-                for p, acc, g in zip(params, sums, grads):
-                    if g is not None:
-                        acc.add_(g.detach())
-                        if id(p) in ref_ids:
-                            within += float(g.detach().double().pow(2).sum())
-                total += float(losses.detach().double().sum())
-                count += int(losses.shape[0])
-                sizes_sq += int(losses.shape[0]) ** 2
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
+    with preserved(params=params, requires_grad=True), torch.enable_grad():
+        for batch in batches:
+            losses, _ = _finite(model, batch, loss_fn, grad=True)
+            if losses is None:
+                continue
+            grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+            for p, acc, g in zip(params, sums, grads):
+                if g is not None:
+                    acc.add_(g.detach())
+                    if id(p) in ref_ids:
+                        within += float(g.detach().double().pow(2).sum())
+            total += float(losses.detach().double().sum())
+            count += int(losses.shape[0])
+            sizes_sq += int(losses.shape[0]) ** 2
     pairs = count ** 2 - sizes_sq
     full = sum(float(a.double().pow(2).sum()) for p, a in zip(params, sums) if id(p) in ref_ids)
     if not ref_ids:
@@ -407,12 +390,8 @@ def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[
             loss0, acc0, m0, _ = evaluate(model, eval_loader, loss_fn, to_device)
         union = list({id(p): p for p in [*(reference or []), *params]}.values())
         batches_c = [to_device(b) for b in check_loader]
-        was = model.training
-        model.eval()
-        try:
+        with preserved(model, params=(), training=False):
             grads_c, loss_c, count_c, sq = mean_gradient(model, union, batches_c, loss_fn, reference, population=m0)
-        finally:
-            model.train(was)
         by_id = {id(p): g for p, g in zip(union, grads_c)}
         grad0 = math.sqrt(sq) if math.isfinite(sq) and sq > 0 else nan  # ≤ 0: a degenerate draw, no yardstick
         check = (batches_c, [by_id[id(p)] for p in params], loss_c)
@@ -431,12 +410,8 @@ def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[
     if total == 0:
         stats.update(planned_steps=0.0, planned_epochs=0.0)
         return {"steps": 0.0, **stats}
-    was_training = model.training
-    flags = {p: p.requires_grad for p in model.parameters()}
-    tuned = {id(p) for p in params}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in tuned)
-    model.train(config.train_mode)
+    restore = contextlib.ExitStack()  # closed after the steps (the finally below)
+    restore.enter_context(preserved(model, training=config.train_mode, requires_grad=params))
     lr = config.lr
     clock = time.perf_counter()
     if lr == "auto":
@@ -570,9 +545,7 @@ def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[
                         break  # overshoot at a high learning rate: the decaying schedule goes on
     finally:
         optimizer.zero_grad(set_to_none=True)
-        model.train(was_training)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
+        restore.close()
     if runaway or not all(bool(torch.isfinite(p).all()) for p in params):
         raise FloatingPointError("validation tuning diverged (non-finite weights); lower tuning.lr")
     if skipped == steps_run:
