@@ -4,15 +4,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._linalg import cholesky_lower, gram, outer_gram
+from ._linalg import ACCUMULATE_ROWS, cholesky_lower, gram, outer_gram
 from .base import InverseSolver, flat, register_solver, row_sq_norms
 
 
 def _factor(matrix: Tensor):
-    """Cholesky factor of a symmetric positive-definite matrix; LU if Cholesky fails."""
+    """Cholesky factor of a symmetric positive-definite matrix of which only the lower triangle
+    is read (and need be filled); LU of the mirrored matrix if Cholesky fails."""
     chol, err = cholesky_lower(matrix)
     if err == 0:
         return ("cholesky", chol)
+    matrix = matrix.tril() + matrix.tril(-1).mT
     return ("lu", torch.linalg.lu_factor(matrix))
 
 
@@ -53,13 +55,16 @@ class ExactSolver(InverseSolver):
             if self._lam <= 0:
                 raise ValueError("the Woodbury path (N < r*d) needs damping > 0")
             self._g = g
-            k = outer_gram(g)                                  # G Gᵀ: a symmetric rank-k update
+            k = outer_gram(g, full=False)                      # G Gᵀ (lower triangle): a symmetric rank-k update
             k.diagonal().add_(n * self._lam)
             self._factor = _factor(k)
             self.info = {"method": "woodbury"}
         else:
             self._g = None
-            f = gram(g).to(g.dtype).div_(n)                   # Gᵀ G / N: a symmetric rank-k update
+            # Gᵀ G / N (lower triangle): a symmetric rank-k update, accumulated in float64 only
+            # when it sums several row chunks (one chunk's float32 product would be cast back unchanged)
+            acc = torch.float64 if n > ACCUMULATE_ROWS else None
+            f = gram(g, acc, full=False).to(g.dtype).div_(n)
             f.diagonal().add_(self._lam)
             self._factor = _factor(f)
             self.info = {"method": "dense"}
