@@ -26,8 +26,20 @@ def atomic_open(path: str, binary: bool = False, what: str = "the file") -> Iter
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _mode_for(path))  # mkstemp makes 0600: give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _mode_for(path: str) -> int:
+    """The permission bits a plain ``open(path, "w")`` leaves: an existing file keeps its own,
+    a new one gets ``0o666`` less the process umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import stat
 import warnings
 
 import pytest
@@ -735,6 +736,19 @@ def test_saved_files_are_complete_and_strict_json_with_excluded(small, tmp_path)
     loaded = AuditResult.from_dict(torch.load(tmp_path / "s.pt", weights_only=False))
     assert torch.equal(loaded.ranking, quiet_result.ranking)
     assert sorted(os.listdir(tmp_path)) == ["s.csv", "s.json", "s.pt"]
+
+
+def test_saved_files_get_the_permissions_a_plain_open_gives(result, tmp_path):
+    """The atomic write goes through mkstemp, which makes 0600 files: a new scores file must get
+    0666 less the umask like any file the user's code writes, and an overwritten one keeps its
+    own mode (a shared log folder stays readable by the team)."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    result.save(str(tmp_path / "s.csv"))
+    assert stat.S_IMODE(os.stat(tmp_path / "s.csv").st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+    os.chmod(tmp_path / "s.csv", 0o640)
+    result.save(str(tmp_path / "s.csv"))
+    assert stat.S_IMODE(os.stat(tmp_path / "s.csv").st_mode) == 0o640
 
 
 # ----------------------------------------------------------------------------- determinism
