@@ -22,7 +22,7 @@ from .solvers import InverseSolver, make_solver
 from .solvers.damping import damping_from_mean_square
 from .solvers._linalg import blas_threads
 from .distributed import Collectives
-from .store import GradientStore
+from .store import GradientStore, join_rows
 
 Blocks = Mapping[str, Tensor]
 
@@ -130,7 +130,7 @@ def fit_solvers(curvature: GradientStore, valid: Tensor, solver: Any, config: Cu
                     combined[key] = dist.all_reduce_sum(local)
                 else:
                     parts = cats[name][key]
-                    local = (parts[0] if len(parts) == 1 else torch.cat(parts) if parts
+                    local = (join_rows(parts) if parts  # a view of a RAM store's rows: no copy
                              else torch.zeros(0, r, d, device=device, dtype=compute_dtype))
                     combined[key] = dist.all_gather_cat(local)
                     cats[name][key] = []
