@@ -326,6 +326,10 @@ def analyse(rows, peak, blocks, rank, dim, before: Optional[List[Dict[str, Any]]
             entry["before_fit_s"], entry["before_score_s"] = o["fit_s"], o["score_s"]
             entry["before_total_s"] = o["fit_s"] + o["score_s"]
             entry["speedup"] = entry["before_total_s"] / entry["total_s"]
+            if "fit_cpu_s" in o and cpu:  # the speedup in CPU seconds: unmoved by the other jobs' load
+                entry["before_fit_cpu_s"], entry["before_score_cpu_s"] = o["fit_cpu_s"], o["score_cpu_s"]
+                entry["before_total_cpu_s"] = o["fit_cpu_s"] + o["score_cpu_s"]
+                entry["speedup_cpu"] = entry["before_total_cpu_s"] / entry["total_cpu_s"]
             a, b = row.get("scores_head"), o.get("scores_head")
             if a and b:
                 import torch
@@ -424,7 +428,9 @@ def main() -> None:
         args.before, args.reference = opts.get("before"), opts.get("reference")
         rows = old["entries"]
         before = [{"n": e["n"], "mode": e["mode"], "solver": e["solver"], "fit_s": e["before_fit_s"],
-                   "score_s": e["before_score_s"]} for e in rows if "before_fit_s" in e] or None
+                   "score_s": e["before_score_s"], **({"fit_cpu_s": e["before_fit_cpu_s"], "score_cpu_s": e["before_score_cpu_s"]}
+                                                      if "before_fit_cpu_s" in e else {})}
+                  for e in rows if "before_fit_s" in e] or None
         command = old["tables"][0]["command"] + f" (flops recounted by: {command})"
         machine = old["tables"][0]["machine"]
     else:
@@ -442,6 +448,13 @@ def main() -> None:
             order = {k: i for i, k in enumerate((e["n"], e["mode"], e["solver"]) for e in old["entries"])}
             rows = sorted(kept + rows, key=lambda r: (r["n"], order.get((r["n"], r["mode"], r["solver"]), 1 << 20)))
             spill = spill or old.get("spill")
+            if before is None:  # the previous run's ours-before measurements still stand for re-measured rows
+                before = [{"n": e["n"], "mode": e["mode"], "solver": e["solver"], "fit_s": e["before_fit_s"],
+                           "score_s": e["before_score_s"],
+                           **({"fit_cpu_s": e["before_fit_cpu_s"], "score_cpu_s": e["before_score_cpu_s"]}
+                              if "before_fit_cpu_s" in e else {})}
+                          for e in old["entries"] if "before_fit_s" in e] or None
+                args.before = args.before or old["options"].get("before")
             command = old["tables"][0]["command"].split(" (rows ")[0] + f" (rows re-measured by: {command})"
         inverse = schulz_vs_cholesky(args.blocks, args.rank, args.dim, args.m)
         print("schulz vs cholesky", inverse, flush=True)
@@ -457,7 +470,7 @@ def main() -> None:
                "GFLOP/s (dominant, CPU)", "% of peak (dominant, CPU)", "% of peak (dominant, wall)",
                "% of roofline (dominant, CPU)", "identity / one torch.mm (CPU)"]
     if before:
-        columns += ["before s (fit+score)", "speedup"]
+        columns += ["before CPU s (fit+score)", "speedup (CPU)"]
     table_rows = []
     for e in entries:
         dom = e["dominant"]
@@ -470,13 +483,16 @@ def main() -> None:
                f"{100 * e[f'{dom}_peak_fraction']:.0f}", f"{100 * e[f'{dom}_roofline_fraction{cpu}']:.0f}",
                f"{e['over_mm_floor' + cpu]:.2f}" if "over_mm_floor" in e else ""]
         if before:
-            row += [f"{e['before_total_s']:.3f}" if "before_total_s" in e else "", f"{e['speedup']:.2f}×"
-                    if "speedup" in e else ""]
+            bt, sp = ("before_total_cpu_s", "speedup_cpu") if "speedup_cpu" in e else ("before_total_s", "speedup")
+            row += [f"{e[bt]:.3f}" if bt in e else "", f"{e[sp]:.2f}×" if sp in e else ""]
         table_rows.append(row)
     notes = [f"machine peak at the start: torch.mm {peak['mm_float32_gflops']:.1f} GFLOP/s float32, "
              f"{peak['mm_float64_gflops']:.1f} GFLOP/s float64, read {peak['read_gbs']:.1f} GB/s; at the end: "
              f"{peak_after['mm_float32_gflops']:.1f} / {peak_after['mm_float64_gflops']:.1f} GFLOP/s, "
-             f"{peak_after['read_gbs']:.1f} GB/s ({args.threads} thread(s))",
+             f"{peak_after['read_gbs']:.1f} GB/s ({args.threads} thread(s)); per CPU second: "
+             f"{peak.get('mm_float32_gflops_cpu', float('nan')):.1f} / {peak.get('mm_float64_gflops_cpu', float('nan')):.1f} "
+             f"GFLOP/s at the start, {peak_after.get('mm_float32_gflops_cpu', float('nan')):.1f} / "
+             f"{peak_after.get('mm_float64_gflops_cpu', float('nan')):.1f} at the end",
              "% of peak = (flops in float32 / float32 peak + flops in float64 / float64 peak) / measured seconds, "
              "with the peak of a 2048² torch.mm measured just before each row (other jobs share this machine); "
              "CPU: both the stage and the peak timed in this process's CPU seconds (time.process_time; one thread, "
