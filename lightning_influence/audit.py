@@ -28,7 +28,7 @@ from .projection import project_blocks
 from .result import AuditResult
 from .distributed import Collectives, default_collectives, shard_ids, unshard
 from .exceptions import NonFiniteGradientError
-from .scoring import cross_influence, fit_solvers, inverse_direction, self_influence, solver_info
+from .scoring import fit_solvers, method_scores, per_validation_scores, solver_info
 from .solvers import solver_name
 from .solvers.base import SolverSpec
 from .store import GradientStore
@@ -381,26 +381,12 @@ def score(prepared: Prepared, solver: SolverSpec = "hyperinf", curvature: Union[
         update(1)
 
     with stages("score"), progress.stage("score", int(p.train_ids.numel())) as update:
-        if p.method in ("vm", "fvm"):
-            local = dist.checkpoint(lambda: self_influence(p.train.store, solvers, p.chunk, *args))
-        else:
-            keep = p.val.valid
-            sums = {name: dist.all_reduce_sum(p.val.store.block(name)[keep].to(*args).sum(0, keepdim=True))
-                    for name in p.val.store.names}
-            count = float(val_valid.sum())
-            mean_val = {name: total / count for name, total in sums.items()}
-            local = dist.checkpoint(lambda: cross_influence(p.train.store, inverse_direction(mean_val, solvers, *args),
-                                                            p.chunk, *args)[0])
+        local = method_scores(p.method, p.train.store, p.val.store, p.val.valid, float(val_valid.sum()), solvers,
+                              p.chunk, *args, dist)
         update(int(p.train_ids.numel()))
         matrix = None
         if per_validation:
-            val_all = {name: unshard(dist.all_gather_cat(p.val.store.block(name).to(*args)), p.m, dist.world_size)
-                       for name in p.val.store.names}
-            local_matrix = dist.checkpoint(lambda: torch.cat([
-                cross_influence(p.train.store, inverse_direction({k: v[s:s + p.chunk] for k, v in val_all.items()},
-                                                                 solvers, *args), p.chunk, *args)
-                for s in range(0, p.m, p.chunk)]))
-            matrix = unshard(dist.all_gather_cat(local_matrix.T.contiguous()), p.n, dist.world_size).T
+            matrix = per_validation_scores(p.train.store, p.val.store, solvers, p.n, p.m, p.chunk, *args, dist)
             matrix[:, ~train_valid] = float("nan")
             matrix[~val_valid] = float("nan")
 

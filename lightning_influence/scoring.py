@@ -19,15 +19,16 @@ from torch import Tensor
 
 from .config import CurvatureConfig
 from .solvers import InverseSolver, make_solver
+from .solvers.base import SolverSpec
 from .solvers.damping import damping_from_mean_square
 from .solvers._linalg import blas_threads
-from .distributed import Collectives
+from .distributed import Collectives, unshard
 from .store import GradientStore, join_rows
 
 Blocks = Mapping[str, Tensor]
 
 
-def _make(solver: Any, options: Dict[str, Any]) -> Any:
+def _make(solver: SolverSpec, options: Dict[str, Any]) -> Any:
     return make_solver(solver, **options) if isinstance(solver, (str, type)) else make_solver(solver)
 
 
@@ -54,7 +55,7 @@ def _groups(store: Any):
     return list(out.items())
 
 
-def fit_solvers(curvature: GradientStore, valid: Tensor, solver: Any, config: CurvatureConfig,
+def fit_solvers(curvature: GradientStore, valid: Tensor, solver: SolverSpec, config: CurvatureConfig,
                 device: torch.device, compute_dtype: torch.dtype, chunk: int,
                 dist: Collectives = Collectives()) -> Dict[str, InverseSolver]:
     """One fitted solver per block. The curvature gradients (``(N, r, d)`` per block, this
@@ -227,3 +228,34 @@ def cross_influence(train: GradientStore, inverse: Blocks, chunk: int, device: t
                 total = u @ g.T if total is None else total.addmm_(u, g.T)
         scores[:, start:start + total.shape[1]] = -total.double().cpu()
     return scores
+
+
+def method_scores(method: str, train: GradientStore, val: GradientStore, val_valid: Tensor, val_count: float,
+                  solvers: Mapping[str, InverseSolver], chunk: int, device: torch.device, compute_dtype: torch.dtype,
+                  dist: Collectives = Collectives()) -> Tensor:
+    """This rank's scores ``(n_local,)`` of its training shard ``train`` under ``method``:
+    vm/fvm :func:`self_influence`; ``standard`` ``− v̄ᵀ (C + λI)^{-1} g_i`` with ``v̄`` the mean
+    gradient of the ``val_count`` valid validation samples of every rank (``val_valid``: this
+    rank's flags for its shard ``val``)."""
+    args = (device, compute_dtype)
+    if method in ("vm", "fvm"):
+        return dist.checkpoint(lambda: self_influence(train, solvers, chunk, *args))
+    sums = {name: dist.all_reduce_sum(val.block(name)[val_valid].to(*args).sum(0, keepdim=True)) for name in val.names}
+    mean_val = {name: total / val_count for name, total in sums.items()}
+    return dist.checkpoint(lambda: cross_influence(train, inverse_direction(mean_val, solvers, *args), chunk, *args)[0])
+
+
+def per_validation_scores(train: GradientStore, val: GradientStore, solvers: Mapping[str, InverseSolver], n: int,
+                          m: int, chunk: int, device: torch.device, compute_dtype: torch.dtype,
+                          dist: Collectives = Collectives()) -> Tensor:
+    """The per-validation-point matrix ``S_ji = − g'_jᵀ (C + λI)^{-1} g_i`` ``(m, n)`` over
+    every rank's ``m`` validation and ``n`` training samples (``train``/``val``: this rank's
+    shards), on every rank: the validation gradients are gathered, each rank scores its
+    training shard against all of them, ``chunk`` validation points at a time."""
+    args = (device, compute_dtype)
+    val_all = {name: unshard(dist.all_gather_cat(val.block(name).to(*args)), m, dist.world_size) for name in val.names}
+    local = dist.checkpoint(lambda: torch.cat([
+        cross_influence(train, inverse_direction({k: v[s:s + chunk] for k, v in val_all.items()}, solvers, *args),
+                        chunk, *args)
+        for s in range(0, m, chunk)]))
+    return unshard(dist.all_gather_cat(local.T.contiguous()), n, dist.world_size).T

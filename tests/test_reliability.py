@@ -553,9 +553,10 @@ def failing_loss(k: int, exc: BaseException):
 # n=12, m=6, batch 4, fvm with 2 SAM steps: calls 1-3 the loss at θ*, 4-7 tuning (2 per step),
 # 8-10 training gradients, 11-12 validation gradients.
 # tuning: the θ* loss on the full validation set (2 forward batches), the gradient yardstick
-# (1 batch), the lr probe's forward passes reusing its gradient, and the SAM steps (2 passes
-# each); then 3 training and 2 validation gradient batches
-STAGE_CALLS = {"loss_at_trained": 1, "tuning": 5, "train_gradients": 18, "val_gradients": 20}
+# (3 batches of 2: it needs at least four batches or all samples in pairs), the lr probe's
+# forward passes over those 3 batches reusing its gradient, and the SAM steps (2 passes each);
+# then 3 training and 2 validation gradient batches (the last 5 of 32 calls)
+STAGE_CALLS = {"loss_at_trained": 1, "tuning": 5, "train_gradients": 30, "val_gradients": 32}
 # the pre-flight check before them: the loss, the per-sample gradients, the autograd reference
 PREFLIGHT_CALLS = 3
 
@@ -564,10 +565,10 @@ def test_stage_call_map(small):
     # the map counts the pipeline's own calls: the pre-flight check (3 calls, tested below) is off
     counter = failing_loss(0, Boom())
     run(users_model(), *small, loss_fn=counter, max_memory=1, preflight=False)
-    assert counter.calls[0] == 20
+    assert counter.calls[0] == 32
     counter = failing_loss(0, Boom())
     run(users_model(), *small, loss_fn=counter, max_memory=1)
-    assert counter.calls[0] == 20 + PREFLIGHT_CALLS
+    assert counter.calls[0] == 32 + PREFLIGHT_CALLS
 
 
 @pytest.mark.parametrize("exc", [Boom("injected"), KeyboardInterrupt()], ids=["exception", "keyboard_interrupt"])
