@@ -19,7 +19,7 @@ from .config import AuditOptions, CurvatureConfig, TuningConfig, as_dict, parse_
 from .data import dataset_of, selected_ids, to_device, sequential_loader, subset_loader
 from .gradients import gradient_mode, per_sample_gradients
 from .losses import LossFn, default_loss, with_sampled_labels
-from .modes import preserved
+from .modes import isolated_rng, preserved
 from .metrics import detection_metrics, nan_last_ranking, score_summary
 from .params import Block, ParamsSpec, select_blocks
 from .preflight import PreflightReport, check
@@ -234,13 +234,13 @@ class Prepared:
 def _autograd_allowed(fn: Callable) -> Callable:
     """Run ``fn`` with inference mode off: the audit needs autograd even when it is called
     inside ``torch.inference_mode()`` (as Lightning runs its validation and test hooks). The
-    global torch RNG (CPU, and the current CUDA device) is restored afterwards, so an audit in
-    the middle of training never changes what the training draws next."""
+    global RNGs (Python's, NumPy's, torch's CPU and initialised CUDA ones: :func:`modes.isolated_rng`,
+    the callback's rule too) are restored afterwards, so an audit in the middle of training never
+    changes what the training draws next."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        with torch.inference_mode(False), torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+        with torch.inference_mode(False), isolated_rng():
             return fn(*args, **kwargs)
 
     return wrapper

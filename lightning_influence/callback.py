@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import fields, replace
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Optional, Sequence, Union
 
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, default_collate
+from torch import nn
 
 from .audit import audit, preflight_check
 from .config import AuditOptions, CurvatureConfig, TuningConfig
@@ -42,7 +40,8 @@ from .handoff import Handoff
 from .progress import NullProgress, trainer_progress
 from .result import AuditResult
 from .solvers import InverseSolver, solver_name
-from .trainer_data import find_loader, source_is_module
+from .modes import isolated_rng
+from .trainer_data import check_strategy, converting_loader, converts_module, find_loader, source_is_module, training_step_loss
 
 if TYPE_CHECKING:  # pragma: no cover - a hint only: the pytorch_lightning namespace's Trainer works the same
     import lightning.pytorch as pl
@@ -274,10 +273,10 @@ class InfluenceCallbackMixin:
         precision = getattr(strategy, "precision_plugin", None)
         raw_train = train  # the gallery and the decoded text show the samples as the data gives them
         if precision is not None:  # batches as training_step sees them (e.g. float64 under "64-true")
-            train, val = _converting(train, precision.convert_input), _converting(val, precision.convert_input)
+            train, val = converting_loader(train, precision.convert_input), converting_loader(val, precision.convert_input)
         context = precision.forward_context() if precision is not None else nullcontext()
         is_zero = bool(getattr(trainer, "is_global_zero", True))
-        with _isolated_rng(), torch.inference_mode(False), torch.enable_grad(), context:
+        with isolated_rng(), torch.inference_mode(False), torch.enable_grad(), context:
             result = audit(module, train, val, options=replace(self.options, device=device),
                            progress=trainer_progress(trainer) if is_zero else NullProgress())
         epoch_seconds = self._last_epoch_compute or (self._epoch_compute or None)
@@ -368,7 +367,7 @@ class InfluenceCallbackMixin:
         """The fail-fast checks; with ``in_setup`` what the module only builds in its own setup
         is left for ``on_fit_start`` (still before the first training step)."""
         self.options = replace(self.options)  # the options' one check again: attributes may have changed
-        _check_strategy(trainer)
+        check_strategy(trainer)
         datasets = {}
         for kind in ("train", "val"):
             if kind in self._data and not in_setup:
@@ -400,7 +399,7 @@ class InfluenceCallbackMixin:
             _prefixed(select_blocks, module, self.params)
         if "train" in self._data and "val" in self._data and "params" not in self._deferred:
             self._note_trimmed_training(trainer, len(dataset_of(self._data["train"], "train_data")))
-            if self.preflight and in_setup and _converts_module(trainer):
+            if self.preflight and in_setup and converts_module(trainer):
                 self._deferred.append("preflight")  # check the module as it will train: after strategy.setup()
             elif self.preflight:
                 self._run_preflight(trainer, module, converted=not in_setup)
@@ -414,7 +413,7 @@ class InfluenceCallbackMixin:
         context = precision.forward_context() if precision is not None else nullcontext()
         error: Optional[BaseException] = None
         try:
-            with _isolated_rng(), torch.inference_mode(False), context:
+            with isolated_rng(), torch.inference_mode(False), context:
                 report = _prefixed(
                     preflight_check, module, self._data["train"], self._data["val"], self.options,
                     reference_loss=training_step_loss(module),
@@ -545,108 +544,6 @@ def _prefixed(fn: Callable, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except (ValueError, TypeError) as err:
         raise type(err)(f"InfluenceCallback: {err}") from err
-
-
-def _converts_module(trainer: "pl.Trainer") -> bool:
-    """Whether the trainer's precision plugin changes the module's dtype when the strategy sets
-    up (``"64-true"``, ``"16-true"``, quantisation...): it overrides ``convert_module``."""
-    precision = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
-    if precision is None:
-        return False
-    from lightning.pytorch.plugins.precision import Precision
-
-    return type(precision).convert_module is not Precision.convert_module
-
-
-def training_step_loss(module: Any) -> Optional[Callable[[Any], Optional[Tensor]]]:
-    """``batch -> the loss training_step returns`` for the pre-flight comparison, or ``None``
-    (manual optimisation: its training_step steps the optimiser itself). The step runs on a
-    shallow copy of the module (the parameters are shared, the module's own attributes such as
-    step counters are not), in eval mode without gradients, with ``log``/``log_dict`` silenced;
-    a step that still fails outside the fit loop is skipped (no comparison)."""
-    step = getattr(module, "training_step", None)
-    if step is None or not getattr(module, "automatic_optimization", True):
-        return None
-
-    def reference(batch: Any) -> Optional[Tensor]:
-        import copy
-
-        sandbox = copy.copy(module)
-        sandbox.__dict__["log"] = sandbox.__dict__["log_dict"] = lambda *args, **kwargs: None
-        try:
-            with torch.no_grad():
-                out = type(module).training_step(sandbox, batch, 0)
-        except Exception:  # noqa: BLE001 - a step that needs the fit loop can't be a reference
-            return None
-        if isinstance(out, Mapping):
-            out = out.get("loss")
-        return out if isinstance(out, Tensor) and out.numel() == 1 else None
-
-    return reference
-
-
-class _ConvertingCollate:
-    """The loader's collate function followed by the precision plugin's ``convert_input``."""
-
-    def __init__(self, collate: Callable, convert: Callable) -> None:
-        self.collate, self.convert = collate, convert
-
-    def __call__(self, items: Any) -> Any:
-        return self.convert(self.collate(items))
-
-
-def _converting(data: Any, convert: Callable) -> DataLoader:
-    """A loader over the dataset behind ``data`` (ids unchanged: the audit builds its own
-    sequential loaders from its dataset and collate function) whose batches are converted."""
-    collate = data.collate_fn if isinstance(data, DataLoader) else default_collate
-    dataset = dataset_of(data, "data")
-    if isinstance(data, DataLoader) and data.batch_sampler is not None:  # keep what the sampler selects
-        return DataLoader(dataset, batch_sampler=data.batch_sampler, collate_fn=_ConvertingCollate(collate, convert))
-    sampler = data.sampler if isinstance(data, DataLoader) else None
-    return DataLoader(dataset, sampler=sampler, collate_fn=_ConvertingCollate(collate, convert))
-
-
-@contextmanager
-def _isolated_rng() -> Iterator[None]:
-    """Restore Python's, NumPy's and torch's (CPU and initialised CUDA) global RNG states on
-    exit, so an audit in the middle of training changes no later shuffle or dropout mask."""
-    python_state = random.getstate()
-    torch_state = torch.get_rng_state()
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    cuda_states = torch.cuda.get_rng_state_all() if cuda else None
-    try:
-        import numpy
-
-        numpy_state = numpy.random.get_state()
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        numpy = None  # type: ignore[assignment]
-        numpy_state = None
-    try:
-        yield
-    finally:
-        random.setstate(python_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        if numpy is not None:
-            numpy.random.set_state(numpy_state)
-
-
-# Strategies whose parameters are sharded or partitioned across ranks: a deep copy of one rank's
-# module would audit a shard of each weight. Supporting them needs the strategy's own way of
-# gathering the full (LoRA) parameters; until then setup() refuses them before training starts.
-_SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
-
-
-def _check_strategy(trainer: "pl.Trainer") -> None:
-    strategy = getattr(trainer, "strategy", None)
-    names = {cls.__name__ for cls in type(strategy).__mro__} if strategy is not None else set()
-    sharded = names.intersection(_SHARDED_STRATEGIES)
-    if sharded:
-        raise InfluenceCallbackError(
-            f"InfluenceCallback does not support {sorted(sharded)[0]} yet: its parameters are sharded across "
-            "ranks. Use a DDP strategy (strategy='ddp' or 'ddp_spawn'), or run audit() on the gathered model "
-            "after training")
 
 
 from lightning.pytorch.callbacks import Callback as _Callback  # noqa: E402  (the core above is namespace-free)

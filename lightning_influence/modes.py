@@ -6,9 +6,11 @@ switching and puts everything back on exit, also after an exception.
 """
 from __future__ import annotations
 
+import random
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Optional, Union
 
+import torch
 from torch import nn
 
 
@@ -49,3 +51,29 @@ def preserved(model: Optional[nn.Module] = None, params: Optional[Iterable[nn.Pa
             p.requires_grad_(flag)
         for p, grad in zip(params, grads):
             p.grad = grad
+
+
+@contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's (CPU and initialised CUDA) global RNG states on
+    exit, so an audit in the middle of training changes no later shuffle or dropout mask."""
+    python_state = random.getstate()
+    torch_state = torch.get_rng_state()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda_states = torch.cuda.get_rng_state_all() if cuda else None
+    try:
+        import numpy
+
+        numpy_state = numpy.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        numpy = None  # type: ignore[assignment]
+        numpy_state = None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        if numpy is not None:
+            numpy.random.set_state(numpy_state)

@@ -12,7 +12,11 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, default_collate
+
+from .data import dataset_of
 
 from .exceptions import InfluenceCallbackError
 
@@ -107,3 +111,80 @@ def single_loader(loaders: Any, kind: str, warn_many: Optional[Callable[[str], N
         else:
             warnings.warn(message, UserWarning, stacklevel=2)
     return single_loader(items[0], kind, warn_many)
+
+
+def converts_module(trainer: "pl.Trainer") -> bool:
+    """Whether the trainer's precision plugin changes the module's dtype when the strategy sets
+    up (``"64-true"``, ``"16-true"``, quantisation...): it overrides ``convert_module``."""
+    precision = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+    if precision is None:
+        return False
+    from lightning.pytorch.plugins.precision import Precision
+
+    return type(precision).convert_module is not Precision.convert_module
+
+
+def training_step_loss(module: Any) -> Optional[Callable[[Any], Optional[Tensor]]]:
+    """``batch -> the loss training_step returns`` for the pre-flight comparison, or ``None``
+    (manual optimisation: its training_step steps the optimiser itself). The step runs on a
+    shallow copy of the module (the parameters are shared, the module's own attributes such as
+    step counters are not), in eval mode without gradients, with ``log``/``log_dict`` silenced;
+    a step that still fails outside the fit loop is skipped (no comparison)."""
+    step = getattr(module, "training_step", None)
+    if step is None or not getattr(module, "automatic_optimization", True):
+        return None
+
+    def reference(batch: Any) -> Optional[Tensor]:
+        import copy
+
+        sandbox = copy.copy(module)
+        sandbox.__dict__["log"] = sandbox.__dict__["log_dict"] = lambda *args, **kwargs: None
+        try:
+            with torch.no_grad():
+                out = type(module).training_step(sandbox, batch, 0)
+        except Exception:  # noqa: BLE001 - a step that needs the fit loop can't be a reference
+            return None
+        if isinstance(out, Mapping):
+            out = out.get("loss")
+        return out if isinstance(out, Tensor) and out.numel() == 1 else None
+
+    return reference
+
+
+class _ConvertingCollate:
+    """The loader's collate function followed by the precision plugin's ``convert_input``."""
+
+    def __init__(self, collate: Callable, convert: Callable) -> None:
+        self.collate, self.convert = collate, convert
+
+    def __call__(self, items: Any) -> Any:
+        return self.convert(self.collate(items))
+
+
+def converting_loader(data: Any, convert: Callable) -> DataLoader:
+    """A loader over the dataset behind ``data`` (ids unchanged: the audit builds its own
+    sequential loaders from its dataset and collate function) whose batches are converted."""
+    collate = data.collate_fn if isinstance(data, DataLoader) else default_collate
+    dataset = dataset_of(data, "data")
+    if isinstance(data, DataLoader) and data.batch_sampler is not None:  # keep what the sampler selects
+        return DataLoader(dataset, batch_sampler=data.batch_sampler, collate_fn=_ConvertingCollate(collate, convert))
+    sampler = data.sampler if isinstance(data, DataLoader) else None
+    return DataLoader(dataset, sampler=sampler, collate_fn=_ConvertingCollate(collate, convert))
+
+
+# Strategies whose parameters are sharded or partitioned across ranks: a deep copy of one rank's
+# module would audit a shard of each weight. Supporting them needs the strategy's own way of
+# gathering the full (LoRA) parameters; until then setup() refuses them before training starts.
+_SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
+
+
+def check_strategy(trainer: "pl.Trainer") -> None:
+    """Refuse a sharded strategy (FSDP, DeepSpeed, ...) before training: see ``_SHARDED_STRATEGIES``."""
+    strategy = getattr(trainer, "strategy", None)
+    names = {cls.__name__ for cls in type(strategy).__mro__} if strategy is not None else set()
+    sharded = names.intersection(_SHARDED_STRATEGIES)
+    if sharded:
+        raise InfluenceCallbackError(
+            f"InfluenceCallback does not support {sorted(sharded)[0]} yet: its parameters are sharded across "
+            "ranks. Use a DDP strategy (strategy='ddp' or 'ddp_spawn'), or run audit() on the gathered model "
+            "after training")

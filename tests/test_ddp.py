@@ -66,18 +66,19 @@ def test_sharded_strategies_are_refused_in_setup(tmp_path):
     """FSDP-like strategies shard the parameters: setup() says so before the first training step."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from lightning_influence.callback import InfluenceCallbackError, _check_strategy
+    from lightning_influence.callback import InfluenceCallbackError
+    from lightning_influence.trainer_data import check_strategy
 
     class FakeTrainer:
         strategy = FSDPStrategy.__new__(FSDPStrategy)  # the type is what matters, not a live process group
 
     with pytest.raises(InfluenceCallbackError, match="FSDPStrategy"):
-        _check_strategy(FakeTrainer())
+        check_strategy(FakeTrainer())
 
     class DDPTrainer:
         strategy = L.strategies.DDPStrategy.__new__(L.strategies.DDPStrategy)
 
-    _check_strategy(DDPTrainer())  # DDP is supported: no error
+    check_strategy(DDPTrainer())  # DDP is supported: no error
 
 
 def _failing_rank_worker(rank: int, world: int, port: int, queue) -> None:
