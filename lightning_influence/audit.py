@@ -605,4 +605,5 @@ def _verify_tuning(stats: Dict[str, float], config: TuningConfig, val: Gathered,
                                                  float(sums[2] / sums[3]) if float(sums[3]) else nan, grad,
                                                  noise_ratio, z))
 
+
 from .tuning import budget_epochs, bucketed_loader_factory, grad_check_ids, gradient_noise_test, planned_steps, relative_sample_cost, tune as tune_model, verify as verify_tuning  # noqa: E402  (kept at the end: the pipeline reads top-down)

@@ -38,8 +38,8 @@ class TuningConfig:
     momentum 0.9, weight decay 5e-4, cosine, batch 128, 1,000 steps, ρ 0.05).
 
     After tuning the audit checks that θ̃ is a validation minimum (full validation-set loss
-    and accuracy at θ* and θ̃, gradient norm, SAM sharpness; ``AuditResult.tuning``) and warns
-    when it is not.
+    and accuracy at θ* and θ̃, a test of the gradient at θ̃ against its sampling noise, SAM
+    sharpness; ``AuditResult.tuning``) and warns when it is not.
 
     Attributes:
         epochs: budget, in passes over the validation set (fractions allowed). ``"auto"``

@@ -104,8 +104,54 @@ def test_gradient_noise_test_tells_a_descent_direction_from_noise():
     norm, ratio, z = gradient_noise_test([shifted[:, :7], shifted[:, 7:]], 400)
     assert z > 10 and ratio > 3 and norm == pytest.approx(float(shifted.mean(0).norm()), rel=1e-12)
     assert gradient_noise_test([shifted], 400)[2] == pytest.approx(z, rel=1e-9)
-    halves = [gradient_noise_test([shifted[:200]], 400, lambda t: t * 2)]  # two equal shards, summed by "reduce"
-    assert math.isfinite(halves[0][2])
+    # two "ranks" holding 200 samples each, their all-reduce a sum through a barrier
+    import threading
+
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def rank(r):
+        def all_reduce_sum(t):
+            slots[r] = t
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+        out[r] = gradient_noise_test([shifted[200 * r:200 * (r + 1), :7], shifted[200 * r:200 * (r + 1), 7:]], 400,
+                                     all_reduce_sum)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert out[0] == out[1]  # every rank gets the same figures
+    assert out[0][0] == pytest.approx(norm, rel=1e-12) and out[0][1] == pytest.approx(ratio, rel=1e-12)
+    assert out[0][2] == pytest.approx(z, rel=0.2)  # tr Σ² from within-rank pairs only: an estimate of the same
+
+
+def test_gradient_check_on_a_causal_lm_matches_autograd_of_the_models_own_loss():
+    """A PEFT GPT-2 on padded, prompt-masked token batches: the audit's gradient figures at θ̃
+    (≈ θ*, one step at lr 1e-12) against autograd of ``model(**sample).loss`` on each
+    validation sample alone."""
+    from torch.utils.data import DataLoader
+
+    import hf_models as hf
+    from lightning_influence.params import select_blocks
+
+    model = hf.with_lora(hf.gpt2(), "CAUSAL_LM", ["c_attn"]).eval()
+    train, val = hf.lm_samples(12, seed=1), hf.lm_samples(10, seed=2)
+    loader = lambda data: DataLoader(data, batch_size=4, collate_fn=hf.pad)  # noqa: E731
+    result = audit(model, loader(train), loader(val), method="vm", params="auto", batch_size=4,
+                   tuning={"steps": 1, "lr": 1e-12, "batch_size": 4})
+    params = [b.param for b in select_blocks(model, "auto")]
+    per = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(model(**hf.pad([v])).loss, params)])
+                       for v in val]).double()
+    mean, centred = per.mean(0), per - per.mean(0)
+    trace = float(centred.pow(2).sum()) / (len(per) - 1)
+    gram = centred @ centred.T
+    trace_sq = float(gram.pow(2).sum() - gram.diagonal().pow(2).sum()) / (len(per) * (len(per) - 1))
+    z = (len(per) * float(mean.pow(2).sum()) - trace) / math.sqrt(2 * trace_sq)
+    assert result.tuning["grad_norm_tuned"] == pytest.approx(float(mean.norm()), rel=1e-4)
+    assert result.tuning["grad_noise_ratio"] == pytest.approx(float(mean.norm()) / math.sqrt(trace / len(per)), rel=1e-4)
+    assert result.tuning["grad_z"] == pytest.approx(z, rel=1e-4)
 
 
 def test_gradient_beyond_its_sampling_noise_is_not_a_minimum():
