@@ -290,39 +290,25 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
     try:
         loss_trained: Optional[Tensor] = None
         tune_stats: Dict[str, float] = {}
+        val: Optional[Gathered] = None
         if tuned:
-            tuned_params = ([b.param for b in blocks] if tuning_cfg.params == "audited"
-                            else [p for p in working.parameters() if p.requires_grad])
-
-            def tune_stage() -> Tuple[Tensor, Dict[str, float]]:
-                with stages("loss_at_trained"):
-                    losses = training_losses(working, train_data, batch_size, device, loss_fn, train_ids)
-                factory = bucketed_loader_factory(val_data, tuning_cfg.batch_size, seed, "val_data",
-                                                  pool=50 if tuning_cfg.bucket else 0)
-                cost = relative_sample_cost(train_data, val_data, seed) if tuning_cfg.epochs == "auto" else 1.0
-                check_ids = grad_check_ids(m, seed)  # the samples of the gradient yardstick at θ* and the lr probe
-                # at least four batches: the yardstick pairs samples from different batches
-                check_batch = min(tuning_cfg.batch_size, max(1, -(-len(check_ids) // 4)))
-                total = planned_steps(tuning_cfg, len(factory(0)), budget_epochs(tuning_cfg, n * cost, m, method == "fvm"))
-                with stages("tuning"), progress.stage("tuning", total) as update:
-                    stats = tune_model(working, tuned_params, factory, tuning_cfg, method == "fvm", loss_fn,
-                                       lambda b: to_device(b, device), update,
-                                       eval_loader=sequential_loader(val_data, batch_size, name="val_data"),
-                                       reference=[b.param for b in blocks], train_size=n * cost,
-                                       check_loader=sequential_loader(val_data, check_batch, check_ids, "val_data"))
-                return losses, {**stats, "train_sample_cost": cost}
-
-            loss_trained, tune_stats = dist.checkpoint(tune_stage)
-            dist.broadcast_(tuned_params)  # every rank scores at exactly rank 0's θ̃
+            loss_trained, tune_stats, val = _tune_and_check(
+                working, blocks, train_data, val_data, tuning_cfg, method == "fvm", loss_fn, batch_size, device,
+                seed, n, m, train_ids, val_ids, gather, stages, progress, dist, exact_gradients=projection is None)
 
         def gradient_stage() -> Tuple[Gathered, Gathered, Gathered]:
-            with stages("gradients"), progress.stage("gradients", int(train_ids.numel() + val_ids.numel())) as up:
-                train = gather_gradients(working, blocks, train_data, max_memory=max_memory, spill_dir=spill_dir,
-                                         progress=up, name="train_data", indices=train_ids, **gather)
+            ids_total = int(train_ids.numel()) + (0 if val is not None else int(val_ids.numel()))
+            with stages("gradients"), progress.stage("gradients", ids_total) as up:
+                held = val if val is not None else gather_gradients(working, blocks, val_data, progress=up,
+                                                                     name="val_data", indices=val_ids, **gather)
                 try:
-                    val = gather_gradients(working, blocks, val_data, progress=up, name="val_data",
-                                           indices=val_ids, **gather)
-                    curv = val if tuned else train
+                    train = gather_gradients(working, blocks, train_data, max_memory=max_memory, spill_dir=spill_dir,
+                                             progress=up, name="train_data", indices=train_ids, **gather)
+                except BaseException:
+                    held.store.close()
+                    raise
+                try:
+                    curv = held if tuned else train
                     if fisher == "true":
                         with stages("true_fisher"):
                             source, ids = (val_data, val_ids) if tuned else (train_data, train_ids)
@@ -332,12 +318,16 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
                                                     indices=ids, **gather)
                 except BaseException:
                     train.store.close()
+                    held.store.close()
                     raise
-            return train, val, curv
+            return train, held, curv
 
-        train, val, curv = dist.checkpoint(gradient_stage)
-        if tuned:  # θ̃ checked on the full validation set, from the validation gradients just gathered
-            tune_stats = _verify_tuning(tune_stats, tuning_cfg, val, dist, projection is None)
+        try:
+            train, val, curv = dist.checkpoint(gradient_stage)
+        except BaseException:
+            if val is not None:
+                val.store.close()
+            raise
     finally:
         del working
     return Prepared(method, n, m, train_ids, val_ids, train, val, curv,
@@ -585,10 +575,76 @@ def on_dataset_positions(result: AuditResult, ids: Tensor, n: int, val_ids: Opti
     return result
 
 
-def _verify_tuning(stats: Dict[str, float], config: TuningConfig, val: Gathered, dist: Collectives,
-                   exact_gradients: bool) -> Dict[str, float]:
+def _tune_and_check(working: nn.Module, blocks: List[Block], train_data: Any, val_data: Any, config: TuningConfig,
+                    sharpness_aware: bool, loss_fn: Optional[LossFn], batch_size: int, device: torch.device, seed: int,
+                    n: int, m: int, train_ids: Tensor, val_ids: Tensor, gather: Dict[str, Any], stages: StageTimes,
+                    progress: Progress, dist: Collectives, exact_gradients: bool,
+                    ) -> Tuple[Tensor, Dict[str, float], Gathered]:
+    """Stage 2 (vm/fvm): tune ``working`` in place to θ̃ and check it on the full validation set.
+
+    Returns the training losses at θ* ``(n_r,)`` (this rank's shard), the tuning statistics
+    (:func:`tuning.tune`, checked by :func:`tuning.verify`) and the validation gradients at θ̃,
+    which the check needs and the scores reuse. When the full-set loss rose with a probed
+    learning rate, tuning restarts from θ* at a smaller one (:func:`tuning.retry_config`,
+    ``config.retries`` times at most); every rank takes the same decision (all-reduced figures)."""
+    tuned_params = ([b.param for b in blocks] if config.params == "audited"
+                    else [p for p in working.parameters() if p.requires_grad])
+
+    def losses_stage() -> Tensor:
+        with stages("loss_at_trained"):
+            return training_losses(working, train_data, batch_size, device, loss_fn, train_ids)
+
+    loss_trained = dist.checkpoint(losses_stage)
+    factory = bucketed_loader_factory(val_data, config.batch_size, seed, "val_data", pool=50 if config.bucket else 0)
+    cost = relative_sample_cost(train_data, val_data, seed) if config.epochs == "auto" else 1.0
+    check_ids = grad_check_ids(m, seed)  # the samples of the gradient yardstick at θ* and the lr probe
+    # at least four batches: the yardstick pairs samples from different batches
+    check_batch = min(config.batch_size, max(1, -(-len(check_ids) // 4)))
+    # θ* kept (on the CPU) for a retry
+    start = [p.detach().to("cpu", copy=True) for p in tuned_params] if config.lr == "auto" and config.retries else []
+    attempt_cfg, first = config, None
+    for attempt in range(config.retries + 1):
+        total = planned_steps(attempt_cfg, len(factory(0)), budget_epochs(attempt_cfg, n * cost, m, sharpness_aware))
+
+        def tune_stage() -> Dict[str, float]:
+            checks = first is None  # the θ* figures and the probe: the first attempt only
+            with stages("tuning"), progress.stage("tuning", total) as update:
+                return tune_model(working, tuned_params, factory, attempt_cfg, sharpness_aware, loss_fn,
+                                  lambda b: to_device(b, device), update,
+                                  eval_loader=sequential_loader(val_data, batch_size, name="val_data") if checks else None,
+                                  reference=[b.param for b in blocks], train_size=n * cost,
+                                  check_loader=sequential_loader(val_data, check_batch, check_ids, "val_data")
+                                  if checks else None)
+
+        stats = {**(first or {}), **dist.checkpoint(tune_stage), "train_sample_cost": cost, "retries": float(attempt)}
+        if first is None:
+            first = {k: v for k, v in stats.items() if k.startswith(("val_loss_trained", "val_acc_trained", "grad_norm_start",
+                                                                      "grad_check_samples", "probe_loss@", "check_"))}
+        dist.broadcast_(tuned_params)  # every rank scores at exactly rank 0's θ̃
+
+        def val_stage() -> Gathered:
+            with stages("gradients"), progress.stage("gradients", int(val_ids.numel())) as up:
+                return gather_gradients(working, blocks, val_data, progress=up, name="val_data", indices=val_ids, **gather)
+
+        val = dist.checkpoint(val_stage)
+        figures = _tuning_figures(val, dist, exact_gradients)  # θ̃ on the full validation set
+        checked = verify_tuning(stats, attempt_cfg, *figures, warn=False)
+        if not dist.any(retry_due(config, checked, attempt)):  # all ranks retry, or none
+            return loss_trained, dist.checkpoint(lambda: verify_tuning(stats, attempt_cfg, *figures)), val
+        val.store.close()
+        with torch.no_grad():
+            for p, s0 in zip(tuned_params, start):
+                p.copy_(s0)
+        attempt_cfg = retry_config(config, checked)
+        first["lr_attempt_" + str(attempt)] = checked["lr"]
+        first["val_loss_tuned_attempt_" + str(attempt)] = checked["val_loss_tuned"]
+    raise AssertionError("unreachable: the last attempt returns")
+
+
+def _tuning_figures(val: Gathered, dist: Collectives, exact_gradients: bool) -> Tuple[float, float, float, float, float]:
     """The full validation-set loss, accuracy and mean-gradient norm at θ̃ (eval mode), summed
-    over ranks from each rank's validation shard, checked by :func:`tuning.verify`."""
+    over ranks from each rank's validation shard, and the gradient noise test's ratio and
+    ``z``: the arguments :func:`tuning.verify` takes after ``config``."""
     keep = val.valid
     labelled = keep & (val.labels >= 0)
     sums = torch.stack([val.losses[keep].sum(), keep.sum().double(),
@@ -601,9 +657,8 @@ def _verify_tuning(stats: Dict[str, float], config: TuningConfig, val: Gathered,
     norm, noise_ratio, z = gradient_noise_test((val.store.block(name)[keep] for name in val.store.names), int(count),
                                                dist.all_reduce_sum)
     grad = norm if exact_gradients else nan
-    return dist.checkpoint(lambda: verify_tuning(stats, config, float(sums[0]) / count if count else nan,
-                                                 float(sums[2] / sums[3]) if float(sums[3]) else nan, grad,
-                                                 noise_ratio, z))
+    return (float(sums[0]) / count if count else nan, float(sums[2] / sums[3]) if float(sums[3]) else nan, grad,
+            noise_ratio, z)
 
 
-from .tuning import budget_epochs, bucketed_loader_factory, grad_check_ids, gradient_noise_test, planned_steps, relative_sample_cost, tune as tune_model, verify as verify_tuning  # noqa: E402  (kept at the end: the pipeline reads top-down)
+from .tuning import budget_epochs, bucketed_loader_factory, grad_check_ids, gradient_noise_test, planned_steps, relative_sample_cost, retry_config, retry_due, tune as tune_model, verify as verify_tuning  # noqa: E402  (kept at the end: the pipeline reads top-down)

@@ -74,6 +74,11 @@ class TuningConfig:
             ``"trainable"`` (every parameter with ``requires_grad``).
         train_mode: run the copy in train mode while tuning (dropout, batch-norm updates).
             Off by default so that SAM's two passes see the same function.
+        retries: ``lr="auto"`` only: when the full validation-set loss at θ̃ rose above its
+            value at θ* (the probed step overshot), tuning restarts from θ* at a quarter of
+            the learning rate, up to this many times (``0``: never). Each retry costs one more
+            budget and one more pass of validation gradients; ``result.tuning["retries"]``
+            says how many ran.
     """
 
     epochs: Union[float, Literal["auto"]] = "auto"
@@ -92,6 +97,7 @@ class TuningConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     params: Literal["audited", "trainable"] = "audited"
     train_mode: bool = False
+    retries: int = 1
 
     def __post_init__(self) -> None:
         if self.steps is not None and (isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 0):
@@ -119,6 +125,8 @@ class TuningConfig:
             raise ValueError(f"tuning.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.params not in ("audited", "trainable"):
             raise ValueError(f"tuning.params must be 'audited' or 'trainable', got {self.params!r}")
+        if isinstance(self.retries, bool) or int(self.retries) != self.retries or self.retries < 0:
+            raise ValueError(f"tuning.retries must be an integer >= 0, got {self.retries!r}")
 
 
 @dataclass

@@ -621,7 +621,8 @@ def gradient_noise_test(blocks: Iterable[torch.Tensor], count: int,
 
 
 def verify(stats: Dict[str, float], config: TuningConfig, val_loss: float, val_acc: float,
-           grad_norm: float, noise_ratio: float = float("nan"), grad_z: float = float("nan")) -> Dict[str, float]:
+           grad_norm: float, noise_ratio: float = float("nan"), grad_z: float = float("nan"),
+           warn: bool = True) -> Dict[str, float]:
     """Add the full validation-set figures at θ̃ to ``stats`` (``val_loss_tuned``,
     ``val_acc_tuned``, ``grad_norm_tuned``, ``grad_ratio`` = ``grad_norm_tuned /
     grad_norm_start`` (informative only: the θ* figure is a 32-sample estimate),
@@ -635,6 +636,7 @@ def verify(stats: Dict[str, float], config: TuningConfig, val_loss: float, val_a
       *perturbed* loss, where the clean gradient is about ``H ε`` rather than 0, so for fvm a
       clean gradient that fell to at most ``MAX_GRAD_RATIO`` of its θ* value also passes.
 
+    ``warn=False``: the figures only (an attempt that :func:`retry_config` will retry).
     Returns ``stats``."""
     out = dict(stats)
     start = out.get("grad_norm_start", float("nan"))
@@ -651,12 +653,12 @@ def verify(stats: Dict[str, float], config: TuningConfig, val_loss: float, val_a
     if out.get("steps", 0) and math.isfinite(grad_z) and grad_z > MAX_GRAD_Z and not shrunk:
         problems.append(f"the full validation-set gradient at θ̃ is {noise_ratio:.2g}× the norm sampling noise alone "
                         f"gives it, {grad_z:.1f} standard deviations above it (at a minimum: at most {MAX_GRAD_Z:g})")
-    if (out.get("steps", 0) and math.isfinite(trained) and math.isfinite(val_loss)
+    if (warn and out.get("steps", 0) and math.isfinite(trained) and math.isfinite(val_loss)
             and val_loss > max(2 * trained, trained + 1.0)):  # far beyond noise: not a validation minimum
         warnings.warn(f"validation tuning raised the validation loss from {trained:.4g} to {val_loss:.4g}: it "
                       "diverged, and the scores are not taken at a validation minimum; lower tuning.lr", RuntimeWarning)
     out["at_minimum"] = float(not problems) if out.get("steps", 0) else float("nan")
-    if problems:
+    if problems and warn:
         epochs = out.get("planned_epochs", float("nan"))
         budget = (f"tuning.steps (now {config.steps})" if config.steps is not None else
                   f"tuning.epochs (now {config.epochs}, {epochs:.2g} passes)")
@@ -668,6 +670,32 @@ def verify(stats: Dict[str, float], config: TuningConfig, val_loss: float, val_a
         warnings.warn("validation tuning did not reach a validation minimum: " + "; ".join(problems)
                       + f". vm/fvm scores assume θ̃ is at one; {hint}.", RuntimeWarning)
     return out
+
+
+#: a retry restarts from θ* at the failed attempt's learning rate over this
+RETRY_SHRINK = 4.0
+
+
+def retry_due(config: TuningConfig, stats: Dict[str, float], attempt: int) -> bool:
+    """Whether tuning attempt ``attempt`` (0 for the first; ``stats`` after :func:`verify`) is
+    retried: the learning rate was probed (``config.lr == "auto"``, the user's configuration),
+    attempts are left (``config.retries``), and the full validation-set loss at θ̃ *rose* above
+    its value at θ*. The probe picks its step on the samples whose gradient it follows, which
+    overestimates the step where θ* is already near a minimum (CoLA in ``benchmarks/TUNING.md``).
+    A loss that fell too little is not retried: a smaller step would not help."""
+    if config.lr != "auto" or attempt >= config.retries or not stats.get("steps"):
+        return False
+    trained, tuned = stats.get("val_loss_trained", float("nan")), stats.get("val_loss_tuned", float("nan"))
+    return math.isfinite(trained) and math.isfinite(tuned) and tuned > trained
+
+
+def retry_config(config: TuningConfig, stats: Dict[str, float]) -> TuningConfig:
+    """The next attempt's configuration: ``config`` with a fixed learning rate, the failed
+    attempt's (``stats["lr"]``) over ``RETRY_SHRINK``. It starts again from θ* with the full
+    budget; its θ* figures are the first attempt's."""
+    from dataclasses import replace
+
+    return replace(config, lr=float(stats["lr"]) / RETRY_SHRINK)
 
 
 def _select_rows(batch: Any, keep: torch.Tensor, size: int) -> Any:

@@ -68,3 +68,12 @@ def test_callback_keeps_its_audit_options_in_one_object():
     assert InfluenceCallback(options=given, scores_filename=None).options == given
     with pytest.raises(ValueError, match=r"not both.*method"):
         InfluenceCallback(options=given, method="vm")
+
+
+@pytest.mark.parametrize("bad", [-1, 0.5, True, "1"])
+def test_tuning_retries_must_be_a_count(bad):
+    from lightning_influence.config import TuningConfig
+
+    with pytest.raises((ValueError, TypeError), match="retries"):
+        TuningConfig(retries=bad)
+    assert TuningConfig(retries=2).retries == 2

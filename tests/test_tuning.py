@@ -343,3 +343,42 @@ def test_summary_and_loggers_show_both_rankings_read_back(tmp_path):
     assert "Detection by ranking" in text and "loss_tuned <- ranking" in text and "influence (fvm)" in text
     assert f"{result.metrics_by['influence']['auroc']:.4g}" in text
     assert "Validation tuning:" in text and "training epochs" in text
+
+
+def test_a_probed_step_that_raises_the_validation_loss_is_retried_from_theta_star(digits):
+    """A step four times the probe's best (``probe_factor=4``) overshoots on the digits MLP: the
+    full validation-set loss rises above θ*'s and the audit says so. With ``retries=1`` the
+    same first attempt is undone, tuning restarts from θ* at a quarter of its learning rate,
+    and the loss falls below θ*'s, without a warning."""
+    split, model = digits
+    before = [p.detach().clone() for p in model.parameters()]
+    loss_star, _ = _full_val(model, split.val)
+    runs = {}
+    for retries in (0, 1):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = audit(model, split.train, split.val, method="fvm", params="trainable", batch_size=128,
+                           tuning={"probe_factor": 4.0, "retries": retries})
+        runs[retries] = (result.tuning, [str(w.message) for w in caught])
+    failed, failed_warnings = runs[0]
+    assert failed["retries"] == 0 and failed["val_loss_trained"] == pytest.approx(loss_star, rel=1e-5)
+    assert failed["val_loss_tuned"] > failed["val_loss_trained"]  # the overshoot this test is about
+    assert any("did not reach a validation minimum" in w and "rose" in w for w in failed_warnings)
+    retried, retried_warnings = runs[1]
+    assert retried["retries"] == 1
+    assert retried["val_loss_tuned_attempt_0"] == pytest.approx(failed["val_loss_tuned"], rel=1e-9)
+    assert retried["lr"] == pytest.approx(failed["lr"] / 4, rel=1e-12)
+    assert retried["val_loss_trained"] == failed["val_loss_trained"]  # θ* measured once
+    assert retried["val_loss_tuned"] < retried["val_loss_trained"]
+    assert retried["at_minimum"] == 1.0
+    assert not [w for w in retried_warnings if "validation tuning" in w]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the user's model untouched
+
+
+def test_a_fixed_learning_rate_is_not_retried(digits):
+    """``lr`` given by the user: a rise is reported, never silently replaced by another step."""
+    split, model = digits
+    with pytest.warns(RuntimeWarning, match="rose"):
+        result = audit(model, split.train, split.val, method="vm", params="trainable", batch_size=128,
+                       tuning={"lr": 3.0, "epochs": 1, "momentum": 0.0})
+    assert result.tuning["retries"] == 0 and result.tuning["val_loss_tuned"] > result.tuning["val_loss_trained"]
