@@ -63,7 +63,7 @@ DIGITS_TASKS = ("sym20", "pair20", "marker10", "offdist10", "dup10")
 RANKINGS = ("fvm", "vm", "standard", "loss@θ̃", "loss@θ*", "cleanlab", "random", "oracle")
 CORNERS = [0, 7, 56, 63]
 #: fvm's tuning figures recorded with each seed's no-removal row
-TUNING_KEYS = ("val_loss_trained", "val_loss_tuned", "val_acc_trained", "val_acc_tuned", "steps", "lr", "at_minimum")
+TUNING_KEYS = ("val_loss_trained", "val_loss_tuned", "val_acc_trained", "val_acc_tuned", "steps", "lr", "at_minimum", "retries")
 
 
 def log(msg: str) -> None:
@@ -158,7 +158,7 @@ def method_scores(model: torch.nn.Module, train: Any, val: Any, methods: Sequenc
         if method == "fvm":
             out["loss@θ̃"], out["loss@θ*"], tuning = result.loss_tuned, result.loss_trained, result.tuning
             log(f"    fvm tuning: val loss {tuning.get('val_loss_trained', float('nan')):.3f} -> "
-                f"{tuning.get('val_loss_tuned', float('nan')):.3f}")
+                f"{tuning.get('val_loss_tuned', float('nan')):.3f}" + (" (retried)" if tuning.get("retries") else ""))
     return out, tuning
 
 

@@ -360,6 +360,12 @@ def test_a_probed_step_that_raises_the_validation_loss_is_retried_from_theta_sta
             result = audit(model, split.train, split.val, method="fvm", params="trainable", batch_size=128,
                            tuning={"probe_factor": 4.0, "retries": retries})
         runs[retries] = (result.tuning, [str(w.message) for w in caught])
+        if retries:
+            from lightning_influence.reporting import summary_text
+            from lightning_influence.reporting.scalars import scalar_metrics
+
+            assert "retried 1x from θ*" in summary_text(result)
+            assert scalar_metrics(result)["influence/tuning/retries"] == 1.0
     failed, failed_warnings = runs[0]
     assert failed["retries"] == 0 and failed["val_loss_trained"] == pytest.approx(loss_star, rel=1e-5)
     assert failed["val_loss_tuned"] > failed["val_loss_trained"]  # the overshoot this test is about

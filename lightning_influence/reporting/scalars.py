@@ -14,7 +14,7 @@ TUNING_SCALARS = {"val_loss_trained": "val_loss_trained", "val_loss_tuned": "val
                   "val_acc_trained": "val_acc_trained", "val_acc_tuned": "val_acc_tuned",
                   "sharpness": "sharpness", "grad_ratio": "tuning/grad_ratio",
                   "grad_noise_ratio": "tuning/grad_noise_ratio", "grad_z": "tuning/grad_z", "epochs": "tuning/epochs",
-                  "lr": "tuning/lr", "at_minimum": "tuning/at_minimum",
+                  "lr": "tuning/lr", "at_minimum": "tuning/at_minimum", "retries": "tuning/retries",
                   "epochs_of_training": "tuning/cost_in_training_epochs"}
 
 

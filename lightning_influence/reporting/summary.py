@@ -55,6 +55,10 @@ def tuning_lines(result: AuditResult) -> List[str]:
     parts = [f"{t.get('epochs', float('nan')):.2g} passes over the validation set ({int(t['steps'])} steps, "
              f"lr {t.get('lr', float('nan')):.3g})",
              f"full validation set: loss {f(t.get('val_loss_trained', float('nan')))} -> {f(t['val_loss_tuned'])}"]
+    if t.get("retries"):  # the probed step raised the loss: restarted from θ* at a smaller one
+        first = t.get("val_loss_tuned_attempt_0", float("nan"))
+        parts[0] += (f", retried {int(t['retries'])}x from θ* after the probed lr "
+                     f"{t.get('lr_attempt_0', float('nan')):.3g} raised the loss to {f(first)}")
     if math.isfinite(t.get("val_acc_tuned", float("nan"))):
         parts.append(f"accuracy {f(t.get('val_acc_trained', float('nan')))} -> {f(t['val_acc_tuned'])}")
     if math.isfinite(t.get("sharpness", float("nan"))):
