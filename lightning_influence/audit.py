@@ -616,7 +616,8 @@ def _tune_and_check(working: nn.Module, blocks: List[Block], train_data: Any, va
                                   check_loader=sequential_loader(val_data, check_batch, check_ids, "val_data")
                                   if checks else None)
 
-        stats = {**(first or {}), **dist.checkpoint(tune_stage), "train_sample_cost": cost, "retries": float(attempt)}
+        # a retry's own θ* figures are absent (or 0, e.g. check_epochs): the first attempt's stand
+        stats = {**dist.checkpoint(tune_stage), **(first or {}), "train_sample_cost": cost, "retries": float(attempt)}
         if first is None:
             first = {k: v for k, v in stats.items() if k.startswith(("val_loss_trained", "val_acc_trained", "grad_norm_start",
                                                                       "grad_check_samples", "probe_loss@", "check_"))}

@@ -77,8 +77,8 @@ class TuningConfig:
         retries: ``lr="auto"`` only: when the full validation-set loss at θ̃ rose above its
             value at θ* (the probed step overshot), tuning restarts from θ* at a quarter of
             the learning rate, up to this many times (``0``: never). Each retry costs one more
-            budget and one more pass of validation gradients; ``result.tuning["retries"]``
-            says how many ran.
+            budget and one more pass of validation gradients, and runs only after a rise;
+            ``result.tuning["retries"]`` says how many ran.
     """
 
     epochs: Union[float, Literal["auto"]] = "auto"
@@ -97,7 +97,7 @@ class TuningConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     params: Literal["audited", "trainable"] = "audited"
     train_mode: bool = False
-    retries: int = 1
+    retries: int = 2
 
     def __post_init__(self) -> None:
         if self.steps is not None and (isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 0):

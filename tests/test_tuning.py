@@ -374,7 +374,8 @@ def test_a_probed_step_that_raises_the_validation_loss_is_retried_from_theta_sta
     assert retried["retries"] == 1
     assert retried["val_loss_tuned_attempt_0"] == pytest.approx(failed["val_loss_tuned"], rel=1e-9)
     assert retried["lr"] == pytest.approx(failed["lr"] / 4, rel=1e-12)
-    assert retried["val_loss_trained"] == failed["val_loss_trained"]  # θ* measured once
+    assert retried["val_loss_trained"] == failed["val_loss_trained"]  # θ* measured once, its cost kept
+    assert retried["check_epochs"] == failed["check_epochs"] > 0
     assert retried["val_loss_tuned"] < retried["val_loss_trained"]
     assert retried["at_minimum"] == 1.0
     assert not [w for w in retried_warnings if "validation tuning" in w]
@@ -388,3 +389,19 @@ def test_a_fixed_learning_rate_is_not_retried(digits):
         result = audit(model, split.train, split.val, method="vm", params="trainable", batch_size=128,
                        tuning={"lr": 3.0, "epochs": 1, "momentum": 0.0})
     assert result.tuning["retries"] == 0 and result.tuning["val_loss_tuned"] > result.tuning["val_loss_trained"]
+
+
+def test_a_second_retry_runs_when_the_first_still_raised_the_loss(digits):
+    """At 16 times the probe's step, one retry (a quarter of it) still overshoots; the default
+    two retries go on to a sixteenth, where the loss falls."""
+    split, model = digits
+    kw = dict(method="fvm", params="trainable", batch_size=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        once = audit(model, split.train, split.val, tuning={"probe_factor": 16.0, "retries": 1}, **kw).tuning
+        twice = audit(model, split.train, split.val, tuning={"probe_factor": 16.0}, **kw).tuning
+    assert TuningConfig().retries == 2
+    assert once["retries"] == 1 and once["val_loss_tuned"] > once["val_loss_trained"]
+    assert twice["retries"] == 2 and twice["val_loss_tuned_attempt_1"] == pytest.approx(once["val_loss_tuned"], rel=1e-9)
+    assert twice["lr"] == pytest.approx(twice["lr_attempt_0"] / 16, rel=1e-12)
+    assert twice["val_loss_tuned"] < twice["val_loss_trained"]
