@@ -113,8 +113,8 @@ class InfluenceCallbackMixin:
         scores_path: the path of the latest scores file (rank zero).
         last_error: the exception of the latest failed audit under ``on_error="warn"``.
 
-    Checkpointed state (``state_dict``, under :attr:`state_key`, which names the method and
-    solver): ``ran``, ``epoch`` (``trainer.current_epoch`` when the audit ran: the epoch's
+    Checkpointed state (``state_dict``, under :attr:`state_key`, which names the method,
+    solver and ``dirpath``): ``ran``, ``epoch`` (``trainer.current_epoch`` when the audit ran: the epoch's
     index at an epoch end, the number of epochs done at the end of fit), ``global_step``,
     ``audits`` (how many ran) and ``metrics``. Weights already audited at the same global
     step (the last epoch's end, or before a resume) are not audited again. Note that
@@ -237,7 +237,12 @@ class InfluenceCallbackMixin:
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(method=self.method, solver=solver_name(self.solver))  # type: ignore[attr-defined]
+        """Names the method and solver, and the ``dirpath`` when one is given, so that several
+        callbacks (e.g. two tuning settings, each with its own ``dirpath``) can share a Trainer."""
+        keys: Dict[str, Any] = dict(method=self.method, solver=solver_name(self.solver))  # type: ignore[attr-defined]
+        if self.dirpath is not None:
+            keys["dirpath"] = self.dirpath
+        return self._generate_state_key(**keys)
 
     def state_dict(self) -> Dict[str, Any]:
         self._collect_handoff()

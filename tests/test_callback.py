@@ -569,6 +569,8 @@ def test_state_dict_round_trip_and_resume(tmp_path, data):
     cb = InfluenceCallback(noisy=noisy, tuning=FAST, every_n_epochs=1, run_on_fit_end=False, scores_filename=None)
     assert cb.state_key == "InfluenceCallback{'method': 'fvm', 'solver': 'hyperinf'}"
     assert InfluenceCallback(method="vm", solver="exact").state_key != cb.state_key
+    # same method and solver, two dirpaths: two callbacks one Trainer can hold
+    assert InfluenceCallback(dirpath=str(tmp_path / "a")).state_key != InfluenceCallback(dirpath=str(tmp_path / "b")).state_key
     assert cb.state_dict()["ran"] is False
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, save_on_train_epoch_end=True)
     loaders = (DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=32))

@@ -62,6 +62,39 @@ def test_ddp_spawn_matches_single_process(tmp_path):
         assert distributed.metrics["auroc"] == pytest.approx(single.metrics["auroc"])
 
 
+def smoothed_loss(model, batch):
+    """Cross-entropy with label smoothing: its minimum is finite, so a step far too large raises it."""
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y, reduction="none", label_smoothing=0.3)
+
+
+class SmoothedClassifier(Classifier):
+    def training_step(self, batch, batch_idx):
+        return smoothed_loss(self, batch).mean()
+
+
+@pytest.mark.timeout(300) if hasattr(pytest.mark, "timeout") else (lambda f: f)
+def test_ddp_ranks_retry_an_overshooting_tuning_together(tmp_path):
+    """A probed step 16 times too large raises the validation loss: both ranks undo it and retry
+    (one decision for all, else one rank would wait in a collective the other never calls), and
+    the result is the one process's."""
+    train, val = make_data()
+    options = dict(tuning={"steps": 8, "batch_size": 8, "probe_factor": 16.0}, batch_size=8, loss_fn=smoothed_loss)
+    cb = InfluenceCallback(method="fvm", dirpath=str(tmp_path / "fvm"), **options)
+    module = SmoothedClassifier()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, precision="64-true",
+                        callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, DataLoader(train, batch_size=8, shuffle=True), DataLoader(val, batch_size=8))
+    distributed, single = cb.result, audit(module.double(), train, val, method="fvm", **options)
+    assert distributed is not None, f"no result reached the main process ({cb.last_error!r})"
+    assert distributed.config["world_size"] == 2
+    assert single.tuning["retries"] >= 1 and distributed.tuning["retries"] == single.tuning["retries"]
+    assert single.tuning["val_loss_tuned_attempt_0"] > single.tuning["val_loss_trained"] > single.tuning["val_loss_tuned"]
+    assert distributed.tuning["val_loss_tuned"] == pytest.approx(single.tuning["val_loss_tuned"], rel=1e-6)
+    torch.testing.assert_close(distributed.influence, single.influence, rtol=1e-5, atol=0)
+
+
 def test_sharded_strategies_are_refused_in_setup(tmp_path):
     """FSDP-like strategies shard the parameters: setup() says so before the first training step."""
     from lightning.pytorch.strategies import FSDPStrategy
