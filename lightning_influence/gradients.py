@@ -114,7 +114,11 @@ def _generic_grads(model: nn.Module, blocks: List[Block], batch: Any, loss_fn: O
 
     in_dims = (None, tree_map(lambda t: 0 if isinstance(t, Tensor) else None, tree))
     try:
-        grads = vmap(grad(single_loss), in_dims=in_dims, randomness="same")(params, tree)
+        # no_grad outside the transform: grad still differentiates single_loss, but the result is
+        # not itself recorded as a function of the other parameters that require grad (the fast
+        # path's Linear weights), which kept a graph of the whole vmapped backward alive
+        with torch.no_grad():
+            grads = vmap(grad(single_loss), in_dims=in_dims, randomness="same")(params, tree)
     except BatchFormatError:
         raise
     except Exception as err:  # noqa: BLE001 - any vmap limitation: fall back, correctness first

@@ -1,6 +1,7 @@
 """Per-sample gradients against an independent reference: autograd of the model's own loss
 on each sample alone (float64, relative error <= 1e-4), on set-ups beyond plain MLPs: causal
-LMs with padding (LoRA), tied and shared weights without LoRA, custom batch containers."""
+LMs with padding (LoRA), tied and shared weights without LoRA, custom batch containers, and a
+CNN with batch norm, in full and with PEFT LoRA on its Conv2d layers."""
 from __future__ import annotations
 
 import dataclasses
@@ -136,3 +137,64 @@ def test_an_opaque_batch_is_refused_not_given_the_batch_gradient():
     blocks = select_blocks(model, ["1.weight"])
     with gradient_mode(model, blocks), pytest.raises(BatchFormatError, match="split"):
         per_sample_gradients(model, blocks, Opaque(x, y), _loss_fn)
+
+
+class SmallCNN(nn.Module):
+    """Conv2d + BatchNorm2d + pooling + Linear head over 8x8 single-channel images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, groups=2)
+        self.head = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x.reshape(-1, 1, 8, 8))))
+        return self.head(nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2).flatten(1))
+
+
+def _cnn_reference(model, blocks, x, y):
+    rows = []
+    with gradient_mode(model, blocks):
+        for i in range(len(y)):
+            loss = nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+            grads = torch.autograd.grad(loss, [b.param for b in blocks])
+            rows.append([b.to_matrix(g.unsqueeze(0))[0] for b, g in zip(blocks, grads)])
+    return {b.name: torch.stack([r[i] for r in rows]) for i, b in enumerate(blocks)}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_conv_net_per_sample_gradients_match_autograd(lora):
+    """A vision model: every parameter of a CNN with batch norm (its running statistics
+    updated first, then eval mode), and PEFT LoRA on its Conv2d layers (conv ``lora_A``,
+    1x1-conv ``lora_B``) and head, against autograd on each image alone."""
+    model = SmallCNN().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(7, 64, generator=g, dtype=torch.float64), torch.randint(0, 5, (7,), generator=g)
+    model.train()
+    model(torch.rand(32, 64, generator=g, dtype=torch.float64))  # non-trivial running statistics
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "head"]))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(p, std=0.1, generator=g)  # B = 0 at init would make A's gradient 0
+    model.eval()
+    blocks = select_blocks(model, "auto" if lora else "trainable")
+    if lora:
+        assert {b.name.split(".lora_")[1][0] for b in blocks} == {"A", "B"} and len(blocks) == 6
+        assert any(b.param.dim() == 4 for b in blocks)  # the conv LoRA factors are 4-d
+    expected = _cnn_reference(model, blocks, x, y)
+
+    def loss_fn(m, batch):
+        return nn.functional.cross_entropy(m(batch[0]), batch[1], reduction="none")
+
+    with gradient_mode(model, blocks):
+        got, _ = per_sample_gradients(model, blocks, (x, y), loss_fn=loss_fn)
+    for b in blocks:
+        assert expected[b.name].norm() > 0, b.name
+        assert rel_err(got[b.name], expected[b.name]) <= 1e-6, (b.name, rel_err(got[b.name], expected[b.name]))
+        assert not got[b.name].requires_grad, b.name  # no graph kept alive past the batch
