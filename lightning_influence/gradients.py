@@ -7,12 +7,14 @@ output gradients ``b`` ``(B, T, d_out)``; the per-sample weight gradient is
 ``Σ_t b_tᵀ a_t`` ``(B, d_out, d_in)``. Padded positions have zero output gradient (they don't
 reach the loss), so padded batches give the same gradients as each sample alone.
 
-Fallback, for any other parameter: ``torch.func.vmap`` over ``grad`` of the single-sample loss.
+Fallback, for any other parameter: ``torch.func.vmap`` over ``grad`` of the single-sample loss
+(Hugging Face models under eager attention when their sdpa mask code can't be vmapped).
 """
 from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -113,12 +115,29 @@ def _generic_grads(model: nn.Module, blocks: List[Block], batch: Any, loss_fn: O
             return _one_sample_loss(model, one, loss_fn, batch)
 
     in_dims = (None, tree_map(lambda t: 0 if isinstance(t, Tensor) else None, tree))
-    try:
+
+    def vmapped() -> Dict[str, Tensor]:
         # no_grad outside the transform: grad still differentiates single_loss, but the result is
         # not itself recorded as a function of the other parameters that require grad (the fast
         # path's Linear weights), which kept a graph of the whole vmapped backward alive
         with torch.no_grad():
-            grads = vmap(grad(single_loss), in_dims=in_dims, randomness="same")(params, tree)
+            return vmap(grad(single_loss), in_dims=in_dims, randomness="same")(params, tree)
+
+    try:
+        if _NEEDS_EAGER.get(model, False):
+            with _eager_attention(model):
+                grads = vmapped()
+        else:
+            try:
+                grads = vmapped()
+            except BatchFormatError:
+                raise
+            except Exception:  # noqa: BLE001 - Hugging Face's sdpa mask code branches on the mask's values
+                with _eager_attention(model) as switched:
+                    if not switched:
+                        raise
+                    grads = vmapped()
+                _NEEDS_EAGER[model] = True
     except BatchFormatError:
         raise
     except Exception as err:  # noqa: BLE001 - any vmap limitation: fall back, correctness first
@@ -133,6 +152,34 @@ def _generic_grads(model: nn.Module, blocks: List[Block], batch: Any, loss_fn: O
             rows.append({b.name: torch.zeros_like(b.param) if g is None else g.detach() for b, g in zip(blocks, found)})
         grads = {n: torch.stack([r[n] for r in rows]) for n in names}
     return {b.name: b.to_matrix(grads[b.name]) for b in blocks}
+
+
+#: models whose non-Linear per-sample gradients vmap only under eager attention (see below)
+_NEEDS_EAGER: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[bool]:
+    """Hugging Face models inside ``model`` that attend with ``"sdpa"`` run ``"eager"``
+    attention until exit (yields whether any was switched). Their sdpa mask code checks the
+    attention mask's values to skip it (``masking_utils._ignore_causal_mask_sdpa``), a
+    data-dependent branch ``vmap`` can't trace; eager attention builds the same mask without
+    it and computes the same function. Restored on exit, also after an exception."""
+    switched = []
+    try:
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if callable(getattr(module, "set_attn_implementation", None)) and \
+                    getattr(config, "_attn_implementation", None) == "sdpa":
+                try:
+                    module.set_attn_implementation("eager")
+                except Exception:  # noqa: BLE001 - a model without eager attention: leave it
+                    continue
+                switched.append(module)
+        yield bool(switched)
+    finally:
+        for module in reversed(switched):
+            module.set_attn_implementation("sdpa")
 
 
 def _splittable(batch: Any) -> Tuple[Any, Callable[[Any], Any]]:

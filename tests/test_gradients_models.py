@@ -5,6 +5,7 @@ CNN with batch norm, in full and with PEFT LoRA on its Conv2d layers."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -198,3 +199,26 @@ def test_conv_net_per_sample_gradients_match_autograd(lora):
         assert expected[b.name].norm() > 0, b.name
         assert rel_err(got[b.name], expected[b.name]) <= 1e-6, (b.name, rel_err(got[b.name], expected[b.name]))
         assert not got[b.name].requires_grad, b.name  # no graph kept alive past the batch
+
+
+@pytest.mark.parametrize("make", [hf.gpt2, hf.llama])
+def test_embedding_lora_and_layer_norm_are_vmapped_and_match_the_models_own_loss(make):
+    """Non-Linear parameters of a Hugging Face LM with padding (LoRA on the token embedding,
+    and a norm layer's weight): its sdpa mask code branches on the mask's values, which vmap
+    can't trace, so they are vmapped under eager attention, not looped over one sample at a
+    time, and the model's attention setting is back afterwards."""
+    model = hf.with_lora(make(), "CAUSAL_LM", ["embed_tokens" if make is hf.llama else "wte"]).eval()
+    norm = "model.norm.weight" if make is hf.llama else "transformer.ln_f.weight"
+    for name, p in model.named_parameters():
+        if "lora_embedding_A" in name:
+            nn.init.normal_(p, std=0.1)  # B is already random (with_lora); A = 0 would hide B's gradient
+        if name.endswith(norm):
+            p.requires_grad_(True)
+    base = model.get_base_model()
+    assert base.config._attn_implementation == "sdpa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the per-sample loop's "can't be vmapped" warning
+        warnings.filterwarnings("ignore", message=".*(fan_in_fan_out|loss_type).*")
+        blocks = check_against_own_loss(model, ["*lora_embedding*", f"*{norm}"], hf.lm_samples(5))
+    assert len(blocks) == 3 and all(b.linear is None for b in blocks)
+    assert base.config._attn_implementation == "sdpa"
