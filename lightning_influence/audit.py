@@ -575,6 +575,11 @@ def on_dataset_positions(result: AuditResult, ids: Tensor, n: int, val_ids: Opti
     return result
 
 
+#: the first tuning attempt's figures at θ* (and their cost), which a retry keeps
+_THETA_STAR_FIGURES = ("val_loss_trained", "val_acc_trained", "grad_norm_start", "grad_check_samples", "probe_loss@",
+                       "probe_s", "check_")
+
+
 def _tune_and_check(working: nn.Module, blocks: List[Block], train_data: Any, val_data: Any, config: TuningConfig,
                     sharpness_aware: bool, loss_fn: Optional[LossFn], batch_size: int, device: torch.device, seed: int,
                     n: int, m: int, train_ids: Tensor, val_ids: Tensor, gather: Dict[str, Any], stages: StageTimes,
@@ -619,8 +624,7 @@ def _tune_and_check(working: nn.Module, blocks: List[Block], train_data: Any, va
         # a retry's own θ* figures are absent (or 0, e.g. check_epochs): the first attempt's stand
         stats = {**dist.checkpoint(tune_stage), **(first or {}), "train_sample_cost": cost, "retries": float(attempt)}
         if first is None:
-            first = {k: v for k, v in stats.items() if k.startswith(("val_loss_trained", "val_acc_trained", "grad_norm_start",
-                                                                      "grad_check_samples", "probe_loss@", "check_"))}
+            first = {k: v for k, v in stats.items() if k.startswith(_THETA_STAR_FIGURES)}
         dist.broadcast_(tuned_params)  # every rank scores at exactly rank 0's θ̃
 
         def val_stage() -> Gathered:
