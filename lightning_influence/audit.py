@@ -290,25 +290,20 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
     try:
         loss_trained: Optional[Tensor] = None
         tune_stats: Dict[str, float] = {}
-        val: Optional[Gathered] = None
-        if tuned:
+        if tuned:  # θ̃, checked on the full validation set from its gradients at θ̃
             loss_trained, tune_stats, val = _tune_and_check(
                 working, blocks, train_data, val_data, tuning_cfg, method == "fvm", loss_fn, batch_size, device,
                 seed, n, m, train_ids, val_ids, gather, stages, progress, dist, exact_gradients=projection is None)
+        else:
+            val = dist.checkpoint(lambda: _validation_gradients(working, blocks, val_data, val_ids, gather, stages,
+                                                                progress))
 
-        def gradient_stage() -> Tuple[Gathered, Gathered, Gathered]:
-            ids_total = int(train_ids.numel()) + (0 if val is not None else int(val_ids.numel()))
-            with stages("gradients"), progress.stage("gradients", ids_total) as up:
-                held = val if val is not None else gather_gradients(working, blocks, val_data, progress=up,
-                                                                     name="val_data", indices=val_ids, **gather)
+        def gradient_stage() -> Tuple[Gathered, Gathered]:
+            with stages("gradients"), progress.stage("gradients", int(train_ids.numel())) as up:
+                train = gather_gradients(working, blocks, train_data, max_memory=max_memory, spill_dir=spill_dir,
+                                         progress=up, name="train_data", indices=train_ids, **gather)
                 try:
-                    train = gather_gradients(working, blocks, train_data, max_memory=max_memory, spill_dir=spill_dir,
-                                             progress=up, name="train_data", indices=train_ids, **gather)
-                except BaseException:
-                    held.store.close()
-                    raise
-                try:
-                    curv = held if tuned else train
+                    curv = val if tuned else train
                     if fisher == "true":
                         with stages("true_fisher"):
                             source, ids = (val_data, val_ids) if tuned else (train_data, train_ids)
@@ -318,15 +313,13 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
                                                     indices=ids, **gather)
                 except BaseException:
                     train.store.close()
-                    held.store.close()
                     raise
-            return train, held, curv
+            return train, curv
 
         try:
-            train, val, curv = dist.checkpoint(gradient_stage)
+            train, curv = dist.checkpoint(gradient_stage)
         except BaseException:
-            if val is not None:
-                val.store.close()
+            val.store.close()
             raise
     finally:
         del working
@@ -627,15 +620,16 @@ def _tune_and_check(working: nn.Module, blocks: List[Block], train_data: Any, va
             first = {k: v for k, v in stats.items() if k.startswith(_THETA_STAR_FIGURES)}
         dist.broadcast_(tuned_params)  # every rank scores at exactly rank 0's θ̃
 
-        def val_stage() -> Gathered:
-            with stages("gradients"), progress.stage("gradients", int(val_ids.numel())) as up:
-                return gather_gradients(working, blocks, val_data, progress=up, name="val_data", indices=val_ids, **gather)
-
-        val = dist.checkpoint(val_stage)
-        figures = _tuning_figures(val, dist, exact_gradients)  # θ̃ on the full validation set
-        checked = verify_tuning(stats, attempt_cfg, *figures, warn=False)
-        if not dist.any(retry_due(config, checked, attempt)):  # all ranks retry, or none
-            return loss_trained, dist.checkpoint(lambda: verify_tuning(stats, attempt_cfg, *figures)), val
+        val = dist.checkpoint(lambda: _validation_gradients(working, blocks, val_data, val_ids, gather, stages,
+                                                            progress))
+        try:
+            figures = _tuning_figures(val, dist, exact_gradients)  # θ̃ on the full validation set
+            checked = verify_tuning(stats, attempt_cfg, *figures, warn=False)
+            if not dist.any(retry_due(config, checked, attempt)):  # all ranks retry, or none
+                return loss_trained, dist.checkpoint(lambda: verify_tuning(stats, attempt_cfg, *figures)), val
+        except BaseException:
+            val.store.close()
+            raise
         val.store.close()
         with torch.no_grad():
             for p, s0 in zip(tuned_params, start):
@@ -644,6 +638,13 @@ def _tune_and_check(working: nn.Module, blocks: List[Block], train_data: Any, va
         first["lr_attempt_" + str(attempt)] = checked["lr"]
         first["val_loss_tuned_attempt_" + str(attempt)] = checked["val_loss_tuned"]
     raise AssertionError("unreachable: the last attempt returns")
+
+
+def _validation_gradients(working: nn.Module, blocks: List[Block], val_data: Any, val_ids: Tensor,
+                          gather: Dict[str, Any], stages: StageTimes, progress: Progress) -> Gathered:
+    """This rank's validation samples' per-sample gradients (stage 3, validation half)."""
+    with stages("gradients"), progress.stage("gradients", int(val_ids.numel())) as up:
+        return gather_gradients(working, blocks, val_data, progress=up, name="val_data", indices=val_ids, **gather)
 
 
 def _tuning_figures(val: Gathered, dist: Collectives, exact_gradients: bool) -> Tuple[float, float, float, float, float]:

@@ -124,20 +124,7 @@ def _generic_grads(model: nn.Module, blocks: List[Block], batch: Any, loss_fn: O
             return vmap(grad(single_loss), in_dims=in_dims, randomness="same")(params, tree)
 
     try:
-        if _NEEDS_EAGER.get(model, False):
-            with _eager_attention(model):
-                grads = vmapped()
-        else:
-            try:
-                grads = vmapped()
-            except BatchFormatError:
-                raise
-            except Exception:  # noqa: BLE001 - Hugging Face's sdpa mask code branches on the mask's values
-                with _eager_attention(model) as switched:
-                    if not switched:
-                        raise
-                    grads = vmapped()
-                _NEEDS_EAGER[model] = True
+        grads = _vmap_attention_aware(model, vmapped)
     except BatchFormatError:
         raise
     except Exception as err:  # noqa: BLE001 - any vmap limitation: fall back, correctness first
@@ -156,6 +143,25 @@ def _generic_grads(model: nn.Module, blocks: List[Block], batch: Any, loss_fn: O
 
 #: models whose non-Linear per-sample gradients vmap only under eager attention (see below)
 _NEEDS_EAGER: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _vmap_attention_aware(model: nn.Module, vmapped: Callable[[], Dict[str, Tensor]]) -> Dict[str, Tensor]:
+    """``vmapped()``; if it fails on a model with Hugging Face sdpa attention, again under eager
+    attention (:func:`_eager_attention`), which is then used for that model from the start."""
+    if _NEEDS_EAGER.get(model, False):
+        with _eager_attention(model):
+            return vmapped()
+    try:
+        return vmapped()
+    except BatchFormatError:
+        raise
+    except Exception:  # noqa: BLE001 - Hugging Face's sdpa mask code branches on the mask's values
+        with _eager_attention(model) as switched:
+            if not switched:
+                raise
+            grads = vmapped()
+        _NEEDS_EAGER[model] = True
+        return grads
 
 
 @contextmanager
