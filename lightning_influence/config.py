@@ -127,6 +127,7 @@ class TuningConfig:
             raise ValueError(f"tuning.params must be 'audited' or 'trainable', got {self.params!r}")
         if isinstance(self.retries, bool) or int(self.retries) != self.retries or self.retries < 0:
             raise ValueError(f"tuning.retries must be an integer >= 0, got {self.retries!r}")
+        self.retries = int(self.retries)  # 2.0 -> 2: it counts loop iterations
 
 
 @dataclass

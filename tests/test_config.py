@@ -77,3 +77,4 @@ def test_tuning_retries_must_be_a_count(bad):
     with pytest.raises((ValueError, TypeError), match="retries"):
         TuningConfig(retries=bad)
     assert TuningConfig(retries=2).retries == 2
+    assert type(TuningConfig(retries=1.0).retries) is int  # a whole float is taken as the count it is
