@@ -96,7 +96,7 @@ def solver_times(ns: List[int], dims: List[int], rank: int = 8, m_curv: int = 50
 
 
 def epoch_vs_audit(model: nn.Module, train: Any, val: Any, train_batches: List[Any],
-                   batch_size: int) -> Dict[str, float]:
+                   batch_size: int, with_estimate: bool = False) -> Dict[str, Any]:
     """One training epoch (forward, backward, AdamW step) vs the end-to-end fvm audit at the
     library's default tuning (``epochs="auto"``: a budget of one training epoch of compute)."""
     import copy
@@ -120,11 +120,80 @@ def epoch_vs_audit(model: nn.Module, train: Any, val: Any, train_batches: List[A
     per_sample = result.config["audited_parameters"] * 4  # float32 storage
     stored = per_sample * (len(result) + len(val.dataset if hasattr(val, "dataset") else val))
     tuning = result.stage_seconds.get("tuning", 0.0)
-    return {"epoch_s": epoch, "audit_s": total, "tuning_s": tuning, "audit_minus_tuning_s": total - tuning,
+    estimate = {}
+    if with_estimate and result.preflight is not None:
+        pf = result.preflight
+        estimate = {"estimate_store_bytes": pf.store_bytes, "estimate_val_bytes": pf.val_bytes,
+                    "estimate_solve_bytes": pf.solve_bytes,
+                    "estimate_total_bytes": getattr(pf, "peak_bytes", None)
+                    or pf.store_bytes + pf.val_bytes + pf.solve_bytes}
+    return {**estimate, "epoch_s": epoch, "audit_s": total, "tuning_s": tuning, "audit_minus_tuning_s": total - tuning,
+            "audit_over_epoch": total / epoch,
             "ratio_without_tuning": (total - tuning) / epoch, "tuning_over_epoch": tuning / epoch,
             "tuning_steps": result.tuning.get("steps", 0.0), "tuning_passes": result.tuning.get("epochs", 0.0),
             "tuning_at_minimum": result.tuning.get("at_minimum", float("nan")), "stages": result.stage_seconds,
             "stored_gradient_bytes": stored, "peak_rss_growth_bytes": max(peak - before, 0)}
+
+
+class PackedTokens(torch.utils.data.Dataset):
+    """Causal-LM samples of ``length`` tokens packed from a list of texts (no padding):
+    ``{"input_ids", "attention_mask", "labels"}`` with ``labels = input_ids`` (the model shifts)."""
+
+    def __init__(self, texts: List[str], tokenizer: Any, length: int, count: int, vocab: int) -> None:
+        ids: List[int] = []
+        for text in texts:
+            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if len(ids) >= length * count:
+                break
+        while len(ids) < length * count:  # repeat the text when it is short
+            ids = ids + ids
+        self.ids = (torch.tensor(ids[:length * count]) % vocab).view(count, length)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        row = self.ids[i]
+        return {"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row.clone()}
+
+
+def gpt2_small_lora(seed: int, r: int = 8) -> nn.Module:
+    """GPT-2 small (124M parameters, built from its default config: no hub) with PEFT LoRA ``r``
+    on ``c_attn``, ``c_proj`` (attention and MLP) and ``c_fc``: 96 blocks."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config())
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"],
+                        fan_in_fan_out=True)
+    return get_peft_model(model, config)
+
+
+def gpt2_rung(glue_dir: str, n: int, m: int, length: int, batch_size: int) -> Dict[str, Any]:
+    """The 124M rung: GPT-2 small + LoRA on attention and MLP, ``n`` training and ``m``
+    validation sequences of ``length`` tokens (SST-2 sentences packed, tokenised by MiniLM's
+    tokenizer), the library's defaults (fvm + hyperinf, tuning ``epochs="auto"``): one AdamW
+    epoch against the audit, per stage; per-sample gradient throughput against a training step;
+    peak RSS growth against the pre-flight check's estimate."""
+    from torch.utils.data import DataLoader
+
+    from tasks import read_glue_tsv
+
+    texts, _ = read_glue_tsv(os.path.join(glue_dir, "sst2", "train.tsv"), "sst2")
+    tokenizer = minilm_tokenizer()
+    model = gpt2_small_lora(0)
+    vocab = model.config.vocab_size
+    train = PackedTokens(texts, tokenizer, length, n, vocab)
+    val = PackedTokens(texts[::-1], tokenizer, length, m, vocab)
+    train_loader = DataLoader(train, batch_size=batch_size)
+    val_loader = DataLoader(val, batch_size=batch_size)
+    batches = list(train_loader)
+    out: Dict[str, Any] = {"n": n, "m": m, "length": length, "batch_size": batch_size,
+                           "parameters": sum(p.numel() for p in model.parameters())}
+    out["throughput"] = throughput(model, batches[: max(2, len(batches) // 8)])
+    out["epoch"] = epoch_vs_audit(model, train_loader, val_loader, batches, batch_size, with_estimate=True)
+    return out
 
 
 def main() -> None:
@@ -137,9 +206,20 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(here, "results", "speed.json"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--gpt2", action="store_true",
+                        help="run only the 124M rung (GPT-2 small + LoRA), written to results/speed_gpt2.json")
+    parser.add_argument("--gpt2-n", type=int, default=1000, help="the rung's training sequences")
+    parser.add_argument("--gpt2-m", type=int, default=100, help="the rung's validation sequences")
+    parser.add_argument("--gpt2-len", type=int, default=128, help="the rung's tokens per sequence")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gpt2:
+        if args.quick:
+            args.gpt2_n, args.gpt2_m, args.gpt2_len = 16, 8, 32
+        gpt2_main(args, os.path.join(here, "results", "speed_gpt2.json") if args.out == parser.get_default("out")
+                  else args.out)
+        return
     if args.quick:
         args.n_text, args.solver_ns, args.solver_dims = 64, [200, 400], [32]
     torch.manual_seed(0)
@@ -202,6 +282,28 @@ def main() -> None:
     })
     result = {"tables": tables, "raw": raw}
     write_results(result, args.out)
+
+
+def gpt2_main(args: argparse.Namespace, out: str) -> None:
+    """The 124M rung alone, in its own process (its peak RSS is not mixed with other runs')."""
+    raw = gpt2_rung(args.glue_dir, args.gpt2_n, args.gpt2_m, args.gpt2_len, batch_size=8)
+    t, e = raw["throughput"], raw["epoch"]
+    stages = e["stages"]
+    row = [f"GPT-2 small ({raw['parameters'] / 1e6:.0f}M) + LoRA r=8 c_attn/c_proj/c_fc (96 blocks), "
+           f"{raw['n']}/{raw['m']} x {raw['length']} tokens, batch 8",
+           f"{t['train_samples_per_s']:.2f}", f"{t['grad_samples_per_s']:.2f}", f"{t['ratio']:.2f}",
+           f"{e['epoch_s']:.1f}", f"{e['audit_s']:.1f}", f"{e['audit_over_epoch']:.2f}",
+           f"{e['peak_rss_growth_bytes'] / 2**20:.0f}", f"{e.get('estimate_total_bytes', 0) / 2**20:.0f}"]
+    table = {
+        "title": "The 124M rung: audit with its tuning against one training epoch",
+        "machine": machine(), "date": today(), "command": " ".join(["python benchmarks/speed.py"] + sys.argv[1:]),
+        "columns": ["model", "train step samples/s", "per-sample grads samples/s", "grad / train", "1 epoch s",
+                    "audit s (with tuning)", "audit / epoch", "peak RSS growth MiB", "check's estimate MiB"],
+        "rows": [row],
+        "notes": ["stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()),
+                  f"torch threads: {torch.get_num_threads()}"],
+    }
+    write_results({"tables": [table], "raw": raw}, out)
 
 
 if __name__ == "__main__":
