@@ -6,6 +6,7 @@ dataclasses, the solver registry (:class:`InverseSolver`, :func:`register_solver
 (``lightning_influence.exceptions``).
 """
 from .audit import audit, prepare, score
+from .attribution import Attribution, AttributionConfig
 from .config import AuditOptions, CurvatureConfig, TuningConfig
 from .exceptions import (BatchFormatError, InfluenceCallbackError, LossMismatchError, NonFiniteGradientError,
                          PreflightError, RemoteStageError)
@@ -15,7 +16,8 @@ from .solvers import SOLVERS, InverseSolver, make_solver, register_solver
 
 __all__ = ["audit", "prepare", "score", "AuditResult", "AuditOptions", "TuningConfig", "CurvatureConfig", "InverseSolver", "register_solver",
            "make_solver", "SOLVERS", "InfluenceCallback", "check", "PreflightReport", "BatchFormatError",
-           "LossMismatchError", "PreflightError", "NonFiniteGradientError", "RemoteStageError", "InfluenceCallbackError"]
+           "LossMismatchError", "PreflightError", "NonFiniteGradientError", "RemoteStageError", "InfluenceCallbackError",
+           "Attribution", "AttributionConfig"]
 
 
 def __getattr__(name: str):  # the callback imports Lightning; keep `import lightning_influence` light

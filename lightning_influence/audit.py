@@ -29,6 +29,7 @@ from .result import AuditResult
 from .distributed import Collectives, default_collectives, shard_ids, unshard
 from .exceptions import NonFiniteGradientError
 from .scoring import fit_solvers, method_scores, per_validation_scores, solver_info
+from .attribution import coerce_attribution, explain, query_outcomes as query_outcomes_at
 from .solvers import solver_name
 from .solvers.base import SolverSpec
 from .store import GradientStore
@@ -225,9 +226,16 @@ class Prepared:
     compute_dtype: torch.dtype
     chunk: int
     config: Dict[str, Any]
+    #: attribution: a separate query set's gradients (this rank's shard, ``mq`` in all), and the
+    #: query candidates' ``(losses, labels, predicted)`` at θ* when they were not gathered there
+    queries: Optional[Gathered] = None
+    mq: int = 0
+    query_outcomes: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+    max_memory: Optional[int] = None
 
     def close(self) -> None:
-        for gathered in {id(g): g for g in (self.train, self.val, self.curvature)}.values():
+        kept = (self.train, self.val, self.curvature) + ((self.queries,) if self.queries is not None else ())
+        for gathered in {id(g): g for g in kept}.values():
             gathered.store.close()
 
 
@@ -253,8 +261,11 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
             grad_dtype: Union[None, str, torch.dtype] = None, device: Union[None, str, torch.device] = None,
             nonfinite: str = "exclude", max_memory: Optional[int] = None, spill_dir: Optional[str] = None,
             progress: Optional[Progress] = None, dist: Optional[Collectives] = None,
-            projection: Optional[int] = None) -> Prepared:
+            projection: Optional[int] = None, attribution: Any = None) -> Prepared:
     """Stages 1-3: copy the model, tune the copy (vm/fvm), gather per-sample gradients.
+
+    With ``attribution`` (an :class:`~lightning_influence.attribution.AttributionConfig`) also
+    the query candidates' outcomes at θ* (before tuning) and a separate query set's gradients.
 
     Under several ranks each gathers its own disjoint shard of the training and validation
     samples; tuning runs on every rank with the same seed and rank 0's result is broadcast."""
@@ -287,6 +298,16 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
         return working, (blocks if projection is None else project_blocks(blocks, projection, seed))
 
     working, blocks = dist.checkpoint(copy_and_select)
+    attribution = coerce_attribution(attribution)
+    query_data = attribution.data if attribution is not None else None
+    mq = len(dataset_of(query_data, "attribution.data")) if query_data is not None else 0
+    query_ids = shard_ids(mq, dist.rank, dist.world_size)
+    query_outcomes = None
+    if attribution is not None and (tuned or query_data is not None):  # the trained model's outcomes, at θ*
+        query_outcomes = dist.checkpoint(lambda: query_outcomes_at(
+            working, query_data if query_data is not None else val_data, batch_size, device, loss_fn,
+            query_ids if query_data is not None else val_ids, "attribution.data" if query_data is not None else "val_data"))
+    queries: Optional[Gathered] = None
     try:
         loss_trained: Optional[Tensor] = None
         tune_stats: Dict[str, float] = {}
@@ -321,6 +342,14 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
         except BaseException:
             val.store.close()
             raise
+        if query_data is not None:  # a separate query set (attribution): its gradients at the scoring weights
+            try:
+                queries = dist.checkpoint(lambda: gather_gradients(working, blocks, query_data, name="attribution.data",
+                                                                   indices=query_ids, **gather))
+            except BaseException:
+                for gathered in {id(g): g for g in (val, train, curv)}.values():
+                    gathered.store.close()
+                raise
     finally:
         del working
     return Prepared(method, n, m, train_ids, val_ids, train, val, curv,
@@ -328,16 +357,19 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
                     compute_dtype, _chunk_rows(train.store, batch_size, max_memory),
                     {"method": method, "params": params if isinstance(params, str) else list(params), "seed": seed,
                      "batch_size": batch_size, "grad_dtype": str(store_dtype), "tuning": as_dict(tuning_cfg),
-                     "blocks": len(blocks), "projection": projection, "audited_parameters": sum(b.param.numel() for b in blocks)})
+                     "blocks": len(blocks), "projection": projection, "audited_parameters": sum(b.param.numel() for b in blocks)},
+                    queries=queries, mq=mq, query_outcomes=query_outcomes, max_memory=max_memory)
 
 
 @_autograd_allowed
 def score(prepared: Prepared, solver: SolverSpec = "hyperinf", curvature: Union[None, CurvatureConfig, Mapping] = None, *,
           noisy: Any = None, clean_labels: Any = None, top_k: int = 50, per_validation: bool = False,
-          nonfinite: str = "exclude", progress: Optional[Progress] = None, rank_by: str = "auto") -> AuditResult:
+          nonfinite: str = "exclude", progress: Optional[Progress] = None, rank_by: str = "auto",
+          attribution: Any = None) -> AuditResult:
     """Stages 4-6: curvature + solve, scores, metrics. Can be called several times on one
-    :class:`Prepared` (e.g. to compare solvers on the same gradients). ``rank_by``: see
-    :func:`audit`."""
+    :class:`Prepared` (e.g. to compare solvers on the same gradients). ``rank_by``,
+    ``attribution``: see :func:`audit` (a separate query set must have been given to
+    :func:`prepare`)."""
     p, dist = prepared, prepared.dist
     options = AuditOptions(method=p.method, solver=solver, curvature=curvature, noisy=noisy, clean_labels=clean_labels,
                            top_k=top_k, per_validation=per_validation, nonfinite=nonfinite, rank_by=rank_by,
@@ -372,6 +404,19 @@ def score(prepared: Prepared, solver: SolverSpec = "hyperinf", curvature: Union[
             matrix = per_validation_scores(p.train.store, p.val.store, solvers, p.n, p.m, p.chunk, *args, dist)
             matrix[:, ~train_valid] = float("nan")
             matrix[~val_valid] = float("nan")
+    explained = None
+    config_attr = coerce_attribution(attribution)
+    if config_attr is not None:
+        if config_attr.data is not None and p.queries is None:
+            raise ValueError("attribution.data: this Prepared has no query gradients; pass attribution= to prepare()")
+        with stages("attribution"), progress.stage("attribution", 1) as update:
+            source = p.queries if config_attr.data is not None else p.val
+            outcomes = p.query_outcomes if p.query_outcomes is not None else (source.losses, source.labels,
+                                                                              source.predicted)
+            explained = explain(config_attr, p.train.store, p.train_ids, train_valid[p.train_ids], source,
+                                p.mq if config_attr.data is not None else p.m, outcomes, solvers, p.chunk, *args, dist,
+                                from_queries=config_attr.data is not None, max_memory=p.max_memory)
+            update(1)
 
     def full(local_values: Tensor, size: int) -> Tensor:
         return unshard(dist.all_gather_cat(local_values), size, dist.world_size)
@@ -416,6 +461,7 @@ def score(prepared: Prepared, solver: SolverSpec = "hyperinf", curvature: Union[
         solver=solver_name(solver),
         loss_trained=loss_trained, loss_tuned=loss_tuned if p.method in ("vm", "fvm") else None,
         labels=labels, predicted=predicted, noisy=noisy_flags, per_validation=matrix, excluded=excluded,
+        attribution=explained,
         stage_seconds=dict(stages.seconds), solver_info=solver_info(solvers), tuning=p.tune_stats,
         config={**p.config, "solver": solver_name(solver),
                 "curvature": as_dict(curvature_cfg), "world_size": dist.world_size},
@@ -450,6 +496,7 @@ def audit(
     projection: Optional[int] = None,
     preflight: bool = True,
     rank_by: str = "auto",
+    attribution: Any = None,
     options: Optional[AuditOptions] = None,
 ) -> AuditResult:
     """Score every training sample's influence; higher = more harmful.
@@ -493,6 +540,11 @@ def audit(
             ``result.influence``, and with ``noisy`` the detection metrics of every ranking
             are in ``result.metrics_by``. Why the loss at θ̃ is the default: README,
             *Which ranking*.
+        attribution: explain predictions: ``True``, a dict or an
+            :class:`~lightning_influence.AttributionConfig` (which queries: by default the
+            validation samples the trained model gets wrong; ``k`` per side). For each query,
+            the ``k`` most helpful and most harmful training samples, computed streaming (no
+            ``(m, n)`` matrix): ``result.attribution``, written beside the scores file by ``save()``.
         preflight: first run :func:`~lightning_influence.preflight.check` on a few training
             samples (the loss matches the model's own, the gradients match autograd, the store
             fits in memory); ``result.preflight`` holds its report.
@@ -511,7 +563,8 @@ def audit(
         options, n, loss_fn=loss_fn, method=method, solver=solver, params=params, noisy=noisy, top_k=top_k, seed=seed,
         tuning=tuning, curvature=curvature, damping=damping, batch_size=batch_size, grad_dtype=grad_dtype,
         device=device, clean_labels=clean_labels, per_validation=per_validation, nonfinite=nonfinite,
-        max_memory=max_memory, spill_dir=spill_dir, projection=projection, preflight=preflight, rank_by=rank_by)
+        max_memory=max_memory, spill_dir=spill_dir, projection=projection, preflight=preflight, rank_by=rank_by,
+        attribution=attribution)
     noisy, clean_labels = o.noisy, o.clean_labels
     report = None
     if o.preflight:
@@ -528,10 +581,12 @@ def audit(
     prepared = prepare(model, train_data, val_data, loss_fn=o.loss_fn, method=o.method, params=o.params,
                        tuning=o.tuning, fisher=o.curvature.fisher, seed=o.seed, batch_size=o.batch_size,
                        grad_dtype=o.grad_dtype, device=o.device, nonfinite=o.nonfinite, max_memory=o.max_memory,
-                       spill_dir=o.spill_dir, progress=progress, dist=dist, projection=o.projection)
+                       spill_dir=o.spill_dir, progress=progress, dist=dist, projection=o.projection,
+                       attribution=o.attribution)
     try:
         result = score(prepared, o.solver, o.curvature, noisy=noisy, clean_labels=clean_labels, top_k=o.top_k,
-                       per_validation=o.per_validation, nonfinite=o.nonfinite, progress=progress, rank_by=o.rank_by)
+                       per_validation=o.per_validation, nonfinite=o.nonfinite, progress=progress, rank_by=o.rank_by,
+                       attribution=o.attribution)
     finally:
         prepared.close()
     result.preflight = report
@@ -561,6 +616,13 @@ def on_dataset_positions(result: AuditResult, ids: Tensor, n: int, val_ids: Opti
         result.noisy = spread(result.noisy, False)
     if result.per_validation is not None:
         result.per_validation = spread(result.per_validation.T.contiguous(), float("nan")).T
+    if result.attribution is not None:  # training ids, and validation ids when those were a subset too
+        a = result.attribution
+        for name in ("helpful_ids", "harmful_ids"):
+            values = getattr(a, name)
+            setattr(a, name, torch.where(values >= 0, ids[values.clamp(min=0)], values))
+        if val_ids is not None and a.source == "validation":
+            a.query_ids = val_ids[a.query_ids]
     result.excluded = [int(ids[i]) for i in result.excluded]
     result.audited = ids
     result.config = {**result.config, "audited_samples": int(ids.numel()), "dataset_samples": n,

@@ -60,8 +60,10 @@ class InfluenceCallbackMixin:
     ``method``, ``solver``, ``params``, ``noisy``, ``top_k``, ``seed``, ``tuning``,
     ``curvature``, ``damping``, ``batch_size``, ``grad_dtype``, ``clean_labels``,
     ``per_validation``, ``nonfinite``, ``max_memory``, ``spill_dir``, ``projection``, ``loss_fn``,
-    ``device`` (default: the trainer's device), ``preflight`` and ``rank_by`` (what the top-k
-    tables and ``result.ranking`` rank by; default the loss at θ̃). The callback times its
+    ``device`` (default: the trainer's device), ``preflight``, ``rank_by`` (what the top-k
+    tables and ``result.ranking`` rank by; default the loss at θ̃) and ``attribution`` (explain
+    the validation samples the model gets wrong: per query, its most helpful and most harmful
+    training samples, in every logger and in ``<scores file stem>_attribution.csv``). The callback times its
     training batches, so the summary and the loggers report the validation tuning's cost in
     training epochs (``influence/tuning/cost_in_training_epochs``).
 
@@ -94,6 +96,9 @@ class InfluenceCallbackMixin:
             ``gallery.png``), e.g. for flat or custom inputs. Without it, training batches that
             collate to images (a ``(B, C, H, W)``, ``(B, H, W, C)`` or ``(B, H, W)`` tensor) are
             drawn as they are; ``False``: no gallery.
+        describe_query, render_query: the same as ``describe``/``render`` for the attribution's
+            queries (validation samples, or those of ``attribution.data``), by their position
+            there; by default built from that data like the training data's.
         scores_filename: the full per-sample scores file written into ``dirpath``
             (``None``: none). Audits at an epoch end add ``-epoch{E}`` before the suffix.
         dirpath: where the scores file goes (default ``trainer.log_dir``, the first logger's
@@ -153,11 +158,14 @@ class InfluenceCallbackMixin:
         device: Optional[Union[str, torch.device]] = None,
         preflight: bool = True,
         rank_by: str = "auto",
+        attribution: Any = None,
         every_n_epochs: Optional[int] = None,
         run_on_fit_end: bool = True,
         on_error: Literal["warn", "raise"] = "warn",
         describe: Optional[Callable[[int], str]] = None,
         render: Union[None, bool, Callable[[int], Any]] = None,
+        describe_query: Optional[Callable[[int], str]] = None,
+        render_query: Union[None, bool, Callable[[int], Any]] = None,
         scores_filename: Optional[str] = "influence_scores.csv",
         dirpath: Optional[str] = None,
         verbose: Optional[bool] = None,
@@ -170,7 +178,7 @@ class InfluenceCallbackMixin:
             tuning=tuning, curvature=curvature, damping=damping, batch_size=batch_size, grad_dtype=grad_dtype,
             device=device, clean_labels=clean_labels, per_validation=per_validation, nonfinite=nonfinite,
             max_memory=max_memory, spill_dir=spill_dir, projection=projection, preflight=bool(preflight),
-            rank_by=rank_by)
+            rank_by=rank_by, attribution=attribution)
         if every_n_epochs is not None and (isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int)
                                            or every_n_epochs < 1):
             raise ValueError(f"every_n_epochs must be None or a positive integer, got {every_n_epochs!r}")
@@ -181,6 +189,9 @@ class InfluenceCallbackMixin:
         if render is not None and render is not False and not callable(render):
             raise TypeError(f"render must be None, False or a callable sample_id -> image, "
                             f"got {type(render).__name__}")
+        for name, hook in (("describe_query", describe_query), ("render_query", render_query)):
+            if hook is not None and hook is not False and not callable(hook):
+                raise TypeError(f"{name} must be None, False or a callable sample_id -> ..., got {type(hook).__name__}")
         if scores_filename is not None and (not scores_filename or os.path.basename(scores_filename) != scores_filename):
             raise ValueError(f"scores_filename must be a plain file name (use dirpath for the folder), "
                              f"got {scores_filename!r}")
@@ -193,6 +204,8 @@ class InfluenceCallbackMixin:
         self.on_error = on_error
         self.describe = describe
         self.render = render
+        self.describe_query = describe_query
+        self.render_query = render_query
         self.scores_filename = scores_filename
         self.dirpath = None if dirpath is None else os.fspath(dirpath)
         self.verbose = verbose
@@ -276,7 +289,7 @@ class InfluenceCallbackMixin:
         strategy = getattr(trainer, "strategy", None)
         device = self.device if self.device is not None else getattr(strategy, "root_device", None)
         precision = getattr(strategy, "precision_plugin", None)
-        raw_train = train  # the gallery and the decoded text show the samples as the data gives them
+        raw_train, raw_val = train, val  # the gallery and the decoded text show the samples as the data gives them
         if precision is not None:  # batches as training_step sees them (e.g. float64 under "64-true")
             train, val = converting_loader(train, precision.convert_input), converting_loader(val, precision.convert_input)
         context = precision.forward_context() if precision is not None else nullcontext()
@@ -294,7 +307,7 @@ class InfluenceCallbackMixin:
         self._state.update(ran=True, epoch=epoch, global_step=step, audits=int(self._state.get("audits", 0)) + 1,
                            metrics={k: float(v) for k, v in result.metrics.items()
                                     if isinstance(v, (int, float))})
-        self._report(trainer, result, step, epoch_tag, train=raw_train, module=module)
+        self._report(trainer, result, step, epoch_tag, train=raw_train, module=module, val=raw_val)
         return result
 
     # ------------------------------------------------------------------ hooks
@@ -462,7 +475,7 @@ class InfluenceCallbackMixin:
         return logging.getLogger(f"{self._namespace}.callbacks.influence")
 
     def _report(self, trainer: "pl.Trainer", result: AuditResult, step: Optional[int], epoch_tag: bool,
-                train: Any = None, module: Any = None) -> None:
+                train: Any = None, module: Any = None, val: Any = None) -> None:
         folder = self._scores_folder(trainer)  # every rank asks: a collective under DDP
         if not getattr(trainer, "is_global_zero", True):
             return
@@ -471,23 +484,29 @@ class InfluenceCallbackMixin:
         if self._handoff.is_worker():
             self._handoff.leave(result, self._state)
         describe, render = self._sample_hooks(trainer, module, train)
+        describe_query, render_query = None, None
+        if result.attribution is not None:  # the queries: validation samples, or the attribution's own set
+            queries = self.attribution.data if result.attribution.source == "queries" else val
+            describe_query, render_query = self._sample_hooks(trainer, module, queries,
+                                                              (self.describe_query, self.render_query))
         report(result, list(getattr(trainer, "loggers", [])), top_k=self.top_k, describe=describe, step=step,
-               render=render)
+               render=render, describe_query=describe_query, render_query=render_query)
         self._write_scores(trainer, result, epoch_tag, folder)
         verbose = self.verbose if self.verbose is not None else getattr(trainer, "progress_bar_callback", None) \
             is not None
         if verbose:
-            text = summary_text(result, top=10, describe=describe)
+            text = summary_text(result, top=10, describe=describe, describe_query=describe_query)
             if self.scores_path:
                 text += f"\n\nAll scores: {self.scores_path}"
             self._log().info(text)
 
-    def _sample_hooks(self, trainer: "pl.Trainer", module: Any, train: Any) -> Any:
-        """``(describe, render)`` for the reports: the user's hooks, else built from the training
-        data (decoded text through a tokenizer, pictures of image batches), else ``None``."""
+    def _sample_hooks(self, trainer: "pl.Trainer", module: Any, train: Any, hooks: Optional[tuple] = None) -> Any:
+        """``(describe, render)`` for the reports: the user's hooks (``hooks``, default the
+        training data's ``(self.describe, self.render)``), else built from the data ``train``
+        (decoded text through a tokenizer, pictures of image batches), else ``None``."""
         from .reporting import dataset_renderer, find_tokenizer, text_describer
 
-        describe, render = self.describe, self.render
+        describe, render = hooks if hooks is not None else (self.describe, self.render)
         if train is not None and (describe is None or render is None):
             try:
                 dataset, collate = dataset_of(train, "train_data"), collate_of(train)

@@ -168,7 +168,7 @@ class AuditOptions:
 
     Normalised on construction: ``tuning`` and ``curvature`` become their dataclasses, with
     ``damping`` (the shortcut for ``curvature.damping``) folded into ``curvature`` and then
-    ``None``; ``noisy`` a bool tensor, ``clean_labels`` a long tensor, ``params`` a name or a
+    ``None``; ``attribution`` an :class:`~lightning_influence.attribution.AttributionConfig` or ``None``; ``noisy`` a bool tensor, ``clean_labels`` a long tensor, ``params`` a name or a
     list, ``device`` a ``torch.device``. With ``n`` (the number of training samples; not a
     field) the lengths of ``noisy`` and ``clean_labels`` are checked too; else
     :meth:`check_samples` checks them once it is known.
@@ -195,6 +195,7 @@ class AuditOptions:
     projection: Optional[int] = None
     preflight: bool = True
     rank_by: str = "auto"
+    attribution: Any = None
     n: InitVar[Optional[int]] = None
 
     def __post_init__(self, n: Optional[int] = None) -> None:
@@ -227,6 +228,9 @@ class AuditOptions:
         self.clean_labels = check_clean_labels(self.clean_labels, n)
         self.params = self.params if isinstance(self.params, str) else list(self.params)
         self.device = None if self.device is None else torch.device(self.device)
+        from .attribution import coerce_attribution
+
+        self.attribution = coerce_attribution(self.attribution)
 
     def check_samples(self, n: int) -> None:
         """Check that ``noisy`` and ``clean_labels`` hold one value per training sample (``n``)."""

@@ -39,6 +39,11 @@ class AuditResult:
         predicted: ``(n,)`` the tuned model's predicted label, a relabel suggestion.
         noisy: ``(n,)`` bool ground-truth flags, when given.
         per_validation: ``(m, n)`` per-validation-point scores, when asked for.
+        attribution: with ``audit(attribution=...)``, an
+            :class:`~lightning_influence.attribution.Attribution`: per query (by default the
+            validation samples the trained model gets wrong), its ``k`` most helpful and most
+            harmful training samples with their scores. ``save()`` writes it beside the scores
+            file (``<stem>_attribution.csv``).
         excluded: ids of samples left out (non-finite loss or gradient).
         stage_seconds: wall time of each pipeline stage.
         solver_info: the solver's report (iterations, residuals per block).
@@ -71,6 +76,7 @@ class AuditResult:
     rank_by: str = "influence"
     influence: Optional[Tensor] = None
     metrics_by: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    attribution: Optional[Any] = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -128,7 +134,8 @@ class AuditResult:
         noisy flags when known, and the score percentile), most harmful first. The format follows the suffix:
         ``.csv`` (default), ``.json`` (rows + metrics), ``.pt`` (this object's tensors).
         The file is written atomically: a temporary file in the same folder, then a rename,
-        so an interruption never leaves a truncated file under ``path``. Returns ``path``."""
+        so an interruption never leaves a truncated file under ``path``. With :attr:`attribution`,
+        its table goes beside (``<stem>_attribution.csv``; inside the ``.pt`` file too). Returns ``path``."""
         path = os.fspath(path)
         suffix = os.path.splitext(path)[1].lower()
         with atomic_open(path, binary=suffix == ".pt", what="the audit result") as handle:
@@ -144,6 +151,10 @@ class AuditResult:
                                         if rows else ["id", "score", "rank"])
                 writer.writeheader()
                 writer.writerows(rows)
+        if self.attribution is not None:
+            from .attribution import attribution_path
+
+            self.attribution.save(attribution_path(path))
         return path
 
     def to_dict(self) -> Dict[str, Any]:

@@ -252,10 +252,16 @@ def per_validation_scores(train: GradientStore, val: GradientStore, solvers: Map
     every rank's ``m`` validation and ``n`` training samples (``train``/``val``: this rank's
     shards), on every rank: the validation gradients are gathered, each rank scores its
     training shard against all of them, ``chunk`` validation points at a time."""
+    from .attribution import score_chunks  # the one place the per-query score is computed
+
     args = (device, compute_dtype)
     val_all = {name: unshard(dist.all_gather_cat(val.block(name).to(*args)), m, dist.world_size) for name in val.names}
-    local = dist.checkpoint(lambda: torch.cat([
-        cross_influence(train, inverse_direction({k: v[s:s + chunk] for k, v in val_all.items()}, solvers, *args),
-                        chunk, *args)
-        for s in range(0, m, chunk)]))
+
+    def rows(s: int) -> Tensor:
+        directions = inverse_direction({k: v[s:s + chunk] for k, v in val_all.items()}, solvers, *args)
+        blocks = [block.double().cpu() for _, block in score_chunks(train, directions, chunk, *args)]
+        return torch.cat(blocks, 1) if blocks else torch.zeros(next(iter(directions.values())).shape[0], 0,
+                                                               dtype=torch.float64)
+
+    local = dist.checkpoint(lambda: torch.cat([rows(s) for s in range(0, m, chunk)]))
     return unshard(dist.all_gather_cat(local.T.contiguous()), n, dist.world_size).T

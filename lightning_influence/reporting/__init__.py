@@ -24,10 +24,12 @@ from .gallery import Gallery, build_gallery, dataset_renderer, find_tokenizer, t
 from .scalars import log_scalars, mlflow_name, scalar_metrics
 from .summary import summary_text, write_scores_file
 from .tables import markdown_table, text_table, top_k_rows
+from .attribution import attribution_rows, build_attribution_gallery
 
 __all__ = ["report", "logger_kind", "top_k_rows", "markdown_table", "text_table", "summary_text",
            "write_scores_file", "detection_curve_figure", "detection_curve_rows", "scalar_metrics", "ADAPTERS",
-           "Gallery", "build_gallery", "dataset_renderer", "find_tokenizer", "text_describer"]
+           "Gallery", "build_gallery", "dataset_renderer", "find_tokenizer", "text_describer", "attribution_rows",
+           "ATTRIBUTION_ADAPTERS"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,10 @@ LOGGER_CLASSES = {"TensorBoardLogger": "tensorboard", "WandbLogger": "wandb",
 #: (``gallery`` is passed only when there is one)
 ADAPTERS: Dict[str, Callable[..., None]] = {"tensorboard": _tensorboard.write, "wandb": _wandb.write,
                                             "mlflow": _mlflow.write, "csv": _csv.write}
+#: adapter kind -> ``write_attribution(logger, result, rows, step, gallery=None)``: the per-query tables
+ATTRIBUTION_ADAPTERS: Dict[str, Callable[..., None]] = {
+    "tensorboard": _tensorboard.write_attribution, "wandb": _wandb.write_attribution,
+    "mlflow": _mlflow.write_attribution, "csv": _csv.write_attribution}
 #: adapter kind -> metric-name rewrite its backend needs
 RENAMES: Dict[str, Callable[[str], str]] = {"mlflow": mlflow_name}
 #: optional packages each adapter needs, for the warning's hint
@@ -60,7 +66,8 @@ def logger_kind(logger: Any) -> Optional[str]:
 
 def report(result: AuditResult, loggers: Sequence[Any], *, top_k: int = 50,
            describe: Optional[Callable[[int], str]] = None, step: Optional[int] = None,
-           render: Optional[Callable[[int], Any]] = None) -> None:
+           render: Optional[Callable[[int], Any]] = None, describe_query: Optional[Callable[[int], str]] = None,
+           render_query: Optional[Callable[[int], Any]] = None) -> None:
     """Report ``result`` to every logger in ``loggers`` (on global rank zero only).
 
     Every logger gets the scalars via its ``log_metrics(metrics, step)``: ``influence/<name>``
@@ -82,6 +89,10 @@ def report(result: AuditResult, loggers: Sequence[Any], *, top_k: int = 50,
         step: the step passed to the loggers (e.g. ``trainer.global_step``).
         render: optional ``render(sample_id) -> image`` (PIL image, array or tensor, see
             :func:`.gallery.to_image`) for the gallery; e.g. :func:`.gallery.dataset_renderer`.
+        describe_query, render_query: the same for the queries of ``result.attribution`` (samples
+            of the validation or query set). With an attribution, every known logger also gets
+            the per-query tables and, with ``render``/``render_query``, a gallery row per query
+            (:mod:`.attribution`).
     """
     if not is_rank_zero():
         return
@@ -99,6 +110,13 @@ def report(result: AuditResult, loggers: Sequence[Any], *, top_k: int = 50,
         except Exception as err:  # noqa: BLE001 - e.g. a broken image hook: the tables still go out
             warn(f"lightning_influence: could not draw the top-k gallery ({type(err).__name__}: {err})")
     extra = {"gallery": gallery} if gallery is not None else {}
+    attr_rows = attribution_rows(result, describe, describe_query) if result.attribution is not None else []
+    attr_gallery = None
+    if attr_rows:
+        try:
+            attr_gallery = build_attribution_gallery(attr_rows, render, render_query)
+        except Exception as err:  # noqa: BLE001 - the tables still go out
+            warn(f"lightning_influence: could not draw the attribution gallery ({type(err).__name__}: {err})")
     for logger in loggers:
         kind = logger_kind(logger)
         name = type(logger).__name__
@@ -117,6 +135,12 @@ def report(result: AuditResult, loggers: Sequence[Any], *, top_k: int = 50,
                 hint = f" (needs: {PACKAGES[kind]})" if isinstance(err, ImportError) and PACKAGES[kind] else ""
                 warn(f"lightning_influence: could not write the {kind} report to {name}{hint}: "
                      f"{type(err).__name__}: {err}")
+            if attr_rows:
+                try:
+                    ATTRIBUTION_ADAPTERS[kind](logger, result, attr_rows, step=step, gallery=attr_gallery)
+                except Exception as err:
+                    warn(f"lightning_influence: could not write the {kind} attribution report to {name}: "
+                         f"{type(err).__name__}: {err}")
         try:
             logger.save()
         except Exception as err:

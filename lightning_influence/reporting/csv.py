@@ -35,3 +35,19 @@ def save_figure(figure: Any, path: str) -> str:
     with atomic_open(path, binary=True, what="the figure") as handle:
         figure.savefig(handle, format="png")
     return path
+
+
+ATTRIBUTION_FILE = "influence_attribution.csv"
+ATTRIBUTION_GALLERY_FILE = "influence_attribution_gallery.png"
+
+
+def write_attribution(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None,
+                      gallery: Any = None) -> None:
+    """``influence_attribution.csv`` (one row per query, side and rank) and with a ``gallery``
+    ``influence_attribution_gallery.png`` in the logger's ``log_dir``."""
+    from .attribution import columns_of as attribution_columns
+
+    folder = os.fspath(logger.log_dir)
+    write_csv(os.path.join(folder, ATTRIBUTION_FILE), rows, attribution_columns(rows))
+    if gallery is not None:
+        save_figure(gallery.figure(), os.path.join(folder, ATTRIBUTION_GALLERY_FILE))

@@ -29,3 +29,17 @@ def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Op
         client.log_figure(run_id, detection_curve_figure(result), f"{ARTIFACT_DIR}/detection_curve.png")
     if gallery is not None:
         client.log_figure(run_id, gallery.figure(), f"{ARTIFACT_DIR}/gallery.png")
+
+
+def write_attribution(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None,
+                      gallery: Any = None) -> None:
+    """The table ``influence/attribution.json`` (``log_table``) and with a ``gallery`` its
+    picture ``influence/attribution_gallery.png``."""
+    from .attribution import columns_of as attribution_columns
+
+    client, run_id = logger.experiment, logger.run_id
+    cols = attribution_columns(rows)
+    client.log_table(run_id, data={c: [r.get(c) for r in rows] for c in cols},
+                     artifact_file=f"{ARTIFACT_DIR}/attribution.json")
+    if gallery is not None:
+        client.log_figure(run_id, gallery.figure(), f"{ARTIFACT_DIR}/attribution_gallery.png")

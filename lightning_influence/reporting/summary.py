@@ -11,9 +11,11 @@ from ..result import AuditResult
 from .tables import format_cell, text_table, top_k_rows
 
 
-def summary_text(result: AuditResult, top: int = 10, describe: Optional[Callable[[int], str]] = None) -> str:
+def summary_text(result: AuditResult, top: int = 10, describe: Optional[Callable[[int], str]] = None,
+                 describe_query: Optional[Callable[[int], str]] = None) -> str:
     """A one-screen plain-text summary of ``result``: method and solver, number of samples
-    (and excluded ones), wall time per stage, the ``top`` most harmful samples and the metrics."""
+    (and excluded ones), wall time per stage, the ``top`` most harmful samples, the metrics, and
+    with an attribution the training samples behind the first few queries."""
     n = len(result)
     head = f"Influence audit: method={result.method or '?'}, solver={result.solver or '?'}, {n} training samples"
     if result.excluded:
@@ -35,6 +37,10 @@ def summary_text(result: AuditResult, top: int = 10, describe: Optional[Callable
                  if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))]
         for i in range(0, len(items), 4):
             lines.append("  " + "  ".join(items[i:i + 4]))
+    if getattr(result, "attribution", None) is not None:
+        from .attribution import attribution_rows, attribution_text
+
+        lines += attribution_text(result, attribution_rows(result, describe, describe_query))
     return "\n".join(lines)
 
 

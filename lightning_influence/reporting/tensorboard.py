@@ -29,3 +29,17 @@ def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Op
     if gallery is not None:
         writer.add_figure("influence/gallery", gallery.figure(), global_step=step, close=True)
     writer.flush()
+
+
+def write_attribution(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None,
+                      gallery: Any = None) -> None:
+    """One markdown text per query, ``influence/attribution/query_<id>`` (its heading, then its
+    supporters and opposers), and with a ``gallery`` the image ``influence/attribution_gallery``."""
+    from .attribution import by_query, query_markdown
+
+    writer = logger.experiment
+    for query, query_rows in by_query(rows).items():
+        writer.add_text(f"influence/attribution/query_{query}", query_markdown(query_rows), global_step=step)
+    if gallery is not None:
+        writer.add_figure("influence/attribution_gallery", gallery.figure(), global_step=step, close=True)
+    writer.flush()

@@ -41,3 +41,21 @@ def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Op
     if step is not None:  # as WandbLogger.log_metrics does, so the panels share the x-axis
         payload["trainer/global_step"] = step
     logger.experiment.log(payload)
+
+
+def write_attribution(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None,
+                      gallery: Any = None) -> None:
+    """``influence/attribution``: one ``wandb.Table`` (a row per query, side and rank; filter by
+    ``query``), and with a ``gallery`` its picture ``influence/attribution_gallery``."""
+    import wandb
+
+    from .attribution import columns_of as attribution_columns
+
+    cols = attribution_columns(rows)
+    payload: Dict[str, Any] = {"influence/attribution": wandb.Table(columns=cols,
+                                                                    data=[[r.get(c) for c in cols] for r in rows])}
+    if gallery is not None:
+        payload["influence/attribution_gallery"] = wandb.Image(gallery.figure())
+    if step is not None:
+        payload["trainer/global_step"] = step
+    logger.experiment.log(payload)
