@@ -70,6 +70,13 @@ def fit_solvers(curvature: GradientStore, valid: Tensor, solver: SolverSpec, con
     options = config.solver_options or {}
     names = list(curvature.names)
     instances = {name: _make(solver, options) for name in names}
+    if any(callable(getattr(inst, "plan", None)) for inst in instances.values()):
+        # each solver chooses its form (and so its statistics) from N, r, d before the store is
+        # read (hyperinf: low-rank when N·r <= d); N over every rank, alike on each
+        n_plan = int(dist.all_reduce_sum(valid.sum().reshape(1).to(torch.float64))[0])
+        for name, inst in instances.items():
+            if callable(getattr(inst, "plan", None)):
+                inst.plan(n_plan, *curvature.shapes[name])
     streaming = {name: hasattr(inst, "statistics") and hasattr(inst, "fit_statistics")
                  for name, inst in instances.items()}
     reductions = {name: (getattr(inst, "reductions", {"grads": "cat"}) if streaming[name] else {"grads": "cat"})
@@ -230,6 +237,21 @@ def cross_influence(train: GradientStore, inverse: Blocks, chunk: int, device: t
     return scores
 
 
+def _masked_sums(store: GradientStore, valid: Tensor, chunk: int, device: torch.device,
+                 compute_dtype: torch.dtype) -> Dict[str, Tensor]:
+    """``Σ_i g_i`` over the rows where ``valid`` ``(n,)``, ``(1, r, d)`` per block, streamed over
+    chunks of ``chunk`` rows (no copy of a whole block)."""
+    sums = {name: torch.zeros(1, *store.shapes[name], device=device, dtype=compute_dtype) for name in store.names}
+    for start, groups in _group_chunks(store, chunk):
+        for shape, names in _groups(store):
+            data = groups[shape]
+            mask = valid[start:start + data.shape[1]].to(data.device)
+            for b, name in enumerate(names):
+                rows = data[b] if bool(mask.all()) else data[b][mask]
+                sums[name] += rows.to(device, compute_dtype).sum(0, keepdim=True)
+    return sums
+
+
 def method_scores(method: str, train: GradientStore, val: GradientStore, val_valid: Tensor, val_count: float,
                   solvers: Mapping[str, InverseSolver], chunk: int, device: torch.device, compute_dtype: torch.dtype,
                   dist: Collectives = Collectives()) -> Tensor:
@@ -240,7 +262,7 @@ def method_scores(method: str, train: GradientStore, val: GradientStore, val_val
     args = (device, compute_dtype)
     if method in ("vm", "fvm"):
         return dist.checkpoint(lambda: self_influence(train, solvers, chunk, *args))
-    sums = {name: dist.all_reduce_sum(val.block(name)[val_valid].to(*args).sum(0, keepdim=True)) for name in val.names}
+    sums = {name: dist.all_reduce_sum(total) for name, total in _masked_sums(val, val_valid, chunk, *args).items()}
     mean_val = {name: total / val_count for name, total in sums.items()}
     return dist.checkpoint(lambda: cross_influence(train, inverse_direction(mean_val, solvers, *args), chunk, *args)[0])
 

@@ -114,6 +114,29 @@ def test_sharded_strategies_are_refused_in_setup(tmp_path):
     check_strategy(DDPTrainer())  # DDP is supported: no error
 
 
+@pytest.mark.parametrize("kind", ["DeepSpeedStrategy", "FSDPStrategy", "mock-DeepSpeedStrategy"])
+def test_sharded_strategies_are_refused_by_the_callbacks_setup(kind):
+    """Through InfluenceCallback.setup (the hook Lightning calls before training): Lightning's
+    DeepSpeed and FSDP strategies (built without a process group; DeepSpeed needs no deepspeed
+    package for its type), and a user's subclass that only shares the name, all refused with a
+    message that names the strategy and the supported alternative."""
+    from lightning.pytorch import strategies
+
+    from lightning_influence import InfluenceCallback
+    from lightning_influence.callback import InfluenceCallbackError
+
+    if kind.startswith("mock-"):
+        cls = type(kind[5:], (strategies.DDPStrategy,), {})  # e.g. a wrapper defined by the user
+    else:
+        cls = getattr(strategies, kind)
+
+    class FakeTrainer:
+        strategy = cls.__new__(cls)
+
+    with pytest.raises(InfluenceCallbackError, match=rf"{cls.__name__}.*sharded.*strategy='ddp'"):
+        InfluenceCallback().setup(FakeTrainer(), None, "fit")
+
+
 def _failing_rank_worker(rank: int, world: int, port: int, queue) -> None:
     """One process of a 2-rank gloo group whose rank 1 fails inside the gradient stage."""
     import os

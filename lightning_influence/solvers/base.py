@@ -16,7 +16,7 @@ Usage, per block::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, List, Sequence, Type, Union
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor
@@ -60,6 +60,29 @@ class InverseSolver(ABC):
     def fit_statistics(self, stats: Dict[str, Tensor], n: int, damping: float) -> "InverseSolver":
         """Fit from statistics combined over all ``n`` curvature samples. Returns ``self``."""
         return self.fit(stats["grads"], damping)
+
+    def plan(self, n: int, r: int, d: int) -> Any:
+        """Called before any curvature gradient is read, with the number ``n`` of curvature samples
+        (over every rank; the same on each) and the block's gradient shape ``(r, d)``: a solver
+        may choose its form and :attr:`reductions` from them (``hyperinf`` does). Default: nothing."""
+        return None
+
+    # --- memory -------------------------------------------------------------------------------
+
+    def estimate_bytes(self, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+                       gathered: bool = True) -> int:
+        """Peak bytes of the solve stage with this solver on blocks of gradient shapes ``shapes``
+        (``[(r, d)]``) and ``n_curvature`` curvature samples, numbers of ``compute_bytes`` bytes:
+        what the statistics hold (the gathered gradients of every block for a ``"cat"`` statistic,
+        counted when ``gathered``: a copy whenever the store is spilled, of another dtype or split
+        over ranks; a view of a store in RAM otherwise), what the fitted solvers keep, and the
+        temporaries of the largest fit. The pre-flight memory check adds it to the stores' bytes.
+
+        This default (for solvers that keep no more than they are given) counts the gathered
+        gradients when a statistic is ``"cat"``, else 0; a solver that keeps more overrides it."""
+        if not gathered or "cat" not in self.reductions.values():
+            return 0
+        return n_curvature * sum(r * d for r, d in shapes) * compute_bytes
 
     # --- batched fitting and fused scoring (optional; the defaults loop over the blocks) ----
 

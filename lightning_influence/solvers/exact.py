@@ -46,6 +46,14 @@ class ExactSolver(InverseSolver):
     block, streamed).
     """
 
+    def estimate_bytes(self, shapes, n_curvature: int, compute_bytes: int, gathered: bool = True) -> int:
+        """The gathered gradients (when ``gathered``), the kept factor of every block (``N × N``
+        Woodbury, ``D × D`` dense) and the largest block's matrix before it is factored."""
+        sides = [min(n_curvature, r * d) for r, d in shapes]
+        kept = sum(k * k for k in sides) * compute_bytes
+        return (super().estimate_bytes(shapes, n_curvature, compute_bytes, gathered) + kept
+                + max(sides, default=0) ** 2 * max(compute_bytes, 8 if n_curvature > ACCUMULATE_ROWS else 0))
+
     def fit(self, grads: Tensor, damping: float) -> "ExactSolver":
         """Factor the damped Fisher of ``grads`` ``(N, r, d)``; returns ``self``."""
         g = flat(grads)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from . import _lowrank
 from ._linalg import gram
 from .base import InverseSolver, register_solver
 
@@ -27,64 +28,162 @@ class HyperINFSolver(InverseSolver):
     The Gram matrix is a symmetric rank-k update with float32 products accumulated in float64;
     while the residual is above ``float32_until`` (``None``: never) the Schulz products run in
     float32, the last quadratically converging steps in ``compute_dtype``. Blocks of equal
-    ``d`` fitted together (:meth:`fit_group`) iterate as one batched product.
-    ``info = {"iterations": k, "residual": float, "float32_iterations": k32}``; a run that does not converge (or stalls
-    at the rounding floor of ``compute_dtype``) warns with both numbers.
+    ``d`` fitted together (:meth:`fit_group`) iterate as one batched product, in batches whose
+    temporaries stay under ``group_bytes``.
+
+    Low-rank form: when the curvature rows are few (``N·r <= d``: LoRA's MLP blocks, validation
+    sets of tens to hundreds of samples) the same inverse is exact by the Woodbury identity,
+    ``A^{-1} = (I − WᵀW)/λ`` with ``W = L^{-1} G`` (``G`` the ``(N·r, d)`` stack of the curvature
+    gradients, ``L Lᵀ = NλI + GGᵀ``), computed in ``compute_dtype`` and kept as ``W`` in the
+    gradients' dtype: ``O((Nr)²d)`` flops and ``N·r·d`` numbers instead of ``O(d³)`` per Schulz step
+    and ``d²`` numbers (see :mod:`._lowrank`). ``form``: ``"auto"`` (the cheaper by
+    :func:`._lowrank.choose_form`, decided per block from ``N``, ``r``, ``d`` before the store
+    is read: :meth:`plan`), ``"lowrank"`` or ``"schulz"``. Its statistics are the gradients
+    themselves (``"cat"``), the Schulz form's their ``d × d`` Gram (``"sum"``).
+
+    ``info = {"form": "schulz", "iterations": k, "residual": float, "float32_iterations": k32}``
+    or ``{"form": "lowrank", "iterations": 0, "residual": float, "rank": N·r}`` (the residual
+    ``‖A X − I‖_F / √d``, estimated by random probes for the low-rank form); a run that does not
+    converge (or stalls at the rounding floor of ``compute_dtype``) warns with both numbers.
     """
 
     def __init__(self, tol: float = 1e-6, max_iter: int = 100,
                  compute_dtype: Optional[torch.dtype] = torch.float64,
-                 float32_until: Optional[float] = 1e-2) -> None:
+                 float32_until: Optional[float] = 1e-2, form: str = "auto",
+                 group_bytes: int = 256 << 20) -> None:
         super().__init__()
         self.tol, self.max_iter, self.compute_dtype = float(tol), int(max_iter), compute_dtype
         self.float32_until = None if float32_until is None else float(float32_until)
+        if form not in ("auto", "lowrank", "schulz"):
+            raise ValueError(f"hyperinf form must be 'auto', 'lowrank' or 'schulz', got {form!r}")
+        self.form, self.group_bytes = form, int(group_bytes)
+        self._form = "schulz" if form == "auto" else form  # until plan() or fit() sees the shapes
+        self.reductions = {"grads": "cat"} if self._form == "lowrank" else {"gram": "sum"}
 
-    reductions = {"gram": "sum"}  # the d x d sum of g_iᵀ g_i: all-reduced, never the gradients
+    reductions = {"gram": "sum"}  # Schulz: the d x d sum of g_iᵀ g_i, all-reduced, never the gradients
+
+    def plan(self, n: int, r: int, d: int) -> str:
+        """Choose this block's form for ``n`` curvature gradients of shape ``(r, d)`` (known before
+        any is read; the same on every rank) and set :attr:`reductions` to match. Returns the form."""
+        self._form = _lowrank.choose_form(n, r, d) if self.form == "auto" else self.form
+        self.reductions = {"grads": "cat"} if self._form == "lowrank" else {"gram": "sum"}
+        return self._form
+
+    def estimate_bytes(self, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+                       gathered: bool = True) -> int:
+        """Peak bytes of fitting these blocks (and keeping the fitted inverses), see
+        :meth:`InverseSolver.estimate_bytes`: per block the kept ``W`` or ``X``, the summed Gram
+        (Schulz) or the gathered gradients (low-rank, when ``gathered``), and the temporaries of
+        the largest fitting batch (at most ``group_bytes``, at least one block)."""
+        fit_bytes = 4 if self.compute_dtype == torch.float32 else 8
+        total, temp = 0, 0
+        counts: Dict[Tuple[int, int], int] = {}
+        for shape in shapes:
+            counts[tuple(shape)] = counts.get(tuple(shape), 0) + 1
+        for (r, d), count in counts.items():
+            form = _lowrank.choose_form(n_curvature, r, d) if self.form == "auto" else self.form
+            cost = _lowrank.form_cost(form, n_curvature, r, d, out_bytes=compute_bytes, fit_bytes=fit_bytes)
+            total += count * int(cost["kept_bytes"])
+            if form == "schulz":
+                total += count * d * d * fit_bytes                    # the summed Grams, held until the fit
+            elif gathered:
+                total += count * n_curvature * r * d * compute_bytes  # the gathered gradients
+            per = int(cost["temp_bytes"])
+            batch = min(count, max(1, self.group_bytes // max(per, 1)))
+            temp = max(temp, batch * per)
+        return total + temp
 
     def _dtype(self, like: Tensor) -> torch.dtype:
         dtype = self.compute_dtype or like.dtype
         return torch.float32 if dtype == torch.float64 and like.device.type == "mps" else dtype  # no fp64 on MPS
 
     def statistics(self, grads: Tensor) -> Dict[str, Tensor]:
-        """``{"gram": Σ_i g_iᵀ g_i}`` ``(d, d)`` of a chunk ``(N_c, r, d)``: a symmetric rank-k
-        update with products in the gradients' precision, accumulated in ``compute_dtype``."""
+        """Schulz form: ``{"gram": Σ_i g_iᵀ g_i}`` ``(d, d)`` of a chunk ``(N_c, r, d)``, a symmetric
+        rank-k update with products in the gradients' precision, accumulated in ``compute_dtype``.
+        Low-rank form: ``{"grads": grads}`` (no copy). The fitted inverse is kept in the
+        gradients' dtype (float32 or float64)."""
+        if grads.dtype in (torch.float32, torch.float64):
+            self._out_dtype = grads.dtype
+        if self._form == "lowrank":
+            return {"grads": grads.detach()}
         gm = grads.detach().reshape(-1, grads.shape[-1])
         if gm.dtype not in (torch.float32, torch.float64):
             gm = gm.to(self._dtype(grads))
         return {"gram": gram(gm, self._dtype(grads))}
 
     def fit(self, grads: Tensor, damping: float) -> "HyperINFSolver":
-        """Invert the damped GFIM of ``grads`` ``(N, r, d)``; returns ``self``."""
+        """Invert the damped GFIM of ``grads`` ``(N, r, d)`` (the form chosen from this shape
+        unless fixed by ``form``); returns ``self``."""
         self._out_dtype = grads.dtype
+        self.plan(*grads.shape)
         return self.fit_statistics(self.statistics(grads), grads.shape[0], damping)
 
     def fit_statistics(self, stats: Dict[str, Tensor], n: int, damping: float) -> "HyperINFSolver":
-        """Invert ``A = gram / n + λI`` by Schulz iteration; returns ``self``."""
+        """Invert ``A = gram / n + λI`` by Schulz iteration, or by the low-rank form from
+        ``stats["grads"]``; returns ``self``."""
         return type(self).fit_group([self], [stats], [n], [damping])[0]
 
     @classmethod
     def fit_group(cls, solvers: Sequence["HyperINFSolver"], stats: Sequence[Dict[str, Tensor]],
                   counts: Sequence[int], dampings: Sequence[float]) -> List["HyperINFSolver"]:
-        """Fit several solvers at once: the Schulz iterations of blocks with the same ``d`` (and
-        the same options) run as batched products ``(B, d, d)``."""
+        """Fit several solvers at once: blocks with the same shape, form and options run as
+        batched products (``(B, d, d)`` Schulz steps; ``(B, N·r, d)`` low-rank factors), in
+        batches whose temporaries stay under ``group_bytes`` (at least one block per batch)."""
         groups: Dict[Any, List[int]] = {}
         for i, (solver, st) in enumerate(zip(solvers, stats)):
-            key = (type(solver), st["gram"].shape[0], st["gram"].device, solver._dtype(st["gram"]),
-                   solver.tol, solver.max_iter, solver.float32_until)
+            if "grads" in st:
+                g = st["grads"]
+                key = (type(solver), "lowrank", tuple(g.shape), g.device, solver._dtype(g), solver.tol)
+            else:
+                key = (type(solver), "schulz", st["gram"].shape[0], st["gram"].device, solver._dtype(st["gram"]),
+                       solver.tol, solver.max_iter, solver.float32_until)
             groups.setdefault(key, []).append(i)
-        for idx in groups.values():
-            members = [solvers[i] for i in idx]
-            xs, infos = members[0]._schulz(torch.stack([stats[i]["gram"] for i in idx]),
-                                           [counts[i] for i in idx], [dampings[i] for i in idx])
-            for solver, x, info in zip(members, xs, infos):
-                if not info["residual"] < solver.tol:
-                    warnings.warn(f"hyperinf: Schulz iteration did not converge: {info['iterations']} iterations, "
-                                  f"residual {info['residual']:.3g} >= tol {solver.tol:.3g}", RuntimeWarning,
-                                  stacklevel=3)
-                solver._x = x.to(getattr(solver, "_out_dtype", stats[0]["gram"].dtype))
-                solver._cast = None
-                solver.info = info
+        for key, idx in groups.items():
+            first = solvers[idx[0]]
+            fit_bytes = torch.empty((), dtype=key[4]).element_size()
+            if key[1] == "lowrank":
+                n, r, d = key[2]
+                per = _lowrank.form_cost("lowrank", n, r, d, fit_bytes=fit_bytes)["temp_bytes"]
+            else:
+                per = _lowrank.form_cost("schulz", 1, 1, key[2], fit_bytes=fit_bytes)["temp_bytes"]
+            size = max(1, int(first.group_bytes // max(per, 1)))
+            for s in range(0, len(idx), size):
+                part = idx[s:s + size]
+                members = [solvers[i] for i in part]
+                if key[1] == "lowrank":
+                    cls._fit_lowrank(members, [stats[i]["grads"] for i in part], [counts[i] for i in part],
+                                     [dampings[i] for i in part], key[4])
+                    continue
+                xs, infos = first._schulz(torch.stack([stats[i]["gram"] for i in part]),
+                                          [counts[i] for i in part], [dampings[i] for i in part])
+                for i, solver, x, info in zip(part, members, xs, infos):
+                    solver._done(info, "Schulz iteration")
+                    solver._x = x.to(getattr(solver, "_out_dtype", stats[i]["gram"].dtype))
+                    solver._w = solver._cast = None
         return list(solvers)
+
+    @classmethod
+    def _fit_lowrank(cls, members: Sequence["HyperINFSolver"], grads: Sequence[Tensor], counts: Sequence[int],
+                     dampings: Sequence[float], dtype: torch.dtype) -> None:
+        """The low-rank factors ``W`` of blocks of equal shape ``(N, r, d)``, as one batch."""
+        n, r, d = grads[0].shape
+        g = torch.empty(len(grads), n * r, d, dtype=dtype, device=grads[0].device)  # one copy, in the fit dtype
+        for i, x in enumerate(grads):
+            g[i].copy_(x.reshape(n * r, d))
+        ws, residuals = _lowrank.factor(g, counts, dampings, dtype)
+        del g
+        for solver, w, lam, res, x in zip(members, ws, dampings, residuals, grads):
+            solver._done({"form": "lowrank", "iterations": 0, "residual": res, "rank": n * r}, "low-rank solve")
+            solver._w = w.to(getattr(solver, "_out_dtype", x.dtype))
+            solver._lam = float(lam)
+            solver._x = solver._cast = None
+
+    def _done(self, info: Dict[str, Any], what: str) -> None:
+        """Record ``info``; warn if its residual is not under ``tol``."""
+        if not info["residual"] < self.tol:
+            warnings.warn(f"hyperinf: {what} did not converge: {info['iterations']} iterations, "
+                          f"residual {info['residual']:.3g} >= tol {self.tol:.3g}", RuntimeWarning, stacklevel=4)
+        self.info = info
 
     def _schulz(self, grams: Tensor, counts: Sequence[int], dampings: Sequence[float]):
         """``X ≈ (gram/n + λI)^{-1}`` for a stack ``(B, d, d)``: ``(X (B, d, d), [info])``.
@@ -97,7 +196,8 @@ class HyperINFSolver(InverseSolver):
         eye = torch.eye(d, dtype=dtype, device=grams.device)
         scale = torch.tensor([1.0 / max(n, 1) for n in counts], dtype=dtype, device=grams.device).view(b, 1, 1)
         lam = torch.tensor([float(x) for x in dampings], dtype=dtype, device=grams.device).view(b, 1, 1)
-        a = grams.to(dtype) * scale + lam * eye
+        a = grams.to(dtype, copy=True).mul_(scale)  # in place: no (B, d, d) temporaries beyond A
+        a.diagonal(dim1=-2, dim2=-1).add_(lam.view(b, 1))
         # A is symmetric positive definite with λ <= eigenvalues <= ‖A‖_1, so X_0 = α I with
         # α = 2 / (‖A‖_1 + λ) puts every eigenvalue of A X_0 in (0, 2): the iteration always
         # converges, in about log2(κ) steps (half those of the generic start Aᵀ/(‖A‖_1 ‖A‖_∞)).
@@ -108,7 +208,11 @@ class HyperINFSolver(InverseSolver):
                                 and grams.device.type != "mps") else None
         # X_0 = αI: its residual I − αA and the first update X_1 = α(2I − αA) need no product
         first = 1 if self.max_iter >= 1 else 0
-        x = alpha * (eye + (eye - alpha * a)) if first else alpha * eye.expand(b, d, d)
+        if first:  # X_1 = 2αI − α²A
+            x = a * -(alpha * alpha)
+            x.diagonal(dim1=-2, dim2=-1).add_(2 * alpha.view(b, 1))
+        else:
+            x = alpha * eye.expand(b, d, d)
         iters = torch.full((b,), first, dtype=torch.long)
         low_iters = torch.zeros(b, dtype=torch.long)
         res = torch.full((b,), math.inf, dtype=torch.float64)
@@ -148,8 +252,8 @@ class HyperINFSolver(InverseSolver):
             prev[ka] = res_a[keep]
             iters[ka] += 1
             active = ka
-        x = (x + x.transpose(-1, -2)) / 2
-        infos = [{"iterations": int(iters[i]), "residual": float(res[i]), "float32_iterations": int(low_iters[i])}
+        x = (x + x.transpose(-1, -2)).mul_(0.5)
+        infos = [{"form": "schulz", "iterations": int(iters[i]), "residual": float(res[i]), "float32_iterations": int(low_iters[i])}
                  for i in range(b)]
         return x, infos
 
@@ -160,7 +264,19 @@ class HyperINFSolver(InverseSolver):
     @classmethod
     def quadratic_group(cls, solvers: Sequence["HyperINFSolver"], vectors: Tensor) -> Tensor:
         """The quadratic forms of a group of blocks at once: ``vectors`` ``(B, M, r, d)`` →
-        ``(B, M)``, one batched product with the stacked ``X`` ``(B, d, d)``."""
+        ``(B, M)``: one batched product with the stacked ``X`` ``(B, d, d)`` (Schulz), or one
+        ``(M·r, d) × (d, N·r)`` product per block (low-rank: ``(‖v‖² − ‖W vᵀ‖²)/λ``)."""
+        low = [i for i, s in enumerate(solvers) if s._w is not None]
+        if low:
+            if len(low) < len(solvers):  # mixed forms: each part on its own
+                out = torch.empty(vectors.shape[:2], dtype=vectors.dtype, device=vectors.device)
+                dense = [i for i in range(len(solvers)) if i not in low]
+                out[low] = cls.quadratic_group([solvers[i] for i in low], vectors[low])
+                out[dense] = cls.quadratic_group([solvers[i] for i in dense], vectors[dense])
+                return out
+            ws = [s._w_for(vectors.dtype) for s in solvers]
+            v = vectors if ws[0].dtype == vectors.dtype else vectors.to(ws[0].dtype)
+            return _lowrank.quadratic(ws, [s._lam for s in solvers], v).to(vectors.dtype)
         b, m, r, d = vectors.shape
         xs = [s._x_for(vectors.dtype) for s in solvers]
         v = vectors.reshape(b, m * r, d)
@@ -178,18 +294,32 @@ class HyperINFSolver(InverseSolver):
                 out[i, s:s + step] = torch.linalg.vecdot(part @ x, part)
         return out.reshape(b, m, r).sum(-1)
 
+    _x: Optional[Tensor] = None
+    _w: Optional[Tensor] = None
+
     def _x_for(self, dtype: torch.dtype) -> Tensor:
         """``X`` in ``dtype`` for float32/float64 vectors (X was computed in float64, the product
         needn't be), cached."""
-        if self._x.dtype == dtype or dtype not in (torch.float32, torch.float64):
-            return self._x
+        return self._kept_for(self._x, dtype)
+
+    def _w_for(self, dtype: torch.dtype) -> Tensor:
+        """``W`` (low-rank form) in ``dtype`` for float32/float64 vectors, cached."""
+        return self._kept_for(self._w, dtype)
+
+    def _kept_for(self, kept: Tensor, dtype: torch.dtype) -> Tensor:
+        if kept.dtype == dtype or dtype not in (torch.float32, torch.float64):
+            return kept
         cast = getattr(self, "_cast", None)
         if cast is None or cast.dtype != dtype:
-            self._cast = cast = self._x.to(dtype)
+            self._cast = cast = kept.to(dtype)
         return cast
 
     def apply(self, vectors: Tensor) -> Tensor:
-        """Return ``vectors @ X`` for ``vectors`` ``(M, r, d)``: shape ``(M, r, d)``."""
+        """Return ``vectors A^{-1}`` for ``vectors`` ``(M, r, d)``: shape ``(M, r, d)`` (``vectors @ X``,
+        or ``(v − (v Wᵀ) W)/λ`` in the low-rank form)."""
+        if self._w is not None:
+            w = self._w_for(vectors.dtype)
+            return _lowrank.apply(w, self._lam, vectors.to(w.dtype)).to(vectors.dtype)
         x = self._x_for(vectors.dtype)
         if x.dtype == vectors.dtype:
             return vectors @ x

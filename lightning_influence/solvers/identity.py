@@ -20,6 +20,10 @@ class IdentitySolver(InverseSolver):
     def statistics(self, grads: Tensor) -> Dict[str, Tensor]:
         return {}
 
+    def estimate_bytes(self, shapes, n_curvature: int, compute_bytes: int, gathered: bool = True) -> int:
+        """Nothing: no statistics, nothing kept."""
+        return 0
+
     def fit_statistics(self, stats: Dict[str, Tensor], n: int, damping: float) -> "IdentitySolver":
         self.info = {}
         return self

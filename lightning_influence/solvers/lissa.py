@@ -36,6 +36,11 @@ class LiSSASolver(InverseSolver):
         self.max_flops = None if max_flops is None else float(max_flops)
         self.min_iter = int(min_iter)
 
+    def estimate_bytes(self, shapes, n_curvature: int, compute_bytes: int, gathered: bool = True) -> int:
+        """The gathered gradients (when ``gathered``) and ``C`` (``D × D``) of every block with ``D <= N``."""
+        kept = sum((r * d) ** 2 for r, d in shapes if r * d <= n_curvature) * compute_bytes
+        return super().estimate_bytes(shapes, n_curvature, compute_bytes, gathered) + kept
+
     def _cap(self, m: int) -> int:
         """Iterations allowed for ``m`` vectors: ``max_iter``, or fewer under ``max_flops``."""
         if self.max_flops is None:
