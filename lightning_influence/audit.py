@@ -22,6 +22,7 @@ from .losses import LossFn, default_loss, with_sampled_labels
 from .modes import isolated_rng, preserved
 from .metrics import detection_metrics, nan_last_ranking, score_summary
 from .params import Block, ParamsSpec, select_blocks
+from .precision import full_precision
 from .preflight import PreflightReport, check
 from .progress import NullProgress, Progress
 from .projection import project_blocks
@@ -362,6 +363,7 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
 
 
 @_autograd_allowed
+@full_precision()  # the callback keeps autocast on around the audit for the model: not for the solves
 def score(prepared: Prepared, solver: SolverSpec = "hyperinf", curvature: Union[None, CurvatureConfig, Mapping] = None, *,
           noisy: Any = None, clean_labels: Any = None, top_k: int = 50, per_validation: bool = False,
           nonfinite: str = "exclude", progress: Optional[Progress] = None, rank_by: str = "auto",
@@ -570,6 +572,8 @@ def audit(
     if o.preflight:
         report = (dist or default_collectives(o.device if o.device is not None else model_device(model))
                   ).checkpoint(lambda: _autograd_allowed(preflight_check)(model, train_data, val_data, o))
+    # the loss the check confirmed where the default loss takes none on its own (float targets: the MSE)
+    confirmed_loss = o.loss_fn if o.loss_fn is not None or report is None else report.loss_fn
     # a sampler that selects a subset is honoured: the pipeline runs on those samples, in order
     train_ids, val_ids = selected_ids(train_data, "train_data"), selected_ids(val_data, "val_data")
     if train_ids is not None:
@@ -578,7 +582,7 @@ def audit(
         clean_labels = None if clean_labels is None else clean_labels[train_ids]
     if val_ids is not None:
         val_data = subset_loader(val_data, val_ids)
-    prepared = prepare(model, train_data, val_data, loss_fn=o.loss_fn, method=o.method, params=o.params,
+    prepared = prepare(model, train_data, val_data, loss_fn=confirmed_loss, method=o.method, params=o.params,
                        tuning=o.tuning, fisher=o.curvature.fisher, seed=o.seed, batch_size=o.batch_size,
                        grad_dtype=o.grad_dtype, device=o.device, nonfinite=o.nonfinite, max_memory=o.max_memory,
                        spill_dir=o.spill_dir, progress=progress, dist=dist, projection=o.projection,
@@ -709,6 +713,7 @@ def _validation_gradients(working: nn.Module, blocks: List[Block], val_data: Any
         return gather_gradients(working, blocks, val_data, progress=up, name="val_data", indices=val_ids, **gather)
 
 
+@full_precision()
 def _tuning_figures(val: Gathered, dist: Collectives, exact_gradients: bool) -> Tuple[float, float, float, float, float]:
     """The full validation-set loss, accuracy and mean-gradient norm at θ̃ (eval mode), summed
     over ranks from each rank's validation shard, and the gradient noise test's ratio and

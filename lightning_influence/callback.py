@@ -295,7 +295,9 @@ class InfluenceCallbackMixin:
         context = precision.forward_context() if precision is not None else nullcontext()
         is_zero = bool(getattr(trainer, "is_global_zero", True))
         with isolated_rng(), torch.inference_mode(False), torch.enable_grad(), context:
-            result = audit(module, train, val, options=replace(self.options, device=device),
+            confirmed = self.preflight_report.loss_fn if self.preflight_report is not None else None  # float targets
+            options = replace(self.options, device=device, loss_fn=self.options.loss_fn or confirmed)
+            result = audit(module, train, val, options=options,
                            progress=trainer_progress(trainer) if is_zero else NullProgress())
         epoch_seconds = self._last_epoch_compute or (self._epoch_compute or None)
         if epoch_seconds and result.tuning:  # the tuning's cost beside one training epoch

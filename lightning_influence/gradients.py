@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_map
 from .modes import preserved
 from .losses import _SHIFT_DECISIONS, BatchFormatError, LossFn, LossOutput, default_loss
 from .params import Block
+from .precision import full_precision
 
 
 @contextmanager
@@ -68,7 +69,13 @@ class _LinearCapture:
 
 def _linear_grad(block: Block, records: List[List[Optional[Tensor]]], batch_size: int) -> Tensor:
     """Per-sample gradient of a Linear's weight ``(B, out, in)`` or bias ``(B, out)``, summed
-    over every call of the layer in the forward pass."""
+    over every call of the layer in the forward pass. The products run without autocast: in
+    the captured factors' dtype (float32 for half-precision ones), not rounded to bfloat16."""
+    with full_precision():
+        return _linear_grad_sum(block, records, batch_size)
+
+
+def _linear_grad_sum(block: Block, records: List[List[Optional[Tensor]]], batch_size: int) -> Tensor:
     total: Optional[Tensor] = None
     for act, grad in records:
         if grad is None:

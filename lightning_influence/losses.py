@@ -6,7 +6,11 @@ sample, no reduction. Without one, :func:`default_loss` picks by the batch's for
 - the model defines ``per_sample_loss(batch)``: it is used;
 - ``(inputs, targets)``: ``cross_entropy(model(inputs), targets, reduction="none")``;
 - a mapping with ``labels`` (Hugging Face style): per-sample cross entropy of the model's
-  logits; sequence outputs are token-averaged, ignoring label ``-100`` (causal LMs shift).
+  logits; sequence outputs are token-averaged, ignoring label ``-100`` (causal LMs shift; an
+  encoder-decoder's decoder reads the labels shifted right, built by the model's own method).
+
+``(inputs, targets)`` with floating-point targets is refused (:func:`float_targets_message`):
+the pre-flight check confirms :func:`mean_squared_error` against ``training_step`` instead.
 """
 from __future__ import annotations
 
@@ -253,11 +257,16 @@ def default_loss(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None)
         return LossOutput(_check_losses(model.per_sample_loss(batch), batch))
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor):
         inputs, labels = batch
+        if labels.is_floating_point():  # regression: which loss is the user's to say (or to confirm)
+            raise BatchFormatError(float_targets_message(labels))
         logits = _logits_of(model(inputs))
         shift = False
     elif isinstance(batch, Mapping) and "labels" in batch:
         labels = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        decoder_inputs = _decoder_inputs(model, inputs, labels)
+        if decoder_inputs is not None:  # an encoder-decoder: its decoder reads the labels shifted right
+            inputs = {**inputs, "decoder_input_ids": decoder_inputs}
         try:
             logits = _logits_of(_call_with_mapping(model, inputs))
         except TypeError as err:
@@ -275,7 +284,8 @@ def default_loss(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None)
             if kind == "multi_label_classification":
                 losses = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
                 return LossOutput(_check_losses(losses.mean(1), batch))
-        shift = logits.dim() == 3 and token_label_shift(model, inputs, labels)
+        # an encoder-decoder's logits are already aligned with its labels (the decoder shifted them)
+        shift = logits.dim() == 3 and decoder_inputs is None and token_label_shift(model, inputs, labels)
     else:
         raise BatchFormatError(
             f"the default loss can't handle a batch of type {_describe(batch)}; it understands "
@@ -284,6 +294,54 @@ def default_loss(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None)
     losses = cross_entropy_per_sample(logits, labels, shift=shift)
     classification = logits.dim() == 2
     return LossOutput(losses, logits if classification else None, labels if classification else None)
+
+
+def _decoder_inputs(model: nn.Module, inputs: Mapping[str, Any], labels: Tensor) -> Optional[Tensor]:
+    """For a Hugging Face encoder-decoder (T5, BART, ...) whose batch has no decoder inputs: the
+    decoder input ids ``(B, T)`` that the model itself builds from ``labels`` ``(B, T)`` when it is
+    given them (its ``prepare_decoder_input_ids_from_labels``: the labels shifted right behind the
+    decoder start token, -100 replaced by the pad id). ``None`` for any other model or batch."""
+    if any(key in inputs for key in ("decoder_input_ids", "decoder_inputs_embeds")) or labels.dim() != 2:
+        return None
+    hf = hf_model_of(model)
+    prepare = getattr(hf, "prepare_decoder_input_ids_from_labels", None)
+    if hf is None or not getattr(getattr(hf, "config", None), "is_encoder_decoder", False) or prepare is None:
+        return None
+    return prepare(labels=labels)
+
+
+def float_targets(model: nn.Module, batch: Any) -> bool:
+    """Whether ``batch`` is an ``(inputs, targets)`` pair with floating-point targets that the
+    default loss would have to read (no ``per_sample_loss`` on the model): regression, or soft
+    or multi-output targets."""
+    return (not callable(getattr(model, "per_sample_loss", None)) and isinstance(batch, (tuple, list))
+            and len(batch) == 2 and isinstance(batch[1], Tensor) and batch[1].is_floating_point())
+
+
+def float_targets_message(targets: Tensor, found: str = "") -> str:
+    """What to do about floating-point targets ``targets`` ``(B,)`` or ``(B, k)``."""
+    return (f"the batch's targets are floats ({str(targets.dtype).replace('torch.', '')}, shape "
+            f"{tuple(targets.shape)}: regression or soft targets), not class labels{found}. The default loss takes "
+            "the per-sample mean squared error only where the LightningModule's training_step confirms it (the "
+            "callback's pre-flight check). Pass loss_fn=(model, batch) -> per-sample losses of shape (B,), e.g. "
+            "loss_fn=lambda model, batch: (model(batch[0]).reshape(len(batch[1]), -1) - batch[1].reshape("
+            "len(batch[1]), -1)).pow(2).mean(1)")
+
+
+def mean_squared_error(model: nn.Module, batch: Any) -> Tensor:
+    """The per-sample mean squared error ``(B,)`` of an ``(inputs, targets)`` batch with float
+    targets ``(B,)`` or ``(B, k)``: each sample's squared errors averaged over its outputs (so
+    that the batch mean is ``F.mse_loss(outputs, targets)``). The model's outputs must hold as
+    many numbers per sample as the targets."""
+    inputs, targets = batch
+    outputs = _logits_of(model(inputs))
+    size = targets.shape[0]
+    if outputs.shape[0] != size or outputs.numel() != targets.numel():
+        raise BatchFormatError(f"the model's outputs {tuple(outputs.shape)} don't match the float targets "
+                               f"{tuple(targets.shape)} one for one; pass loss_fn=(model, batch) -> per-sample "
+                               "losses (B,)")
+    dtype = torch.promote_types(torch.promote_types(outputs.dtype, targets.dtype), torch.float32)  # as autocast does
+    return (outputs.reshape(size, -1).to(dtype) - targets.reshape(size, -1).to(dtype)).pow(2).mean(1)
 
 
 def _describe(batch: Any) -> str:

@@ -33,12 +33,12 @@ from .data import dataset_of, selected_ids, sequential_loader, to_device
 from .exceptions import PreflightError
 from .gradients import gradient_mode, per_sample_gradients
 from .modes import preserved
-from .losses import LossFn, _call_with_mapping, default_loss, hf_model_of, reported_loss
+from .precision import _autocast_dtype, compute_tolerance
+from .losses import (LossFn, _call_with_mapping, default_loss, float_targets, float_targets_message, hf_model_of,
+                     mean_squared_error, reported_loss)
 from .params import Block, ParamsSpec, select_blocks
 from .solvers.base import SolverSpec
 
-#: the largest relative error between the audit's per-sample loss/gradient and the reference
-TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 #: share of the available RAM the audit may plan to use
 RAM_SHARE = 0.8
 
@@ -62,6 +62,9 @@ class PreflightReport:
         solve_bytes: the solver's estimated peak memory.
         available_bytes: RAM available when the check ran (``None`` if unknown).
         notes: anything the user should know (e.g. a sampler that selects a subset).
+        loss_fn: the per-sample loss the check confirmed for a batch the default loss does not
+            take on its own (float targets: :func:`~lightning_influence.losses.mean_squared_error`),
+            which the audit then uses; ``None`` otherwise.
     """
 
     seconds: float = 0.0
@@ -77,6 +80,7 @@ class PreflightReport:
     solve_bytes: int = 0
     available_bytes: Optional[int] = None
     notes: List[str] = field(default_factory=list)
+    loss_fn: Optional[LossFn] = None
 
     def summary(self) -> str:
         """One line for the log."""
@@ -137,15 +141,19 @@ def check(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional
     batch = to_device(next(iter(sequential_loader(train_data, len(ids), ids.tolist(), name="train_data"))))
     singles = [to_device(b) for b in sequential_loader(train_data, 1, ids.tolist(), name="train_data")]
     report.samples = len(ids)
+    targets: Optional[Tensor] = None
+    if loss_fn is None and float_targets(model, batch):  # regression: the MSE, if training_step confirms it
+        loss_fn, targets, reference_loss = _float_targets_loss(report, model, batch, reference_loss)
     with preserved(model, params=(), training=False):
         with torch.no_grad():
             losses = default_loss(model, batch, loss_fn).losses.detach()
         finite = torch.isfinite(losses).cpu()
         if not bool(finite.any()):
+            report.loss_fn = None  # nothing confirmed it (float targets are then refused by the default loss)
             report.notes.append("the first training samples have a non-finite loss: the loss and gradient checks "
                                 "were skipped (the audit excludes such samples)")
         else:
-            _check_loss(report, model, batch, singles, losses, loss_fn, reference_loss, finite)
+            _check_loss(report, model, batch, singles, losses, loss_fn, reference_loss, finite, targets)
             _check_gradients(report, model, blocks, batch, loss_fn, finite)
     report.seconds = time.perf_counter() - start
     return report
@@ -168,8 +176,9 @@ def _rel(a: Tensor, b: Tensor) -> float:
 
 def _check_loss(report: PreflightReport, model: nn.Module, batch: Any, singles: List[Any], losses: Tensor,
                 loss_fn: Optional[LossFn], reference_loss: Optional[Callable[[Any], Optional[Tensor]]],
-                finite: Tensor) -> None:
-    """Each sample's loss in the batch = the model's own loss for it alone (finite ones only)."""
+                finite: Tensor, targets: Optional[Tensor] = None) -> None:
+    """Each sample's loss in the batch = the model's own loss for it alone (finite ones only).
+    ``targets``: the float targets whose mean squared error is on trial (:func:`_float_targets_loss`)."""
     reference: Optional[List[float]] = None
     if loss_fn is None and not hasattr(model, "per_sample_loss") and isinstance(batch, Mapping) and "labels" in batch:
         reference, report.loss_reference = _own_losses(model, singles), "the model's own loss"
@@ -177,19 +186,48 @@ def _check_loss(report: PreflightReport, model: nn.Module, batch: Any, singles: 
         reference, report.loss_reference = _reference_losses(reference_loss, singles), "training_step"
     if reference is None:
         report.loss_reference = None
+        if targets is not None:
+            raise PreflightError(float_targets_message(targets, ", and the LightningModule's training_step could "
+                                                                "not be run on one sample to confirm the loss"))
         return
     expected = torch.tensor(reference, dtype=torch.float64)[finite]
     got = losses.double().cpu()[finite]
-    tol = TOLERANCE.get(losses.dtype, 1e-3)
+    first = next(iter(model.parameters()), None)  # the model's arithmetic, autocast included (precision.py)
+    tol = compute_tolerance(first.dtype if first is not None else losses.dtype, losses.device)
     error = float(((got - expected).abs() / expected.abs().clamp_min(1e-8)).max())
     report.loss_error = error
     if error > max(tol, 1e-5):
         rows = ", ".join(f"{g:.5g} vs {e:.5g}" for g, e in zip(got.tolist(), expected.tolist()))
+        if targets is not None:
+            raise PreflightError(float_targets_message(
+                targets, f"; their per-sample mean squared error is not the loss training_step computes (each alone: "
+                         f"{rows}; relative error {error:.2g})"))
         raise PreflightError(
             f"the audit's per-sample loss does not match {report.loss_reference} on the first training samples "
             f"(each alone: {rows}; relative error {error:.2g}). The scores would belong to another objective. Pass "
             "loss_fn=(model, batch) -> per-sample losses of shape (B,) that computes the training loss sample by "
             "sample (or define per_sample_loss(batch) on the module); preflight=False skips this check")
+
+
+def _float_targets_loss(report: PreflightReport, model: nn.Module, batch: Any,
+                        reference_loss: Optional[Callable[[Any], Optional[Tensor]]]
+                        ) -> Tuple[LossFn, Tensor, Callable[[Any], Optional[Tensor]]]:
+    """``(loss_fn, targets, reference_loss)`` for an ``(inputs, targets)`` batch with float
+    targets: :func:`~lightning_influence.losses.mean_squared_error`, to be confirmed sample by
+    sample against ``reference_loss`` (else the module's own ``training_step``); with neither, a
+    :class:`PreflightError` that says the targets are floats and names ``loss_fn``. Once the loss
+    check confirms it, ``report.loss_fn`` holds it for the audit."""
+    if reference_loss is None:
+        from .trainer_data import training_step_loss  # audit() of a LightningModule, outside a fit
+
+        reference_loss = training_step_loss(model) if callable(getattr(model, "training_step", None)) else None
+    if reference_loss is None:
+        raise PreflightError(float_targets_message(batch[1], ", and the model has no training_step to confirm a "
+                                                             "mean squared error against"))
+    report.loss_fn = mean_squared_error
+    report.notes.append("float targets: the per-sample mean squared error (mean over outputs), confirmed against "
+                        "training_step")
+    return mean_squared_error, batch[1], reference_loss
 
 
 def _own_losses(model: nn.Module, singles: List[Any]) -> Optional[List[float]]:
@@ -203,7 +241,7 @@ def _own_losses(model: nn.Module, singles: List[Any]) -> Optional[List[float]]:
                     loss = reported_loss(_call_with_mapping(owner, dict(one)))
                     if loss is None:
                         break
-                    values.append(float(loss.float()))
+                    values.append(float(loss.double()))
         except Exception:  # noqa: BLE001 - this owner can't be asked: try the next one
             continue
         if len(values) == len(singles):
@@ -218,7 +256,7 @@ def _reference_losses(reference_loss: Callable[[Any], Optional[Tensor]], singles
             loss = reference_loss(one)
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 return None
-            values.append(float(loss.float()))
+            values.append(float(loss.double()))
     return values
 
 
@@ -235,21 +273,32 @@ def _check_gradients(report: PreflightReport, model: nn.Module, blocks: List[Blo
             found = torch.autograd.grad(out.losses[i], params, retain_graph=True, allow_unused=True)
             for b, g in zip(blocks, found):
                 expected[b.name].append(b.to_matrix((torch.zeros_like(b.param) if g is None else g).unsqueeze(0))[0])
-    bad = []
+    bad, allowed = [], {}
     for b in blocks:
         want = torch.stack(expected[b.name])
         have = got[b.name][finite.to(got[b.name].device)]
         rows = torch.isfinite(want).flatten(1).all(1)  # a non-finite gradient is excluded by the audit
         error = _rel(have[rows], want[rows]) if bool(rows.any()) else 0.0
         report.gradient_error[b.name] = error
-        if not error <= TOLERANCE.get(b.param.dtype, 1e-3):
+        tol = compute_tolerance(b.param.dtype, b.param.device)  # what this precision's rounding allows
+        if not error <= tol:
             bad.append(f"{b.name} ({error:.2g})")
+            allowed[tol] = str(b.param.dtype).replace("torch.", "")
     if bad:
         raise PreflightError(
             f"the per-sample gradients of {len(bad)} audited parameter(s) disagree with autograd of each sample's "
-            f"loss (relative error): {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}. The parameter is used "
+            f"loss (relative error): {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}, where rounding allows "
+            f"{max(allowed):.2g} (precision.py: {_arithmetic(blocks)}). The parameter is used "
             "where the audit can't see it (outside its layer, or the batch does not split into samples). Leave it "
             "out with params=[...] name patterns, or pass a loss_fn whose batch splits into samples")
+
+
+def _arithmetic(blocks: List[Block]) -> str:
+    """The arithmetic the check ran in, for its messages: the parameters' dtype and autocast's."""
+    param = blocks[0].param
+    found = _autocast_dtype(param.device.type)
+    name = str(param.dtype).replace("torch.", "")
+    return name + (f" parameters under {str(found).replace('torch.', '')} autocast" if found is not None else "")
 
 
 # ---------------------------------------------------------------------- memory
