@@ -7,6 +7,13 @@ The fvm score path is exercised: HyperINF fitted on 500 in-memory validation gra
 then the training gradients are scored chunk by chunk from disk.
 
 Run: python benchmarks/store_memory.py [--quick] [--sizes 50000 100000 200000]
+
+``--scenario mlp`` (issue 18): a whole ``audit()`` where one block dominates, an MLP
+64-1024-1024-10 with every parameter audited (1.1M numbers per sample), 600 training and 200
+validation samples, ``method="vm"``, run in a fresh process per budget (none, and half the
+store): the peak RSS growth over the audit (sampled every 2 ms by a thread, and the kernel's
+``ru_maxrss``), per stage, against the pre-flight check's estimate (``result.preflight``).
+Writes ``results/store_memory_mlp_<date>.json``.
 """
 from __future__ import annotations
 
@@ -70,6 +77,130 @@ def run_one(n: int, budget: int, spill_dir: str) -> dict:
     return out
 
 
+class _Sampler:
+    """Samples this process's RSS every ``period`` s in a thread: the peak overall and per stage
+    (the stage is whatever :meth:`stage` last set; the audit's progress reports it)."""
+
+    def __init__(self, period: float = 0.002) -> None:
+        import threading
+
+        import psutil
+
+        self.proc, self.period, self.label = psutil.Process(), period, "start"
+        self.peaks: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        return self.proc.memory_info().rss
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            value = self.rss()
+            self.peaks[self.label] = max(self.peaks.get(self.label, 0), value)
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "_Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def mlp_child(budget: float, n: int, m: int, hidden: int, batch: int) -> dict:
+    """One audit of the dominant-block MLP in this process; ``budget``: max_memory as a share
+    of the training store (0: none). Returns the peak RSS growth (sampled, per stage, and
+    ``ru_maxrss``), the stage times and the pre-flight estimate."""
+    from contextlib import contextmanager
+
+    from torch import nn
+
+    from lightning_influence import audit
+    from lightning_influence.progress import Progress
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    x, y = torch.randn(n + m, 64), torch.randint(0, 10, (n + m,))
+    train = torch.utils.data.TensorDataset(x[:n], y[:n])
+    val = torch.utils.data.TensorDataset(x[n:], y[n:])
+    numbers = sum(p.numel() for p in model.parameters())
+    store = n * numbers * 4
+    max_memory = int(store * budget) if budget else None
+    sampler = _Sampler()
+
+    class Stages(Progress):
+        @contextmanager
+        def stage(self, name: str, total: int):
+            sampler.label = name
+            yield lambda k: None
+            sampler.label = "between"
+
+    base = sampler.rss()
+    base_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sampler.label = "preflight"
+    t0 = time.perf_counter()
+    with sampler:
+        result = audit(model, train, val, method="vm", params="trainable", batch_size=batch, max_memory=max_memory,
+                       progress=Stages())
+    wall = time.perf_counter() - t0
+    ru_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report = result.preflight
+    estimate = getattr(report, "peak_bytes", 0) or (min(report.store_bytes, max_memory or report.store_bytes)
+                                                    + report.val_bytes + report.solve_bytes)
+    return {"budget_share": budget, "max_memory": max_memory, "n": n, "m": m, "numbers_per_sample": numbers,
+            "store_bytes": store, "rss_before": base, "peak_growth_sampled": max(sampler.peaks.values()) - base,
+            "peak_growth_ru_maxrss": (ru_max - base) if ru_max > base_max else None,
+            "peak_growth_by_stage": {k: v - base for k, v in sampler.peaks.items()},
+            "estimate_bytes": estimate, "preflight": {k: getattr(report, k) for k in
+                                                      ("store_bytes", "val_bytes", "solve_bytes", "numbers_per_sample")},
+            "preflight_peak_bytes": getattr(report, "peak_bytes", None),
+            "stage_seconds": result.stage_seconds, "wall_s": wall,
+            "scores": result.influence.tolist()}
+
+
+def mlp_scenario(args: argparse.Namespace) -> None:
+    """The issue-18 scenario: one child process per budget; the table and a dated JSON."""
+    runs = []
+    for share in args.budgets:
+        proc = subprocess.run([sys.executable, __file__, "--mlp-child", str(share), str(args.n), str(args.m),
+                               str(args.hidden), str(args.batch)], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-4000:])
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ref = torch.tensor(runs[0]["scores"], dtype=torch.float64)
+    rows = []
+    for r in runs:
+        s = torch.tensor(r.pop("scores"), dtype=torch.float64)
+        r["max_rel_score_diff_vs_first"] = float(((s - ref).abs() / ref.abs().clamp_min(1e-30)).max())
+        bound = (r["max_memory"] if r["max_memory"] else r["store_bytes"]) + r["preflight"]["val_bytes"] + \
+            r["preflight"]["solve_bytes"]
+        r["budget_plus_val_plus_solve"] = bound
+        rows.append([f"{r['budget_share']:g}" if r["budget_share"] else "none",
+                     f"{(r['max_memory'] or 0) / GIB:.2f}", f"{r['peak_growth_sampled'] / GIB:.2f}",
+                     f"{(r['peak_growth_ru_maxrss'] or 0) / GIB:.2f}", f"{r['estimate_bytes'] / GIB:.2f}",
+                     f"{r['peak_growth_sampled'] / max(r['estimate_bytes'], 1):.2f}",
+                     f"{r['peak_growth_sampled'] / bound:.2f}",
+                     max(r["peak_growth_by_stage"], key=r["peak_growth_by_stage"].get), f"{r['wall_s']:.1f}",
+                     f"{r['max_rel_score_diff_vs_first']:.1e}"])
+    result = {"tables": [{
+        "title": f"audit() peak memory when one block dominates (MLP 64-{args.hidden}-{args.hidden}-10, every "
+                 f"parameter audited, n={args.n}, m={args.m}, vm)",
+        **provenance(__file__),
+        "columns": ["max_memory / store", "max_memory GiB", "peak RSS growth GiB (sampled)", "ru_maxrss growth GiB",
+                    "check's estimate GiB", "peak / estimate", "peak / (budget + val + solve)", "peak stage",
+                    "audit s", "max rel. score diff vs first"],
+        "rows": rows,
+        "notes": ["peak RSS growth over the audit() call, sampled every 2 ms in a thread (psutil); ru_maxrss growth "
+                  "is shown only when the audit raised the process's lifetime maximum",
+                  "budget + val + solve: max_memory (the store when none) + the validation store + the solve's "
+                  "estimate"],
+    }], "raw": {"runs": runs}}
+    date = time.strftime("%Y-%m-%d")
+    write_results(result, args.out or os.path.join(common.RESULTS, f"store_memory_mlp_{date}.json"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 100_000, 200_000])
@@ -80,7 +211,25 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for the test suite")
     parser.add_argument("--hidden", type=int, default=384, help="block width (MiniLM: 384)")
     parser.add_argument("--child", nargs=3, metavar=("N", "BUDGET", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--scenario", choices=["synthetic", "mlp"], default="synthetic")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.0, 0.5, 0.25],
+                        help="mlp: max_memory as shares of the training store (0: none)")
+    parser.add_argument("--n", type=int, default=600, help="mlp: training samples")
+    parser.add_argument("--m", type=int, default=200, help="mlp: validation samples")
+    parser.add_argument("--batch", type=int, default=32, help="mlp: batch size")
+    parser.add_argument("--mlp-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.mlp_child:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        b, n, m, h, bs = args.mlp_child
+        print(json.dumps(mlp_child(float(b), int(n), int(m), int(h), int(bs))))
+        return
+    if args.scenario == "mlp":
+        if args.hidden == 384:
+            args.hidden = 1024
+        args.out = None if args.out == os.path.join(common.RESULTS, "store_memory.json") else args.out
+        mlp_scenario(args)
+        return
     global SHAPES
     SHAPES = shapes(args.hidden)
     if args.child:

@@ -33,7 +33,7 @@ from .scoring import fit_solvers, method_scores, per_validation_scores, solver_i
 from .attribution import coerce_attribution, explain, query_outcomes as query_outcomes_at
 from .solvers import solver_name
 from .solvers.base import SolverSpec
-from .store import GradientStore
+from .store import GradientStore, chunk_bytes
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -53,7 +53,8 @@ def preflight_check(model: nn.Module, train_data: Any, val_data: Any, options: A
     o = options
     return check(model, train_data, val_data, loss_fn=o.loss_fn, params=o.params, method=o.method, solver=o.solver,
                  fisher=o.curvature.fisher, grad_dtype=parse_grad_dtype(o.grad_dtype, None), device=o.device,
-                 max_memory=o.max_memory, spill_dir=o.spill_dir, projection=o.projection, **extra)
+                 max_memory=o.max_memory, spill_dir=o.spill_dir, projection=o.projection, batch_size=o.batch_size,
+                 **extra)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -142,6 +143,7 @@ def gather_gradients(model: nn.Module, blocks: List[Block], data: Any, *, batch_
                     labels[start:start + size] = out.labels.long().cpu()
                     predicted[start:start + size] = out.logits.argmax(-1).cpu()
                 start += size
+                del grads, out  # one batch's gradients alive at a time, not two (the next replaces them)
                 if progress is not None:
                     progress(size)
     except BaseException:
@@ -151,10 +153,11 @@ def gather_gradients(model: nn.Module, blocks: List[Block], data: Any, *, batch_
 
 
 def _chunk_rows(store: GradientStore, batch_size: int, max_memory: Optional[int]) -> int:
-    """Rows of training gradients scored at once: 8 batches, fewer under a memory budget (an
-    eighth of it per chunk, leaving room for the solver's temporaries)."""
-    rows = max(1, batch_size * 8)
-    return rows if max_memory is None else min(rows, store.chunk_size(max_memory // 8))
+    """Rows of gradients read at once by the fit, the solve and the scores (``batch_size``:
+    unused, kept for callers): as many samples as :func:`store.chunk_bytes` of every block's
+    rows allows (an eighth of ``max_memory``, or 256 MiB without one), at least one, so that a
+    block of a million numbers per sample is streamed by sample chunks too."""
+    return store.chunk_size(chunk_bytes(max_memory))
 
 
 def _fit_storage(store: GradientStore, grads: Dict[str, Tensor], rows: int, name: str,
@@ -713,6 +716,20 @@ def _validation_gradients(working: nn.Module, blocks: List[Block], val_data: Any
         return gather_gradients(working, blocks, val_data, progress=up, name="val_data", indices=val_ids, **gather)
 
 
+def _column_slices(store: GradientStore, keep: Tensor, count: int, budget: int = 8 << 20) -> Iterator[Tensor]:
+    """Every block's rows ``keep`` ``(M,)``, flattened to ``(M_kept, numbers)`` and cut into column
+    slices of at most ``budget`` bytes once in float64 (``count``: the kept rows over all ranks,
+    the same on each, so every rank slices alike and the collectives of the consumer stay matched):
+    sums over samples, squares and Gram matrices summed over the slices equal those of the whole
+    blocks, without a float64 copy of a whole block (8 MB per sample for a million numbers)."""
+    step = max(1, budget // (8 * max(int(count), 1)))
+    for name in store.names:
+        block = store.block(name)
+        flat = block.reshape(block.shape[0], -1)
+        for s in range(0, flat.shape[1], step):
+            yield flat[:, s:s + step][keep]
+
+
 @full_precision()
 def _tuning_figures(val: Gathered, dist: Collectives, exact_gradients: bool) -> Tuple[float, float, float, float, float]:
     """The full validation-set loss, accuracy and mean-gradient norm at θ̃ (eval mode), summed
@@ -727,8 +744,7 @@ def _tuning_figures(val: Gathered, dist: Collectives, exact_gradients: bool) -> 
     nan = float("nan")
     # the mean gradient against its own sampling noise, from every validation sample's gradient (a ratio of
     # norms and inner products, so a random projection, which keeps them, leaves it meaningful)
-    norm, noise_ratio, z = gradient_noise_test((val.store.block(name)[keep] for name in val.store.names), int(count),
-                                               dist.all_reduce_sum)
+    norm, noise_ratio, z = gradient_noise_test(_column_slices(val.store, keep, int(count)), int(count), dist.all_reduce_sum)
     grad = norm if exact_gradients else nan
     return (float(sums[0]) / count if count else nan, float(sums[2] / sums[3]) if float(sums[3]) else nan, grad,
             noise_ratio, z)

@@ -60,6 +60,10 @@ class PreflightReport:
         train_samples, val_samples: how many samples the audit will score / tune on.
         store_bytes: the training-gradient store; ``val_bytes`` the validation one.
         solve_bytes: the solver's estimated peak memory.
+        peak_bytes: the audit's estimated peak memory growth, the largest of its stages (a bound
+            on the measured peak RSS growth of ``audit()``; what the RAM check compares):
+            ``val + store in RAM + max(model copy + tuning state + one batch's gradients,
+            chunk buffers + solve)``; ``peak_parts`` holds each term in bytes.
         available_bytes: RAM available when the check ran (``None`` if unknown).
         notes: anything the user should know (e.g. a sampler that selects a subset).
         loss_fn: the per-sample loss the check confirmed for a batch the default loss does not
@@ -78,6 +82,8 @@ class PreflightReport:
     store_bytes: int = 0
     val_bytes: int = 0
     solve_bytes: int = 0
+    peak_bytes: int = 0
+    peak_parts: Dict[str, int] = field(default_factory=dict)
     available_bytes: Optional[int] = None
     notes: List[str] = field(default_factory=list)
     loss_fn: Optional[LossFn] = None
@@ -98,7 +104,7 @@ def check(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional
           grad_dtype: Optional[torch.dtype] = None, device: Union[None, str, torch.device] = None,
           max_memory: Optional[int] = None, spill_dir: Optional[str] = None, projection: Optional[int] = None,
           reference_loss: Optional[Callable[[Any], Optional[Tensor]]] = None, samples: int = 3,
-          convert: Optional[Callable[[Any], Any]] = None) -> PreflightReport:
+          convert: Optional[Callable[[Any], Any]] = None, batch_size: int = 32) -> PreflightReport:
     """Run the pre-flight check (see the module docstring); raise on the first problem.
 
     Args:
@@ -110,6 +116,7 @@ def check(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional
             callback passes the LightningModule's ``training_step``); compared sample by sample.
         samples: how many training samples to check (2-3 keep it cheap).
         convert: applied to each batch after collation (the precision plugin's input conversion).
+        batch_size: the audit's gradient batch size (its per-batch gradients count in the peak).
     Returns:
         A :class:`PreflightReport`.
     """
@@ -134,7 +141,8 @@ def check(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional
 
         model = copy_model(model)
     blocks = select_blocks(model, params)
-    _check_memory(report, blocks, store_dtype, method, solver, fisher, max_memory, spill_dir, projection)
+    _check_memory(report, blocks, store_dtype, method, solver, fisher, max_memory, spill_dir, projection,
+                  model=model, batch_size=batch_size)
 
     ids = (torch.arange(n_all) if train_ids is None else train_ids)[:max(1, samples)]
     to_device = _to_device(device, convert)
@@ -346,8 +354,48 @@ def _solve_bytes(blocks: List[Block], solver: SolverSpec, n_curvature: int, proj
     return 0
 
 
+def _peak_parts(report: PreflightReport, blocks: List[Block], dtype: torch.dtype, method: str, fisher: str,
+                max_memory: Optional[int], projection: Optional[int], model: Optional[nn.Module],
+                batch_size: int) -> Dict[str, int]:
+    """The terms of the audit's peak memory growth, in bytes (see :attr:`PreflightReport.peak_bytes`):
+
+    - ``val``: the validation store (always in RAM), ``store``: the training store(s) in RAM (0
+      when spilled past ``max_memory``);
+    - ``model``: the audit's copy of the model (parameters and buffers); ``tuning``: vm/fvm's
+      state of the tuned (audited) parameters: gradient, momentum or SAM's, θ* kept for a retry;
+    - ``batch``: one batch's per-sample gradients ``batch × numbers`` in the compute dtype, with
+      the transposed copy and finiteness mask of the largest block;
+    - ``chunks``: the rows read at once (:func:`store.chunk_bytes`): a spilled store's read
+      buffer, a float32 copy of float16 rows, and the solver's per-chunk temporaries of one block;
+    - ``solve``: the solver's own peak (:func:`_solve_bytes`).
+    """
+    from .store import chunk_bytes
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    compute_bytes = 8 if dtype == torch.float64 else 4
+    sizes = [r * d for r, d in (_shape(b, projection) for b in blocks)]
+    numbers, largest = sum(sizes), max(sizes, default=0)
+    tuned = method in ("vm", "fvm")
+    one_store = report.train_samples * numbers * itemsize
+    spilled = max_memory is not None and one_store > max_memory
+    row = max(numbers * itemsize, 1)
+    rows = max(1, min(max(report.train_samples, report.val_samples), chunk_bytes(max_memory) // row))
+    chunk = rows * row
+    convert = rows * numbers * compute_bytes if itemsize != compute_bytes else 0
+    model_bytes = 0
+    if model is not None:
+        model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    audited = sum(b.param.numel() * b.param.element_size() for b in blocks)
+    return {"val": report.val_bytes, "store": 0 if spilled else report.store_bytes, "model": model_bytes,
+            "tuning": (4 if method == "fvm" else 3) * audited if tuned else 0,
+            "batch": batch_size * (numbers + 2 * largest) * compute_bytes,
+            "chunks": (chunk if spilled else 0) + convert + rows * largest * compute_bytes,
+            "solve": report.solve_bytes}
+
+
 def _check_memory(report: PreflightReport, blocks: List[Block], dtype: torch.dtype, method: str, solver: SolverSpec,
-                  fisher: str, max_memory: Optional[int], spill_dir: Optional[str], projection: Optional[int]) -> None:
+                  fisher: str, max_memory: Optional[int], spill_dir: Optional[str], projection: Optional[int],
+                  model: Optional[nn.Module] = None, batch_size: int = 32) -> None:
     itemsize = torch.empty((), dtype=dtype).element_size()
     compute_bytes = 8 if dtype == torch.float64 else 4
     numbers = _numbers(blocks, projection)
@@ -360,11 +408,13 @@ def _check_memory(report: PreflightReport, blocks: List[Block], dtype: torch.dty
     if fisher == "true" and not tuned:
         report.store_bytes *= 2
     report.solve_bytes = _solve_bytes(blocks, solver, curvature_rows, projection, compute_bytes)
+    parts = report.peak_parts = _peak_parts(report, blocks, dtype, method, fisher, max_memory, projection, model,
+                                            batch_size)
+    report.peak_bytes = need = parts["val"] + parts["store"] + max(parts["model"] + parts["tuning"] + parts["batch"],
+                                                                   parts["chunks"] + parts["solve"])
     report.available_bytes = available = available_ram()
     if available is None:
         return
-    in_ram = report.store_bytes if max_memory is None else min(report.store_bytes, max_memory)
-    need = in_ram + report.val_bytes + report.solve_bytes
     budget = int(available * RAM_SHARE)
     spilled = max_memory is not None and report.store_bytes > max_memory
     folder = spill_dir or tempfile.gettempdir()
@@ -390,7 +440,7 @@ def _check_memory(report: PreflightReport, blocks: List[Block], dtype: torch.dty
     raise PreflightError(
         f"the audit would not fit in {where}: the training-gradient store needs {_size(report.store_bytes)} ({n:,} samples "
         f"× {numbers:,} numbers × {itemsize} bytes), the validation store {_size(report.val_bytes)} and the solve about "
-        f"{_size(report.solve_bytes)}, against {_size(available)} of available RAM"
+        f"{_size(report.solve_bytes)}, a peak of about {_size(need)} in all, against {_size(available)} of available RAM"
         + (f" and {_size(disk)} free under {folder}" if spilled and disk is not None else "")
         + ". Options: " + "; ".join(options))
 

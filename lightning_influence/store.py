@@ -3,8 +3,10 @@
 The store is pre-allocated for ``n`` samples. Under ``max_memory`` bytes it lives in RAM.
 Past it, each block is a flat binary file under ``spill_dir``, written and read by explicit
 positioned I/O (not ``mmap``: mapped pages would count towards the process's resident memory
-and grow it to the size of the file). The solvers and the scoring read it chunk by chunk,
-so peak memory stays bounded whatever ``n`` is.
+and grow it to the size of the file). The solvers and the scoring read it chunk by chunk of
+samples, every block's rows of a chunk together: :func:`chunk_bytes` of rows at once (an eighth
+of ``max_memory``, or :data:`DEFAULT_CHUNK_BYTES`), however large one block is, so peak memory
+stays bounded whatever ``n`` and the blocks' sizes are.
 """
 from __future__ import annotations
 
@@ -18,6 +20,18 @@ import torch
 from torch import Tensor
 
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+#: bytes of gradient rows (all blocks of a chunk of samples) read or viewed at once without a budget
+DEFAULT_CHUNK_BYTES = 256 << 20
+#: under ``max_memory`` one chunk of rows takes this share of it (the rest: its float32 conversion,
+#: the solver's per-chunk temporaries, the per-batch gradients of the gathering)
+CHUNK_SHARE = 8
+
+
+def chunk_bytes(max_memory: Optional[int]) -> int:
+    """Bytes of stored rows read at once (summed over blocks): ``max_memory / CHUNK_SHARE``, or
+    :data:`DEFAULT_CHUNK_BYTES` without a budget. :meth:`GradientStore.chunk_size` turns it into rows."""
+    return DEFAULT_CHUNK_BYTES if max_memory is None else max(1, int(max_memory) // CHUNK_SHARE)
 
 
 def join_rows(parts: Sequence[Tensor]) -> Tensor:
@@ -109,11 +123,14 @@ class GradientStore:
         """Store a batch ``{name: (B, r, d)}`` at rows ``start .. start+B``."""
         for name, g in grads.items():
             g = g.detach().to("cpu", self.dtype)
-            if self.spilled:
-                data = g.contiguous().numpy().tobytes()
-                written = os.pwrite(self._files[name], data, start * self._row_bytes(name))
-                if written != len(data):
-                    raise OSError(f"short write to the gradient spill file of {name} ({written}/{len(data)} bytes)")
+            if self.spilled:  # the tensor's own bytes, no copy of them (a batch can be large)
+                data = memoryview(g.contiguous().numpy()).cast("B")
+                offset, done = start * self._row_bytes(name), 0
+                while done < len(data):
+                    written = os.pwrite(self._files[name], data[done:], offset + done)
+                    if written <= 0:
+                        raise OSError(f"short write to the gradient spill file of {name} ({done}/{len(data)} bytes)")
+                    done += written
             else:
                 self.blocks[name][start:start + g.shape[0]].copy_(g)
 
