@@ -222,7 +222,7 @@ class Prepared:
     train: Gathered
     val: Gathered
     curvature: Gathered
-    loss_trained: Tensor
+    loss_trained: Optional[Tensor]
     tune_stats: Dict[str, float]
     stages: StageTimes
     dist: Collectives
@@ -265,8 +265,13 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
             grad_dtype: Union[None, str, torch.dtype] = None, device: Union[None, str, torch.device] = None,
             nonfinite: str = "exclude", max_memory: Optional[int] = None, spill_dir: Optional[str] = None,
             progress: Optional[Progress] = None, dist: Optional[Collectives] = None,
-            projection: Optional[int] = None, attribution: Any = None) -> Prepared:
+            projection: Optional[int] = None, attribution: Any = None, loss_at_trained: bool = True) -> Prepared:
     """Stages 1-3: copy the model, tune the copy (vm/fvm), gather per-sample gradients.
+
+    ``loss_at_trained``: for vm/fvm, also each training sample's loss at θ* (a forward pass over
+    the training set, about 0.4 of a training epoch, needed only by the ``loss_trained`` ranking
+    and its baseline metrics: :func:`audit` asks for it when ``noisy`` or ``rank_by="loss_trained"``
+    is given); ``standard`` has it free from its gradient pass.
 
     With ``attribution`` (an :class:`~lightning_influence.attribution.AttributionConfig`) also
     the query candidates' outcomes at θ* (before tuning) and a separate query set's gradients.
@@ -318,7 +323,8 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
         if tuned:  # θ̃, checked on the full validation set from its gradients at θ̃
             loss_trained, tune_stats, val = _tune_and_check(
                 working, blocks, train_data, val_data, tuning_cfg, method == "fvm", loss_fn, batch_size, device,
-                seed, n, m, train_ids, val_ids, gather, stages, progress, dist, exact_gradients=projection is None)
+                seed, n, m, train_ids, val_ids, gather, stages, progress, dist, exact_gradients=projection is None,
+                loss_at_trained=loss_at_trained)
         else:
             val = dist.checkpoint(lambda: _validation_gradients(working, blocks, val_data, val_ids, gather, stages,
                                                                 progress))
@@ -357,7 +363,7 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
     finally:
         del working
     return Prepared(method, n, m, train_ids, val_ids, train, val, curv,
-                    loss_trained if loss_trained is not None else train.losses, tune_stats, stages, dist, device,
+                    train.losses if not tuned else loss_trained, tune_stats, stages, dist, device,
                     compute_dtype, _chunk_rows(train.store, batch_size, max_memory),
                     {"method": method, "params": params if isinstance(params, str) else list(params), "seed": seed,
                      "batch_size": batch_size, "grad_dtype": str(store_dtype), "tuning": as_dict(tuning_cfg),
@@ -431,18 +437,23 @@ def score(prepared: Prepared, solver: SolverSpec = "hyperinf", curvature: Union[
     if bool((scores[train_valid] == 0).all()):
         warnings.warn("every score is 0: the audited parameters' per-sample gradients all vanish, so the ranking "
                       "carries no information (check params= and the loss)", RuntimeWarning)
-    loss_trained, loss_tuned = full(p.loss_trained, p.n), full(p.train.losses, p.n)
+    loss_trained = None if p.loss_trained is None else full(p.loss_trained, p.n)
+    loss_tuned = full(p.train.losses, p.n)
     labels, predicted = full(p.train.labels, p.n), full(p.train.predicted, p.n)
     if bool((labels < 0).all()):
         labels = predicted = None
 
     influence = scores
-    rankings = {"influence": influence, "loss_trained": loss_trained.clone()}
+    rankings = {"influence": influence}
+    if loss_trained is not None:
+        rankings["loss_trained"] = loss_trained.clone()
     if p.method in ("vm", "fvm"):
         rankings["loss_tuned"] = loss_tuned.clone()
     for values in rankings.values():
         values[~train_valid] = float("nan")  # excluded samples rank last whatever the ranking
     chosen = options.rank_by_resolved
+    if chosen not in rankings:
+        raise ValueError(f"rank_by={chosen!r}: this Prepared has no loss at θ* (prepare(..., loss_at_trained=True))")
     scores = rankings[chosen]
 
     def metrics_stage() -> Tuple[Tensor, Dict[str, float], Dict[str, Dict[str, float]]]:
@@ -589,7 +600,9 @@ def audit(
                        tuning=o.tuning, fisher=o.curvature.fisher, seed=o.seed, batch_size=o.batch_size,
                        grad_dtype=o.grad_dtype, device=o.device, nonfinite=o.nonfinite, max_memory=o.max_memory,
                        spill_dir=o.spill_dir, progress=progress, dist=dist, projection=o.projection,
-                       attribution=o.attribution)
+                       attribution=o.attribution,
+                       # the loss at θ* is a forward pass over the training set: only when a ranking uses it
+                       loss_at_trained=noisy is not None or o.rank_by == "loss_trained")
     try:
         result = score(prepared, o.solver, o.curvature, noisy=noisy, clean_labels=clean_labels, top_k=o.top_k,
                        per_validation=o.per_validation, nonfinite=o.nonfinite, progress=progress, rank_by=o.rank_by,
@@ -645,11 +658,12 @@ _THETA_STAR_FIGURES = ("val_loss_trained", "val_acc_trained", "grad_norm_start",
 def _tune_and_check(working: nn.Module, blocks: List[Block], train_data: Any, val_data: Any, config: TuningConfig,
                     sharpness_aware: bool, loss_fn: Optional[LossFn], batch_size: int, device: torch.device, seed: int,
                     n: int, m: int, train_ids: Tensor, val_ids: Tensor, gather: Dict[str, Any], stages: StageTimes,
-                    progress: Progress, dist: Collectives, exact_gradients: bool,
-                    ) -> Tuple[Tensor, Dict[str, float], Gathered]:
+                    progress: Progress, dist: Collectives, exact_gradients: bool, loss_at_trained: bool = True,
+                    ) -> Tuple[Optional[Tensor], Dict[str, float], Gathered]:
     """Stage 2 (vm/fvm): tune ``working`` in place to θ̃ and check it on the full validation set.
 
-    Returns the training losses at θ* ``(n_r,)`` (this rank's shard), the tuning statistics
+    Returns the training losses at θ* ``(n_r,)`` (this rank's shard; ``None`` unless
+    ``loss_at_trained``), the tuning statistics
     (:func:`tuning.tune`, checked by :func:`tuning.verify`) and the validation gradients at θ̃,
     which the check needs and the scores reuse. When the full-set loss rose with a probed
     learning rate, tuning restarts from θ* at a smaller one (:func:`tuning.retry_config`,
@@ -661,7 +675,7 @@ def _tune_and_check(working: nn.Module, blocks: List[Block], train_data: Any, va
         with stages("loss_at_trained"):
             return training_losses(working, train_data, batch_size, device, loss_fn, train_ids)
 
-    loss_trained = dist.checkpoint(losses_stage)
+    loss_trained = dist.checkpoint(losses_stage) if loss_at_trained else None
     factory = bucketed_loader_factory(val_data, config.batch_size, seed, "val_data", pool=50 if config.bucket else 0)
     cost = relative_sample_cost(train_data, val_data, seed) if config.epochs == "auto" else 1.0
     check_ids = grad_check_ids(m, seed)  # the samples of the gradient yardstick at θ* and the lr probe

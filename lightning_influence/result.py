@@ -33,7 +33,9 @@ class AuditResult:
         metrics_by: with ``noisy``, the detection metrics of every ranking, side by side:
             ``{"influence": {...}, "loss_tuned": {...}, "loss_trained": {...}}``.
         method, solver: what produced the scores.
-        loss_trained: ``(n,)`` each sample's training loss at the trained weights θ*.
+        loss_trained: ``(n,)`` each sample's training loss at the trained weights θ*: for vm/fvm
+            only when ``noisy`` flags or ``rank_by="loss_trained"`` ask for it (a forward pass over
+            the training set), else ``None``; always for ``standard``.
         loss_tuned: ``(n,)`` the loss at the validation-tuned weights θ̃ (``vm``/``fvm``).
         labels: ``(n,)`` the given class labels (classification), else ``None``.
         predicted: ``(n,)`` the tuned model's predicted label, a relabel suggestion.
