@@ -177,7 +177,12 @@ def _eager_attention(model: nn.Module) -> Iterator[bool]:
     attention until exit (yields whether any was switched). Their sdpa mask code checks the
     attention mask's values to skip it (``masking_utils._ignore_causal_mask_sdpa``), a
     data-dependent branch ``vmap`` can't trace; eager attention builds the same mask without
-    it and computes the same function. Restored on exit, also after an exception."""
+    it and computes the same function. Restored on exit, also after an exception.
+
+    Encoder (bidirectional) masks take one more value check on the way
+    (``masking_utils._ignore_bidirectional_mask_sdpa``: is any token padded?), eager attention
+    included; inside ``vmap`` it answers "don't skip" (:func:`_vmappable_bidirectional_masks`),
+    which builds the same all-visible mask that skipping it stands for (T5, BART's encoders)."""
     switched = []
     try:
         for module in model.modules():
@@ -189,10 +194,38 @@ def _eager_attention(model: nn.Module) -> Iterator[bool]:
                 except Exception:  # noqa: BLE001 - a model without eager attention: leave it
                     continue
                 switched.append(module)
-        yield bool(switched)
+        with _vmappable_bidirectional_masks():
+            yield bool(switched)
     finally:
         for module in reversed(switched):
             module.set_attn_implementation("sdpa")
+
+
+@contextmanager
+def _vmappable_bidirectional_masks() -> Iterator[None]:
+    """Until exit, Hugging Face's check whether a bidirectional mask can be skipped (a value
+    check: ``padding_mask.all()``) answers ``False`` for a mask inside ``vmap`` instead of
+    failing there; elsewhere it is unchanged. A no-op where transformers has no such check."""
+    try:
+        from transformers import masking_utils
+    except ImportError:  # transformers is optional
+        yield
+        return
+    original = getattr(masking_utils, "_ignore_bidirectional_mask_sdpa", None)
+    if original is None:
+        yield
+        return
+
+    def check(padding_mask: Optional[Tensor], *args: Any, **kwargs: Any) -> bool:
+        if padding_mask is not None and torch._C._functorch.is_functorch_wrapped_tensor(padding_mask):
+            return False
+        return original(padding_mask, *args, **kwargs)
+
+    masking_utils._ignore_bidirectional_mask_sdpa = check
+    try:
+        yield
+    finally:
+        masking_utils._ignore_bidirectional_mask_sdpa = original
 
 
 def _splittable(batch: Any) -> Tuple[Any, Callable[[Any], Any]]:

@@ -242,7 +242,8 @@ def cross_entropy_per_sample(logits: Tensor, labels: Tensor, shift: bool = False
         if bad.numel():
             raise ValueError(f"token labels out of range [0, {n_cls}) (or {IGNORE_INDEX} to ignore): "
                              f"e.g. {bad[:5].tolist()}")
-    token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+    flat = logits.reshape(-1, logits.shape[-1])
+    token = F.cross_entropy(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat, labels.reshape(-1),
                             ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
     mask = (labels != IGNORE_INDEX).to(token.dtype)
     return (token * mask).sum(1) / mask.sum(1).clamp_min(1)
