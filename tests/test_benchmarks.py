@@ -145,6 +145,20 @@ def test_roofline_quick(tmp_path):
     assert doc["spill"]["spilled_reads_over_store"] == 1.0  # one read of the store per fitting pass
 
 
+def test_solve_llm_quick(tmp_path):
+    """benchmarks/solve_llm.py --quick: the solve per solver (the low-rank hyperinf form chosen on
+    these few-row blocks), its float32 accuracy, the 7B projection."""
+    doc = run_quick("solve_llm.py", tmp_path / "solve.json")
+    check_tables(doc, notes=True)
+    runs = {r["solver"]: r for r in doc["raw"]["runs"]}
+    assert {"hyperinf/lowrank", "exact", "datainf", "hyperinf/schulz (extrapolated)"} <= set(runs)
+    assert all(r["finite"] for r in doc["raw"]["runs"] if "finite" in r)
+    acc = doc["raw"]["accuracy"]
+    assert acc["lowrank_vs_dense_lu"]["rel_err"] < 1e-9
+    assert acc["shared_directions"]["max_rel_err_per_block"] < 1e-4
+    assert len(doc["raw"]["projection_7b"]) == 6
+
+
 # --------------------------------------------------------------------------- tuning check, removal
 
 @pytest.mark.parametrize("script", ["tuning_check.py", "removal.py"])

@@ -33,9 +33,9 @@ class HyperINFSolver(InverseSolver):
 
     Low-rank form: when the curvature rows are few (``N·r <= d``: LoRA's MLP blocks, validation
     sets of tens to hundreds of samples) the same inverse is exact by the Woodbury identity,
-    ``A^{-1} = (I − WᵀW)/λ`` with ``W = L^{-1} G`` (``G`` the ``(N·r, d)`` stack of the curvature
-    gradients, ``L Lᵀ = NλI + GGᵀ``), computed in ``compute_dtype`` and kept as ``W`` in the
-    gradients' dtype: ``O((Nr)²d)`` flops and ``N·r·d`` numbers instead of ``O(d³)`` per Schulz step
+    ``A^{-1} = (I − Q diag(1 − w) Qᵀ)/λ`` with ``G = U Σ Qᵀ`` the SVD of the ``(N·r, d)`` stack of
+    the curvature gradients and ``w = Nλ/(Nλ + σ²)``, computed in ``compute_dtype`` (from the
+    eigendecomposition of ``GGᵀ``) and kept as ``Q`` and ``w`` in the gradients' dtype: ``O((Nr)²d)`` flops and ``N·r·d`` numbers instead of ``O(d³)`` per Schulz step
     and ``d²`` numbers (see :mod:`._lowrank`). ``form``: ``"auto"`` (the cheaper by
     :func:`._lowrank.choose_form`, decided per block from ``N``, ``r``, ``d`` before the store
     is read: :meth:`plan`), ``"lowrank"`` or ``"schulz"``. Its statistics are the gradients
@@ -72,7 +72,7 @@ class HyperINFSolver(InverseSolver):
     def estimate_bytes(self, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
                        gathered: bool = True) -> int:
         """Peak bytes of fitting these blocks (and keeping the fitted inverses), see
-        :meth:`InverseSolver.estimate_bytes`: per block the kept ``W`` or ``X``, the summed Gram
+        :meth:`InverseSolver.estimate_bytes`: per block the kept ``Q`` or ``X``, the summed Gram
         (Schulz) or the gathered gradients (low-rank, when ``gathered``), and the temporaries of
         the largest fitting batch (at most ``group_bytes``, at least one block)."""
         fit_bytes = 4 if self.compute_dtype == torch.float32 else 8
@@ -165,16 +165,17 @@ class HyperINFSolver(InverseSolver):
     @classmethod
     def _fit_lowrank(cls, members: Sequence["HyperINFSolver"], grads: Sequence[Tensor], counts: Sequence[int],
                      dampings: Sequence[float], dtype: torch.dtype) -> None:
-        """The low-rank factors ``W`` of blocks of equal shape ``(N, r, d)``, as one batch."""
+        """The low-rank factors ``Q``, ``w`` of blocks of equal shape ``(N, r, d)``, as one batch."""
         n, r, d = grads[0].shape
         g = torch.empty(len(grads), n * r, d, dtype=dtype, device=grads[0].device)  # one copy, in the fit dtype
         for i, x in enumerate(grads):
             g[i].copy_(x.reshape(n * r, d))
-        ws, residuals = _lowrank.factor(g, counts, dampings, dtype)
+        qs, ws, residuals = _lowrank.factor(g, counts, dampings, dtype)
         del g
-        for solver, w, lam, res, x in zip(members, ws, dampings, residuals, grads):
+        for solver, q, w, lam, res, x in zip(members, qs, ws, dampings, residuals, grads):
             solver._done({"form": "lowrank", "iterations": 0, "residual": res, "rank": n * r}, "low-rank solve")
-            solver._w = w.to(getattr(solver, "_out_dtype", x.dtype))
+            out = getattr(solver, "_out_dtype", x.dtype)
+            solver._w, solver._weights = q.to(out), w.to(out)
             solver._lam = float(lam)
             solver._x = solver._cast = None
 
@@ -265,7 +266,8 @@ class HyperINFSolver(InverseSolver):
     def quadratic_group(cls, solvers: Sequence["HyperINFSolver"], vectors: Tensor) -> Tensor:
         """The quadratic forms of a group of blocks at once: ``vectors`` ``(B, M, r, d)`` →
         ``(B, M)``: one batched product with the stacked ``X`` ``(B, d, d)`` (Schulz), or one
-        ``(M·r, d) × (d, N·r)`` product per block (low-rank: ``(‖v‖² − ‖W vᵀ‖²)/λ``)."""
+        ``(M·r, d) × (d, N·r)`` product and its way back per block (low-rank:
+        ``(‖v − (vQ)Qᵀ‖² + Σ_k w_k (v·q_k)²)/λ``, a sum of non-negative terms)."""
         low = [i for i, s in enumerate(solvers) if s._w is not None]
         if low:
             if len(low) < len(solvers):  # mixed forms: each part on its own
@@ -274,9 +276,10 @@ class HyperINFSolver(InverseSolver):
                 out[low] = cls.quadratic_group([solvers[i] for i in low], vectors[low])
                 out[dense] = cls.quadratic_group([solvers[i] for i in dense], vectors[dense])
                 return out
-            ws = [s._w_for(vectors.dtype) for s in solvers]
-            v = vectors if ws[0].dtype == vectors.dtype else vectors.to(ws[0].dtype)
-            return _lowrank.quadratic(ws, [s._lam for s in solvers], v).to(vectors.dtype)
+            qs = [s._w_for(vectors.dtype) for s in solvers]
+            v = vectors if qs[0].dtype == vectors.dtype else vectors.to(qs[0].dtype)
+            ws = [s._weights.to(qs[0].dtype) for s in solvers]
+            return _lowrank.quadratic(qs, ws, [s._lam for s in solvers], v).to(vectors.dtype)
         b, m, r, d = vectors.shape
         xs = [s._x_for(vectors.dtype) for s in solvers]
         v = vectors.reshape(b, m * r, d)
@@ -295,7 +298,7 @@ class HyperINFSolver(InverseSolver):
         return out.reshape(b, m, r).sum(-1)
 
     _x: Optional[Tensor] = None
-    _w: Optional[Tensor] = None
+    _w: Optional[Tensor] = None  # the low-rank form's Q (K, d); its weights w in _weights
 
     def _x_for(self, dtype: torch.dtype) -> Tensor:
         """``X`` in ``dtype`` for float32/float64 vectors (X was computed in float64, the product
@@ -303,7 +306,7 @@ class HyperINFSolver(InverseSolver):
         return self._kept_for(self._x, dtype)
 
     def _w_for(self, dtype: torch.dtype) -> Tensor:
-        """``W`` (low-rank form) in ``dtype`` for float32/float64 vectors, cached."""
+        """``Q`` (low-rank form) in ``dtype`` for float32/float64 vectors, cached."""
         return self._kept_for(self._w, dtype)
 
     def _kept_for(self, kept: Tensor, dtype: torch.dtype) -> Tensor:
@@ -316,10 +319,10 @@ class HyperINFSolver(InverseSolver):
 
     def apply(self, vectors: Tensor) -> Tensor:
         """Return ``vectors A^{-1}`` for ``vectors`` ``(M, r, d)``: shape ``(M, r, d)`` (``vectors @ X``,
-        or ``(v − (v Wᵀ) W)/λ`` in the low-rank form)."""
+        or ``(v − ((vQ) ⊙ (1 − w)) Qᵀ)/λ`` in the low-rank form)."""
         if self._w is not None:
-            w = self._w_for(vectors.dtype)
-            return _lowrank.apply(w, self._lam, vectors.to(w.dtype)).to(vectors.dtype)
+            q = self._w_for(vectors.dtype)
+            return _lowrank.apply(q, self._weights.to(q.dtype), self._lam, vectors.to(q.dtype)).to(vectors.dtype)
         x = self._x_for(vectors.dtype)
         if x.dtype == vectors.dtype:
             return vectors @ x
