@@ -310,12 +310,12 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
     attribution = coerce_attribution(attribution)
     query_data = attribution.data if attribution is not None else None
     mq = len(dataset_of(query_data, "attribution.data")) if query_data is not None else 0
-    query_ids = shard_ids(mq, dist.rank, dist.world_size)
+    query_ids = shard_ids(mq, dist.rank, dist.world_size) if query_data is not None else val_ids
     query_outcomes = None
     if attribution is not None and (tuned or query_data is not None):  # the trained model's outcomes, at θ*
         query_outcomes = dist.checkpoint(lambda: query_outcomes_at(
-            working, query_data if query_data is not None else val_data, batch_size, device, loss_fn,
-            query_ids if query_data is not None else val_ids, "attribution.data" if query_data is not None else "val_data"))
+            working, query_data if query_data is not None else val_data, batch_size, device, loss_fn, query_ids,
+            "attribution.data" if query_data is not None else "val_data"))
     queries: Optional[Gathered] = None
     try:
         loss_trained: Optional[Tensor] = None

@@ -324,9 +324,10 @@ def float_targets_message(targets: Tensor, found: str = "") -> str:
     return (f"the batch's targets are floats ({str(targets.dtype).replace('torch.', '')}, shape "
             f"{tuple(targets.shape)}: regression or soft targets), not class labels{found}. The default loss takes "
             "the per-sample mean squared error only where the LightningModule's training_step confirms it (the "
-            "callback's pre-flight check). Pass loss_fn=(model, batch) -> per-sample losses of shape (B,), e.g. "
-            "loss_fn=lambda model, batch: (model(batch[0]).reshape(len(batch[1]), -1) - batch[1].reshape("
-            "len(batch[1]), -1)).pow(2).mean(1)")
+            "callback's pre-flight check). Pass loss_fn=(model, batch) -> per-sample losses of shape (B,): for the "
+            "mean squared error loss_fn=lightning_influence.losses.mean_squared_error, which is "
+            "lambda model, batch: (model(batch[0]).reshape(len(batch[1]), -1) - batch[1].reshape(len(batch[1]), "
+            "-1)).pow(2).mean(1)")
 
 
 def mean_squared_error(model: nn.Module, batch: Any) -> Tensor:
