@@ -7,6 +7,12 @@ summary, logs to TensorBoard (with a gallery of the most harmful digits) and wri
 sample's score to a CSV file. The digits are stored flat (64 features), so the demo passes
 `render=` to show them as 8x8 pictures.
 
+It also explains the model's mistakes (``attribution=``): for each validation digit the trained
+model gets wrong, the training digits behind the prediction, the most helpful (they lower that
+digit's loss) and the most harmful (they raise it), with the planted label flips marked. They go
+to every logger (a table per query, a gallery row per query) and to
+``influence_scores_attribution.csv`` beside the scores file.
+
 Run: python examples/demo.py [--epochs 40] [--logdir demo_logs] [--gallery docs/gallery.png]
 Then: tensorboard --logdir demo_logs
 """
@@ -23,7 +29,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_influence import InfluenceCallback, TuningConfig
+from lightning_influence import AttributionConfig, InfluenceCallback, TuningConfig
 from tasks import noisy_digits
 
 
@@ -64,6 +70,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.2)
     parser.add_argument("--logdir", default="demo_logs")
     parser.add_argument("--gallery", default=None, help="also copy the top-k gallery PNG here")
+    parser.add_argument("--explain", type=int, default=5, help="mistakes to print with the training digits behind them")
     args = parser.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -74,7 +81,9 @@ def main() -> None:
         method="fvm", solver="hyperinf", params="lora", noisy=split.noisy, clean_labels=split.clean_labels,
         top_k=50, tuning=TuningConfig(steps=300),
         render=lambda i: split.train.x[i].reshape(8, 8),  # the flat 64 features are an 8x8 picture
-        describe=lambda i: f"digit image #{i}: given {int(split.train.y[i])}, clean {int(split.clean_labels[i])}")
+        describe=lambda i: f"digit image #{i}: given {int(split.train.y[i])}, clean {int(split.clean_labels[i])}",
+        attribution=AttributionConfig(k=10, max_queries=20),  # the validation digits the model gets wrong
+        render_query=lambda j: split.val.x[j].reshape(8, 8))
     loggers = [TensorBoardLogger(args.logdir, name="digits"), CSVLogger(args.logdir, name="digits_csv")]
     trainer = L.Trainer(max_epochs=args.epochs, callbacks=[callback], logger=loggers, accelerator="cpu",
                         log_every_n_steps=10, enable_model_summary=False, deterministic=True)
@@ -85,12 +94,33 @@ def main() -> None:
         raise SystemExit(f"the audit failed: {callback.last_error!r}")
     print(f"\nTensorBoard logs: {os.path.abspath(loggers[0].log_dir)}  (tensorboard --logdir {args.logdir})")
     print(f"Every sample's score: {callback.scores_path}")
+    explain(result, split, args.explain)
     gallery = os.path.join(loggers[1].log_dir, "influence_gallery.png")
     print(f"The {callback.top_k} most harmful digits: {gallery}")
     if args.gallery:
         os.makedirs(os.path.dirname(os.path.abspath(args.gallery)), exist_ok=True)
         shutil.copyfile(gallery, args.gallery)
         print(f"  copied to {args.gallery}")
+
+
+def explain(result, split, count: int, top: int = 5) -> None:
+    """Print, for the first ``count`` explained mistakes, the training digits behind them."""
+    a = result.attribution
+    flips = split.noisy
+    print(f"\nThe model's mistakes ({a.rule}) and the training digits behind them "
+          f"(* = a planted label flip, given->clean):")
+    for j in range(min(count, len(a))):
+        q = int(a.query_ids[j])
+        print(f"  validation #{q}: a {int(split.val.y[q])}, predicted {int(a.query_predicted[j])}")
+        for side, ids in (("helpful", a.helpful_ids[j]), ("harmful", a.harmful_ids[j])):
+            cells = [f"#{i}{'*' if flips[i] else ''} {int(split.train.y[i])}"
+                     + (f"->{int(split.clean_labels[i])}" if flips[i] else "") for i in ids[:top].tolist()]
+            share = int(flips[ids].sum())
+            print(f"    {side:8s} {', '.join(cells)}   ({share}/{a.k} of the top {a.k} flipped)")
+    share = float(flips[a.harmful_ids].float().mean())
+    print(f"  over all {len(a)} mistakes: {100 * share:.0f}% of the top-{a.k} harmful training digits are flips, "
+          f"{100 * float(flips[a.helpful_ids].float().mean()):.0f}% of the helpful ones "
+          f"({100 * float(flips.float().mean()):.0f}% of the training set)")
 
 
 if __name__ == "__main__":

@@ -280,3 +280,47 @@ def test_image_run_logs_a_gallery_row_per_query(tmp_path):
     beside = os.path.join(os.path.dirname(cb.scores_path), "influence_scores_attribution.csv")
     with open(beside, newline="") as handle:
         assert len(list(csv.DictReader(handle))) == len(a) * 2 * 3
+
+
+def _gloo_rank(rank: int, port: int, queue) -> None:
+    """One of two gloo processes: the audit's attribution over its shards (odd sizes: unequal shards)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        train, val = gaussian_blobs(37, 13, 6)
+        result = audit(mlp(d_in=6), train, val, method="standard", attribution={"queries": "all", "k": 3}, **OPTIONS)
+        a = result.attribution
+        queue.put((rank, *(t.tolist() for t in (a.query_ids, a.harmful_ids, a.harmful_scores, a.helpful_ids,
+                                                 a.helpful_scores))))  # lists: no shared memory past exit
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        queue.put((rank, repr(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_give_the_one_process_attribution():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_rank, args=(r, port, queue)) for r in range(2)]
+    [p.start() for p in procs]
+    outcome = dict((item[0], item[1:]) for item in (queue.get(timeout=240) for _ in range(2)))
+    [p.join(timeout=30) for p in procs]
+    train, val = gaussian_blobs(37, 13, 6)
+    single = audit(mlp(d_in=6), train, val, method="standard", attribution={"queries": "all", "k": 3}, **OPTIONS)
+    a = single.attribution
+    for rank in (0, 1):
+        got = outcome[rank]
+        assert len(got) == 5, got
+        got = [torch.tensor(g, dtype=torch.float64 if i in (2, 4) else torch.long) for i, g in enumerate(got)]
+        assert torch.equal(got[0], a.query_ids) and torch.equal(got[1], a.harmful_ids) and torch.equal(got[3], a.helpful_ids)
+        torch.testing.assert_close(got[2], a.harmful_scores)
+        torch.testing.assert_close(got[4], a.helpful_scores)
