@@ -28,8 +28,6 @@ from .distributed import Collectives
 
 Blocks = Mapping[str, Tensor]
 QUERY_RULES = ("auto", "all")
-#: bytes of query directions ``(m_c, P)`` held at once when no ``max_memory`` is given
-QUERY_BUDGET = 256 << 20
 
 
 def _is_data(value: Any) -> bool:
@@ -290,10 +288,12 @@ def merge_ranks(values: Tensor, ids: Tensor, k: int, dist: Collectives) -> Tuple
 
 
 def query_chunk_size(directions_bytes_per_query: int, max_memory: Optional[int]) -> int:
-    """Queries per pass over the training store: their directions fit an eighth of
-    ``max_memory`` (or :data:`QUERY_BUDGET`)."""
-    budget = QUERY_BUDGET if max_memory is None else max(int(max_memory) // 8, 1)
-    return max(1, budget // max(directions_bytes_per_query, 1))
+    """Queries per pass over the training store: their directions ``(m_c, P)`` fit the budget
+    of one chunk of stored rows (:func:`~lightning_influence.store.chunk_bytes`: an eighth of
+    ``max_memory``, or 256 MiB without one)."""
+    from .store import chunk_bytes
+
+    return max(1, chunk_bytes(max_memory) // max(directions_bytes_per_query, 1))
 
 
 def streaming_top_k(train: Any, query_blocks: Blocks, solvers: Mapping[str, Any], train_ids: Tensor,
@@ -309,8 +309,8 @@ def streaming_top_k(train: Any, query_blocks: Blocks, solvers: Mapping[str, Any]
         query_blocks: the query gradients ``g'``, ``(q, r, d)`` per block, the same on every rank.
         solvers: the fitted per-block solvers; ``(C + λI)^{-1} g'`` are the query directions.
         k: per side, capped at the number of valid training samples over all ranks.
-        query_chunk: queries per pass over the store (default: as many as fit an eighth of
-            ``max_memory``, or :data:`QUERY_BUDGET`: usually all of them, one pass).
+        query_chunk: queries per pass over the store (default: :func:`query_chunk_size`,
+            usually all of them: one pass).
 
     Returns ``(harmful_scores, harmful_ids, helpful_scores, helpful_ids)``, ``(q, k)`` each,
     float64 scores, the strongest first, identical on every rank. Every rank takes part in every
