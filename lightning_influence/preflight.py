@@ -350,18 +350,23 @@ def _numbers(blocks: List[Block], projection: Optional[int]) -> int:
 
 
 def _solve_bytes(blocks: List[Block], solver: SolverSpec, n_curvature: int, projection: Optional[int],
-                 compute_bytes: int) -> int:
-    """An estimate of the solve stage's peak memory for the built-in solvers (0 if unknown)."""
-    name = solver if isinstance(solver, str) else ""
+                 compute_bytes: int, options: Optional[Dict[str, Any]] = None, gathered: bool = True) -> int:
+    """The solve stage's peak memory as the solver estimates it (:meth:`InverseSolver.estimate_bytes`,
+    built with the curvature config's ``options``); a duck-typed solver without the method is
+    fitted on a copy of every block's curvature gradients: that many bytes. ``gathered``: whether
+    the solvers' gathered ``"cat"`` statistics are a copy (a spilled or converted store, several
+    ranks) rather than views of a store in RAM of the compute dtype."""
+    from .solvers.base import make_solver
+
     sizes = [_shape(b, projection) for b in blocks]
-    numbers = sum(r * d for r, d in sizes)
-    if name == "hyperinf":  # one d×d inverse kept per block, ~5 d×d float64 temporaries for the largest
-        return sum(d * d * 8 for _, d in sizes) + 5 * max((d * d for _, d in sizes), default=0) * 8
-    if name in ("datainf", "lissa"):  # the curvature gradients are kept per block
-        return n_curvature * numbers * compute_bytes
-    if name == "exact":  # plus an N×N (Woodbury) or D×D factor per block
-        return (n_curvature * numbers + sum(min(n_curvature, r * d) ** 2 for r, d in sizes)) * compute_bytes
-    return 0
+    instance = make_solver(solver, **(options or {})) if isinstance(solver, (str, type)) else solver
+    estimate = getattr(instance, "estimate_bytes", None)
+    if estimate is None:
+        return n_curvature * sum(r * d for r, d in sizes) * compute_bytes
+    import inspect
+
+    takes_gathered = "gathered" in inspect.signature(estimate).parameters  # a user's may not
+    return int(estimate(sizes, n_curvature, compute_bytes, **({"gathered": gathered} if takes_gathered else {})))
 
 
 def _peak_parts(report: PreflightReport, blocks: List[Block], dtype: torch.dtype, method: str, fisher: str,
