@@ -169,6 +169,7 @@ def mlp_scenario(args: argparse.Namespace) -> None:
         if proc.returncode:
             raise RuntimeError(proc.stderr[-4000:])
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps({k: v for k, v in runs[-1].items() if k != "scores"}), flush=True)  # each run as it ends
     ref = torch.tensor(runs[0]["scores"], dtype=torch.float64)
     rows = []
     for r in runs:
