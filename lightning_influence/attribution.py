@@ -216,11 +216,13 @@ def gather_rows(block: Tensor, ids: Tensor, m: int, dist: Collectives) -> Tensor
 
 
 def score_chunks(train: Any, directions: Blocks, chunk: int, device: torch.device,
-                 compute_dtype: torch.dtype) -> Iterator[Tuple[int, Tensor]]:
+                 compute_dtype: torch.dtype, column_scale: Optional[Tensor] = None) -> Iterator[Tuple[int, Tensor]]:
     """``(start, S)`` over the training store's chunks: ``S = − Σ_l U_l G_lᵀ``, ``(q, n_c)`` in
     ``compute_dtype``, for the query directions ``U_l = (C_l + λ_l I)^{-1} g'_l`` ``(q, r, d)``
     per block and the chunk's training gradients ``G_l`` ``(n_c, r, d)``. One read of the
-    store, all blocks of a shape group together. The single place the per-query score is made."""
+    store, all blocks of a shape group together. The single place the per-query score is made.
+    ``column_scale`` ``(n_r,)``: each training sample's column multiplied by it (e.g. ``1/‖g_i‖``
+    for unit-norm gradients; scale the query gradients before the solve for the query side)."""
     from .scoring import _group_chunks, _groups
 
     groups = _groups(train)
@@ -234,6 +236,8 @@ def score_chunks(train: Any, directions: Blocks, chunk: int, device: torch.devic
             for u, g in zip(us[shape], data):
                 g = g.reshape(g.shape[0], -1)
                 total = u @ g.T if total is None else total.addmm_(u, g.T)
+        if column_scale is not None:
+            total.mul_(column_scale[start:start + total.shape[1]].to(total.device, total.dtype))
         yield start, total.neg_()
 
 
@@ -245,7 +249,8 @@ def _merge(values: Tensor, ids: Tensor, new_values: Tensor, new_ids: Tensor, k: 
 
 
 def local_top_k(train: Any, directions: Blocks, train_ids: Tensor, train_valid: Tensor, k: int, chunk: int,
-                device: torch.device, compute_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                device: torch.device, compute_dtype: torch.dtype,
+                column_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """This rank's candidates: per query, the ``k`` largest and the ``k`` smallest ``S_ji`` over
     its training shard, without the ``(q, n_r)`` matrix: a ``torch.topk`` of each chunk's
     ``(q, n_c)`` block merged into the running ``(q, ≤k)``.
@@ -256,7 +261,7 @@ def local_top_k(train: Any, directions: Blocks, train_ids: Tensor, train_valid: 
         train_ids: ``(n_r,)`` the global ids of this rank's rows.
         train_valid: ``(n_r,)`` validity flags (invalid samples score ``-inf`` on both sides:
             never named while ``k`` valid ones exist).
-        k: per side; ``chunk``: training rows per chunk.
+        k: per side; ``chunk``: training rows per chunk; ``column_scale``: see :func:`score_chunks`.
 
     Returns ``(harm_values, harm_ids, neg_help_values, help_ids)``, ``(q, ≤k)`` each, on
     ``device``: the largest scores and the largest negated scores, strongest first."""
@@ -266,7 +271,7 @@ def local_top_k(train: Any, directions: Blocks, train_ids: Tensor, train_valid: 
     empty_v = torch.empty(q, 0, device=device, dtype=compute_dtype)
     empty_i = torch.empty(q, 0, device=device, dtype=torch.long)
     hv, hi, lv, li = empty_v, empty_i, empty_v, empty_i
-    for start, scores in score_chunks(train, directions, chunk, device, compute_dtype):
+    for start, scores in score_chunks(train, directions, chunk, device, compute_dtype, column_scale):
         width = scores.shape[1]
         cols = dev_ids[start:start + width].expand(q, -1)
         mask = blocked[start:start + width]
@@ -299,7 +304,8 @@ def query_chunk_size(directions_bytes_per_query: int, max_memory: Optional[int])
 def streaming_top_k(train: Any, query_blocks: Blocks, solvers: Mapping[str, Any], train_ids: Tensor,
                     train_valid: Tensor, k: int, chunk: int, device: torch.device, compute_dtype: torch.dtype,
                     dist: Collectives = Collectives(), query_chunk: Optional[int] = None,
-                    max_memory: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                    max_memory: Optional[int] = None,
+                    column_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per query, the ``k`` most harmful (largest ``S_ji``) and most helpful (smallest) training
     samples over every rank's shard, never forming the ``(q, n)`` matrix.
 
@@ -329,7 +335,8 @@ def streaming_top_k(train: Any, query_blocks: Blocks, solvers: Mapping[str, Any]
         for s in range(0, q, max(1, int(query_chunk))):
             directions = inverse_direction({n: v[s:s + query_chunk] for n, v in query_blocks.items()}, solvers,
                                            device, compute_dtype)
-            parts.append(local_top_k(train, directions, train_ids, train_valid, k, chunk, device, compute_dtype))
+            parts.append(local_top_k(train, directions, train_ids, train_valid, k, chunk, device, compute_dtype,
+                                     column_scale))
         return [torch.cat(t) for t in zip(*parts)]
 
     hv, hi, lv, li = dist.checkpoint(local)

@@ -324,3 +324,17 @@ def test_two_gloo_processes_give_the_one_process_attribution():
         assert torch.equal(got[0], a.query_ids) and torch.equal(got[1], a.harmful_ids) and torch.equal(got[3], a.helpful_ids)
         torch.testing.assert_close(got[2], a.harmful_scores)
         torch.testing.assert_close(got[4], a.helpful_scores)
+
+
+def test_a_column_scale_is_applied_to_every_training_column():
+    """``column_scale`` (e.g. unit-norm training gradients): the dense matrix with scaled columns."""
+    train, queries, solvers, valid, dense = synthetic(n=61, q=4, seed=2)
+    n = dense.shape[1]
+    scale = 1.0 / torch.cat([v.reshape(n, -1) for v in train.values()], 1).norm(dim=1)
+    ids = torch.arange(n)
+    with store_of(train, ids) as store:
+        got = streaming_top_k(store, queries, solvers, ids, valid, 5, 8, torch.device("cpu"), torch.float64,
+                              column_scale=scale)
+    want = dense_top_k(dense * scale, valid, 5)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])
+    torch.testing.assert_close(got[0], want[0]) and torch.testing.assert_close(got[2], want[2])
