@@ -376,15 +376,15 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
 def score(prepared: Prepared, solver: SolverSpec = "hyperinf", curvature: Union[None, CurvatureConfig, Mapping] = None, *,
           noisy: Any = None, clean_labels: Any = None, top_k: int = 50, per_validation: bool = False,
           nonfinite: str = "exclude", progress: Optional[Progress] = None, rank_by: str = "auto",
-          attribution: Any = None) -> AuditResult:
+          attribution: Any = None, normalize: str = "none") -> AuditResult:
     """Stages 4-6: curvature + solve, scores, metrics. Can be called several times on one
     :class:`Prepared` (e.g. to compare solvers on the same gradients). ``rank_by``,
-    ``attribution``: see :func:`audit` (a separate query set must have been given to
+    ``attribution``, ``normalize``: see :func:`audit` (a separate query set must have been given to
     :func:`prepare`)."""
     p, dist = prepared, prepared.dist
     options = AuditOptions(method=p.method, solver=solver, curvature=curvature, noisy=noisy, clean_labels=clean_labels,
                            top_k=top_k, per_validation=per_validation, nonfinite=nonfinite, rank_by=rank_by,
-                           n=p.n)  # the options' one check
+                           normalize=normalize, n=p.n)  # the options' one check
     stages = StageTimes(p.device)  # this call's own solve/score/metrics times, after prepare()'s stages
     stages.seconds = dict(p.stages.seconds)
     curvature_cfg = options.curvature
@@ -412,7 +412,8 @@ def score(prepared: Prepared, solver: SolverSpec = "hyperinf", curvature: Union[
         update(int(p.train_ids.numel()))
         matrix = None
         if per_validation:
-            matrix = per_validation_scores(p.train.store, p.val.store, solvers, p.n, p.m, p.chunk, *args, dist)
+            matrix = per_validation_scores(p.train.store, p.val.store, solvers, p.n, p.m, p.chunk, *args, dist,
+                                           normalize=options.normalize)
             matrix[:, ~train_valid] = float("nan")
             matrix[~val_valid] = float("nan")
     explained = None
@@ -480,7 +481,7 @@ def score(prepared: Prepared, solver: SolverSpec = "hyperinf", curvature: Union[
         attribution=explained,
         stage_seconds=dict(stages.seconds), solver_info=solver_info(solvers), tuning=p.tune_stats,
         config={**p.config, "solver": solver_name(solver),
-                "curvature": as_dict(curvature_cfg), "world_size": dist.world_size},
+                "curvature": as_dict(curvature_cfg), "normalize": options.normalize, "world_size": dist.world_size},
     )
 
 
@@ -490,8 +491,8 @@ def audit(
     val_data: Any,
     *,
     loss_fn: Optional[LossFn] = None,
-    method: str = "fvm",
-    solver: SolverSpec = "hyperinf",
+    method: Optional[str] = None,
+    solver: Optional[SolverSpec] = None,
     params: ParamsSpec = "auto",
     noisy: Any = None,
     top_k: int = 50,
@@ -513,6 +514,7 @@ def audit(
     preflight: bool = True,
     rank_by: str = "auto",
     attribution: Any = None,
+    normalize: str = "auto",
     options: Optional[AuditOptions] = None,
 ) -> AuditResult:
     """Score every training sample's influence; higher = more harmful.
@@ -526,9 +528,13 @@ def audit(
         train_data, val_data: map-style Datasets or DataLoaders over one; sample id = position.
         loss_fn: ``(model, batch) -> (B,)`` per-sample losses; default: see ``losses.py``.
         method: ``"fvm"`` (SAM-tuned flat validation minimum), ``"vm"`` (SGD-tuned) or
-            ``"standard"`` (Koh & Liang at the trained weights).
-        solver: ``"hyperinf"``, ``"datainf"``, ``"lissa"``, ``"exact"``, ``"identity"``, or an
-            ``InverseSolver`` instance/class.
+            ``"standard"`` (Koh & Liang at the trained weights). ``None`` (default): ``"fvm"``, or
+            with ``per_validation=True`` and no ``solver`` either, the attribution defaults
+            (:data:`~lightning_influence.config.ATTRIBUTION_DEFAULTS`: standard, kronecker,
+            damping 1e-3 unless ``curvature``/``damping`` is given, unit-norm gradients).
+        solver: ``"hyperinf"``, ``"datainf"``, ``"lissa"``, ``"exact"``, ``"identity"``,
+            ``"kronecker"``, or an ``InverseSolver`` instance/class. ``None`` (default):
+            ``"hyperinf"``, or the attribution defaults (see ``method``).
         params: ``"auto"``, ``"lora"``, ``"trainable"`` or parameter-name glob patterns.
         noisy: optional ``(n,)`` bool ground-truth flags; enables ``result.metrics``.
         top_k: k for precision/recall at k.
@@ -542,6 +548,9 @@ def audit(
         device: where to compute (default: the model's device).
         clean_labels: optional ``(n,)`` true labels, for the relabel accuracy.
         per_validation: also compute the ``(m, n)`` per-validation-point score matrix.
+        normalize: gradient normalisation of the per-validation scores: ``"unit"`` (unit-norm
+            gradients, :mod:`~lightning_influence.normalize`), ``"none"``, or ``"auto"`` (default):
+            ``"unit"`` under the attribution defaults, else ``"none"``.
         nonfinite: ``"exclude"`` samples with non-finite loss/gradient (with a warning), or ``"raise"``.
         max_memory: bytes of training gradients kept in RAM; past it they spill to disk.
         spill_dir: where spilled gradients go (a temporary directory by default).
@@ -580,7 +589,7 @@ def audit(
         tuning=tuning, curvature=curvature, damping=damping, batch_size=batch_size, grad_dtype=grad_dtype,
         device=device, clean_labels=clean_labels, per_validation=per_validation, nonfinite=nonfinite,
         max_memory=max_memory, spill_dir=spill_dir, projection=projection, preflight=preflight, rank_by=rank_by,
-        attribution=attribution)
+        attribution=attribution, normalize=normalize)
     noisy, clean_labels = o.noisy, o.clean_labels
     report = None
     if o.preflight:
@@ -606,7 +615,7 @@ def audit(
     try:
         result = score(prepared, o.solver, o.curvature, noisy=noisy, clean_labels=clean_labels, top_k=o.top_k,
                        per_validation=o.per_validation, nonfinite=o.nonfinite, progress=progress, rank_by=o.rank_by,
-                       attribution=o.attribution)
+                       attribution=o.attribution, normalize=o.normalize)
     finally:
         prepared.close()
     result.preflight = report

@@ -137,8 +137,8 @@ class InfluenceCallbackMixin:
 
     def __init__(
         self,
-        method: Literal["fvm", "vm", "standard"] = "fvm",
-        solver: Union[str, InverseSolver] = "hyperinf",
+        method: Optional[Literal["fvm", "vm", "standard"]] = None,
+        solver: Union[None, str, InverseSolver] = None,
         params: Union[str, List[str]] = "auto",
         noisy: Optional[Sequence[bool]] = None,
         top_k: int = 50,
@@ -159,6 +159,7 @@ class InfluenceCallbackMixin:
         preflight: bool = True,
         rank_by: str = "auto",
         attribution: Any = None,
+        normalize: str = "auto",
         every_n_epochs: Optional[int] = None,
         run_on_fit_end: bool = True,
         on_error: Literal["warn", "raise"] = "warn",
@@ -178,7 +179,7 @@ class InfluenceCallbackMixin:
             tuning=tuning, curvature=curvature, damping=damping, batch_size=batch_size, grad_dtype=grad_dtype,
             device=device, clean_labels=clean_labels, per_validation=per_validation, nonfinite=nonfinite,
             max_memory=max_memory, spill_dir=spill_dir, projection=projection, preflight=bool(preflight),
-            rank_by=rank_by, attribution=attribution)
+            rank_by=rank_by, attribution=attribution, normalize=normalize)
         if every_n_epochs is not None and (isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int)
                                            or every_n_epochs < 1):
             raise ValueError(f"every_n_epochs must be None or a positive integer, got {every_n_epochs!r}")

@@ -22,6 +22,14 @@ FISHERS = ("empirical", "true")
 NONFINITE = ("exclude", "raise")
 RANK_BY = ("auto", "influence", "loss_tuned", "loss_trained")
 GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: what ``per_validation=True`` uses when neither ``method`` nor ``solver`` is given (and, for the
+#: damping, when neither ``curvature`` nor ``damping`` is): chosen from ``benchmarks/attribution.py``
+#: (DataInf's identification tasks; README, *Attribution*): the trained weights, the two-sided
+#: generalised Fisher (``kronecker``) from the training gradients at a low damping, unit-norm gradients.
+ATTRIBUTION_DEFAULTS: Dict[str, Any] = {"method": "standard", "solver": "kronecker", "damping": 1e-3,
+                                        "normalize": "unit"}
+#: what applies otherwise when ``method`` / ``solver`` are not given
+METHOD_DEFAULT, SOLVER_DEFAULT = "fvm", "hyperinf"
 
 
 @dataclass
@@ -166,7 +174,9 @@ class AuditOptions:
     ``options=``); ``InfluenceCallback`` builds one at construction, before any training, and
     adds only its Lightning-specific options.
 
-    Normalised on construction: ``tuning`` and ``curvature`` become their dataclasses, with
+    Normalised on construction: ``method``, ``solver`` and ``normalize`` resolved (``None`` /
+    ``"auto"``: the attribution defaults under ``per_validation``, see :meth:`_resolve_defaults`);
+    ``tuning`` and ``curvature`` become their dataclasses, with
     ``damping`` (the shortcut for ``curvature.damping``) folded into ``curvature`` and then
     ``None``; ``attribution`` an :class:`~lightning_influence.attribution.AttributionConfig` or ``None``; ``noisy`` a bool tensor, ``clean_labels`` a long tensor, ``params`` a name or a
     list, ``device`` a ``torch.device``. With ``n`` (the number of training samples; not a
@@ -175,8 +185,8 @@ class AuditOptions:
     """
 
     loss_fn: Optional[Callable] = None
-    method: str = "fvm"
-    solver: SolverSpec = "hyperinf"
+    method: Optional[str] = None
+    solver: Optional[SolverSpec] = None
     params: Union[str, List[str]] = "auto"
     noisy: Any = None
     top_k: int = 50
@@ -196,9 +206,11 @@ class AuditOptions:
     preflight: bool = True
     rank_by: str = "auto"
     attribution: Any = None
+    normalize: str = "auto"
     n: InitVar[Optional[int]] = None
 
     def __post_init__(self, n: Optional[int] = None) -> None:
+        self._resolve_defaults()
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         check_solver(self.solver)
@@ -231,6 +243,24 @@ class AuditOptions:
         from .attribution import coerce_attribution
 
         self.attribution = coerce_attribution(self.attribution)
+
+    def _resolve_defaults(self) -> None:
+        """``method``/``solver`` ``None`` and ``normalize="auto"`` resolved: with ``per_validation``
+        and neither ``method`` nor ``solver`` given, :data:`ATTRIBUTION_DEFAULTS` (its damping
+        too when neither ``curvature`` nor ``damping`` is given); otherwise fvm, hyperinf and no
+        normalisation, as before. Idempotent: a resolved copy resolves to itself."""
+        attribution = bool(self.per_validation) and self.method is None and self.solver is None
+        if self.method is None:
+            self.method = ATTRIBUTION_DEFAULTS["method"] if attribution else METHOD_DEFAULT
+        if self.solver is None:
+            self.solver = ATTRIBUTION_DEFAULTS["solver"] if attribution else SOLVER_DEFAULT
+        if attribution and self.curvature is None and self.damping is None:
+            self.damping = ATTRIBUTION_DEFAULTS["damping"]
+        if self.normalize == "auto":
+            self.normalize = ATTRIBUTION_DEFAULTS["normalize"] if attribution else "none"
+        from .normalize import check_normalize
+
+        check_normalize(self.normalize)
 
     def check_samples(self, n: int) -> None:
         """Check that ``noisy`` and ``clean_labels`` hold one value per training sample (``n``)."""

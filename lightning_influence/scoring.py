@@ -269,19 +269,26 @@ def method_scores(method: str, train: GradientStore, val: GradientStore, val_val
 
 def per_validation_scores(train: GradientStore, val: GradientStore, solvers: Mapping[str, InverseSolver], n: int,
                           m: int, chunk: int, device: torch.device, compute_dtype: torch.dtype,
-                          dist: Collectives = Collectives()) -> Tensor:
+                          dist: Collectives = Collectives(), normalize: str = "none") -> Tensor:
     """The per-validation-point matrix ``S_ji = − g'_jᵀ (C + λI)^{-1} g_i`` ``(m, n)`` over
     every rank's ``m`` validation and ``n`` training samples (``train``/``val``: this rank's
     shards), on every rank: the validation gradients are gathered, each rank scores its
-    training shard against all of them, ``chunk`` validation points at a time."""
+    training shard against all of them, ``chunk`` validation points at a time.
+    ``normalize="unit"``: with unit-norm gradients on both sides (:mod:`.normalize`)."""
     from .attribution import score_chunks  # the one place the per-query score is computed
+    from .normalize import block_norms, check_normalize, inverse_norms, sample_norms, scale_rows
 
     args = (device, compute_dtype)
     val_all = {name: unshard(dist.all_gather_cat(val.block(name).to(*args)), m, dist.world_size) for name in val.names}
+    train_scale = None
+    if check_normalize(normalize) == "unit":
+        val_all = scale_rows(val_all, inverse_norms(block_norms(val_all)))
+        train_scale = inverse_norms(sample_norms(train, chunk, *args))
 
     def rows(s: int) -> Tensor:
         directions = inverse_direction({k: v[s:s + chunk] for k, v in val_all.items()}, solvers, *args)
-        blocks = [block.double().cpu() for _, block in score_chunks(train, directions, chunk, *args)]
+        blocks = [block.double().cpu() for _, block in score_chunks(train, directions, chunk, *args,
+                                                                     column_scale=train_scale)]
         return torch.cat(blocks, 1) if blocks else torch.zeros(next(iter(directions.values())).shape[0], 0,
                                                                dtype=torch.float64)
 

@@ -1,0 +1,137 @@
+"""The attribution defaults (``per_validation=True`` with no method and no solver), the
+``kronecker`` solver and ``normalize="unit"``, each against a dense hand computation from
+autograd's per-sample gradients of a tiny bias-free linear classifier."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lightning_influence import audit
+from lightning_influence.config import ATTRIBUTION_DEFAULTS, AuditOptions
+from lightning_influence.solvers import KroneckerSolver, make_solver
+
+N, M, D_IN, C = 24, 6, 5, 3
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x, xv = torch.randn(N, D_IN, generator=g, dtype=torch.float64), torch.randn(M, D_IN, generator=g, dtype=torch.float64)
+    y, yv = torch.randint(0, C, (N,), generator=g), torch.randint(0, C, (M,), generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(D_IN, C, bias=False)).double()
+    return model, TensorDataset(x, y), TensorDataset(xv, yv)
+
+
+def _grads(model: nn.Module, ds: TensorDataset) -> torch.Tensor:
+    """Per-sample gradients of the weight ``(n, C, D_IN)``, one autograd call per sample."""
+    out = []
+    for x, y in ds:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[None]), y[None]).backward()
+        out.append(model[0].weight.grad.detach().clone())
+    return torch.stack(out)
+
+
+def _kronecker_dense(G: torch.Tensor, V: torch.Tensor, factor: float, balance: bool = True) -> torch.Tensor:
+    """``− V_j`` through ``s (L + dλ I)^{-1} · (R + rλ I)^{-1}``, dotted with ``G_i``: ``(m, n)``."""
+    n, r, d = G.shape
+    lam = factor * G.pow(2).mean()
+    left = sum(g @ g.T for g in G) / n
+    right = sum(g.T @ g for g in G) / n
+    mean_sq = G.pow(2).sum((1, 2)).mean()
+    scale = 1 / mean_sq if balance else mean_sq
+    u = torch.stack([scale * torch.linalg.solve(left + d * lam * torch.eye(r, dtype=G.dtype), v)
+                     @ torch.linalg.inv(right + r * lam * torch.eye(d, dtype=G.dtype)) for v in V])
+    return -torch.einsum("mrd,nrd->mn", u, G)
+
+
+# --------------------------------------------------------------------------- resolution
+
+def test_per_validation_without_method_or_solver_uses_the_attribution_defaults():
+    o = AuditOptions(per_validation=True)
+    assert (o.method, o.solver, o.normalize) == ("standard", "kronecker", "unit")
+    assert o.curvature.damping == ATTRIBUTION_DEFAULTS["damping"] == 1e-3
+
+
+@pytest.mark.parametrize("given, expected", [
+    (dict(method="fvm"), ("fvm", "hyperinf", "none", 0.1)),
+    (dict(method="standard"), ("standard", "hyperinf", "none", 0.1)),
+    (dict(solver="exact"), ("fvm", "exact", "none", 0.1)),
+    (dict(method="vm", solver="identity"), ("vm", "identity", "none", 0.1)),
+    (dict(method="standard", normalize="unit"), ("standard", "hyperinf", "unit", 0.1)),
+])
+def test_a_given_method_or_solver_is_used_as_given(given, expected):
+    o = AuditOptions(per_validation=True, **given)
+    assert (o.method, o.solver, o.normalize, o.curvature.damping) == expected
+
+
+def test_without_per_validation_nothing_changes():
+    o = AuditOptions()
+    assert (o.method, o.solver, o.normalize, o.curvature.damping) == ("fvm", "hyperinf", "none", 0.1)
+
+
+def test_a_given_damping_or_curvature_wins_over_the_default_damping():
+    assert AuditOptions(per_validation=True, damping=0.5).curvature.damping == 0.5
+    assert AuditOptions(per_validation=True, curvature={"damping": 0.2}).curvature.damping == 0.2
+    assert AuditOptions(per_validation=True, curvature={"damping_rule": "absolute"}).curvature.damping == 0.1
+
+
+def test_resolution_is_stable_under_copies_and_checks_the_option():
+    from dataclasses import replace
+
+    o = replace(AuditOptions(per_validation=True), n=N)
+    assert (o.method, o.solver, o.normalize, o.curvature.damping) == ("standard", "kronecker", "unit", 1e-3)
+    with pytest.raises(ValueError, match="normalize"):
+        AuditOptions(normalize="cosine")
+
+
+def test_callback_resolves_alike():
+    from lightning_influence import InfluenceCallback
+
+    cb = InfluenceCallback(per_validation=True)
+    assert (cb.method, cb.solver, cb.normalize) == ("standard", "kronecker", "unit")
+    cb = InfluenceCallback(per_validation=True, method="fvm")
+    assert (cb.method, cb.solver, cb.normalize) == ("fvm", "hyperinf", "none")
+
+
+# --------------------------------------------------------------------------- against dense computations
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_kronecker_solver_against_dense_and_streams(balance):
+    g = torch.Generator().manual_seed(1)
+    G, V = torch.randn(30, 3, 7, generator=g, dtype=torch.float64), torch.randn(4, 3, 7, generator=g, dtype=torch.float64)
+    lam = 0.01 * float(G.pow(2).mean())
+    solver = KroneckerSolver(balance=balance).fit(G, lam)
+    dense = _kronecker_dense(G, V, 0.01, balance)
+    got = -torch.einsum("mrd,nrd->mn", solver.apply(V), G)
+    torch.testing.assert_close(got, dense, rtol=1e-9, atol=1e-12)
+    # two chunks' statistics summed give the same solver (streaming / DDP)
+    s1, s2 = solver.statistics(G[:11]), solver.statistics(G[11:])
+    streamed = make_solver("kronecker", balance=balance).fit_statistics({k: s1[k] + s2[k] for k in s1}, 30, lam)
+    torch.testing.assert_close(streamed.apply(V), solver.apply(V), rtol=1e-10, atol=0)
+
+
+def test_audit_defaults_match_the_dense_hand_computation():
+    model, train, val = _data()
+    result = audit(model, train, val, per_validation=True, params="trainable", batch_size=8)
+    assert (result.method, result.solver) == ("standard", "kronecker")
+    assert result.config["normalize"] == "unit" and result.config["curvature"]["damping"] == 1e-3
+    G, V = _grads(model, train), _grads(model, val)
+    dense = _kronecker_dense(G, V, 1e-3)
+    dense = dense / G.flatten(1).norm(dim=1)[None] / V.flatten(1).norm(dim=1)[:, None]
+    torch.testing.assert_close(result.per_validation, dense, rtol=1e-7, atol=1e-10)
+
+
+def test_unit_normalisation_is_the_gradient_cosine():
+    model, train, val = _data(3)
+    result = audit(model, train, val, per_validation=True, method="standard", solver="identity", normalize="unit",
+                   params="trainable", batch_size=8)
+    G, V = _grads(model, train).flatten(1), _grads(model, val).flatten(1)
+    cosine = (V / V.norm(dim=1, keepdim=True)) @ (G / G.norm(dim=1, keepdim=True)).T
+    torch.testing.assert_close(result.per_validation, -cosine, rtol=1e-8, atol=1e-11)
+    raw = audit(model, train, val, per_validation=True, method="standard", solver="identity", params="trainable",
+                batch_size=8)
+    assert raw.config["normalize"] == "none"
+    torch.testing.assert_close(raw.per_validation, -(V @ G.T), rtol=1e-8, atol=1e-11)
