@@ -55,7 +55,9 @@ ABLATIONS = (("standard/identity unit (cosine)", "identity", 0.1, "unit"),
              ("standard/hyperinf unit", "hyperinf", 0.1, "unit"),
              ("standard/hyperinf d=1e-3", "hyperinf", 1e-3, "none"),
              ("standard/kronecker unit", "kronecker", 0.1, "unit"),
-             ("standard/kronecker d=1e-3", "kronecker", 1e-3, "none"))
+             ("standard/kronecker d=1e-3", "kronecker", 1e-3, "none"),
+             ("standard/kronecker d=1e-3 unit", "kronecker", 1e-3, "unit"),
+             ("standard/hyperinf d=1e-3 centered", "hyperinf", 1e-3, "centered"))
 GRID_SOLVERS = ("hyperinf", "datainf", "identity", "exact", "kronecker")
 IGNORE = -100
 EMBED, PRETRAIN_EPOCHS, FINETUNE_EPOCHS = 64, 3, 6

@@ -413,7 +413,7 @@ def score(prepared: Prepared, solver: SolverSpec = "hyperinf", curvature: Union[
         matrix = None
         if per_validation:
             matrix = per_validation_scores(p.train.store, p.val.store, solvers, p.n, p.m, p.chunk, *args, dist,
-                                           normalize=options.normalize)
+                                           normalize=options.normalize, train_valid=p.train.valid)
             matrix[:, ~train_valid] = float("nan")
             matrix[~val_valid] = float("nan")
     explained = None
@@ -531,7 +531,7 @@ def audit(
             ``"standard"`` (Koh & Liang at the trained weights). ``None`` (default): ``"fvm"``, or
             with ``per_validation=True`` and no ``solver`` either, the attribution defaults
             (:data:`~lightning_influence.config.ATTRIBUTION_DEFAULTS`: standard, kronecker,
-            damping 1e-3 unless ``curvature``/``damping`` is given, unit-norm gradients).
+            damping 1e-3 unless ``curvature``/``damping`` is given, ``normalize="centered"``).
         solver: ``"hyperinf"``, ``"datainf"``, ``"lissa"``, ``"exact"``, ``"identity"``,
             ``"kronecker"``, or an ``InverseSolver`` instance/class. ``None`` (default):
             ``"hyperinf"``, or the attribution defaults (see ``method``).
@@ -549,8 +549,9 @@ def audit(
         clean_labels: optional ``(n,)`` true labels, for the relabel accuracy.
         per_validation: also compute the ``(m, n)`` per-validation-point score matrix.
         normalize: gradient normalisation of the per-validation scores: ``"unit"`` (unit-norm
-            gradients, :mod:`~lightning_influence.normalize`), ``"none"``, or ``"auto"`` (default):
-            ``"unit"`` under the attribution defaults, else ``"none"``.
+            gradients), ``"centered"`` (queries centred on the mean training gradient, then unit
+            norms; :mod:`~lightning_influence.normalize`), ``"none"``, or ``"auto"`` (default):
+            ``"centered"`` under the attribution defaults, else ``"none"``.
         nonfinite: ``"exclude"`` samples with non-finite loss/gradient (with a warning), or ``"raise"``.
         max_memory: bytes of training gradients kept in RAM; past it they spill to disk.
         spill_dir: where spilled gradients go (a temporary directory by default).

@@ -7,6 +7,13 @@ large gradient (a long or badly fit sample) then no longer tops every query's li
 alone. The curvature ``C`` is unchanged (built from the raw gradients). The query side only
 rescales a row (its ranking is unchanged) and makes the rows comparable.
 
+``normalize="centered"`` (the attribution default) first centres each query gradient on the mean
+training gradient ``ḡ``, then scores with unit norms: ``S_ji = − ĝ'_jᵀ (C + λI)^{-1} ĝ_i`` with
+``ĝ'_j = (g'_j − ḡ)/‖g'_j − ḡ‖``. Since ``−ḡᵀ(C + λI)^{-1} g_i`` is training sample ``i``'s influence
+on the mean training loss, this scores how much more ``i`` helps query ``j`` than it helps the
+training set on average: samples that lower every loss alike (shared tokens, a shared template)
+stop crowding every query's list. At a training minimum ``ḡ ≈ 0`` and it changes nothing.
+
 Streaming: :func:`sample_norms` is one read of a store; the training side is a per-column scale
 ``(n,)`` that any scorer multiplies into its ``(q, n_c)`` chunk (:func:`scale_columns`), the query
 side a per-row scale applied to the query gradients before the solve.
@@ -18,7 +25,7 @@ from typing import Any, Dict, Mapping
 import torch
 from torch import Tensor
 
-NORMALIZE = ("none", "unit")
+NORMALIZE = ("none", "unit", "centered")
 
 
 def check_normalize(value: str) -> str:

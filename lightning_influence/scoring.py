@@ -12,7 +12,7 @@ Every score is a sum over blocks (block-diagonal curvature).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -269,19 +269,27 @@ def method_scores(method: str, train: GradientStore, val: GradientStore, val_val
 
 def per_validation_scores(train: GradientStore, val: GradientStore, solvers: Mapping[str, InverseSolver], n: int,
                           m: int, chunk: int, device: torch.device, compute_dtype: torch.dtype,
-                          dist: Collectives = Collectives(), normalize: str = "none") -> Tensor:
+                          dist: Collectives = Collectives(), normalize: str = "none",
+                          train_valid: Optional[Tensor] = None) -> Tensor:
     """The per-validation-point matrix ``S_ji = − g'_jᵀ (C + λI)^{-1} g_i`` ``(m, n)`` over
     every rank's ``m`` validation and ``n`` training samples (``train``/``val``: this rank's
     shards), on every rank: the validation gradients are gathered, each rank scores its
     training shard against all of them, ``chunk`` validation points at a time.
-    ``normalize="unit"``: with unit-norm gradients on both sides (:mod:`.normalize`)."""
+    ``normalize="unit"``: with unit-norm gradients on both sides; ``"centered"``: the query
+    gradients centred on the mean training gradient first (over this rank's rows where
+    ``train_valid`` ``(n_r,)``, summed over ranks), see :mod:`.normalize`."""
     from .attribution import score_chunks  # the one place the per-query score is computed
     from .normalize import block_norms, check_normalize, inverse_norms, sample_norms, scale_rows
 
     args = (device, compute_dtype)
     val_all = {name: unshard(dist.all_gather_cat(val.block(name).to(*args)), m, dist.world_size) for name in val.names}
     train_scale = None
-    if check_normalize(normalize) == "unit":
+    if check_normalize(normalize) == "centered":
+        valid = torch.ones(len(train), dtype=torch.bool) if train_valid is None else train_valid
+        count = float(dist.all_reduce_sum(valid.sum().reshape(1).to(torch.float64))[0])
+        mean = {k: dist.all_reduce_sum(v) / max(count, 1.0) for k, v in _masked_sums(train, valid, chunk, *args).items()}
+        val_all = {k: v - mean[k] for k, v in val_all.items()}
+    if normalize in ("unit", "centered"):
         val_all = scale_rows(val_all, inverse_norms(block_norms(val_all)))
         train_scale = inverse_norms(sample_norms(train, chunk, *args))
 

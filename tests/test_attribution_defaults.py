@@ -51,7 +51,7 @@ def _kronecker_dense(G: torch.Tensor, V: torch.Tensor, factor: float, balance: b
 
 def test_per_validation_without_method_or_solver_uses_the_attribution_defaults():
     o = AuditOptions(per_validation=True)
-    assert (o.method, o.solver, o.normalize) == ("standard", "kronecker", "unit")
+    assert (o.method, o.solver, o.normalize) == ("standard", "kronecker", "centered")
     assert o.curvature.damping == ATTRIBUTION_DEFAULTS["damping"] == 1e-3
 
 
@@ -82,7 +82,7 @@ def test_resolution_is_stable_under_copies_and_checks_the_option():
     from dataclasses import replace
 
     o = replace(AuditOptions(per_validation=True), n=N)
-    assert (o.method, o.solver, o.normalize, o.curvature.damping) == ("standard", "kronecker", "unit", 1e-3)
+    assert (o.method, o.solver, o.normalize, o.curvature.damping) == ("standard", "kronecker", "centered", 1e-3)
     with pytest.raises(ValueError, match="normalize"):
         AuditOptions(normalize="cosine")
 
@@ -91,7 +91,7 @@ def test_callback_resolves_alike():
     from lightning_influence import InfluenceCallback
 
     cb = InfluenceCallback(per_validation=True)
-    assert (cb.method, cb.solver, cb.normalize) == ("standard", "kronecker", "unit")
+    assert (cb.method, cb.solver, cb.normalize) == ("standard", "kronecker", "centered")
     cb = InfluenceCallback(per_validation=True, method="fvm")
     assert (cb.method, cb.solver, cb.normalize) == ("fvm", "hyperinf", "none")
 
@@ -117,10 +117,11 @@ def test_audit_defaults_match_the_dense_hand_computation():
     model, train, val = _data()
     result = audit(model, train, val, per_validation=True, params="trainable", batch_size=8)
     assert (result.method, result.solver) == ("standard", "kronecker")
-    assert result.config["normalize"] == "unit" and result.config["curvature"]["damping"] == 1e-3
+    assert result.config["normalize"] == "centered" and result.config["curvature"]["damping"] == 1e-3
     G, V = _grads(model, train), _grads(model, val)
-    dense = _kronecker_dense(G, V, 1e-3)
-    dense = dense / G.flatten(1).norm(dim=1)[None] / V.flatten(1).norm(dim=1)[:, None]
+    centred = V - G.mean(0, keepdim=True)  # the queries centred on the mean training gradient
+    dense = _kronecker_dense(G, centred, 1e-3)
+    dense = dense / G.flatten(1).norm(dim=1)[None] / centred.flatten(1).norm(dim=1)[:, None]
     torch.testing.assert_close(result.per_validation, dense, rtol=1e-7, atol=1e-10)
 
 
@@ -135,3 +136,18 @@ def test_unit_normalisation_is_the_gradient_cosine():
                 batch_size=8)
     assert raw.config["normalize"] == "none"
     torch.testing.assert_close(raw.per_validation, -(V @ G.T), rtol=1e-8, atol=1e-11)
+
+
+def test_centered_uses_the_mean_of_the_valid_training_gradients():
+    model, train, val = _data(5)
+    x = train.tensors[0].clone()
+    x[2] = float("nan")  # sample 2: a non-finite loss, excluded (its stored gradient is zero)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        result = audit(model, TensorDataset(x, train.tensors[1]), val, per_validation=True, method="standard",
+                       solver="identity", normalize="centered", params="trainable", batch_size=8)
+    keep = [i for i in range(N) if i != 2]
+    G, V = _grads(model, train)[keep].flatten(1), _grads(model, val).flatten(1)
+    centred = V - G.mean(0, keepdim=True)
+    dense = -(centred / centred.norm(dim=1, keepdim=True)) @ (G / G.norm(dim=1, keepdim=True)).T
+    assert torch.isnan(result.per_validation[:, 2]).all()
+    torch.testing.assert_close(result.per_validation[:, keep], dense, rtol=1e-8, atol=1e-11)

@@ -221,3 +221,43 @@ def test_tune_digits_appends_runs_that_record_machine_date_and_command(tmp_path)
     assert new["tag"] == "smoke" and new["machine"]["cpu_count"] and new["machine"]["torch"] and new["date"]
     assert new["command"].startswith("python benchmarks/tune_digits.py --seeds 0 ")
     assert 0.0 <= new["summary"]["fvm/identity@0.1"]["auroc"] <= 1.0
+
+
+# --------------------------------------------------------------------------- attribution (DataInf's tasks)
+
+DATAINF = os.path.join(GLUE, "datainf")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(DATAINF, "grammars_train.jsonl")),
+                    reason="DataInf's tasks not found in ../shared/data/datainf")
+def test_attribution_quick(tmp_path):
+    out = tmp_path / "attribution.json"
+    doc = run_quick("attribution.py", out, "--data-dir", DATAINF, timeout=600)
+    check_tables(doc, notes=True)
+    assert doc["machine"]["torch"] and doc["date"] and doc["options"]["quick"]
+    task = doc["options"]["tasks"][0]
+    learned = doc["learned"][task][0]
+    assert 0.0 <= learned["answer_token_accuracy"] <= 1.0 and 0.0 <= learned["exact_match"] <= 1.0
+    rows = {(r["protocol"], r["column"]): r for r in doc["raw"]}
+    assert {("datainf", "standard/hyperinf"), ("datainf", "fvm/identity"), ("datainf", "defaults"),
+            ("instruction", "standard/exact"), ("instruction", "defaults")} <= set(rows)
+    for r in doc["raw"]:
+        assert 0.0 <= r["auc"] <= 1.0 and 0.0 <= r["recall"] <= 1.0 and _finite(r["seconds"]), r
+    # the defaults column is audit() with no method/solver: it resolved to the attribution defaults
+    assert rows[("datainf", "defaults")]["resolved"] == {"method": "standard", "solver": "kronecker",
+                                                         "normalize": "centered", "damping": 1e-3}
+    assert doc["aggregate"]["datainf"][task]["defaults"]["auc"]["mean"] == rows[("datainf", "defaults")]["auc"]
+
+
+def test_attribution_metrics_against_a_hand_computation(monkeypatch):
+    bench = import_benchmark("attribution", monkeypatch)
+    import torch
+
+    # 2 queries, 4 training records: variations a a b b; query 0 is "a", query 1 is "b"
+    scores = torch.tensor([[-3.0, 1.0, -2.0, 0.0],    # helpful order: 0 (a), 2 (b), 3 (b), 1 (a)
+                           [-1.0, -2.0, -4.0, -3.0]])  # helpful order: 2 (b), 3 (b), 1, 0
+    got = bench.identification(scores, ["a", "a", "b", "b"], ["a", "b"])
+    # query 0: positives {0, 1} ranked by -score (3, -1); negatives {2, 3} (2, 0): pairs won 2 of 4
+    # query 1: positives {2, 3} (4, 3) beat negatives (2, 1): 4 of 4; recall@2: 1/2 and 2/2
+    assert got["auc"] == pytest.approx((0.5 + 1.0) / 2) and got["recall"] == pytest.approx((0.5 + 1.0) / 2)
+    assert got["auc_min_row"] == pytest.approx(0.5)
