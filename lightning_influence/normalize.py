@@ -20,7 +20,7 @@ side a per-row scale applied to the query gradients before the solve.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -70,3 +70,28 @@ def scale_rows(blocks: Mapping[str, Tensor], scale: Tensor) -> Dict[str, Tensor]
 def scale_columns(scores: Tensor, scale: Tensor) -> Tensor:
     """``scores`` ``(q, n_c)`` with column ``i`` multiplied by ``scale[i]`` ``(n_c,)``, in place."""
     return scores.mul_(scale.to(scores.device, scores.dtype).view(1, -1))
+
+
+def normalized(normalize: str, queries: Mapping[str, Tensor], train: Any, train_valid: Optional[Tensor], chunk: int,
+               device: torch.device, compute_dtype: torch.dtype, dist: Any = None) -> Tuple[Dict[str, Tensor],
+                                                                                            Optional[Tensor]]:
+    """What a per-query scorer needs under ``normalize``: the query gradients to solve with
+    (``(q, r, d)`` per block: centred on the mean valid training gradient for ``"centered"``, then
+    unit-norm; unchanged for ``"none"``) and the training side's column scale ``(n_r,)`` (``1/‖g_i‖``
+    of this rank's store ``train``; ``None`` for ``"none"``) for ``score_chunks(column_scale=...)``.
+    ``train_valid`` ``(n_r,)``: the rows the mean runs over (default: all); ``dist``: collectives
+    that sum the mean over ranks (every rank must call this alike)."""
+    from .distributed import Collectives
+    from .scoring import _masked_sums
+
+    dist = dist if dist is not None else Collectives()
+    if check_normalize(normalize) == "none":
+        return dict(queries), None
+    queries = {k: v.to(device, compute_dtype) for k, v in queries.items()}
+    if normalize == "centered":
+        valid = torch.ones(len(train), dtype=torch.bool) if train_valid is None else train_valid
+        count = float(dist.all_reduce_sum(valid.sum().reshape(1).to(torch.float64))[0])
+        sums = _masked_sums(train, valid, chunk, device, compute_dtype)
+        queries = {k: v - dist.all_reduce_sum(sums[k]) / max(count, 1.0) for k, v in queries.items()}
+    return scale_rows(queries, inverse_norms(block_norms(queries))), inverse_norms(
+        sample_norms(train, chunk, device, compute_dtype))

@@ -279,19 +279,11 @@ def per_validation_scores(train: GradientStore, val: GradientStore, solvers: Map
     gradients centred on the mean training gradient first (over this rank's rows where
     ``train_valid`` ``(n_r,)``, summed over ranks), see :mod:`.normalize`."""
     from .attribution import score_chunks  # the one place the per-query score is computed
-    from .normalize import block_norms, check_normalize, inverse_norms, sample_norms, scale_rows
+    from .normalize import normalized
 
     args = (device, compute_dtype)
     val_all = {name: unshard(dist.all_gather_cat(val.block(name).to(*args)), m, dist.world_size) for name in val.names}
-    train_scale = None
-    if check_normalize(normalize) == "centered":
-        valid = torch.ones(len(train), dtype=torch.bool) if train_valid is None else train_valid
-        count = float(dist.all_reduce_sum(valid.sum().reshape(1).to(torch.float64))[0])
-        mean = {k: dist.all_reduce_sum(v) / max(count, 1.0) for k, v in _masked_sums(train, valid, chunk, *args).items()}
-        val_all = {k: v - mean[k] for k, v in val_all.items()}
-    if normalize in ("unit", "centered"):
-        val_all = scale_rows(val_all, inverse_norms(block_norms(val_all)))
-        train_scale = inverse_norms(sample_norms(train, chunk, *args))
+    val_all, train_scale = normalized(normalize, val_all, train, train_valid, chunk, *args, dist)
 
     def rows(s: int) -> Tensor:
         directions = inverse_direction({k: v[s:s + chunk] for k, v in val_all.items()}, solvers, *args)
