@@ -74,16 +74,16 @@ def choose_form(n: int, r: int, d: int) -> str:
 
 
 #: below this ``K`` the CPU eigendecomposition runs on one thread (see :func:`_lapack_threads`)
-_EIGH_ONE_THREAD = 1024
+_EIGH_ONE_THREAD = 2048
 
 
 @contextlib.contextmanager
 def _lapack_threads(k: int, device: torch.device) -> Iterator[None]:
-    """One torch thread for a CPU eigendecomposition of ``K < 1024`` matrices: LAPACK's ``syevd``
-    at that size is mostly memory-bound reduction to tridiagonal form and gains nothing from a
-    second thread, while on a loaded machine its threads wait on each other (batched ``eigh`` of
-    12 matrices 384 x 384, measured here: 0.4 s on one thread, 7.9 s on two). The thread count
-    is restored on exit."""
+    """One torch thread for a CPU eigendecomposition of ``K < 2048`` matrices: LAPACK's ``syevd``
+    at that size is mostly memory-bound reduction to tridiagonal form and gains little from more
+    threads, while on a loaded machine its threads wait on each other (measured on this 2-core
+    machine under load: batched ``eigh`` of 12 matrices 384 x 384, 0.4 s on one thread, 7.9 s on
+    two; one 1600 x 1600, 4.7 s against 8.4 s). The thread count is restored on exit."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or k >= _EIGH_ONE_THREAD or threads == 1:
         yield
