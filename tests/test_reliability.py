@@ -551,25 +551,30 @@ def failing_loss(k: int, exc: BaseException):
     return loss_fn
 
 
-# n=12, m=6, batch 4, fvm with 2 SAM steps: calls 1-3 the loss at θ*, 4-7 tuning (2 per step),
-# 8-10 training gradients, 11-12 validation gradients.
-# tuning: the θ* loss on the full validation set (2 forward batches), the gradient yardstick
-# (3 batches of 2: it needs at least four batches or all samples in pairs), the lr probe's
-# forward passes over those 3 batches reusing its gradient, and the SAM steps (2 passes each);
-# then 3 training and 2 validation gradient batches (the last 5 of 32 calls)
+# n=12, m=6, batch 4, fvm with 2 SAM steps, noisy flags given (so the loss at θ* is computed for
+# the baseline metrics): calls 1-3 the loss at θ*, then the tuning: the θ* loss on the full
+# validation set (2 forward batches), the gradient yardstick (3 batches of 2: it needs at least
+# four batches or all samples in pairs), the lr probe's forward passes over those 3 batches
+# reusing its gradient, and the SAM steps (2 passes each); then 2 validation and 3 training
+# gradient batches (the last 5 of 32 calls). Without noisy flags the first 3 calls are not made.
 STAGE_CALLS = {"loss_at_trained": 1, "tuning": 5, "train_gradients": 30, "val_gradients": 32}
+LOSS_AT_TRAINED_CALLS = 3
 # the pre-flight check before them: the loss, the per-sample gradients, the autograd reference
 PREFLIGHT_CALLS = 3
+FLAGS = torch.zeros(12, dtype=torch.bool)
 
 
 def test_stage_call_map(small):
     # the map counts the pipeline's own calls: the pre-flight check (3 calls, tested below) is off
     counter = failing_loss(0, Boom())
-    run(users_model(), *small, loss_fn=counter, max_memory=1, preflight=False)
+    run(users_model(), *small, loss_fn=counter, max_memory=1, preflight=False, noisy=FLAGS)
     assert counter.calls[0] == 32
     counter = failing_loss(0, Boom())
-    run(users_model(), *small, loss_fn=counter, max_memory=1)
+    run(users_model(), *small, loss_fn=counter, max_memory=1, noisy=FLAGS)
     assert counter.calls[0] == 32 + PREFLIGHT_CALLS
+    counter = failing_loss(0, Boom())  # no ranking uses the loss at θ*: its forward pass is skipped
+    run(users_model(), *small, loss_fn=counter, max_memory=1, preflight=False)
+    assert counter.calls[0] == 32 - LOSS_AT_TRAINED_CALLS
 
 
 @pytest.mark.parametrize("exc", [Boom("injected"), KeyboardInterrupt()], ids=["exception", "keyboard_interrupt"])
@@ -583,7 +588,7 @@ def test_model_and_files_restored_after_failure_in_loss(small, tmp_path, stage, 
                 run(model, *small, loss_fn=failing_loss(1, exc), max_memory=1, spill_dir=str(tmp_path))
             else:
                 run(model, *small, loss_fn=failing_loss(STAGE_CALLS[stage], exc), max_memory=1,
-                    spill_dir=str(tmp_path), preflight=False)
+                    spill_dir=str(tmp_path), preflight=False, noisy=FLAGS)
         assert not torch.is_grad_enabled()
     assert_state(before, model_state(model))
     assert os.listdir(tmp_path) == []  # spilled gradient files removed
