@@ -57,7 +57,8 @@ ABLATIONS = (("standard/identity unit (cosine)", "identity", 0.1, "unit"),
              ("standard/kronecker unit", "kronecker", 0.1, "unit"),
              ("standard/kronecker d=1e-3", "kronecker", 1e-3, "none"),
              ("standard/kronecker d=1e-3 unit", "kronecker", 1e-3, "unit"),
-             ("standard/hyperinf d=1e-3 centered", "hyperinf", 1e-3, "centered"))
+             ("standard/hyperinf d=1e-3 centered", "hyperinf", 1e-3, "centered"),
+             ("standard/kronecker d=1e-3 centered", "kronecker", 1e-3, "centered"))
 GRID_SOLVERS = ("hyperinf", "datainf", "identity", "exact", "kronecker")
 IGNORE = -100
 EMBED, PRETRAIN_EPOCHS, FINETUNE_EPOCHS = 64, 3, 6
@@ -428,6 +429,7 @@ def merge(paths: Sequence[str], out: str) -> Dict[str, Any]:
                       "merged_from": [d["command"] for d in docs]}
     doc["date"] = max(d["date"] for d in docs)
     doc["wall_seconds"] = max(d.get("wall_seconds", 0.0) for d in docs)
+    doc["notes"] = NOTES  # the script's current wording
     doc["aggregate"] = aggregate(doc["raw"])
     doc["tables"] = tables(doc)
     common.write_results(common.clean(doc), out)

@@ -531,7 +531,7 @@ def audit(
             ``"standard"`` (Koh & Liang at the trained weights). ``None`` (default): ``"fvm"``, or
             with ``per_validation=True`` and no ``solver`` either, the attribution defaults
             (:data:`~lightning_influence.config.ATTRIBUTION_DEFAULTS`: standard, kronecker,
-            damping 1e-3 unless ``curvature``/``damping`` is given, ``normalize="centered"``).
+            damping 1e-4 unless ``curvature``/``damping`` is given, ``normalize="centered"``).
         solver: ``"hyperinf"``, ``"datainf"``, ``"lissa"``, ``"exact"``, ``"identity"``,
             ``"kronecker"``, or an ``InverseSolver`` instance/class. ``None`` (default):
             ``"hyperinf"``, or the attribution defaults (see ``method``).

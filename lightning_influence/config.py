@@ -27,7 +27,7 @@ GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: (DataInf's identification tasks; README, *Attribution*): the trained weights, the two-sided
 #: generalised Fisher (``kronecker``) from the training gradients at a low damping, unit-norm gradients
 #: with the queries centred on the mean training gradient (``normalize="centered"``).
-ATTRIBUTION_DEFAULTS: Dict[str, Any] = {"method": "standard", "solver": "kronecker", "damping": 1e-3,
+ATTRIBUTION_DEFAULTS: Dict[str, Any] = {"method": "standard", "solver": "kronecker", "damping": 1e-4,
                                         "normalize": "centered"}
 #: what applies otherwise when ``method`` / ``solver`` are not given
 METHOD_DEFAULT, SOLVER_DEFAULT = "fvm", "hyperinf"

@@ -52,7 +52,7 @@ def _kronecker_dense(G: torch.Tensor, V: torch.Tensor, factor: float, balance: b
 def test_per_validation_without_method_or_solver_uses_the_attribution_defaults():
     o = AuditOptions(per_validation=True)
     assert (o.method, o.solver, o.normalize) == ("standard", "kronecker", "centered")
-    assert o.curvature.damping == ATTRIBUTION_DEFAULTS["damping"] == 1e-3
+    assert o.curvature.damping == ATTRIBUTION_DEFAULTS["damping"] == 1e-4
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -82,7 +82,7 @@ def test_resolution_is_stable_under_copies_and_checks_the_option():
     from dataclasses import replace
 
     o = replace(AuditOptions(per_validation=True), n=N)
-    assert (o.method, o.solver, o.normalize, o.curvature.damping) == ("standard", "kronecker", "centered", 1e-3)
+    assert (o.method, o.solver, o.normalize, o.curvature.damping) == ("standard", "kronecker", "centered", 1e-4)
     with pytest.raises(ValueError, match="normalize"):
         AuditOptions(normalize="cosine")
 
@@ -117,10 +117,10 @@ def test_audit_defaults_match_the_dense_hand_computation():
     model, train, val = _data()
     result = audit(model, train, val, per_validation=True, params="trainable", batch_size=8)
     assert (result.method, result.solver) == ("standard", "kronecker")
-    assert result.config["normalize"] == "centered" and result.config["curvature"]["damping"] == 1e-3
+    assert result.config["normalize"] == "centered" and result.config["curvature"]["damping"] == 1e-4
     G, V = _grads(model, train), _grads(model, val)
     centred = V - G.mean(0, keepdim=True)  # the queries centred on the mean training gradient
-    dense = _kronecker_dense(G, centred, 1e-3)
+    dense = _kronecker_dense(G, centred, 1e-4)
     dense = dense / G.flatten(1).norm(dim=1)[None] / centred.flatten(1).norm(dim=1)[:, None]
     torch.testing.assert_close(result.per_validation, dense, rtol=1e-7, atol=1e-10)
 
