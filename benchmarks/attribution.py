@@ -335,6 +335,67 @@ def installed_peers() -> List[str]:
     return [name for name in ("kronfluence", "dattri") if importlib.util.find_spec(name) is not None]
 
 
+def run_kronfluence(task: str, seed: int, b: Dict[str, Any], protocol: str, strategy: str = "ekfac",
+                    matrix: bool = False) -> Optional[Any]:
+    """Kronfluence's pairwise EK-FAC scores on a copy of the same trained weights (the LoRA
+    Linear layers tracked; each record's loss the mean over its counted tokens, as the audit's),
+    when Kronfluence is installed; its sign flipped to this package's (negative = helpful).
+    ``matrix``: return the ``(m, n)`` scores instead of a row (for checks)."""
+    import copy
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("kronfluence") is None:
+        return None
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.task import Task
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    def record_losses(batch: Dict[str, Tensor], model: nn.Module, sample: bool) -> Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits, labels = logits[:, :-1], batch["labels"][:, 1:]
+        if sample:
+            with torch.no_grad():
+                drawn = torch.multinomial(torch.softmax(logits.detach(), -1).flatten(0, 1), 1).view(labels.shape)
+            labels = torch.where(labels == IGNORE, labels, drawn)
+        tokens = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+        counted = (labels != IGNORE).sum(1).clamp_min(1)
+        return (tokens.sum(1) / counted).sum()
+
+    class LMTask(Task):
+        def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Tensor:
+            return record_losses(batch, model, sample)
+
+        def compute_measurement(self, batch: Any, model: nn.Module) -> Tensor:
+            return record_losses(batch, model, False)
+
+        def get_influence_tracked_modules(self) -> List[str]:
+            return [n for n, m in b["model"].named_modules() if isinstance(m, nn.Linear) and "lora_" in n]
+
+        def get_attention_mask(self, batch: Any) -> Tensor:
+            return batch["attention_mask"]
+
+    field = "prompt" if protocol == "datainf" else "answer"
+    train_ds, test_ds = Records(b["train"], b["tok"], field), Records(b["test"], b["tok"], field)
+    t0 = time.perf_counter()
+    task_ = LMTask()
+    model = prepare_model(copy.deepcopy(b["model"]).eval(), task_)
+    with tempfile.TemporaryDirectory() as tmp:
+        analyzer = Analyzer(analysis_name="attribution", model=model, task=task_, output_dir=tmp, disable_tqdm=True,
+                            cpu=True, disable_model_save=True)
+        analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collate))
+        analyzer.fit_all_factors(factors_name=strategy, dataset=train_ds, per_device_batch_size=32,
+                                 factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
+        analyzer.compute_pairwise_scores(scores_name="pairwise", factors_name=strategy, query_dataset=test_ds,
+                                         train_dataset=train_ds, per_device_query_batch_size=50,
+                                         per_device_train_batch_size=64, overwrite_output_dir=True)
+        scores = analyzer.load_pairwise_scores("pairwise")["all_modules"].double()
+    if matrix:
+        return -scores
+    return _row(task, seed, protocol, "Kronfluence EK-FAC", -scores, b, time.perf_counter() - t0)
+
+
 def _stat(rows: List[Dict[str, Any]], key: str) -> Dict[str, float]:
     values = np.array([r[key] for r in rows], dtype=float)
     return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
@@ -372,8 +433,10 @@ def tables(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
         tasks = [t for t in doc["options"]["tasks"] if t in agg]
         columns = list(dict.fromkeys(c for t in tasks for c in agg[t]))
         rows = []
+        most = max(agg[t][c]["seeds"] for t in tasks for c in agg[t])
         for column in columns:
-            row: List[Any] = [column]
+            seeds = min(agg[t][column]["seeds"] for t in tasks if column in agg[t])
+            row: List[Any] = [column if seeds == most else f"{column} ({seeds} seed{'s' if seeds > 1 else ''})"]
             for task in tasks:
                 stat = agg[task].get(column)
                 row += [_cell(stat["auc"]), _cell(stat["recall"])] if stat else [None, None]
@@ -403,11 +466,21 @@ NOTES = {
         "method/solver pair, without normalisation, on the same trained weights: per method one `prepare()` "
         "(copy, tuning, gradients) shared by the solvers, then `score(per_validation=True)`; seconds = the "
         "method's prepare + the solver's score.",
+        "Rows named with a damping or a normalisation are the candidates the defaults were chosen from "
+        "(standard method; damping 0.1 unless named). LiSSA is not in the grid by default (100-160 s per column "
+        "at --quick's size on this machine, stopping at its flop budget; `--solvers ... lissa` runs it).",
+        "Kronfluence EK-FAC (an optional peer, run where installed): pairwise scores on the same trained weights "
+        "(same seed, same deterministic training), the LoRA Linear layers tracked, each record's loss its mean "
+        "token loss; its identity strategy equals this package's identity column (test_benchmarks.py). Its "
+        "seconds include its factor fitting.",
     ],
     "instruction": [
         "The prompt is masked with -100: the audited loss is that of the answer tokens only, for the training "
-        "and the test records. The answers carry little of the variation in math_without_reason (a number) "
-        "and are what the model learned least; see the learning table.",
+        "and the test records (how people fine-tune). What limits it: the answer tokens themselves carry "
+        "little of the variation (math_without_reason: a number; grammars: the record's own words, "
+        "transformed, which this model learned poorly, see the learning table); the variation reaches the "
+        "gradient only through the activations the masked prompt leaves in the answer's forward pass (the "
+        "inputs of the LoRA A blocks, attention over the prompt). Only the standard method is run here.",
     ],
     "model": "3-layer character GPT-2 (vocabulary from the training texts), pretrained in full on the training "
              "prompts, then PEFT LoRA r=8 on c_attn, c_proj and c_fc fine-tuned on the training texts (every "
@@ -424,9 +497,18 @@ def merge(paths: Sequence[str], out: str) -> Dict[str, Any]:
             docs.append(json.load(fh))
     doc = dict(docs[0])
     doc["raw"] = [r for d in docs for r in d["raw"]]
-    doc["learned"] = {t: runs for d in docs for t, runs in d["learned"].items()}
+    learned: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    for d in docs:  # runs merged on the same task and seed must have trained the same weights
+        for task, runs in d["learned"].items():
+            for run in runs:
+                seen = learned.setdefault(task, {}).setdefault(run["seed"], run)
+                if (seen["test_text_loss"], seen["answer_token_accuracy"]) != (run["test_text_loss"],
+                                                                               run["answer_token_accuracy"]):
+                    raise ValueError(f"{task} seed {run['seed']}: the merged runs trained different weights")
+    doc["learned"] = {task: [runs[k] for k in sorted(runs)] for task, runs in learned.items()}
     doc["options"] = {**doc["options"], "tasks": [t for t in TASKS if t in doc["learned"]],
                       "merged_from": [d["command"] for d in docs]}
+    doc["command"] = " ; ".join(dict.fromkeys(d["command"] for d in docs)) + " (merged with --merge)"
     doc["date"] = max(d["date"] for d in docs)
     doc["wall_seconds"] = max(d.get("wall_seconds", 0.0) for d in docs)
     doc["notes"] = NOTES  # the script's current wording
@@ -447,6 +529,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     help="methods of the instruction-tuning table (every solver each)")
     ap.add_argument("--data-dir", default=DATA_DIR)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-peers", action="store_true", help="skip the peer libraries even where installed")
+    ap.add_argument("--peers-only", action="store_true", help="train the same models (same seeds: the same "
+                    "weights) and run only the peers' columns, to --merge with a run without them")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: 12 training / 2 test records per variation")
     ap.add_argument("--out", default=None)
     ap.add_argument("--merge", nargs="+", default=None, help="merge the results files of several runs (e.g. one "
@@ -473,8 +558,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             print(f"{task} seed {seed}: learned {b['learned']}", flush=True)
             for protocol in opts.protocols:
                 methods = opts.methods if protocol == "datainf" else opts.instruction_methods
-                doc["raw"] += run_grid(task, seed, b, protocol, methods, opts.solvers)
-                doc["raw"].append(run_defaults(task, seed, b, protocol))
+                if not opts.peers_only:
+                    doc["raw"] += run_grid(task, seed, b, protocol, methods, opts.solvers)
+                    doc["raw"].append(run_defaults(task, seed, b, protocol))
+                if protocol == "datainf" and "kronfluence" in doc["peers"] and not opts.no_peers:
+                    peer = run_kronfluence(task, seed, b, protocol)
+                    doc["raw"] += [peer] if peer is not None else []
             doc["aggregate"] = aggregate(doc["raw"])
             doc["wall_seconds"] = time.perf_counter() - start
             doc["tables"] = tables(doc)

@@ -261,3 +261,21 @@ def test_attribution_metrics_against_a_hand_computation(monkeypatch):
     # query 1: positives {2, 3} (4, 3) beat negatives (2, 1): 4 of 4; recall@2: 1/2 and 2/2
     assert got["auc"] == pytest.approx((0.5 + 1.0) / 2) and got["recall"] == pytest.approx((0.5 + 1.0) / 2)
     assert got["auc_min_row"] == pytest.approx(0.5)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(DATAINF, "grammars_train.jsonl")),
+                    reason="DataInf's tasks not found in ../shared/data/datainf")
+def test_attribution_kronfluence_peer_sees_the_same_gradients(monkeypatch):
+    """The optional Kronfluence column (only where it is installed): its identity strategy is this
+    package's identity column, so both score the same per-record losses on the same weights."""
+    pytest.importorskip("kronfluence")
+    bench = import_benchmark("attribution", monkeypatch)
+    import torch
+    from lightning_influence import audit
+
+    torch.manual_seed(0)
+    b = bench.build("math_without_reason", 0, True, DATAINF)
+    theirs = bench.run_kronfluence("math_without_reason", 0, b, "datainf", strategy="identity", matrix=True)
+    train, test = bench._loaders(b, "prompt")
+    ours = audit(b["model"], train, test, per_validation=True, method="standard", solver="identity").per_validation
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-6 * float(ours.abs().max()))
