@@ -379,7 +379,7 @@ def query_outcomes(model: Any, data: Any, batch_size: int, device: torch.device,
 def explain(config: AttributionConfig, train: Any, train_ids: Tensor, train_valid: Tensor, source: Any, m: int,
             outcomes: Tuple[Tensor, Tensor, Tensor], solvers: Mapping[str, Any], chunk: int, device: torch.device,
             compute_dtype: torch.dtype, dist: Collectives = Collectives(), from_queries: bool = False,
-            max_memory: Optional[int] = None) -> Attribution:
+            max_memory: Optional[int] = None, normalize: str = "none") -> Attribution:
     """The audit's attribution stage, on every rank.
 
     Args:
@@ -389,8 +389,11 @@ def explain(config: AttributionConfig, train: Any, train_ids: Tensor, train_vali
         source: this rank's shard of the query candidates (a ``Gathered``: ``store``, ``valid``),
             ``m`` candidates in all, sharded by :func:`~lightning_influence.distributed.shard_ids`.
         outcomes: this rank's candidates' ``(losses, labels, predicted)`` at θ* ``(m_r,)`` each.
-        from_queries: the candidates are a separate query set (else the validation data)."""
+        from_queries: the candidates are a separate query set (else the validation data).
+        normalize: the gradient normalisation of the scores (:func:`normalize.normalized`), the
+            same as the ``per_validation`` matrix's, so the top-k are that matrix's top-k."""
     from .distributed import unshard
+    from .normalize import normalized
 
     def full(values: Tensor) -> Tensor:
         return unshard(dist.all_gather_cat(values), m, dist.world_size)
@@ -401,8 +404,10 @@ def explain(config: AttributionConfig, train: Any, train_ids: Tensor, train_vali
     if ids.numel() == 0:
         raise ValueError("attribution: no query to explain (every candidate has a non-finite loss or gradient)")
     blocks = {name: gather_rows(source.store.block(name), ids, m, dist) for name in source.store.names}
+    blocks, column_scale = normalized(normalize, blocks, train, train_valid, chunk, device, compute_dtype, dist)
     harm_s, harm_i, help_s, help_i = streaming_top_k(train, blocks, solvers, train_ids, train_valid, config.k, chunk,
-                                                     device, compute_dtype, dist, max_memory=max_memory)
+                                                     device, compute_dtype, dist, max_memory=max_memory,
+                                                     column_scale=column_scale)
     bad = ~valid[ids]  # named queries whose own gradient is not finite: nothing to say about them
     for values, names in ((harm_s, harm_i), (help_s, help_i)):
         values[bad] = float("nan")

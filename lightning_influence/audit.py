@@ -427,7 +427,8 @@ def score(prepared: Prepared, solver: SolverSpec = "hyperinf", curvature: Union[
                                                                               source.predicted)
             explained = explain(config_attr, p.train.store, p.train_ids, train_valid[p.train_ids], source,
                                 p.mq if config_attr.data is not None else p.m, outcomes, solvers, p.chunk, *args, dist,
-                                from_queries=config_attr.data is not None, max_memory=p.max_memory)
+                                from_queries=config_attr.data is not None, max_memory=p.max_memory,
+                                normalize=options.normalize)
             update(1)
 
     def full(local_values: Tensor, size: int) -> Tensor:

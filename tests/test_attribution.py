@@ -338,3 +338,23 @@ def test_a_column_scale_is_applied_to_every_training_column():
     want = dense_top_k(dense * scale, valid, 5)
     assert torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])
     torch.testing.assert_close(got[0], want[0]) and torch.testing.assert_close(got[2], want[2])
+
+
+@pytest.mark.parametrize("normalize", ["centered", "unit"])
+def test_attribution_top_k_follows_the_normalised_per_validation_matrix(normalize):
+    """Under the attribution defaults (per_validation with no method/solver: standard, kronecker,
+    centred unit gradients) or unit norms, the streamed top-k is the normalised matrix's top-k."""
+    train, val = gaussian_blobs(70, 24, 8, seed=3)
+    model = mlp()
+    options = dict(batch_size=16, preflight=False)
+    if normalize == "unit":
+        options.update(method="standard", solver="datainf", normalize="unit")
+    result = audit(model, train, val, per_validation=True, attribution=AttributionConfig(k=5, queries="all"),
+                   **options)
+    assert result.config["normalize"] == normalize
+    a = result.attribution
+    rows = result.per_validation[a.query_ids]
+    harm, help_ = torch.topk(rows, 5, dim=1), torch.topk(-rows, 5, dim=1)
+    assert torch.equal(a.harmful_ids, harm.indices) and torch.equal(a.helpful_ids, help_.indices)
+    torch.testing.assert_close(a.harmful_scores, harm.values)
+    torch.testing.assert_close(a.helpful_scores, -help_.values)
