@@ -132,6 +132,7 @@ def epoch_vs_audit(model: nn.Module, train: Any, val: Any, train_batches: List[A
             "ratio_without_tuning": (total - tuning) / epoch, "tuning_over_epoch": tuning / epoch,
             "tuning_steps": result.tuning.get("steps", 0.0), "tuning_passes": result.tuning.get("epochs", 0.0),
             "tuning_at_minimum": result.tuning.get("at_minimum", float("nan")), "stages": result.stage_seconds,
+            "tuning": dict(result.tuning),
             "stored_gradient_bytes": stored, "peak_rss_growth_bytes": max(peak - before, 0)}
 
 
