@@ -93,6 +93,38 @@ def write_results(result: Dict[str, Any], path: str) -> None:
         print(json.dumps(table, indent=1))
 
 
+class RssSampler:
+    """Samples this process's RSS every ``period`` s in a thread: the peak overall and per stage
+    (the stage is whatever :meth:`stage` last set; the audit's progress reports it)."""
+
+    def __init__(self, period: float = 0.002) -> None:
+        import threading
+
+        import psutil
+
+        self.proc, self.period, self.label = psutil.Process(), period, "start"
+        self.peaks: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        return self.proc.memory_info().rss
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            value = self.rss()
+            self.peaks[self.label] = max(self.peaks.get(self.label, 0), value)
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 

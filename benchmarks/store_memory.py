@@ -28,7 +28,7 @@ import time
 import torch
 
 import common
-from common import provenance, write_results
+from common import RssSampler, provenance, write_results
 
 def shapes(hidden: int = 384) -> dict:
     """LoRA r=8 blocks of query and value in one layer: lora_A (8, hidden), lora_Bᵀ (8, hidden)."""
@@ -77,38 +77,6 @@ def run_one(n: int, budget: int, spill_dir: str) -> dict:
     return out
 
 
-class _Sampler:
-    """Samples this process's RSS every ``period`` s in a thread: the peak overall and per stage
-    (the stage is whatever :meth:`stage` last set; the audit's progress reports it)."""
-
-    def __init__(self, period: float = 0.002) -> None:
-        import threading
-
-        import psutil
-
-        self.proc, self.period, self.label = psutil.Process(), period, "start"
-        self.peaks: dict = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def rss(self) -> int:
-        return self.proc.memory_info().rss
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            value = self.rss()
-            self.peaks[self.label] = max(self.peaks.get(self.label, 0), value)
-            self._stop.wait(self.period)
-
-    def __enter__(self) -> "_Sampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def mlp_child(budget: float, n: int, m: int, hidden: int, batch: int) -> dict:
     """One audit of the dominant-block MLP in this process; ``budget``: max_memory as a share
     of the training store (0: none). Returns the peak RSS growth (sampled, per stage, and
@@ -128,7 +96,7 @@ def mlp_child(budget: float, n: int, m: int, hidden: int, batch: int) -> dict:
     numbers = sum(p.numel() for p in model.parameters())
     store = n * numbers * 4
     max_memory = int(store * budget) if budget else None
-    sampler = _Sampler()
+    sampler = RssSampler()
 
     class Stages(Progress):
         @contextmanager
