@@ -222,18 +222,12 @@ def cross_influence(train: GradientStore, inverse: Blocks, chunk: int, device: t
                    compute_dtype: torch.dtype) -> Tensor:
     """``− Σ_l ⟨u_l, g_il⟩`` for precomputed ``u = (C + λI)^{-1} v`` of shape ``(M, r, d)`` per
     block: ``(M, n)``. With ``M = 1`` and ``v = v̄`` these are the ``standard`` scores."""
+    from .attribution import score_chunks  # the one place a per-query score is made
+
     m = next(iter(inverse.values())).shape[0]
     scores = torch.zeros(m, len(train), dtype=torch.float64)
-    groups = _groups(train)
-    us = {shape: [inverse[name].reshape(m, -1) for name in names] for shape, names in groups}
-    for start, chunks in _group_chunks(train, chunk):  # one read of the store, all blocks together
-        total = None
-        for shape, names in groups:
-            data = chunks[shape].to(device, compute_dtype)
-            for u, g in zip(us[shape], data):
-                g = g.reshape(g.shape[0], -1)
-                total = u @ g.T if total is None else total.addmm_(u, g.T)
-        scores[:, start:start + total.shape[1]] = -total.double().cpu()
+    for start, total in score_chunks(train, inverse, chunk, device, compute_dtype):
+        scores[:, start:start + total.shape[1]] = total.double().cpu()
     return scores
 
 
