@@ -152,14 +152,6 @@ def gather_gradients(model: nn.Module, blocks: List[Block], data: Any, *, batch_
     return Gathered(store, losses, valid, labels, predicted)
 
 
-def _chunk_rows(store: GradientStore, batch_size: int, max_memory: Optional[int]) -> int:
-    """Rows of gradients read at once by the fit, the solve and the scores (``batch_size``:
-    unused, kept for callers): as many samples as :func:`store.chunk_bytes` of every block's
-    rows allows (an eighth of ``max_memory``, or 256 MiB without one), at least one, so that a
-    block of a million numbers per sample is streamed by sample chunks too."""
-    return store.chunk_size(chunk_bytes(max_memory))
-
-
 def _fit_storage(store: GradientStore, grads: Dict[str, Tensor], rows: int, name: str,
                  max_memory: Optional[int], spill_dir: Optional[str]) -> GradientStore:
     """``store``, or a float32 copy of its first ``rows`` rows (with a warning) when ``grads``
@@ -364,7 +356,7 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Option
         del working
     return Prepared(method, n, m, train_ids, val_ids, train, val, curv,
                     train.losses if not tuned else loss_trained, tune_stats, stages, dist, device,
-                    compute_dtype, _chunk_rows(train.store, batch_size, max_memory),
+                    compute_dtype, train.store.chunk_size(chunk_bytes(max_memory)),  # rows read at once
                     {"method": method, "params": params if isinstance(params, str) else list(params), "seed": seed,
                      "batch_size": batch_size, "grad_dtype": str(store_dtype), "tuning": as_dict(tuning_cfg),
                      "blocks": len(blocks), "projection": projection, "audited_parameters": sum(b.param.numel() for b in blocks)},
