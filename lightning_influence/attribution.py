@@ -223,6 +223,7 @@ def score_chunks(train: Any, directions: Blocks, chunk: int, device: torch.devic
     store, all blocks of a shape group together. The single place the per-query score is made.
     ``column_scale`` ``(n_r,)``: each training sample's column multiplied by it (e.g. ``1/‖g_i‖``
     for unit-norm gradients; scale the query gradients before the solve for the query side)."""
+    from .normalize import scale_columns
     from .scoring import _group_chunks, _groups
 
     groups = _groups(train)
@@ -237,7 +238,7 @@ def score_chunks(train: Any, directions: Blocks, chunk: int, device: torch.devic
                 g = g.reshape(g.shape[0], -1)
                 total = u @ g.T if total is None else total.addmm_(u, g.T)
         if column_scale is not None:
-            total.mul_(column_scale[start:start + total.shape[1]].to(total.device, total.dtype))
+            scale_columns(total, column_scale[start:start + total.shape[1]])
         yield start, total.neg_()
 
 
