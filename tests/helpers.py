@@ -86,3 +86,30 @@ def digits_mlp(split, epochs: int = 60, seed: int = 0) -> nn.Module:
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     return model
+
+
+def run_gloo_ranks(target, world: int = 2, timeout: float = 180.0) -> dict:
+    """Run ``target(rank, world, port, queue)`` in ``world`` spawned processes on a free local
+    port; each puts ``(rank, *outcome)`` on the queue. A rank still alive after ``timeout``
+    seconds is killed and fails the test (it hung in a collective). Returns ``{rank: outcome}``,
+    the outcome a 1-tuple unwrapped to its value."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, world, port, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung in a collective"
+    items = [queue.get(timeout=5) for _ in range(world)]
+    return {item[0]: item[1] if len(item) == 2 else item[1:] for item in items}

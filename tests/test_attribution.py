@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import gaussian_blobs, mlp
+from helpers import gaussian_blobs, mlp, run_gloo_ranks
 from lightning_influence import Attribution, AttributionConfig, audit
 from lightning_influence.attribution import gather_rows, select_queries, streaming_top_k
 from lightning_influence.distributed import Collectives, shard_ids
@@ -282,12 +282,12 @@ def test_image_run_logs_a_gallery_row_per_query(tmp_path):
         assert len(list(csv.DictReader(handle))) == len(a) * 2 * 3
 
 
-def _gloo_rank(rank: int, port: int, queue) -> None:
+def _gloo_rank(rank: int, world: int, port: int, queue) -> None:
     """One of two gloo processes: the audit's attribution over its shards (odd sizes: unequal shards)."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         train, val = gaussian_blobs(37, 13, 6)
         result = audit(mlp(d_in=6), train, val, method="standard", attribution={"queries": "all", "k": 3}, **OPTIONS)
@@ -301,19 +301,7 @@ def _gloo_rank(rank: int, port: int, queue) -> None:
 
 
 def test_two_gloo_processes_give_the_one_process_attribution():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_gloo_rank, args=(r, port, queue)) for r in range(2)]
-    [p.start() for p in procs]
-    outcome = dict((item[0], item[1:]) for item in (queue.get(timeout=240) for _ in range(2)))
-    [p.join(timeout=30) for p in procs]
+    outcome = run_gloo_ranks(_gloo_rank, timeout=240)
     train, val = gaussian_blobs(37, 13, 6)
     single = audit(mlp(d_in=6), train, val, method="standard", attribution={"queries": "all", "k": 3}, **OPTIONS)
     a = single.attribution

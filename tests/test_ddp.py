@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from helpers import gaussian_blobs
+from helpers import gaussian_blobs, run_gloo_ranks
 from lightning_influence import InfluenceCallback, audit
 
 COMBOS = [("standard", "hyperinf"), ("standard", "datainf"), ("fvm", "hyperinf"), ("fvm", "datainf")]
@@ -166,24 +166,6 @@ def _failing_rank_worker(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_an_error_on_one_rank_is_agreed_and_nobody_hangs():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_failing_rank_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "a rank hung in a collective"
-    outcome = dict(queue.get(timeout=5) for _ in range(2))
+    outcome = run_gloo_ranks(_failing_rank_worker)
     assert outcome[1].startswith("RuntimeError: boom on rank 1")
     assert outcome[0].startswith("RemoteStageError")  # rank 0 learns of it and raises too
