@@ -4,11 +4,8 @@
 """
 from __future__ import annotations
 
-import copy
 import functools
-import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -17,16 +14,17 @@ from torch import Tensor, nn
 
 from .config import AuditOptions, CurvatureConfig, TuningConfig, as_dict, parse_grad_dtype
 from .data import dataset_of, selected_ids, to_device, sequential_loader, subset_loader
-from .gradients import gradient_mode, per_sample_gradients
-from .losses import LossFn, default_loss, with_sampled_labels
-from .modes import isolated_rng, preserved
+from .losses import LossFn
+from .modes import isolated_rng
 from .metrics import detection_metrics, nan_last_ranking, score_summary
 from .params import Block, ParamsSpec, select_blocks
 from .precision import full_precision
 from .preflight import PreflightReport, check
-from .progress import NullProgress, Progress
+from .progress import NullProgress, Progress, StageTimes
 from .projection import project_blocks
-from .result import AuditResult
+from .result import AuditResult, on_dataset_positions
+from .gathering import Gathered, gather_gradients, handle_nonfinite, training_losses
+from .models import copy_model, model_device
 from .distributed import Collectives, default_collectives, shard_ids, unshard
 from .exceptions import NonFiniteGradientError
 from .scoring import fit_solvers, method_scores, per_validation_scores, solver_info
@@ -34,16 +32,6 @@ from .attribution import coerce_attribution, explain, query_outcomes as query_ou
 from .solvers import solver_name
 from .solvers.base import SolverSpec
 from .store import GradientStore, chunk_bytes
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` that shares (does not copy) an attached Lightning trainer."""
-    memo: Dict[int, Any] = {}
-    for attr in ("_trainer", "_fabric"):
-        owner = getattr(model, attr, None)
-        if owner is not None:
-            memo[id(owner)] = owner
-    return copy.deepcopy(model, memo)
 
 
 def preflight_check(model: nn.Module, train_data: Any, val_data: Any, options: AuditOptions,
@@ -55,147 +43,6 @@ def preflight_check(model: nn.Module, train_data: Any, val_data: Any, options: A
                  fisher=o.curvature.fisher, grad_dtype=parse_grad_dtype(o.grad_dtype, None), device=o.device,
                  max_memory=o.max_memory, spill_dir=o.spill_dir, projection=o.projection, batch_size=o.batch_size,
                  **extra)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-class StageTimes:
-    """Times the pipeline's stages (synchronising CUDA so the figures are honest):
-    ``with times("name"): ...`` adds to ``times.seconds["name"]``."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.seconds: Dict[str, float] = {}
-        self.device = device
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-def training_losses(model: nn.Module, data: Any, batch_size: int, device: torch.device,
-                    loss_fn: Optional[LossFn], indices: Optional[Tensor] = None) -> Tensor:
-    """Each sample's loss ``(n,)`` (or of the ``indices`` subset) under ``model`` in eval mode."""
-    out: List[Tensor] = []
-    with preserved(model, params=(), training=False), torch.no_grad():
-        for batch in sequential_loader(data, batch_size, _ids(indices), name="train_data"):
-            out.append(default_loss(model, to_device(batch, device), loss_fn).losses.detach().double().cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
-
-
-@dataclass
-class Gathered:
-    """What one gradient pass over (this rank's shard of) a dataset produced, per sample: the
-    gradients ``store``, the ``losses``, a ``valid`` flag (finite loss and gradient), and the
-    ``labels`` and ``predicted`` labels (-1 where the loss has no class labels)."""
-
-    store: GradientStore
-    losses: Tensor
-    valid: Tensor
-    labels: Tensor
-    predicted: Tensor
-
-
-def gather_gradients(model: nn.Module, blocks: List[Block], data: Any, *, batch_size: int,
-                     device: torch.device, dtype: torch.dtype, loss_fn: Optional[LossFn],
-                     sample_labels: Optional[torch.Generator] = None, max_memory: Optional[int] = None,
-                     spill_dir: Optional[str] = None, progress: Optional[Callable[[int], None]] = None,
-                     name: str = "data", indices: Optional[Tensor] = None) -> Gathered:
-    """Per-sample gradients of ``blocks`` for every sample of ``data``, in order, into a store
-    (``(n, r, d)`` per block), with each sample's loss, a validity flag (finite loss and
-    gradient), and the labels and predicted labels for classification.
-
-    With ``sample_labels`` the labels are drawn from the model's predictions (true Fisher)."""
-    n = len(dataset_of(data, name)) if indices is None else int(indices.numel())
-    store = GradientStore(n, {b.name: b.shape for b in blocks}, dtype, max_memory, spill_dir)
-    losses = torch.zeros(n, dtype=torch.float64)
-    valid = torch.ones(n, dtype=torch.bool)
-    labels = torch.full((n,), -1, dtype=torch.long)  # stays -1 where the loss has no class labels
-    predicted = torch.full((n,), -1, dtype=torch.long)
-    start = 0
-    try:
-        with gradient_mode(model, blocks):
-            for batch in sequential_loader(data, batch_size, _ids(indices), name=name):
-                batch = to_device(batch, device)
-                if sample_labels is not None:
-                    batch = with_sampled_labels(model, batch, sample_labels, loss_fn)
-                grads, out = per_sample_gradients(model, blocks, batch, loss_fn)
-                size = out.losses.shape[0]
-                if size != min(batch_size, n - start):
-                    raise ValueError(f"{name}: the loss gave {size} value(s) for a batch of {min(batch_size, n - start)} "
-                                     "samples; loss_fn must return one loss per sample, shape (B,), unreduced")
-                ok = torch.isfinite(out.losses)
-                for g in grads.values():
-                    ok &= torch.isfinite(g).flatten(1).all(1)
-                for g in grads.values():
-                    g.masked_fill_(~ok.view(-1, 1, 1), 0.0)  # excluded samples never reach the solvers
-                store = _fit_storage(store, grads, start, name, max_memory, spill_dir)
-                store.write(start, grads)
-                losses[start:start + size] = out.losses.double().cpu()
-                valid[start:start + size] = ok.cpu()
-                if out.logits is not None and out.labels is not None:
-                    labels[start:start + size] = out.labels.long().cpu()
-                    predicted[start:start + size] = out.logits.argmax(-1).cpu()
-                start += size
-                del grads, out  # one batch's gradients alive at a time, not two (the next replaces them)
-                if progress is not None:
-                    progress(size)
-    except BaseException:
-        store.close()
-        raise
-    return Gathered(store, losses, valid, labels, predicted)
-
-
-def _fit_storage(store: GradientStore, grads: Dict[str, Tensor], rows: int, name: str,
-                 max_memory: Optional[int], spill_dir: Optional[str]) -> GradientStore:
-    """``store``, or a float32 copy of its first ``rows`` rows (with a warning) when ``grads``
-    would overflow its dtype: a float16 store can't hold values above 65504 (they would
-    silently become inf). The gradients themselves are computed in at least float32."""
-    limit = torch.finfo(store.dtype).max
-    for block, g in grads.items():
-        if not g.numel() or limit >= torch.finfo(g.dtype).max:
-            continue
-        peak = float(g.detach().abs().amax())
-        if peak > limit:
-            warnings.warn(f"{name}: per-sample gradients of {block} reach {peak:.3g}, beyond the range of "
-                          f"grad_dtype={store.dtype} (max {limit:.3g}); storing them in float32 instead",
-                          RuntimeWarning)
-            wide = GradientStore(store.n, store.shapes, torch.float32, max_memory, spill_dir)
-            try:
-                step = max(1, store.chunk_size(64 << 20))
-                for s in range(0, rows, step):
-                    part = slice(s, min(s + step, rows))
-                    wide.write(s, {b: store.block(b, part) for b in store.names})
-            except BaseException:
-                wide.close()
-                raise
-            store.close()
-            return wide
-    return store
-
-
-def _ids(indices: Optional[Tensor]) -> Optional[List[int]]:
-    return None if indices is None else indices.tolist()
-
-
-def _handle_nonfinite(valid: Tensor, policy: str, what: str) -> List[int]:
-    """Warn about (or raise for) the ids flagged invalid ``(n,)``; returns them."""
-    bad = (~valid).nonzero().squeeze(1).tolist()
-    if bad:
-        message = (f"{len(bad)} {what} sample(s) have a non-finite loss or gradient (ids {bad[:20]}"
-                   f"{' ...' if len(bad) > 20 else ''})")
-        if policy == "raise":
-            raise NonFiniteGradientError(message)
-        warnings.warn(message + "; they are excluded from the curvature and score NaN", RuntimeWarning)
-    return bad
-
-
 
 
 @dataclass
@@ -387,8 +234,8 @@ def score(prepared: Prepared, solver: SolverSpec = "hyperinf", curvature: Union[
     # every rank learns which samples are invalid before anything depends on it
     train_valid = unshard(dist.all_gather_cat(p.train.valid), p.n, dist.world_size)
     val_valid = unshard(dist.all_gather_cat(p.val.valid), p.m, dist.world_size)
-    excluded = dist.checkpoint(lambda: (_handle_nonfinite(train_valid, nonfinite, "training"),
-                                        _handle_nonfinite(val_valid, nonfinite, "validation"))[0])
+    excluded = dist.checkpoint(lambda: (handle_nonfinite(train_valid, nonfinite, "training"),
+                                        handle_nonfinite(val_valid, nonfinite, "validation"))[0])
     if not bool(val_valid.any()):
         raise NonFiniteGradientError("every validation sample has a non-finite loss or gradient")
     if not bool(train_valid.any()):
@@ -616,41 +463,6 @@ def audit(
     if report is not None:
         result.stage_seconds = {"preflight": report.seconds, **result.stage_seconds}
     return result if train_ids is None else on_dataset_positions(result, train_ids, n, val_ids)
-
-
-def on_dataset_positions(result: AuditResult, ids: Tensor, n: int, val_ids: Optional[Tensor] = None) -> AuditResult:
-    """A result computed on the ``ids`` ``(k,)`` subset of a dataset of ``n`` samples, indexed
-    by dataset position: per-sample tensors become ``(n,)`` (NaN, or -1 for labels, where not
-    audited), ``ranking`` and ``excluded`` hold dataset positions, ``audited`` the ids."""
-    def spread(values: Optional[Tensor], fill: float) -> Optional[Tensor]:
-        if values is None:
-            return None
-        out = torch.full((n, *values.shape[1:]), fill, dtype=values.dtype)
-        out[ids] = values
-        return out
-
-    result.scores = spread(result.scores, float("nan"))
-    result.ranking = ids[result.ranking]
-    for name in ("loss_trained", "loss_tuned", "influence"):
-        setattr(result, name, spread(getattr(result, name), float("nan")))
-    for name in ("labels", "predicted"):
-        setattr(result, name, spread(getattr(result, name), -1))
-    if result.noisy is not None:
-        result.noisy = spread(result.noisy, False)
-    if result.per_validation is not None:
-        result.per_validation = spread(result.per_validation.T.contiguous(), float("nan")).T
-    if result.attribution is not None:  # training ids, and validation ids when those were a subset too
-        a = result.attribution
-        for name in ("helpful_ids", "harmful_ids"):
-            values = getattr(a, name)
-            setattr(a, name, torch.where(values >= 0, ids[values.clamp(min=0)], values))
-        if val_ids is not None and a.source == "validation":
-            a.query_ids = val_ids[a.query_ids]
-    result.excluded = [int(ids[i]) for i in result.excluded]
-    result.audited = ids
-    result.config = {**result.config, "audited_samples": int(ids.numel()), "dataset_samples": n,
-                     "validation_ids": None if val_ids is None else val_ids.tolist()}
-    return result
 
 
 #: the first tuning attempt's figures at θ* (and their cost), which a retry keeps

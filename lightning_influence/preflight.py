@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .data import dataset_of, selected_ids, sequential_loader, to_device
 from .exceptions import PreflightError
 from .gradients import gradient_mode, per_sample_gradients
+from .models import copy_model
 from .modes import preserved
 from .precision import _autocast_dtype, compute_tolerance
 from .losses import (LossFn, _call_with_mapping, default_loss, float_targets, float_targets_message, hf_model_of,
@@ -140,7 +141,6 @@ def check(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional
     device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
     store_dtype = grad_dtype or (torch.float64 if first is not None and first.dtype == torch.float64 else torch.float32)
     if any(p.is_inference() for p in model.parameters()):  # made under inference_mode: no autograd on them
-        from .audit import copy_model
 
         model = copy_model(model)
     blocks = select_blocks(model, params)

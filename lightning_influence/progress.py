@@ -2,8 +2,11 @@
 one styled like the trainer's progress bar (:func:`trainer_progress`)."""
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator
+
+import torch
 
 if TYPE_CHECKING:  # pragma: no cover - a hint only: the pytorch_lightning namespace's Trainer works the same
     import lightning.pytorch as pl
@@ -72,3 +75,20 @@ def trainer_progress(trainer: "pl.Trainer") -> Progress:
     if "RichProgressBar" in {c.__name__ for c in type(bar).__mro__}:
         return RichProgress(bar)
     return TqdmProgress(leave=False)
+
+
+class StageTimes:
+    """Times the pipeline's stages (synchronising CUDA so the figures are honest):
+    ``with times("name"): ...`` adds to ``times.seconds["name"]``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.seconds: Dict[str, float] = {}
+        self.device = device
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

@@ -176,3 +176,38 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
     return value
+
+
+def on_dataset_positions(result: AuditResult, ids: Tensor, n: int, val_ids: Optional[Tensor] = None) -> AuditResult:
+    """A result computed on the ``ids`` ``(k,)`` subset of a dataset of ``n`` samples, indexed
+    by dataset position: per-sample tensors become ``(n,)`` (NaN, or -1 for labels, where not
+    audited), ``ranking`` and ``excluded`` hold dataset positions, ``audited`` the ids."""
+    def spread(values: Optional[Tensor], fill: float) -> Optional[Tensor]:
+        if values is None:
+            return None
+        out = torch.full((n, *values.shape[1:]), fill, dtype=values.dtype)
+        out[ids] = values
+        return out
+
+    result.scores = spread(result.scores, float("nan"))
+    result.ranking = ids[result.ranking]
+    for name in ("loss_trained", "loss_tuned", "influence"):
+        setattr(result, name, spread(getattr(result, name), float("nan")))
+    for name in ("labels", "predicted"):
+        setattr(result, name, spread(getattr(result, name), -1))
+    if result.noisy is not None:
+        result.noisy = spread(result.noisy, False)
+    if result.per_validation is not None:
+        result.per_validation = spread(result.per_validation.T.contiguous(), float("nan")).T
+    if result.attribution is not None:  # training ids, and validation ids when those were a subset too
+        a = result.attribution
+        for name in ("helpful_ids", "harmful_ids"):
+            values = getattr(a, name)
+            setattr(a, name, torch.where(values >= 0, ids[values.clamp(min=0)], values))
+        if val_ids is not None and a.source == "validation":
+            a.query_ids = val_ids[a.query_ids]
+    result.excluded = [int(ids[i]) for i in result.excluded]
+    result.audited = ids
+    result.config = {**result.config, "audited_samples": int(ids.numel()), "dataset_samples": n,
+                     "validation_ids": None if val_ids is None else val_ids.tolist()}
+    return result
