@@ -16,14 +16,17 @@ import dataclasses
 import warnings
 import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.func import grad as grad_of
+from torch.func import vmap
+from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call uses
 from torch.utils._pytree import tree_map
 
+from .losses import DEFAULT_LOSS, BatchFormatError, LossFn, LossOutput, default_loss
 from .modes import preserved
-from .losses import _SHIFT_DECISIONS, BatchFormatError, LossFn, LossOutput, default_loss
 from .params import Block
 from .precision import full_precision
 
@@ -109,8 +112,6 @@ def _generic_grads(model: nn.Module, blocks: List[Block], batch: Any, loss_fn: O
     The batch is split into samples through its structure (tuples, lists, mappings, named
     tuples and dataclasses of tensors); a batch that can't be split is a clear
     :class:`BatchFormatError`, never the whole batch's gradient for every sample."""
-    from torch.func import grad, vmap
-
     names = [b.name for b in blocks]
     params = {b.name: b.param.detach() for b in blocks}
     tree, rebuild = _splittable(batch)
@@ -128,7 +129,7 @@ def _generic_grads(model: nn.Module, blocks: List[Block], batch: Any, loss_fn: O
         # not itself recorded as a function of the other parameters that require grad (the fast
         # path's Linear weights), which kept a graph of the whole vmapped backward alive
         with torch.no_grad():
-            return vmap(grad(single_loss), in_dims=in_dims, randomness="same")(params, tree)
+            return vmap(grad_of(single_loss), in_dims=in_dims, randomness="same")(params, tree)
 
     try:
         grads = _vmap_attention_aware(model, vmapped)
@@ -251,16 +252,15 @@ def _one_sample_loss(model: nn.Module, one: Any, loss_fn: Optional[LossFn], batc
 
 
 def _prime_loss(model: nn.Module, batch: Any, loss_fn: Optional[LossFn]) -> None:
-    """Let the default loss ask the model about its labels' shift outside vmap (once per model)."""
-    if loss_fn is None and isinstance(batch, Mapping) and "labels" in batch and model not in _SHIFT_DECISIONS:
-        with torch.no_grad():
-            default_loss(model, batch)
+    """Let the default loss ask the model about its labels' shift outside vmap (once per model:
+    :meth:`~lightning_influence.losses.DefaultLoss.prime`)."""
+    if loss_fn is None:
+        DEFAULT_LOSS.prime(model, batch)
 
 
 @contextmanager
 def _swapped(model: nn.Module, values: Dict[str, Tensor]) -> Iterator[None]:
-    from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call uses
-
+    """Until exit, ``model``'s parameters named in ``values`` are those tensors."""
     # tie_weights: a parameter shared by several modules (GPT-2's lm_head and wte) is swapped
     # in every place it is used, so the gradient covers all of its uses
     with _reparametrize_module(model, values, tie_weights=True):

@@ -1,7 +1,14 @@
-"""Per-sample losses for the common batch formats, and the ``loss_fn`` protocol.
+"""Per-sample losses: the ``loss_fn`` protocol, and the default loss for the common batch formats.
 
-A ``loss_fn`` is any callable ``(model, batch) -> Tensor`` of shape ``(B,)``: one loss per
-sample, no reduction. Without one, :func:`default_loss` picks by the batch's format:
+The ``loss_fn`` protocol: any callable ``(model, batch) -> Tensor`` of shape ``(B,)``, one loss per
+sample of the batch as the ``DataLoader`` yields it (after the ``collate_fn``, moved to the device),
+no reduction (``reduction="none"``), differentiable in the audited parameters. The audit calls it
+on whole batches (the batched per-sample gradients), and on single samples (batches of one) for
+parameters outside ``nn.Linear`` layers, so it must not mix samples (no batch statistics).
+:func:`default_loss` checks its shape: a 1-D tensor with as many rows as the batch's tensors.
+
+Without a ``loss_fn``, :class:`DefaultLoss` (its shared instance :data:`DEFAULT_LOSS`, through
+:func:`default_loss`) picks by the batch's format:
 
 - the model defines ``per_sample_loss(batch)``: it is used;
 - ``(inputs, targets)``: ``cross_entropy(model(inputs), targets, reduction="none")``;
@@ -22,6 +29,7 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from .exceptions import BatchFormatError, LossMismatchError
 
@@ -43,8 +51,6 @@ class LossOutput:
     losses: Tensor
     logits: Optional[Tensor] = None
     labels: Optional[Tensor] = None
-
-
 
 
 def _logits_of(output: Any) -> Tensor:
@@ -80,63 +86,12 @@ def _structural_shift_guess(model: nn.Module) -> bool:
     return bool(getattr(getattr(hf, "config", None), "is_decoder", False)) or "CausalLM" in name or "LMHead" in name
 
 
-#: model -> whether its token loss shifts the labels (asked of each model object once)
-_SHIFT_DECISIONS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
-
-
 def reported_loss(output: Any) -> Optional[Tensor]:
     """The scalar loss a model's output carries (``output.loss`` or ``output["loss"]``), or ``None``."""
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, Mapping):
         loss = output.get("loss")
     return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
-
-
-def token_label_shift(model: nn.Module, inputs: Mapping[str, Any], labels: Tensor) -> bool:
-    """Whether ``model``'s own token loss aligns the logits at ``t`` with the label at ``t + 1``
-    (causal LMs), for token logits ``(B, T, V)`` and labels ``(B, T)``.
-
-    Asked of the model itself, once per model object: it is called (without gradients) on
-    ``inputs`` plus ``labels``, and the loss it reports is compared with the batch's token-mean
-    cross entropy with and without the shift (the inner Hugging Face model is asked when the
-    wrapper's forward takes no labels). Raises :class:`LossMismatchError` when it is neither
-    (label smoothing, class weights, ...). A model that reports no loss falls back to a
-    structural guess, which the pre-flight check verifies against ``training_step``."""
-    if model in _SHIFT_DECISIONS:
-        return _SHIFT_DECISIONS[model]
-    if _under_vmap(labels):  # no probe inside vmap; gradients.py primes the decision outside
-        return _structural_shift_guess(model)
-    decision: Optional[bool] = None
-    inner = hf_model_of(model)
-    for owner in [model] + ([inner] if inner is not None and inner is not model else []):
-        try:
-            with torch.no_grad():
-                output = _call_with_mapping(owner, {**inputs, "labels": labels})
-            reported = reported_loss(output)
-            logits = _logits_of(output).detach() if reported is not None else None
-        except Exception:  # noqa: BLE001 - this owner takes no labels: ask the next one
-            continue
-        if reported is None or logits is None or logits.dim() != 3:
-            continue
-        value = float(reported.detach().float())
-        candidates = {shift: _batch_token_mean(logits, labels, shift) for shift in (False, True)}
-        matches = [s for s, c in candidates.items() if abs(c - value) <= 1e-3 * abs(value) + 1e-5]
-        if not matches:
-            raise LossMismatchError(
-                f"{type(owner).__name__} reports a loss of {value:.6g} on this batch, but the token-averaged cross "
-                f"entropy of its logits is {candidates[False]:.6g} (labels as given) or {candidates[True]:.6g} "
-                "(shifted by one, as causal LMs do): the model computes another loss (label smoothing? class "
-                "weights? an auxiliary term?). Pass loss_fn=(model, batch) -> per-sample losses of shape (B,)")
-        decision = matches[0] if len(matches) == 1 else None  # both: a degenerate batch, ask again later
-        if decision is None:
-            return _structural_shift_guess(model)
-        break
-    if decision is None:
-        decision = _structural_shift_guess(model)
-    _SHIFT_DECISIONS[model] = decision
-    return decision
 
 
 def _batch_token_mean(logits: Tensor, labels: Tensor, shift: bool) -> float:
@@ -187,14 +142,14 @@ def _defines_forward(model: nn.Module) -> bool:
     return not owner.__module__.startswith(("torch.nn.", "lightning.pytorch.core", "pytorch_lightning.core"))
 
 
-def _call_with_mapping(model: nn.Module, inputs: Mapping[str, Any]) -> Any:
+def call_with_mapping(model: nn.Module, inputs: Mapping[str, Any]) -> Any:
     """``model(**inputs)`` when its forward names the keys (or takes ``**kwargs``), else
     ``model(inputs)`` for a forward that takes the batch as one argument. Keys that the forward
     can't take are a :class:`BatchFormatError` naming them."""
     if not _defines_forward(model):  # e.g. a LightningModule whose training_step calls self.model
         inner = hf_model_of(model)    # directly: the Hugging Face model inside is called instead
         if inner is not None:
-            return _call_with_mapping(inner, inputs)
+            return call_with_mapping(inner, inputs)
     found = _forward_parameters(model)
     if found is None:
         return model(**inputs)
@@ -247,54 +202,6 @@ def cross_entropy_per_sample(logits: Tensor, labels: Tensor, shift: bool = False
                             ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
     mask = (labels != IGNORE_INDEX).to(token.dtype)
     return (token * mask).sum(1) / mask.sum(1).clamp_min(1)
-
-
-def default_loss(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None) -> LossOutput:
-    """One forward pass: per-sample losses ``(B,)``, plus logits ``(B, C)`` and labels ``(B,)``
-    for classification. With ``loss_fn`` it is simply called."""
-    if loss_fn is not None:
-        return LossOutput(_check_losses(loss_fn(model, batch), batch))
-    if hasattr(model, "per_sample_loss") and callable(model.per_sample_loss):
-        return LossOutput(_check_losses(model.per_sample_loss(batch), batch))
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor):
-        inputs, labels = batch
-        if labels.is_floating_point():  # regression: which loss is the user's to say (or to confirm)
-            raise BatchFormatError(float_targets_message(labels))
-        logits = _logits_of(model(inputs))
-        shift = False
-    elif isinstance(batch, Mapping) and "labels" in batch:
-        labels = batch["labels"]
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        decoder_inputs = _decoder_inputs(model, inputs, labels)
-        if decoder_inputs is not None:  # an encoder-decoder: its decoder reads the labels shifted right
-            inputs = {**inputs, "decoder_input_ids": decoder_inputs}
-        try:
-            logits = _logits_of(_call_with_mapping(model, inputs))
-        except TypeError as err:
-            if isinstance(err, BatchFormatError):
-                raise
-            raise BatchFormatError(
-                f"calling {type(model).__name__} with the batch's keys {sorted(map(str, inputs))} failed "
-                f"({err}); the default loss passes every key but 'labels' to the model. Drop keys the model "
-                "doesn't take in the collate_fn, or pass loss_fn=(model, batch) -> per-sample losses (B,)") from err
-        if logits.dim() == 2 and labels.dim() >= 1:
-            kind = problem_type(model, labels, logits.shape[-1])
-            if kind == "regression":
-                target = labels.to(logits.dtype).reshape(logits.shape[0], -1)
-                return LossOutput(_check_losses((logits - target).pow(2).mean(1), batch))
-            if kind == "multi_label_classification":
-                losses = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
-                return LossOutput(_check_losses(losses.mean(1), batch))
-        # an encoder-decoder's logits are already aligned with its labels (the decoder shifted them)
-        shift = logits.dim() == 3 and decoder_inputs is None and token_label_shift(model, inputs, labels)
-    else:
-        raise BatchFormatError(
-            f"the default loss can't handle a batch of type {_describe(batch)}; it understands "
-            "(inputs, targets) tuples, mappings with 'labels', or a module with per_sample_loss(batch). "
-            "Pass loss_fn=lambda model, batch: <per-sample losses, shape (B,)>")
-    losses = cross_entropy_per_sample(logits, labels, shift=shift)
-    classification = logits.dim() == 2
-    return LossOutput(losses, logits if classification else None, labels if classification else None)
 
 
 def _decoder_inputs(model: nn.Module, inputs: Mapping[str, Any], labels: Tensor) -> Optional[Tensor]:
@@ -359,13 +266,162 @@ def _check_losses(losses: Any, batch: Any) -> Tensor:
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise ValueError(f"loss_fn must return per-sample losses of shape (B,), got {shape}; "
                          "use reduction='none'")
-    from torch.utils._pytree import tree_leaves
-
     sizes = {t.shape[0] for t in tree_leaves(batch) if isinstance(t, Tensor) and t.dim() > 0}
     if sizes and losses.shape[0] not in sizes:  # e.g. a mean loss reshaped to (1,): rows would misalign
         raise ValueError(f"loss_fn returned {losses.shape[0]} losses for a batch of {sorted(sizes)[-1]} samples; "
                          "it must return one loss per sample, shape (B,) (use reduction='none')")
     return losses
+
+
+class DefaultLoss:
+    """The per-sample loss the audit uses when no ``loss_fn`` is given, as a task object.
+
+    Called as a ``loss_fn`` (``loss(model, batch)`` → per-sample losses ``(B,)``), or through
+    :meth:`output` for the logits and labels too. The batch formats it understands, in this order:
+
+    - any batch, for a model that defines ``per_sample_loss(batch)``: its ``(B,)`` losses;
+    - ``(inputs, targets)`` with integer class targets ``(B,)``:
+      ``cross_entropy(model(inputs), targets, reduction="none")`` (float targets are refused:
+      :func:`float_targets_message`);
+    - a mapping with ``labels`` (Hugging Face style): every other key is passed to the model
+      (:func:`call_with_mapping`) and each sample's share of the loss the model computes is taken
+      from its logits: class logits ``(B, C)`` by the config's problem type (single-label cross
+      entropy, regression's squared error, multi-label binary cross entropy); token logits
+      ``(B, T, V)`` averaged over each sample's tokens not labelled ``-100``, shifted by one where
+      the model's own loss shifts (causal LMs: :meth:`label_shift`), the decoder inputs built by
+      the model itself for an encoder-decoder.
+
+    State: :attr:`shift_decisions`, per model object (weakly held), whether its token loss shifts
+    the labels, decided once by asking the model (:meth:`label_shift`).
+    """
+
+    def __init__(self) -> None:
+        #: model -> whether its token loss shifts the labels (asked of each model object once)
+        self.shift_decisions: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        """Per-sample losses ``(B,)`` of ``batch``: the ``loss_fn`` protocol."""
+        return self.output(model, batch).losses
+
+    def output(self, model: nn.Module, batch: Any) -> LossOutput:
+        """One forward pass of ``model`` on ``batch`` (a format of the class docstring): per-sample
+        losses ``(B,)``, plus logits ``(B, C)`` and labels ``(B,)`` for classification."""
+        if hasattr(model, "per_sample_loss") and callable(model.per_sample_loss):
+            return LossOutput(_check_losses(model.per_sample_loss(batch), batch))
+        if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor):
+            inputs, labels = batch
+            if labels.is_floating_point():  # regression: which loss is the user's to say (or to confirm)
+                raise BatchFormatError(float_targets_message(labels))
+            logits = _logits_of(model(inputs))
+            shift = False
+        elif isinstance(batch, Mapping) and "labels" in batch:
+            labels = batch["labels"]
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            decoder_inputs = _decoder_inputs(model, inputs, labels)
+            if decoder_inputs is not None:  # an encoder-decoder: its decoder reads the labels shifted right
+                inputs = {**inputs, "decoder_input_ids": decoder_inputs}
+            try:
+                logits = _logits_of(call_with_mapping(model, inputs))
+            except TypeError as err:
+                if isinstance(err, BatchFormatError):
+                    raise
+                raise BatchFormatError(
+                    f"calling {type(model).__name__} with the batch's keys {sorted(map(str, inputs))} failed "
+                    f"({err}); the default loss passes every key but 'labels' to the model. Drop keys the model "
+                    "doesn't take in the collate_fn, or pass loss_fn=(model, batch) -> per-sample losses (B,)") from err
+            if logits.dim() == 2 and labels.dim() >= 1:
+                kind = problem_type(model, labels, logits.shape[-1])
+                if kind == "regression":
+                    target = labels.to(logits.dtype).reshape(logits.shape[0], -1)
+                    return LossOutput(_check_losses((logits - target).pow(2).mean(1), batch))
+                if kind == "multi_label_classification":
+                    losses = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+                    return LossOutput(_check_losses(losses.mean(1), batch))
+            # an encoder-decoder's logits are already aligned with its labels (the decoder shifted them)
+            shift = logits.dim() == 3 and decoder_inputs is None and self.label_shift(model, inputs, labels)
+        else:
+            raise BatchFormatError(
+                f"the default loss can't handle a batch of type {_describe(batch)}; it understands "
+                "(inputs, targets) tuples, mappings with 'labels', or a module with per_sample_loss(batch). "
+                "Pass loss_fn=lambda model, batch: <per-sample losses, shape (B,)>")
+        losses = cross_entropy_per_sample(logits, labels, shift=shift)
+        classification = logits.dim() == 2
+        return LossOutput(losses, logits if classification else None, labels if classification else None)
+
+    def label_shift(self, model: nn.Module, inputs: Mapping[str, Any], labels: Tensor) -> bool:
+        """Whether ``model``'s own token loss aligns the logits at ``t`` with the label at ``t + 1``
+        (causal LMs), for token logits ``(B, T, V)`` and labels ``(B, T)``.
+
+        Asked of the model itself, once per model object: it is called (without gradients) on
+        ``inputs`` plus ``labels``, and the loss it reports is compared with the batch's token-mean
+        cross entropy with and without the shift (the inner Hugging Face model is asked when the
+        wrapper's forward takes no labels). Raises :class:`LossMismatchError` when it is neither
+        (label smoothing, class weights, ...). A model that reports no loss falls back to a
+        structural guess, which the pre-flight check verifies against ``training_step``."""
+        if model in self.shift_decisions:
+            return self.shift_decisions[model]
+        if _under_vmap(labels):  # no probe inside vmap; gradients.py primes the decision outside
+            return _structural_shift_guess(model)
+        decision: Optional[bool] = None
+        inner = hf_model_of(model)
+        for owner in [model] + ([inner] if inner is not None and inner is not model else []):
+            try:
+                with torch.no_grad():
+                    output = call_with_mapping(owner, {**inputs, "labels": labels})
+                reported = reported_loss(output)
+                logits = _logits_of(output).detach() if reported is not None else None
+            except Exception:  # noqa: BLE001 - this owner takes no labels: ask the next one
+                continue
+            if reported is None or logits is None or logits.dim() != 3:
+                continue
+            value = float(reported.detach().float())
+            candidates = {shift: _batch_token_mean(logits, labels, shift) for shift in (False, True)}
+            matches = [s for s, c in candidates.items() if abs(c - value) <= 1e-3 * abs(value) + 1e-5]
+            if not matches:
+                raise LossMismatchError(
+                    f"{type(owner).__name__} reports a loss of {value:.6g} on this batch, but the token-averaged cross "
+                    f"entropy of its logits is {candidates[False]:.6g} (labels as given) or {candidates[True]:.6g} "
+                    "(shifted by one, as causal LMs do): the model computes another loss (label smoothing? class "
+                    "weights? an auxiliary term?). Pass loss_fn=(model, batch) -> per-sample losses of shape (B,)")
+            decision = matches[0] if len(matches) == 1 else None  # both: a degenerate batch, ask again later
+            if decision is None:
+                return _structural_shift_guess(model)
+            break
+        if decision is None:
+            decision = _structural_shift_guess(model)
+        self.shift_decisions[model] = decision
+        return decision
+
+    def prime(self, model: nn.Module, batch: Any) -> None:
+        """Decide :meth:`label_shift` for ``model`` now, outside ``torch.func.vmap`` (where the
+        model can't be asked), by one forward pass without gradients on ``batch``: for a mapping
+        batch with ``labels`` whose model is not decided yet; else nothing."""
+        if isinstance(batch, Mapping) and "labels" in batch and model not in self.shift_decisions:
+            with torch.no_grad():
+                self.output(model, batch)
+
+    def model_loss(self, model: nn.Module, batch: Mapping[str, Any]) -> Optional[Tensor]:
+        """The scalar loss ``model`` itself reports for the mapping ``batch`` (labels included),
+        called as :meth:`output` calls it (:func:`call_with_mapping`), or ``None`` if it reports none."""
+        return reported_loss(call_with_mapping(model, dict(batch)))
+
+
+#: the shared default loss: :func:`default_loss`, :func:`token_label_shift` and the gradient pass use it
+DEFAULT_LOSS = DefaultLoss()
+
+
+def default_loss(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None) -> LossOutput:
+    """One forward pass: per-sample losses ``(B,)``, plus logits ``(B, C)`` and labels ``(B,)``
+    for classification (:meth:`DefaultLoss.output` of :data:`DEFAULT_LOSS`). With ``loss_fn`` it
+    is simply called, its losses checked to be ``(B,)``."""
+    if loss_fn is not None:
+        return LossOutput(_check_losses(loss_fn(model, batch), batch))
+    return DEFAULT_LOSS.output(model, batch)
+
+
+def token_label_shift(model: nn.Module, inputs: Mapping[str, Any], labels: Tensor) -> bool:
+    """:meth:`DefaultLoss.label_shift` of :data:`DEFAULT_LOSS`."""
+    return DEFAULT_LOSS.label_shift(model, inputs, labels)
 
 
 def with_sampled_labels(model: nn.Module, batch: Any, generator: torch.Generator,

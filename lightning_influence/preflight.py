@@ -11,17 +11,15 @@ On the first ``samples`` training samples (collated by the user's own ``collate_
 3. every audited block's per-sample gradients equal autograd of each sample's loss (a
    gradient check, cheap at this size);
 4. the gradient store (numbers per sample × samples × bytes) and the solve's peak memory fit
-   the available RAM and ``max_memory``; past it, an error that names ``max_memory=``,
-   ``projection=``, ``params=`` and ``grad_dtype=`` with the figure each would give.
+   the available RAM and ``max_memory`` (:mod:`~lightning_influence.memory`); past it, an error
+   that names ``max_memory=``, ``projection=``, ``params=`` and ``grad_dtype=`` with the figure
+   each would give.
 
 The original model is used in eval mode without gradients on its own ``.grad``; its modes,
 flags and weights are restored, as in the audit itself.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -32,21 +30,26 @@ from torch import Tensor, nn
 from .data import dataset_of, selected_ids, sequential_loader, to_device
 from .exceptions import PreflightError
 from .gradients import gradient_mode, per_sample_gradients
+from .losses import (
+    DEFAULT_LOSS,
+    LossFn,
+    default_loss,
+    float_targets,
+    float_targets_message,
+    hf_model_of,
+    mean_squared_error,
+)
+from .memory import check_memory, format_bytes
 from .models import copy_model
 from .modes import preserved
-from .precision import _autocast_dtype, compute_tolerance
-from .losses import (LossFn, _call_with_mapping, default_loss, float_targets, float_targets_message, hf_model_of,
-                     mean_squared_error, reported_loss)
 from .params import Block, ParamsSpec, select_blocks
+from .precision import _autocast_dtype, compute_tolerance
 from .solvers.base import SolverSpec
+from .trainer_data import training_step_loss
 
 #: a block's gradient below this share of the whole audited gradient's norm is judged against that
 #: share (its own norm may be rounding noise around an exact 0, e.g. an attention key's bias)
 NEGLIGIBLE = 1e-2
-#: share of the available RAM the audit may plan to use
-RAM_SHARE = 0.8
-
-
 
 
 @dataclass
@@ -99,7 +102,8 @@ class PreflightReport:
             "no reference loss to compare"
         return (f"pre-flight check passed in {self.seconds:.2f} s on {self.samples} samples: {ref}; gradients of "
                 f"{len(self.gradient_error)} blocks = autograd (max rel. err {worst:.1e}); gradient store "
-                f"{_size(self.store_bytes)} for {self.train_samples} samples × {self.numbers_per_sample:,} numbers"
+                f"{format_bytes(self.store_bytes)} for {self.train_samples} samples × {self.numbers_per_sample:,} "
+                "numbers"
                 + "".join(f"; {note}" for note in self.notes))
 
 
@@ -138,14 +142,18 @@ def check(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional
         report.notes.append(f"the training loader's sampler selects {report.train_samples} of {n_all} samples: "
                             "only those are scored (ids stay dataset positions)")
     first = next((p for p in model.parameters()), None)
-    device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+    device = torch.device(device) if device is not None else (first.device if first is not None
+                                                              else torch.device("cpu"))
     store_dtype = grad_dtype or (torch.float64 if first is not None and first.dtype == torch.float64 else torch.float32)
     if any(p.is_inference() for p in model.parameters()):  # made under inference_mode: no autograd on them
-
         model = copy_model(model)
     blocks = select_blocks(model, params)
-    _check_memory(report, blocks, store_dtype, method, solver, fisher, max_memory, spill_dir, projection,
-                  model=model, batch_size=batch_size)
+    plan = check_memory(report.train_samples, report.val_samples, blocks, store_dtype, method, solver, fisher,
+                        max_memory, spill_dir, projection, model=model, batch_size=batch_size)
+    report.numbers_per_sample, report.store_bytes, report.val_bytes = (plan.numbers_per_sample, plan.store_bytes,
+                                                                       plan.val_bytes)
+    report.solve_bytes, report.peak_bytes, report.peak_parts = plan.solve_bytes, plan.peak_bytes, plan.peak_parts
+    report.available_bytes = plan.available_bytes
 
     ids = (torch.arange(n_all) if train_ids is None else train_ids)[:max(1, samples)]
     to_device = _to_device(device, convert)
@@ -229,9 +237,7 @@ def _float_targets_loss(report: PreflightReport, model: nn.Module, batch: Any,
     sample against ``reference_loss`` (else the module's own ``training_step``); with neither, a
     :class:`PreflightError` that says the targets are floats and names ``loss_fn``. Once the loss
     check confirms it, ``report.loss_fn`` holds it for the audit."""
-    if reference_loss is None:
-        from .trainer_data import training_step_loss  # audit() of a LightningModule, outside a fit
-
+    if reference_loss is None:  # audit() of a LightningModule, outside a fit
         reference_loss = training_step_loss(model) if callable(getattr(model, "training_step", None)) else None
     if reference_loss is None:
         raise PreflightError(float_targets_message(batch[1], ", and the model has no training_step to confirm a "
@@ -250,7 +256,7 @@ def _own_losses(model: nn.Module, singles: List[Any]) -> Optional[List[float]]:
         try:
             with torch.no_grad():
                 for one in singles:
-                    loss = reported_loss(_call_with_mapping(owner, dict(one)))
+                    loss = DEFAULT_LOSS.model_loss(owner, one)
                     if loss is None:
                         break
                     values.append(float(loss.double()))
@@ -317,165 +323,3 @@ def _arithmetic(blocks: List[Block]) -> str:
     found = _autocast_dtype(param.device.type)
     name = str(param.dtype).replace("torch.", "")
     return name + (f" parameters under {str(found).replace('torch.', '')} autocast" if found is not None else "")
-
-
-# ---------------------------------------------------------------------- memory
-
-
-def available_ram() -> Optional[int]:
-    """Bytes of RAM available to a new allocation (Linux ``MemAvailable``), else ``None``."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _shape(block: Block, projection: Optional[int]) -> Tuple[int, int]:
-    """The stored ``(r, d)`` of a block's per-sample gradient, after ``projection`` (see projection.py)."""
-    if projection is None or block.linear is None or max(block.param.shape) <= projection:
-        return block.shape
-    sides = [min(s, projection) for s in block.param.shape]
-    return (1, sides[0]) if len(sides) == 1 else (min(sides), max(sides))
-
-
-def _numbers(blocks: List[Block], projection: Optional[int]) -> int:
-    return sum(r * d for r, d in (_shape(b, projection) for b in blocks))
-
-
-def _solve_bytes(blocks: List[Block], solver: SolverSpec, n_curvature: int, projection: Optional[int],
-                 compute_bytes: int, options: Optional[Dict[str, Any]] = None, gathered: bool = True) -> int:
-    """The solve stage's peak memory as the solver estimates it (:meth:`InverseSolver.estimate_bytes`,
-    built with the curvature config's ``options``); a duck-typed solver without the method is
-    fitted on a copy of every block's curvature gradients: that many bytes. ``gathered``: whether
-    the solvers' gathered ``"cat"`` statistics are a copy (a spilled or converted store, several
-    ranks) rather than views of a store in RAM of the compute dtype."""
-    from .solvers.base import make_solver
-
-    sizes = [_shape(b, projection) for b in blocks]
-    instance = make_solver(solver, **(options or {})) if isinstance(solver, (str, type)) else solver
-    estimate = getattr(instance, "estimate_bytes", None)
-    if estimate is None:
-        return n_curvature * sum(r * d for r, d in sizes) * compute_bytes
-    import inspect
-
-    takes_gathered = "gathered" in inspect.signature(estimate).parameters  # a user's may not
-    return int(estimate(sizes, n_curvature, compute_bytes, **({"gathered": gathered} if takes_gathered else {})))
-
-
-def _peak_parts(report: PreflightReport, blocks: List[Block], dtype: torch.dtype, method: str, fisher: str,
-                max_memory: Optional[int], projection: Optional[int], model: Optional[nn.Module],
-                batch_size: int) -> Dict[str, int]:
-    """The terms of the audit's peak memory growth, in bytes (see :attr:`PreflightReport.peak_bytes`):
-
-    - ``val``: the validation store (always in RAM), ``store``: the training store(s) in RAM (0
-      when spilled past ``max_memory``);
-    - ``model``: the audit's copy of the model (parameters and buffers); ``tuning``: vm/fvm's
-      state of the tuned (audited) parameters: gradient, momentum or SAM's, θ* kept for a retry;
-    - ``batch``: one batch's per-sample gradients ``batch × numbers`` in the compute dtype, with
-      the transposed copy and finiteness mask of the largest block;
-    - ``chunks``: the rows read at once (:func:`store.chunk_bytes`): a spilled store's read
-      buffer, a float32 copy of float16 rows, and the solver's per-chunk temporaries of one block;
-    - ``solve``: the solver's own peak (:func:`_solve_bytes`).
-    """
-    from .store import chunk_bytes
-
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    compute_bytes = 8 if dtype == torch.float64 else 4
-    sizes = [r * d for r, d in (_shape(b, projection) for b in blocks)]
-    numbers, largest = sum(sizes), max(sizes, default=0)
-    tuned = method in ("vm", "fvm")
-    one_store = report.train_samples * numbers * itemsize
-    spilled = max_memory is not None and one_store > max_memory
-    row = max(numbers * itemsize, 1)
-    rows = max(1, min(max(report.train_samples, report.val_samples), chunk_bytes(max_memory) // row))
-    chunk = rows * row
-    convert = rows * numbers * compute_bytes if itemsize != compute_bytes else 0
-    model_bytes = 0
-    if model is not None:
-        model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    audited = sum(b.param.numel() * b.param.element_size() for b in blocks)
-    return {"val": report.val_bytes, "store": 0 if spilled else report.store_bytes, "model": model_bytes,
-            "tuning": (4 if method == "fvm" else 3) * audited if tuned else 0,
-            "batch": batch_size * (numbers + 2 * largest) * compute_bytes,
-            "chunks": (chunk if spilled else 0) + convert + rows * largest * compute_bytes,
-            "solve": report.solve_bytes}
-
-
-def _check_memory(report: PreflightReport, blocks: List[Block], dtype: torch.dtype, method: str, solver: SolverSpec,
-                  fisher: str, max_memory: Optional[int], spill_dir: Optional[str], projection: Optional[int],
-                  model: Optional[nn.Module] = None, batch_size: int = 32) -> None:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    compute_bytes = 8 if dtype == torch.float64 else 4
-    numbers = _numbers(blocks, projection)
-    n, m = report.train_samples, report.val_samples
-    report.numbers_per_sample = numbers
-    report.store_bytes = n * numbers * itemsize
-    tuned = method in ("vm", "fvm")
-    curvature_rows = m if tuned else n
-    report.val_bytes = m * numbers * itemsize * (2 if fisher == "true" and tuned else 1)
-    if fisher == "true" and not tuned:
-        report.store_bytes *= 2
-    report.solve_bytes = _solve_bytes(blocks, solver, curvature_rows, projection, compute_bytes)
-    parts = report.peak_parts = _peak_parts(report, blocks, dtype, method, fisher, max_memory, projection, model,
-                                            batch_size)
-    report.peak_bytes = need = parts["val"] + parts["store"] + max(parts["model"] + parts["tuning"] + parts["batch"],
-                                                                   parts["chunks"] + parts["solve"])
-    report.available_bytes = available = available_ram()
-    if available is None:
-        return
-    budget = int(available * RAM_SHARE)
-    spilled = max_memory is not None and report.store_bytes > max_memory
-    folder = spill_dir or tempfile.gettempdir()
-    disk = _free_disk(folder)
-    if need <= budget and not (spilled and disk is not None and report.store_bytes > disk):
-        return
-    per_number = n * itemsize
-    options = []
-    if not spilled:
-        options.append(f"max_memory={budget // 2:_} (bytes): keeps {_size(budget // 2)} in RAM and spills "
-                       f"{_size(report.store_bytes)} to {folder} ({_size(disk) if disk is not None else '?'} free)")
-    for k in (64, 16):
-        projected = _numbers(blocks, k)
-        if projected < numbers:
-            options.append(f"projection={k}: {_size(projected * per_number)} ({projected:,} numbers per sample)")
-            break
-    largest = sorted(blocks, key=lambda b: -b.shape[0] * b.shape[1])[:3]
-    options.append(f"params=[...] name patterns for fewer parameters (now {len(blocks)} blocks, {numbers:,} numbers per "
-                   f"sample; the largest: {', '.join(b.name for b in largest)}), or LoRA adapters with params='lora'")
-    if itemsize > 2:
-        options.append(f"grad_dtype='float16': {_size(report.store_bytes * 2 // itemsize)}")
-    where = ("the disk" if need <= budget else "RAM")
-    raise PreflightError(
-        f"the audit would not fit in {where}: the training-gradient store needs {_size(report.store_bytes)} ({n:,} samples "
-        f"× {numbers:,} numbers × {itemsize} bytes), the validation store {_size(report.val_bytes)} and the solve about "
-        f"{_size(report.solve_bytes)}, a peak of about {_size(need)} in all, against {_size(available)} of available RAM"
-        + (f" and {_size(disk)} free under {folder}" if spilled and disk is not None else "")
-        + ". Options: " + "; ".join(options))
-
-
-def _free_disk(folder: str) -> Optional[int]:
-    probe = folder
-    while probe and not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    try:
-        return shutil.disk_usage(probe or ".").free
-    except OSError:
-        return None
-
-
-def _size(nbytes: Optional[int]) -> str:
-    if nbytes is None:
-        return "?"
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
-        value /= 1024
-    return f"{value:.1f} TiB"  # pragma: no cover

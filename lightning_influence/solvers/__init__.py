@@ -1,13 +1,13 @@
 """Inverse solvers for one parameter block, found by name with :func:`make_solver`."""
-from .base import InverseSolver, SOLVERS, check_solver, flat, make_solver, register_solver, solver_name
+from . import datainf, exact, hyperinf, identity, kronecker, lissa  # noqa: F401  (registers the solvers)
+from .base import SOLVERS, InverseSolver, check_solver, flat, make_solver, register_solver, solver_name
 from .damping import datainf_damping
-from . import identity, exact, datainf, hyperinf, lissa, kronecker  # noqa: F401  (registers the solvers)
-from .identity import IdentitySolver
-from .exact import ExactSolver
 from .datainf import DataInfSolver
+from .exact import ExactSolver
 from .hyperinf import HyperINFSolver
-from .lissa import LiSSASolver
+from .identity import IdentitySolver
 from .kronecker import KroneckerSolver
+from .lissa import LiSSASolver
 
 __all__ = ["InverseSolver", "SOLVERS", "register_solver", "make_solver", "check_solver", "solver_name", "flat",
            "datainf_damping", "IdentitySolver", "ExactSolver", "DataInfSolver",

@@ -15,6 +15,8 @@ Usage, per block::
 """
 from __future__ import annotations
 
+import copy
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Dict, List, Sequence, Tuple, Type, Union
 
@@ -128,8 +130,6 @@ SolverSpec = Union[str, InverseSolver, Type[InverseSolver]]
 def make_solver(spec: SolverSpec, **options: Any) -> InverseSolver:
     """Return a fresh solver for ``spec``: a registered name, a solver class, or an instance
     (an instance is used as a template: it is copied so that blocks never share state)."""
-    import copy
-
     if isinstance(spec, str):
         if spec not in SOLVERS:
             raise ValueError(f"unknown solver {spec!r}; choose one of {sorted(SOLVERS)} "
@@ -142,6 +142,20 @@ def make_solver(spec: SolverSpec, **options: Any) -> InverseSolver:
     if hasattr(spec, "fit") and hasattr(spec, "apply"):  # duck-typed user solver
         return copy.deepcopy(spec)
     raise TypeError(f"solver must be a name, an InverseSolver class or instance, got {type(spec).__name__}")
+
+
+def estimate_solve_bytes(solver: Any, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+                         gathered: bool = True) -> int:
+    """The solve stage's peak bytes with ``solver`` (what :func:`make_solver` returns): its own
+    :meth:`InverseSolver.estimate_bytes` on blocks of gradient shapes ``shapes`` (``[(r, d)]``) and
+    ``n_curvature`` curvature samples of ``compute_bytes`` bytes per number (``gathered`` passed on
+    where the method takes it: a user's may not). A duck-typed solver without the method is fitted
+    on a copy of every block's curvature gradients: that many bytes."""
+    estimate = solver.estimate_bytes if isinstance(solver, InverseSolver) else getattr(solver, "estimate_bytes", None)
+    if estimate is None:
+        return n_curvature * sum(r * d for r, d in shapes) * compute_bytes
+    takes_gathered = "gathered" in inspect.signature(estimate).parameters
+    return int(estimate(shapes, n_curvature, compute_bytes, **({"gathered": gathered} if takes_gathered else {})))
 
 
 def solver_name(spec: Any) -> str:

@@ -1,6 +1,8 @@
 """DataInf (Kwon et al., 2024): closed-form, swapped average/inverse of rank-one terms."""
 from __future__ import annotations
 
+from typing import Sequence, Tuple
+
 from torch import Tensor
 
 from .base import InverseSolver, flat, register_solver, row_sq_norms
@@ -11,6 +13,13 @@ class DataInfSolver(InverseSolver):
     """``(1/λ) [v − (1/N) Σ_i (g_i·v / (λ + ‖g_i‖²)) g_i]``, i.e. the mean over samples of the
     Sherman–Morrison inverses of ``g_i g_iᵀ + λI``, vectorised over samples and vectors.
     ``info = {}``."""
+
+    def estimate_bytes(self, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+                       gathered: bool = True) -> int:
+        """The gathered gradients (when ``gathered``; the fitted solver keeps a view of them) and
+        every block's kept ``λ + ‖g_i‖²`` (``N`` numbers)."""
+        kept = n_curvature * len(shapes) * compute_bytes
+        return super().estimate_bytes(shapes, n_curvature, compute_bytes, gathered) + kept
 
     def fit(self, grads: Tensor, damping: float) -> "DataInfSolver":
         """Keep ``G = flat(grads)`` ``(N, D)`` and ``λ + ‖g_i‖²`` ``(N,)``; returns ``self``."""

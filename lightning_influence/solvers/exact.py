@@ -1,6 +1,8 @@
 """Exact inverse of the damped empirical Fisher ``F + λI`` in the flat ``D = r·d`` space."""
 from __future__ import annotations
 
+from typing import Sequence, Tuple
+
 import torch
 from torch import Tensor
 
@@ -46,13 +48,17 @@ class ExactSolver(InverseSolver):
     block, streamed).
     """
 
-    def estimate_bytes(self, shapes, n_curvature: int, compute_bytes: int, gathered: bool = True) -> int:
+    def estimate_bytes(self, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+                       gathered: bool = True) -> int:
         """The gathered gradients (when ``gathered``), the kept factor of every block (``N × N``
-        Woodbury, ``D × D`` dense) and the largest block's matrix before it is factored."""
+        Woodbury, ``D × D`` dense) and the largest block's matrix before it is factored; past
+        :data:`ACCUMULATE_ROWS` curvature rows, its Gram's float64 sum with a chunk's product and
+        that product's float64 copy (``gram``), in place of the factor that is not made yet."""
         sides = [min(n_curvature, r * d) for r, d in shapes]
         kept = sum(k * k for k in sides) * compute_bytes
+        accumulate = 8 + (8 if compute_bytes != 8 else 0) if n_curvature > ACCUMULATE_ROWS else 0
         return (super().estimate_bytes(shapes, n_curvature, compute_bytes, gathered) + kept
-                + max(sides, default=0) ** 2 * max(compute_bytes, 8 if n_curvature > ACCUMULATE_ROWS else 0))
+                + max(sides, default=0) ** 2 * max(compute_bytes, accumulate))
 
     def fit(self, grads: Tensor, damping: float) -> "ExactSolver":
         """Factor the damped Fisher of ``grads`` ``(N, r, d)``; returns ``self``."""

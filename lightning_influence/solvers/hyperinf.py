@@ -12,7 +12,6 @@ from . import _lowrank
 from ._linalg import gram
 from .base import InverseSolver, register_solver
 
-
 #: rows of the (rows, d) slices of the CPU quadratic form (about 1.5 MiB at d = 384, float32)
 _CACHE_ROWS = 1024
 
@@ -35,7 +34,8 @@ class HyperINFSolver(InverseSolver):
     sets of tens to hundreds of samples) the same inverse is exact by the Woodbury identity,
     ``A^{-1} = (I − Q diag(1 − w) Qᵀ)/λ`` with ``G = U Σ Qᵀ`` the SVD of the ``(N·r, d)`` stack of
     the curvature gradients and ``w = Nλ/(Nλ + σ²)``, computed in ``compute_dtype`` (from the
-    eigendecomposition of ``GGᵀ``) and kept as ``Q`` and ``w`` in the gradients' dtype: ``O((Nr)²d)`` flops and ``N·r·d`` numbers instead of ``O(d³)`` per Schulz step
+    eigendecomposition of ``GGᵀ``) and kept as ``Q`` and ``w`` in the gradients' dtype:
+    ``O((Nr)²d)`` flops and ``N·r·d`` numbers instead of ``O(d³)`` per Schulz step
     and ``d²`` numbers (see :mod:`._lowrank`). ``form``: ``"auto"`` (the cheaper by
     :func:`._lowrank.choose_form`, decided per block from ``N``, ``r``, ``d`` before the store
     is read: :meth:`plan`), ``"lowrank"`` or ``"schulz"``. Its statistics are the gradients
@@ -158,7 +158,7 @@ class HyperINFSolver(InverseSolver):
                                           [counts[i] for i in part], [dampings[i] for i in part])
                 for i, solver, x, info in zip(part, members, xs, infos):
                     solver._done(info, "Schulz iteration")
-                    solver._x = x.to(getattr(solver, "_out_dtype", stats[i]["gram"].dtype))
+                    solver._x = x.to(solver._out_dtype or stats[i]["gram"].dtype)
                     solver._w = solver._cast = None
         return list(solvers)
 
@@ -174,7 +174,7 @@ class HyperINFSolver(InverseSolver):
         del g
         for solver, q, w, lam, res, x in zip(members, qs, ws, dampings, residuals, grads):
             solver._done({"form": "lowrank", "iterations": 0, "residual": res, "rank": n * r}, "low-rank solve")
-            out = getattr(solver, "_out_dtype", x.dtype)
+            out = solver._out_dtype or x.dtype
             solver._w, solver._weights = q.to(out), w.to(out)
             solver._lam = float(lam)
             solver._x = solver._cast = None
@@ -254,8 +254,8 @@ class HyperINFSolver(InverseSolver):
             iters[ka] += 1
             active = ka
         x = (x + x.transpose(-1, -2)).mul_(0.5)
-        infos = [{"form": "schulz", "iterations": int(iters[i]), "residual": float(res[i]), "float32_iterations": int(low_iters[i])}
-                 for i in range(b)]
+        infos = [{"form": "schulz", "iterations": int(iters[i]), "residual": float(res[i]),
+                  "float32_iterations": int(low_iters[i])} for i in range(b)]
         return x, infos
 
     def quadratic(self, vectors: Tensor) -> Tensor:
@@ -299,6 +299,8 @@ class HyperINFSolver(InverseSolver):
 
     _x: Optional[Tensor] = None
     _w: Optional[Tensor] = None  # the low-rank form's Q (K, d); its weights w in _weights
+    _cast: Optional[Tensor] = None  # the kept X or Q in the vectors' dtype (_kept_for)
+    _out_dtype: Optional[torch.dtype] = None  # the fitted inverse's dtype: the gradients' (statistics, fit)
 
     def _x_for(self, dtype: torch.dtype) -> Tensor:
         """``X`` in ``dtype`` for float32/float64 vectors (X was computed in float64, the product
@@ -312,7 +314,7 @@ class HyperINFSolver(InverseSolver):
     def _kept_for(self, kept: Tensor, dtype: torch.dtype) -> Tensor:
         if kept.dtype == dtype or dtype not in (torch.float32, torch.float64):
             return kept
-        cast = getattr(self, "_cast", None)
+        cast = self._cast
         if cast is None or cast.dtype != dtype:
             self._cast = cast = kept.to(dtype)
         return cast

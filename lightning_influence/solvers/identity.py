@@ -1,7 +1,7 @@
 """The identity "inverse": influence becomes a plain gradient dot product (TracIn at θ*)."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -20,7 +20,8 @@ class IdentitySolver(InverseSolver):
     def statistics(self, grads: Tensor) -> Dict[str, Tensor]:
         return {}
 
-    def estimate_bytes(self, shapes, n_curvature: int, compute_bytes: int, gathered: bool = True) -> int:
+    def estimate_bytes(self, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+                       gathered: bool = True) -> int:
         """Nothing: no statistics, nothing kept."""
         return 0
 

@@ -22,7 +22,7 @@ by summation across chunks and ranks; memory ``O(d² + r²)`` per block, no per-
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -55,13 +55,15 @@ class KroneckerSolver(InverseSolver):
         return {"left": torch.einsum("nrd,nsd->rs", g, g), "right": torch.einsum("nrd,nre->de", g, g),
                 "sumsq": g.square().sum().reshape(1)}
 
-    def estimate_bytes(self, shapes, n_curvature: int, compute_bytes: int, gathered: bool = True) -> int:
+    def estimate_bytes(self, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+                       gathered: bool = True) -> int:
         """In float64 whatever ``compute_bytes`` (see :meth:`fit_statistics`): every block keeps its
         two inverses, ``r² + d²`` numbers, and the largest block's fit has its factors and LU
         temporaries alive too. At LLM shapes this is the solver's cost: a ``d × d`` inverse per
-        block (GPT-2 small's 96 LoRA blocks: ~2.4 GiB)."""
+        block (GPT-2 small's 96 LoRA blocks: ~2.4 GiB). Besides, the summed statistics ``Σ g gᵀ`` and
+        ``Σ gᵀ g`` of every block (``compute_bytes`` per number), held until the blocks are fitted."""
         sizes = [r * r + d * d for r, d in shapes]
-        return (sum(sizes) + 2 * max(sizes, default=0)) * 8
+        return (sum(sizes) + 2 * max(sizes, default=0)) * 8 + sum(sizes) * compute_bytes
 
     def fit(self, grads: Tensor, damping: float) -> "KroneckerSolver":
         """Fit from the curvature gradients ``grads`` ``(N, r, d)`` and the damping ``λ``."""

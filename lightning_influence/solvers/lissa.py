@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -36,10 +36,14 @@ class LiSSASolver(InverseSolver):
         self.max_flops = None if max_flops is None else float(max_flops)
         self.min_iter = int(min_iter)
 
-    def estimate_bytes(self, shapes, n_curvature: int, compute_bytes: int, gathered: bool = True) -> int:
-        """The gathered gradients (when ``gathered``) and ``C`` (``D × D``) of every block with ``D <= N``."""
+    def estimate_bytes(self, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+                       gathered: bool = True) -> int:
+        """The gathered gradients (when ``gathered``), ``C`` (``D × D``) of every block with ``D <= N``,
+        and the largest fit's temporary: ``G²`` (``N × D``, for ``trace C``), which is at least the
+        ``D × D`` product ``GᵀG`` before its division by ``N``."""
         kept = sum((r * d) ** 2 for r, d in shapes if r * d <= n_curvature) * compute_bytes
-        return super().estimate_bytes(shapes, n_curvature, compute_bytes, gathered) + kept
+        temp = n_curvature * max((r * d for r, d in shapes), default=0) * compute_bytes
+        return super().estimate_bytes(shapes, n_curvature, compute_bytes, gathered) + kept + temp
 
     def _cap(self, m: int) -> int:
         """Iterations allowed for ``m`` vectors: ``max_iter``, or fewer under ``max_flops``."""
