@@ -96,7 +96,7 @@ def main() -> None:
     print(f"Every sample's score: {callback.scores_path}")
     explain(result, split, args.explain)
     gallery = os.path.join(loggers[1].log_dir, "influence_gallery.png")
-    print(f"The {callback.top_k} most harmful digits: {gallery}")
+    print(f"The {callback.options.top_k} most harmful digits: {gallery}")
     if args.gallery:
         os.makedirs(os.path.dirname(os.path.abspath(args.gallery)), exist_ok=True)
         shutil.copyfile(gallery, args.gallery)

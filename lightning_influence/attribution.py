@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ._io import atomic_open
 from .distributed import Collectives
+from .metrics import check_k
 
 Blocks = Mapping[str, Tensor]
 QUERY_RULES = ("auto", "all")
@@ -72,8 +73,7 @@ class AttributionConfig:
             if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or bool((ids < 0).any()):
                 raise ValueError(f"attribution.queries must be a non-empty sequence of ids >= 0, got {self.queries!r}")
             self.queries = ids.long()
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"attribution.k must be a positive integer, got {self.k!r}")
+        check_k(self.k, "attribution.k")
         if self.max_queries is not None and (isinstance(self.max_queries, bool) or not isinstance(self.max_queries, int)
                                              or self.max_queries < 1):
             raise ValueError(f"attribution.max_queries must be None or a positive integer, got {self.max_queries!r}")

@@ -1,8 +1,11 @@
-"""Small dataclasses that group the audit's options (in the spirit of Kronfluence's arguments).
+"""The audit's options, in frozen dataclasses (in the spirit of Kronfluence's arguments).
 
-``audit()`` and ``InfluenceCallback`` take :class:`TuningConfig` and :class:`CurvatureConfig`
-directly, or plain dicts with the same keys; both check all their options through one
-:class:`AuditOptions`.
+:class:`AuditOptions` holds every option of :func:`~lightning_influence.audit` and is the one
+place each is documented and checked. It is built once (by ``audit()`` from its keywords, or by
+``InfluenceCallback`` at construction, before any training) and passed whole to the stages
+(``prepare``, ``score``, the pre-flight check). ``tuning`` and ``curvature`` are
+:class:`TuningConfig` and :class:`CurvatureConfig` (plain dicts with the same keys are accepted
+and converted). Frozen: change an option with ``dataclasses.replace``, which checks it again.
 """
 from __future__ import annotations
 
@@ -14,8 +17,11 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Type, 
 import torch
 from torch import Tensor
 
-from .metrics import check_noisy
+from .attribution import coerce_attribution
+from .metrics import check_k, check_noisy
+from .normalize import check_normalize
 from .solvers.base import SolverSpec, check_solver
+from .solvers.damping import check_damping
 
 METHODS = ("fvm", "vm", "standard")
 FISHERS = ("empirical", "true")
@@ -33,7 +39,7 @@ ATTRIBUTION_DEFAULTS: Dict[str, Any] = {"method": "standard", "solver": "kroneck
 METHOD_DEFAULT, SOLVER_DEFAULT = "fvm", "hyperinf"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuningConfig:
     """How a copy of the model is moved to a (flat) validation minimum for ``vm``/``fvm``.
 
@@ -136,10 +142,10 @@ class TuningConfig:
             raise ValueError(f"tuning.params must be 'audited' or 'trainable', got {self.params!r}")
         if isinstance(self.retries, bool) or int(self.retries) != self.retries or self.retries < 0:
             raise ValueError(f"tuning.retries must be an integer >= 0, got {self.retries!r}")
-        self.retries = int(self.retries)  # 2.0 -> 2: it counts loop iterations
+        object.__setattr__(self, "retries", int(self.retries))  # 2.0 -> 2: it counts loop iterations
 
 
-@dataclass
+@dataclass(frozen=True)
 class CurvatureConfig:
     """Which curvature is inverted and how it is damped.
 
@@ -159,30 +165,76 @@ class CurvatureConfig:
     solver_options: Optional[Dict[str, Any]] = None
 
     def __post_init__(self) -> None:
-        if not 0 < self.damping < float("inf"):  # also rejects NaN
-            raise ValueError(f"damping must be a finite number > 0, got {self.damping}")
+        check_damping(self.damping)
         if self.damping_rule not in ("relative", "absolute"):
             raise ValueError(f"damping_rule must be 'relative' or 'absolute', got {self.damping_rule!r}")
         if self.fisher not in FISHERS:
             raise ValueError(f"fisher must be one of {FISHERS}, got {self.fisher!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuditOptions:
-    """Every option of :func:`~lightning_influence.audit` (see there for each one's meaning),
-    checked once, in ``__post_init__``: ``ValueError`` (``TypeError`` for a non-integer
-    ``seed``) naming the option. ``audit()`` builds one from its keywords (or takes
-    ``options=``); ``InfluenceCallback`` builds one at construction, before any training, and
-    adds only its Lightning-specific options.
+    """Every option of :func:`~lightning_influence.audit` and ``InfluenceCallback``: the one
+    place each is documented and checked (``ValueError`` naming the option, ``TypeError`` for a
+    non-integer ``seed``), in ``__post_init__``. Built once per audit (by ``audit()`` from its
+    keywords, or by the callback at construction) and passed whole to ``prepare``, ``score`` and
+    the pre-flight check. Frozen: ``dataclasses.replace`` makes a checked copy.
 
     Normalised on construction: ``method``, ``solver`` and ``normalize`` resolved (``None`` /
-    ``"auto"``: the attribution defaults under ``per_validation``, see :meth:`_resolve_defaults`);
-    ``tuning`` and ``curvature`` become their dataclasses, with
-    ``damping`` (the shortcut for ``curvature.damping``) folded into ``curvature`` and then
-    ``None``; ``attribution`` an :class:`~lightning_influence.attribution.AttributionConfig` or ``None``; ``noisy`` a bool tensor, ``clean_labels`` a long tensor, ``params`` a name or a
-    list, ``device`` a ``torch.device``. With ``n`` (the number of training samples; not a
-    field) the lengths of ``noisy`` and ``clean_labels`` are checked too; else
-    :meth:`check_samples` checks them once it is known.
+    ``"auto"``: see each); ``tuning`` and ``curvature`` become their dataclasses, with ``damping``
+    folded into ``curvature`` and then ``None``; ``attribution`` an
+    :class:`~lightning_influence.attribution.AttributionConfig` or ``None``; ``noisy`` a bool
+    tensor, ``clean_labels`` a long tensor, ``params`` a name or a list, ``device`` a
+    ``torch.device``. With ``n`` (the number of training samples; not a field) the lengths of
+    ``noisy`` and ``clean_labels`` are checked too (else :meth:`check_samples` does, later).
+
+    Attributes:
+        loss_fn: ``(model, batch) -> (B,)`` per-sample losses; default: see ``losses.py``.
+        method: ``"fvm"`` (SAM-tuned flat validation minimum), ``"vm"`` (SGD-tuned) or
+            ``"standard"`` (Koh & Liang at the trained weights). ``None`` (default): ``"fvm"``, or
+            with ``per_validation=True`` and no ``solver`` either, the attribution defaults
+            (:data:`~lightning_influence.config.ATTRIBUTION_DEFAULTS`: standard, kronecker,
+            damping 1e-4 unless ``curvature``/``damping`` is given, ``normalize="centered"``).
+        solver: ``"hyperinf"``, ``"datainf"``, ``"lissa"``, ``"exact"``, ``"identity"``,
+            ``"kronecker"``, or an ``InverseSolver`` instance/class. ``None`` (default):
+            ``"hyperinf"``, or the attribution defaults (see ``method``).
+        params: ``"auto"``, ``"lora"``, ``"trainable"`` or parameter-name glob patterns.
+        noisy: optional ``(n,)`` bool ground-truth flags; enables ``result.metrics``.
+        top_k: k for precision/recall at k.
+        seed: seeds the tuning order and the true-Fisher label draws (the global RNG is untouched).
+        tuning: :class:`TuningConfig` (or dict) for ``vm``/``fvm``.
+        curvature: :class:`CurvatureConfig` (or dict): damping, damping rule, Fisher type, solver options.
+        damping: shortcut for ``curvature.damping``.
+        batch_size: batch size of the gradient passes.
+        grad_dtype: storage dtype of the per-sample gradients (default float32, or float64 for a
+            float64 model).
+        device: where to compute (default: the model's device).
+        clean_labels: optional ``(n,)`` true labels, for the relabel accuracy.
+        per_validation: also compute the ``(m, n)`` per-validation-point score matrix.
+        normalize: gradient normalisation of the per-validation scores: ``"unit"`` (unit-norm
+            gradients), ``"centered"`` (queries centred on the mean training gradient, then unit
+            norms; :mod:`~lightning_influence.normalize`), ``"none"``, or ``"auto"`` (default):
+            ``"centered"`` under the attribution defaults, else ``"none"``.
+        nonfinite: ``"exclude"`` samples with non-finite loss/gradient (with a warning), or ``"raise"``.
+        max_memory: bytes of training gradients kept in RAM; past it they spill to disk.
+        spill_dir: where spilled gradients go (a temporary directory by default).
+        projection: project each side of big Linear blocks to this many dimensions with a
+            Gaussian sketch (LoGra-style; the full per-sample gradient is never formed).
+        rank_by: what ``result.scores`` and ``result.ranking`` rank by (most harmful first):
+            ``"auto"`` (default: ``"loss_tuned"`` for vm/fvm, ``"influence"`` for standard),
+            ``"influence"`` (the method's influence score), ``"loss_tuned"`` (each sample's
+            loss at θ̃) or ``"loss_trained"`` (at θ*). The influence score is always in
+            ``result.influence``, and with ``noisy`` the detection metrics of every ranking
+            are in ``result.metrics_by``. Why the loss at θ̃ is the default: README,
+            *Which ranking*.
+        attribution: explain predictions: ``True``, a dict or an
+            :class:`~lightning_influence.AttributionConfig` (which queries: by default the
+            validation samples the trained model gets wrong; ``k`` per side). For each query,
+            the ``k`` most helpful and most harmful training samples, computed streaming (no
+            ``(m, n)`` matrix): ``result.attribution``, written beside the scores file by ``save()``.
+        preflight: first run :func:`~lightning_influence.preflight.check` on a few training
+            samples (the loss matches the model's own, the gradients match autograd, the store
+            fits in memory); ``result.preflight`` holds its report.
     """
 
     loss_fn: Optional[Callable] = None
@@ -218,13 +270,12 @@ class AuditOptions:
         if self.nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
         resolve_rank_by(self.rank_by, self.method)
-        self.tuning = coerce(TuningConfig, self.tuning)
-        self.curvature = coerce(CurvatureConfig, self.curvature)
+        curvature = coerce(CurvatureConfig, self.curvature)
         if self.damping is not None:  # the one place the shortcut meets curvature.damping
-            self.curvature = replace(self.curvature, damping=self.damping)
-            self.damping = None
+            curvature = replace(curvature, damping=self.damping)
+        _set(self, tuning=coerce(TuningConfig, self.tuning), curvature=curvature, damping=None)
         _positive_int(self.batch_size, "batch_size", "{name} must be >= 1 (an integer), got {value!r}")
-        _positive_int(self.top_k, "top_k", "{name} must be a positive integer, got {value!r}")
+        check_k(self.top_k, "top_k")
         if self.projection is not None:
             _positive_int(self.projection, "projection", "{name} must be None or a positive integer, got {value!r}")
         if self.max_memory is not None and (isinstance(self.max_memory, bool) or not isinstance(
@@ -237,13 +288,10 @@ class AuditOptions:
         parse_grad_dtype(self.grad_dtype, torch.float32)
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")
-        self.noisy = check_noisy(self.noisy, n)
-        self.clean_labels = check_clean_labels(self.clean_labels, n)
-        self.params = self.params if isinstance(self.params, str) else list(self.params)
-        self.device = None if self.device is None else torch.device(self.device)
-        from .attribution import coerce_attribution
-
-        self.attribution = coerce_attribution(self.attribution)
+        _set(self, noisy=check_noisy(self.noisy, n), clean_labels=check_clean_labels(self.clean_labels, n),
+             params=self.params if isinstance(self.params, str) else list(self.params),
+             device=None if self.device is None else torch.device(self.device),
+             attribution=coerce_attribution(self.attribution))
 
     def _resolve_defaults(self) -> None:
         """``method``/``solver`` ``None`` and ``normalize="auto"`` resolved: with ``per_validation``
@@ -251,17 +299,19 @@ class AuditOptions:
         too when neither ``curvature`` nor ``damping`` is given); otherwise fvm, hyperinf and no
         normalisation, as before. Idempotent: a resolved copy resolves to itself."""
         attribution = bool(self.per_validation) and self.method is None and self.solver is None
-        if self.method is None:
-            self.method = ATTRIBUTION_DEFAULTS["method"] if attribution else METHOD_DEFAULT
-        if self.solver is None:
-            self.solver = ATTRIBUTION_DEFAULTS["solver"] if attribution else SOLVER_DEFAULT
+        defaults = ATTRIBUTION_DEFAULTS if attribution else {"method": METHOD_DEFAULT, "solver": SOLVER_DEFAULT,
+                                                             "normalize": "none"}
+        _set(self, method=defaults["method"] if self.method is None else self.method,
+             solver=defaults["solver"] if self.solver is None else self.solver,
+             normalize=defaults["normalize"] if self.normalize == "auto" else self.normalize)
         if attribution and self.curvature is None and self.damping is None:
-            self.damping = ATTRIBUTION_DEFAULTS["damping"]
-        if self.normalize == "auto":
-            self.normalize = ATTRIBUTION_DEFAULTS["normalize"] if attribution else "none"
-        from .normalize import check_normalize
-
+            _set(self, damping=ATTRIBUTION_DEFAULTS["damping"])
         check_normalize(self.normalize)
+
+    @property
+    def grad_dtype_resolved(self) -> Optional[torch.dtype]:
+        """``grad_dtype`` as a torch dtype, ``None`` when not given (the stages pick their default)."""
+        return parse_grad_dtype(self.grad_dtype, None)
 
     def check_samples(self, n: int) -> None:
         """Check that ``noisy`` and ``clean_labels`` hold one value per training sample (``n``)."""
@@ -276,18 +326,15 @@ class AuditOptions:
     @classmethod
     def from_keywords(cls, options: Optional["AuditOptions"], n: Optional[int] = None,
                       **keywords: Any) -> "AuditOptions":
-        """A copy of ``options`` when given (every keyword must then be at its default: one
-        source for each option), else the options the keywords give; checked for ``n``
-        training samples."""
+        """The options the keywords give, or, with ``options``, a copy of it in which the keywords
+        that are not at their default replace its values; checked for ``n`` training samples."""
         if options is None:
             return cls(**keywords, n=n)
         if not isinstance(options, cls):
             raise TypeError(f"options must be an AuditOptions, got {type(options).__name__}")
         defaults = {f.name: f.default for f in fields(cls)}
-        given = sorted(name for name, value in keywords.items() if not _is_default(value, defaults[name]))
-        if given:
-            raise ValueError(f"pass the options either as options= or as keywords, not both (also given: {given})")
-        return replace(options, n=n)  # a copy: the caller's object stays theirs
+        given = {name: value for name, value in keywords.items() if not _is_default(value, defaults[name])}
+        return replace(options, **given, n=n)  # a copy: the caller's object stays theirs
 
 
 def resolve_rank_by(rank_by: str, method: str) -> str:
@@ -324,6 +371,12 @@ def check_clean_labels(clean_labels: Any, n: Optional[int] = None) -> Optional[T
         raise ValueError(f"clean_labels must be one integer label per training sample{count}, got shape "
                          f"{tuple(clean.shape)} and dtype {clean.dtype}")
     return clean.long()
+
+
+def _set(obj: Any, **values: Any) -> None:
+    """Set fields of a frozen dataclass while it normalises itself in ``__post_init__``."""
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
 
 
 def _positive_int(value: Any, name: str, message: str) -> None:

@@ -28,6 +28,18 @@ def dataset_of(data: Any, name: str) -> Dataset:
     return dataset
 
 
+_EMPTY = {"train_data": "there is nothing to audit", "val_data": "influence is measured on validation samples"}
+
+
+def dataset_size(data: Any, name: str) -> int:
+    """The number of samples of ``data`` (see :func:`dataset_of`); the one check that it is not
+    empty (``ValueError`` naming ``name``)."""
+    n = len(dataset_of(data, name))
+    if n == 0:
+        raise ValueError(f"{name} is empty: {_EMPTY.get(name, 'there is nothing to read')}")
+    return n
+
+
 def collate_of(data: Any) -> Optional[Callable]:
     """The loader's collate function, so batches look as they did in training."""
     return data.collate_fn if isinstance(data, DataLoader) else None

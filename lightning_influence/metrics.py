@@ -17,6 +17,7 @@ Conventions
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from typing import Optional, Sequence
 
@@ -59,6 +60,18 @@ def _check_scores(scores: Tensor, name: str = "scores") -> Tensor:
             f"{name} contains {bad} non-finite value(s) (NaN/inf) out of {scores.numel()}"
         )
     return scores
+
+
+def check_k(k: object, name: str = "k") -> int:
+    """The one rule for a count of top samples (``top_k``, precision/recall at ``k``,
+    ``attribution.k``): a positive integer (not a bool, not a float), else ``ValueError``."""
+    try:
+        ok = not isinstance(k, bool) and operator.index(k) >= 1  # type: ignore[call-overload]
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a positive integer, got {k!r}")
+    return operator.index(k)  # type: ignore[call-overload]
 
 
 def check_noisy(noisy, n: Optional[int] = None, name: str = "noisy") -> Optional[Tensor]:
@@ -267,9 +280,7 @@ def detection_metrics(
     scores = _check_scores(scores)
     n = scores.numel()
     noisy = check_noisy(noisy, n).to(scores.device)
-    if isinstance(k, bool) or int(k) != k or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    k = min(int(k), n)
+    k = min(check_k(k), n)
     fractions = tuple(float(f) for f in fractions)
     for f in fractions:
         if not (0.0 < f <= 1.0):

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .data import dataset_of, selected_ids, sequential_loader, to_device
+from .config import AuditOptions
+from .data import dataset_size, selected_ids, sequential_loader, to_device
 from .exceptions import PreflightError
 from .gradients import gradient_mode, per_sample_gradients
 from .losses import (
@@ -42,9 +43,8 @@ from .losses import (
 from .memory import check_memory, format_bytes
 from .models import copy_model
 from .modes import preserved
-from .params import Block, ParamsSpec, select_blocks
+from .params import Block, select_blocks
 from .precision import _autocast_dtype, compute_tolerance
-from .solvers.base import SolverSpec
 from .trainer_data import training_step_loss
 
 #: a block's gradient below this share of the whole audited gradient's norm is judged against that
@@ -107,49 +107,40 @@ class PreflightReport:
                 + "".join(f"; {note}" for note in self.notes))
 
 
-def check(model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional[LossFn] = None,
-          params: ParamsSpec = "auto", method: str = "fvm", solver: SolverSpec = "hyperinf", fisher: str = "empirical",
-          grad_dtype: Optional[torch.dtype] = None, device: Union[None, str, torch.device] = None,
-          max_memory: Optional[int] = None, spill_dir: Optional[str] = None, projection: Optional[int] = None,
+def check(model: nn.Module, train_data: Any, val_data: Any, options: AuditOptions, *,
           reference_loss: Optional[Callable[[Any], Optional[Tensor]]] = None, samples: int = 3,
-          convert: Optional[Callable[[Any], Any]] = None, batch_size: int = 32) -> PreflightReport:
-    """Run the pre-flight check (see the module docstring); raise on the first problem.
+          convert: Optional[Callable[[Any], Any]] = None) -> PreflightReport:
+    """Run the pre-flight check (see the module docstring) of an audit of ``model`` under
+    ``options`` (an :class:`~lightning_influence.AuditOptions`); raise on the first problem.
 
     Args:
-        model, train_data, val_data, loss_fn, params, method, solver, fisher, max_memory,
-            spill_dir, projection: as for :func:`~lightning_influence.audit`.
-        grad_dtype: the store's dtype (default: float32, float64 for a float64 model).
-        device: where the check computes (default: the model's device).
         reference_loss: ``batch -> scalar loss`` that the module itself computes (the
             callback passes the LightningModule's ``training_step``); compared sample by sample.
         samples: how many training samples to check (2-3 keep it cheap).
         convert: applied to each batch after collation (the precision plugin's input conversion).
-        batch_size: the audit's gradient batch size (its per-batch gradients count in the peak).
     Returns:
         A :class:`PreflightReport`.
     """
     start = time.perf_counter()
     report = PreflightReport()
-    n_all = len(dataset_of(train_data, "train_data"))
-    if n_all == 0:
-        raise ValueError("train_data is empty: there is nothing to audit")
-    if len(dataset_of(val_data, "val_data")) == 0:
-        raise ValueError("val_data is empty: influence is measured on validation samples")
+    loss_fn, device = options.loss_fn, options.device
+    n_all, m_all = dataset_size(train_data, "train_data"), dataset_size(val_data, "val_data")
     train_ids, val_ids = selected_ids(train_data, "train_data"), selected_ids(val_data, "val_data")
     report.train_samples = n_all if train_ids is None else int(train_ids.numel())
-    report.val_samples = len(dataset_of(val_data, "val_data")) if val_ids is None else int(val_ids.numel())
+    report.val_samples = m_all if val_ids is None else int(val_ids.numel())
     if train_ids is not None:
         report.notes.append(f"the training loader's sampler selects {report.train_samples} of {n_all} samples: "
                             "only those are scored (ids stay dataset positions)")
     first = next((p for p in model.parameters()), None)
     device = torch.device(device) if device is not None else (first.device if first is not None
                                                               else torch.device("cpu"))
-    store_dtype = grad_dtype or (torch.float64 if first is not None and first.dtype == torch.float64 else torch.float32)
+    store_dtype = options.grad_dtype_resolved or (torch.float64 if first is not None and first.dtype == torch.float64 else torch.float32)
     if any(p.is_inference() for p in model.parameters()):  # made under inference_mode: no autograd on them
         model = copy_model(model)
-    blocks = select_blocks(model, params)
-    plan = check_memory(report.train_samples, report.val_samples, blocks, store_dtype, method, solver, fisher,
-                        max_memory, spill_dir, projection, model=model, batch_size=batch_size)
+    blocks = select_blocks(model, options.params)
+    plan = check_memory(report.train_samples, report.val_samples, blocks, store_dtype, options.method, options.solver,
+                        options.curvature.fisher, options.max_memory, options.spill_dir, options.projection,
+                        model=model, batch_size=options.batch_size)
     report.numbers_per_sample, report.store_bytes, report.val_bytes = (plan.numbers_per_sample, plan.store_bytes,
                                                                        plan.val_bytes)
     report.solve_bytes, report.peak_bytes, report.peak_parts = plan.solve_bytes, plan.peak_bytes, plan.peak_parts

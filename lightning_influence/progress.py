@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional
 
 import torch
 
@@ -92,3 +92,44 @@ class StageTimes:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class EpochTimer:
+    """Seconds spent inside the training batches of an epoch (``batch_start``/``batch_end``
+    around each), kept from the last complete epoch: the callback states the tuning's cost
+    in training epochs with it."""
+
+    def __init__(self) -> None:
+        self._start: Optional[float] = None
+        self._current = 0.0
+        self._last: Optional[float] = None
+
+    def epoch_start(self) -> None:
+        if self._current:
+            self._last = self._current
+        self._current = 0.0
+
+    def batch_start(self) -> None:
+        self._start = time.perf_counter()
+
+    def batch_end(self) -> None:
+        if self._start is not None:
+            self._current += time.perf_counter() - self._start
+            self._start = None
+
+    def epoch_end(self) -> None:
+        if self._current:
+            self._last = self._current
+
+    @property
+    def epoch_seconds(self) -> Optional[float]:
+        """The last complete epoch's compute, else the current one's so far (``None``: none)."""
+        return self._last or (self._current or None)
+
+    def note_tuning_cost(self, result: Any) -> None:
+        """Add the validation tuning's cost in training epochs to ``result.tuning``
+        (``train_epoch_seconds``, ``epochs_of_training``) when an epoch was timed."""
+        seconds = self.epoch_seconds
+        if seconds and result.tuning:
+            result.tuning["train_epoch_seconds"] = seconds
+            result.tuning["epochs_of_training"] = result.stage_seconds.get("tuning", 0.0) / seconds

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -176,6 +177,18 @@ def converting_loader(data: Any, convert: Callable) -> DataLoader:
 # module would audit a shard of each weight. Supporting them needs the strategy's own way of
 # gathering the full (LoRA) parameters; until then setup() refuses them before training starts.
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
+
+
+def precision_inputs(trainer: "pl.Trainer", loaders: Tuple[Any, ...]) -> Tuple[Optional[torch.device], Tuple[Any, ...], Any]:
+    """The trainer's device, the ``loaders`` as ``training_step`` sees their batches (the
+    precision plugin's ``convert_input``, e.g. float64 under ``"64-true"``) and the plugin's
+    forward context (autocast under mixed precision), for an audit of the trained module."""
+    strategy = getattr(trainer, "strategy", None)
+    precision = getattr(strategy, "precision_plugin", None)
+    device = getattr(strategy, "root_device", None)
+    if precision is None:
+        return device, loaders, nullcontext()
+    return device, tuple(converting_loader(x, precision.convert_input) for x in loaders), precision.forward_context()
 
 
 def check_strategy(trainer: "pl.Trainer") -> None:

@@ -39,7 +39,8 @@ RUNS = [
     ("speed", "benchmarks/speed.py", ["--quick", "--out", "{tmp}/out.json"]),
     ("solve_llm", "benchmarks/solve_llm.py", ["--quick", "--out", "{tmp}/out.json"]),
     ("roofline", "benchmarks/roofline.py", ["--quick", "--out", "{tmp}/out.json"]),
-    ("tune_digits", "benchmarks/tune_digits.py", ["--seeds", "0", "--epochs", "50", "--solvers", "identity", "--methods",
+    ("tune_digits", "benchmarks/tune_digits.py",
+     ["--seeds", "0", "--epochs", "50", "--solvers", "identity", "--methods",
                                                   "fvm", "--base", '{"steps": 2}', "--out", "{tmp}/out.json"]),
 ]
 
@@ -98,8 +99,9 @@ def record(folder: str, only: List[str]) -> int:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "_child", os.path.join(folder, f"{name}.pt"),
-                                   script, *[a.format(tmp=tmp) for a in args]], cwd=ROOT, env=env,
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "_child",
+                                   os.path.join(folder, f"{name}.pt"),
+                                   script, *[a.replace("{tmp}", tmp) for a in args]], cwd=ROOT, env=env,
                                   capture_output=True, text=True)
         status = "ok" if proc.returncode == 0 else f"FAILED (rc {proc.returncode})"
         print(f"{name:24s} {status:16s} {time.perf_counter() - start:7.1f} s", flush=True)
@@ -126,7 +128,8 @@ def compare(before: str, after: str) -> int:
                 u, v = x.get(key), y.get(key)
                 if isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor):
                     same = u.dtype == v.dtype and u.shape == v.shape and torch.equal(u.nan_to_num(), v.nan_to_num()) \
-                        and torch.equal(u.isnan() if u.is_floating_point() else u, v.isnan() if v.is_floating_point() else v)
+                        and torch.equal(u.isnan() if u.is_floating_point() else u,
+                                        v.isnan() if v.is_floating_point() else v)
                 else:
                     same = u == v or (u != u and v != v)
                 if not same:

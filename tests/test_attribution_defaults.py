@@ -91,9 +91,9 @@ def test_callback_resolves_alike():
     from lightning_influence import InfluenceCallback
 
     cb = InfluenceCallback(per_validation=True)
-    assert (cb.method, cb.solver, cb.normalize) == ("standard", "kronecker", "centered")
+    assert (cb.options.method, cb.options.solver, cb.options.normalize) == ("standard", "kronecker", "centered")
     cb = InfluenceCallback(per_validation=True, method="fvm")
-    assert (cb.method, cb.solver, cb.normalize) == ("fvm", "hyperinf", "none")
+    assert (cb.options.method, cb.options.solver, cb.options.normalize) == ("fvm", "hyperinf", "none")
 
 
 # --------------------------------------------------------------------------- against dense computations

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from helpers import TokenDataset, mlp, pad_collate, tiny_bert_lora
-from lightning_influence import AuditResult, audit
+from lightning_influence import AuditOptions, AuditResult, audit
 
 SST2 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "sst2")
 
@@ -145,13 +145,16 @@ def test_minilm_lora_end_to_end():
 
 
 def test_score_twice_on_one_prepare_times_each_call_alone(blobs):
+    from dataclasses import replace
+
     from lightning_influence.audit import prepare, score
 
     train, val = blobs
-    prepared = prepare(mlp(), train, val, method="fvm", tuning={"steps": 3})
+    options = AuditOptions(method="fvm", tuning={"steps": 3})
+    prepared = prepare(mlp(), train, val, options)
     try:
-        first = score(prepared, "exact")
-        second = score(prepared, "hyperinf")
+        first = score(prepared, replace(options, solver="exact"))
+        second = score(prepared, options)
     finally:
         prepared.close()
     assert first.stage_seconds["tuning"] == second.stage_seconds["tuning"]  # shared prepare() stages

@@ -1,5 +1,7 @@
-"""The audit's options: one AuditOptions, checked once, shared by audit(), prepare()/score() and the callback."""
+"""The audit's options: one frozen AuditOptions, checked once, shared by audit(), prepare()/score() and the callback."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -36,21 +38,32 @@ def test_audit_takes_the_options_as_one_object(blobs):
     by_object = audit(small_mlp(), train, val, options=AuditOptions(**kwargs))
     assert torch.equal(by_keywords.scores, by_object.scores)
     assert by_object.config["curvature"]["damping"] == 0.2
-    with pytest.raises(ValueError, match=r"either as options= or as keywords.*top_k"):
-        audit(small_mlp(), train, val, options=AuditOptions(**kwargs), top_k=7)
+    # a keyword beside options= replaces that option (a checked copy; the caller's object stays theirs)
+    given = AuditOptions(**kwargs)
+    replaced = audit(small_mlp(), train, val, options=given, solver="identity")
+    assert replaced.solver == "identity" and given.solver == "exact"
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        audit(small_mlp(), train, val, options=given, top_k=0)
 
 
-def test_prepare_and_score_check_their_options_like_audit(blobs):
+def test_prepare_and_score_take_one_checked_options_object(blobs):
     train, val = blobs
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        prepare(small_mlp(), train, val, method="standard", batch_size=2.5)
-    prepared = prepare(small_mlp(), train, val, method="standard")
+        AuditOptions(method="standard", batch_size=2.5)
+    options = AuditOptions(method="standard", solver="exact")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.top_k = 3  # frozen: a change goes through dataclasses.replace, which checks it again
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        dataclasses.replace(options, top_k=0)
+    prepared = prepare(small_mlp(), train, val, options)
     try:
-        # score() used to truncate float labels with .long(); audit() and the callback refuse them
-        with pytest.raises(ValueError, match="clean_labels must be one integer label"):
-            score(prepared, "exact", clean_labels=torch.linspace(0, 1.7, len(train)))
+        # score() checks the labels' count against the prepared training set
+        with pytest.raises(ValueError, match="one integer label per training sample"):
+            score(prepared, dataclasses.replace(options, clean_labels=torch.zeros(len(train) + 1, dtype=torch.long)))
         with pytest.raises(ValueError, match="rank_by='loss_tuned' needs"):
-            score(prepared, "exact", rank_by="loss_tuned")
+            dataclasses.replace(options, rank_by="loss_tuned")
+        with pytest.raises(ValueError, match=r"options.method='fvm', but the gradients were prepared for"):
+            score(prepared, AuditOptions(method="fvm"))
     finally:
         prepared.close()
 
@@ -60,14 +73,15 @@ def test_callback_keeps_its_audit_options_in_one_object():
 
     cb = InfluenceCallback(method="vm", tuning={"steps": 4}, damping=0.5, top_k=7)
     assert isinstance(cb.options, AuditOptions)
-    assert cb.method == "vm" and cb.tuning.steps == 4 and cb.top_k == 7
+    assert cb.options.method == "vm" and cb.options.tuning.steps == 4 and cb.options.top_k == 7
     assert cb.options.curvature.damping == 0.5
-    cb.top_k = 9  # an attribute set goes into the options (checked again in setup())
-    assert cb.options.top_k == 9 and "top_k" not in cb.__dict__
+    assert not hasattr(cb, "top_k")  # no attribute proxy: the options live in one frozen object
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cb.options.top_k = 9
     given = AuditOptions(method="standard", solver="exact")
     assert InfluenceCallback(options=given, scores_filename=None).options == given
-    with pytest.raises(ValueError, match=r"not both.*method"):
-        InfluenceCallback(options=given, method="vm")
+    assert InfluenceCallback(options=given, method="vm").options.method == "vm"  # a keyword replaces it
+    assert given.method == "standard"
 
 
 @pytest.mark.parametrize("bad", [-1, 0.5, True, "1"])

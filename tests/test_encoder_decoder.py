@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import hf_models as hf
-from lightning_influence import InfluenceCallback, audit
+from lightning_influence import AuditOptions, InfluenceCallback, audit
 from lightning_influence.gradients import gradient_mode, per_sample_gradients
 from lightning_influence.losses import default_loss
 from lightning_influence.params import select_blocks
@@ -158,7 +158,7 @@ def test_the_check_compares_with_the_models_own_loss_and_passes_every_trainable_
     """``params="trainable"``: every parameter, the key biases (gradient exactly 0) included."""
     model, _ = wrapped(name, "bare", torch.float32)
     data = loader(samples(6), MODELS[name][1])
-    report = check(model, data, data, params="trainable")
+    report = check(model, data, data, AuditOptions(params="trainable"))
     assert report.loss_reference == "the model's own loss" and report.loss_error < 1e-5
     assert max(report.gradient_error.values()) < 1e-4
 

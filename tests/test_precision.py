@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence import InfluenceCallback
+from lightning_influence import AuditOptions, InfluenceCallback
 from lightning_influence.audit import prepare, score
 from lightning_influence.exceptions import PreflightError
 from lightning_influence.gradients import gradient_mode, per_sample_gradients
@@ -159,11 +159,11 @@ def test_the_check_under_half_precision_autocast_passes_lora_and_catches_reuse(d
     """float16 autocast is GPU 16-mixed's arithmetic (Lightning maps CPU 16-mixed to bfloat16)."""
     train, val = digits
     with torch.autocast("cpu", dtype=dtype):
-        report = check(lora_net(), train, val)
+        report = check(lora_net(), train, val, AuditOptions())
         assert 0 < max(report.gradient_error.values()) <= MAX_ROUNDING_ERROR  # rounding, and accepted
         torch.manual_seed(0)
         with pytest.raises(PreflightError, match=r"fc1\.weight"):
-            check(Net(reuse=True), train, val, params=["fc1.weight"])
+            check(Net(reuse=True), train, val, AuditOptions(params=["fc1.weight"]))
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -190,11 +190,12 @@ def test_the_solve_and_scores_run_in_full_precision_under_autocast(digits):
     """The callback keeps autocast on around the audit (the model computes as it trained):
     the solve and the scores must not be rounded to bfloat16 (identical with and without it)."""
     train, val = digits
-    prepared = prepare(lora_net(), train, val, method="standard")
+    options = AuditOptions(method="standard", solver="exact")
+    prepared = prepare(lora_net(), train, val, options)
     try:
-        plain = score(prepared, "exact").influence
+        plain = score(prepared, options).influence
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            under = score(prepared, "exact").influence
+            under = score(prepared, options).influence
     finally:
         prepared.close()
     assert torch.equal(plain, under)

@@ -17,7 +17,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, SubsetRandomSam
 
 import hf_models as hf
 from helpers import gaussian_blobs, mlp
-from lightning_influence import InfluenceCallback, audit
+from lightning_influence import AuditOptions, InfluenceCallback, audit
 from lightning_influence.losses import BatchFormatError
 from lightning_influence.preflight import PreflightError, check
 
@@ -200,7 +200,7 @@ def test_an_oversized_gradient_store_fails_in_setup_with_the_options(tmp_path):
                          PreflightError, r"would not fit")
     del cb
     with pytest.raises(PreflightError) as info:
-        check(module, train, val)
+        check(module, train, val, AuditOptions())
     message = str(info.value)
     for option in ("max_memory=", "projection=", "params=", "grad_dtype="):
         assert option in message, option
@@ -225,8 +225,8 @@ class FunctionalReuse(nn.Module):
 def test_the_gradient_check_catches_a_parameter_used_outside_its_layer(blobs):
     train, val = blobs
     with pytest.raises(PreflightError, match=r"autograd.*fc\.weight"):
-        check(FunctionalReuse().double(), train, val)
-    report = check(mlp(), train, val)  # a clean model passes, with its figures
+        check(FunctionalReuse().double(), train, val, AuditOptions())
+    report = check(mlp(), train, val, AuditOptions())  # a clean model passes, with its figures
     assert report.samples == 3 and set(report.gradient_error) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert report.store_bytes == 60 * (8 * 16 + 16 + 16 * 3 + 3) * 8
 

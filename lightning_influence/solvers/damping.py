@@ -16,14 +16,21 @@ from torch import Tensor
 ZERO_FLOOR = 1e-12
 
 
+def check_damping(factor: float) -> float:
+    """The one rule for a damping factor (the option ``damping``, relative or absolute): a finite
+    number > 0, else ``ValueError``. Returns it as a float."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+        raise ValueError(f"damping must be a finite number > 0, got {factor!r}")  # also rejects NaN
+    return float(factor)
+
+
 def damping_from_mean_square(mean_sq: float, factor: float = 0.1, rule: str = "relative") -> float:
     """λ for a block: ``factor · mean_sq`` (``rule="relative"``, DataInf's rule), or ``factor``
     itself (``rule="absolute"``). A relative λ that is not positive (``mean_sq`` zero or NaN)
     becomes :data:`ZERO_FLOOR`."""
+    factor = check_damping(factor)
     if rule == "absolute":
-        return float(factor)
-    if factor < 0:
-        raise ValueError(f"damping factor must be non-negative, got {factor}")
+        return factor
     value = float(factor) * float(mean_sq)
     if not value > 0.0:  # also catches NaN
         return ZERO_FLOOR
@@ -35,8 +42,7 @@ def datainf_damping(grads: Tensor, factor: float = 0.1) -> float:
 
     If that is not positive (all-zero gradients, or an empty block), :data:`ZERO_FLOOR`
     is returned instead, so the damped inverse stays defined — the value the pipeline uses."""
-    if factor < 0:
-        raise ValueError(f"damping factor must be non-negative, got {factor}")
+    check_damping(factor)
     dtype = grads.dtype if grads.is_floating_point() else torch.get_default_dtype()
     mean_sq = float(grads.detach().to(dtype).pow(2).mean()) if grads.numel() else 0.0
     return damping_from_mean_square(mean_sq, factor)
