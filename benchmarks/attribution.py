@@ -309,7 +309,8 @@ def run_grid(task: str, seed: int, b: Dict[str, Any], protocol: str, methods: Se
             for name, solver, damping, normalize in ABLATIONS if method == "standard" else ():
                 t1 = time.perf_counter()
                 result = score(prepared, solver, {"damping": damping}, per_validation=True, normalize=normalize)
-                rows.append(_row(task, seed, protocol, name, result.per_validation, b, prep_s + time.perf_counter() - t1))
+                rows.append(_row(task, seed, protocol, name, result.per_validation, b,
+                                 prep_s + time.perf_counter() - t1))
         finally:
             prepared.close()
     return rows
@@ -421,7 +422,7 @@ def _cell(stat: Dict[str, float]) -> str:
 
 
 def tables(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The README tables: per protocol, one row per column, AUC and recall per task (mean ± std
+    """The tables (docs/ATTRIBUTION.md): per protocol, one row per column, AUC and recall per task (mean ± std
     over seeds, the worst seed), seconds; then how well the models learned."""
     meta = {"machine": doc["machine"], "date": doc["date"], "command": doc["command"]}
     out = []

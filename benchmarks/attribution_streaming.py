@@ -123,9 +123,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2048, help="training rows per chunk")
     parser.add_argument("--solver", default="hyperinf")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="n=5,000, m=100")
+    parser.add_argument("--quick", action="store_true", help="n=5,000, m=100, a temporary --out (tests)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="default benchmarks/results/attribution_streaming_DATE.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,7 +141,11 @@ def main() -> None:
     run = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     result = {**provenance(__file__), "torch_threads": args.threads or torch.get_num_threads(), "run": run}
     stamp = result.get("date", time.strftime("%Y-%m-%d"))[:10]
-    path = args.out or os.path.join(common.RESULTS, f"attribution_streaming_{stamp}{'_quick' if args.quick else ''}.json")
+    if args.quick and not args.out:  # a smoke run: never into benchmarks/results
+        import tempfile
+
+        args.out = os.path.join(tempfile.gettempdir(), "attribution_streaming_quick.json")
+    path = args.out or os.path.join(common.RESULTS, f"attribution_streaming_{stamp}.json")
     write_results(result, path)
     print(json.dumps(run, indent=1))
     print(f"wrote {path}")

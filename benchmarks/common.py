@@ -131,7 +131,7 @@ def now() -> str:
 
 def provenance(script: str, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """What every results file records: ``machine`` (:func:`machine_info`), ``date``
-    (:func:`now`) and ``command``, the script (pass ``__file__``) as the README runs it with
+    (:func:`now`) and ``command``, the script (pass ``__file__``) as the docs run it with
     ``argv`` (default: this process's arguments)."""
     args = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python", f"benchmarks/{os.path.basename(script)}", *args])

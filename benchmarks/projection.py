@@ -39,11 +39,16 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=400)
     parser.add_argument("--n-val", type=int, default=100)
     parser.add_argument("--dims", type=int, nargs="+", default=[8, 16, 32, 64, 128])
-    parser.add_argument("--out", default=os.path.join(common.RESULTS, "projection.json"))
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None,
+                        help="default benchmarks/results/projection.json (--quick: a temporary file)")
+    parser.add_argument("--quick", action="store_true", help="64/24 sentences, k=16 only, a temporary --out (tests)")
     args = parser.parse_args()
     if args.quick:
         args.n_train, args.n_val, args.dims = 64, 24, [16]
+        import tempfile
+
+        args.out = args.out or os.path.join(tempfile.gettempdir(), "projection_quick.json")  # never rendered
+    args.out = args.out or os.path.join(common.RESULTS, "projection.json")
     torch.manual_seed(0)
     split = noisy_glue(os.path.join(args.glue_dir, "sst2"), "sst2", args.n_train, args.n_val, rate=0.2, seed=0)
     tokenizer = minilm_tokenizer()

@@ -22,7 +22,7 @@ recall at the noise rate, and seconds (audit stages incl. the shared tuning + gr
 cleanlab: its K trainings and predictions).
 
 Results: ``benchmarks/results/quality.json`` (machine, date, options, per-seed raw values,
-mean/std, and rendered ``tables``); ``python benchmarks/render.py`` puts them in the README.
+mean/std, and rendered ``tables``); ``python benchmarks/render.py`` puts them in docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -230,7 +230,9 @@ def fmt(stat: Dict[str, float], key: str) -> str:
     if not stat or stat["n"] == 0 or not math.isfinite(stat["mean"]):
         return "–"
     if key == "seconds":
-        return f"{stat['mean']:.1f} ± {stat['std']:.1f}" if stat["mean"] < 100 else f"{stat['mean']:.0f} ± {stat['std']:.0f}"
+        if stat["mean"] < 100:
+            return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+        return f"{stat['mean']:.0f} ± {stat['std']:.0f}"
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
@@ -286,7 +288,8 @@ def build_tables(agg: Dict[str, Any], opts: Dict[str, Any], tasks: Sequence[str]
                 continue
             bc, bs = max(others, key=lambda kv: kv[1]["mean"])
             margin = d["mean"] - bs["mean"]
-            rows.append([TASKS[t]["label"], dict(METRICS)[key], fmt(d, key), f"{column_label(bc, opts)}: {fmt(bs, key)}",
+            rows.append([TASKS[t]["label"], dict(METRICS)[key], fmt(d, key),
+                         f"{column_label(bc, opts)}: {fmt(bs, key)}",
                          f"{margin:+.3f}", "yes" if margin > 0 else ("tie" if margin == 0 else "no")])
     tables.append(dict(title=f"Does {DEFAULT_COLUMN} (the default) beat every other column?", machine=machine_s,
                        date=date, command=command,
@@ -302,7 +305,7 @@ functions (`prepare()` once per method, `score()` per solver); `loss@θ*` is eac
 at the trained weights, `loss@θ̃` its loss at fvm's validation-tuned weights, and `cleanlab` is
 confident learning on K-fold out-of-sample probabilities. The vm/fvm defaults (tuning steps,
 lr, ρ, batch, damping) were chosen on *digits, 20 % symmetric* only
-([benchmarks/TUNING.md](benchmarks/TUNING.md)); the other tasks are held out. The best mean
+([benchmarks/TUNING.md](../benchmarks/TUNING.md)); the other tasks are held out. The best mean
 per task is in bold; the last table says, per task and metric, whether the default
 `fvm/hyperinf` beats every other column, and which column beats it where it does not."""
 
@@ -342,7 +345,8 @@ def rebuild(path: str) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- CLI
 
 def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 seed, 2 tasks (< 60 s); for the tests")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None)
     ap.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (quick: 0)")
@@ -427,7 +431,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     notes = [
         f"scale '{opts.scale}'; seeds {opts.seeds} (the seed draws the label noise, the split and the model init); "
         "std over seeds with ddof=1.",
-        f"tuning (vm/fvm) {json.dumps({k: opts.tuning[k] for k in ('steps', 'lr', 'momentum', 'weight_decay', 'batch_size', 'rho')})}; "
+        "tuning (vm/fvm) "
+        f"{json.dumps({k: opts.tuning[k] for k in ('steps', 'lr', 'momentum', 'weight_decay', 'batch_size', 'rho')})}; "
         f"damping {opts.curvature['damping']} × mean(g²) per block.",
         f"digits: MLP 64-{opts.digits_hidden}-10, full-batch Adam lr {opts.digits_lr} for {opts.digits_epochs} steps "
         f"(fits the noisy labels), {opts.digits_val} clean validation samples, all parameters audited; "
@@ -436,9 +441,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if glue_tasks:
         notes.append(
             f"GLUE: MiniLM-L6 + LoRA r=8 (query, value), {opts.glue_train} train / {opts.glue_val} validation samples, "
-            f"max_length {opts.max_length}, AdamW lr {opts.glue_lr} for {opts.glue_epochs} epochs; LoRA matrices audited; "
+            f"max_length {opts.max_length}, AdamW lr {opts.glue_lr} for {opts.glue_epochs} epochs; "
+            "LoRA matrices audited; "
             f"vm/fvm tuning {opts.glue_tuning_steps or opts.tuning['steps']} steps of batch "
-            f"{opts.glue_tuning_batch or opts.tuning['batch_size']} (other tuning options as above); cleanlab K={opts.cleanlab_folds_glue} "
+            f"{opts.glue_tuning_batch or opts.tuning['batch_size']} (other tuning options as above); "
+            f"cleanlab K={opts.cleanlab_folds_glue} "
             f"with {opts.cleanlab_epochs_glue} epoch(s) per fold"
             + (" (HyperINF used 4,500 / 500: reduced to fit a 2-core CPU; run --scale paper on a GPU)."
                if opts.scale != "paper" else "."))

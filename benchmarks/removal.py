@@ -32,7 +32,7 @@ And at CPU scale, text:
 
 Run: python benchmarks/removal.py [--quick] [--seeds 0 1 2] [--tasks sym20 pair20 marker10 offdist10 dup10 sst2]
      [--glue-dir ../shared/data]
-Writes benchmarks/results/removal.json (rendered into the README by render.py). The SST-2 table:
+Writes benchmarks/results/removal.json (rendered into docs/BENCHMARKS.md by render.py). The SST-2 table:
 python benchmarks/removal.py --tasks sst2 --glue-dir ../shared/data --sst2-epochs 3 --q 5 10 20
 --out benchmarks/results/removal_sst2.json (about 20 minutes on 2 CPU cores).
 """
@@ -63,7 +63,8 @@ DIGITS_TASKS = ("sym20", "pair20", "marker10", "offdist10", "dup10")
 RANKINGS = ("fvm", "vm", "standard", "loss@θ̃", "loss@θ*", "cleanlab", "random", "oracle")
 CORNERS = [0, 7, 56, 63]
 #: fvm's tuning figures recorded with each seed's no-removal row
-TUNING_KEYS = ("val_loss_trained", "val_loss_tuned", "val_acc_trained", "val_acc_tuned", "steps", "lr", "at_minimum", "retries")
+TUNING_KEYS = ("val_loss_trained", "val_loss_tuned", "val_acc_trained", "val_acc_tuned", "steps", "lr", "at_minimum",
+               "retries")
 
 
 def log(msg: str) -> None:
@@ -129,7 +130,8 @@ def rankings(d: Dict[str, Any], model: torch.nn.Module, seed: int, opts: argpars
 
     probs, _ = common.cross_val_probs(len(d["ytr"]), d["ytr"], 5, seed, fit_predict)
     out["cleanlab"] = common.cleanlab_scores(d["ytr"], probs)
-    out["random"] = torch.rand(len(d["ytr"]), generator=torch.Generator().manual_seed(seed + 12345), dtype=torch.float64)
+    out["random"] = torch.rand(len(d["ytr"]), generator=torch.Generator().manual_seed(seed + 12345),
+                               dtype=torch.float64)
     out["oracle"] = oracle_scores(d["flags"], seed)
     return out, tuning
 
@@ -262,7 +264,8 @@ def tables(raw: List[Dict[str, Any]], opts: argparse.Namespace, header: Dict[str
         rows = [r for r in raw if r["task"] == task]
         names = [name for name in RANKINGS if any(r["ranking"] == name for r in rows)]
         base = [r["test"] for r in rows if r["ranking"] == "none"]
-        cols = ["ranking"] + [f"test acc, q={q} %" for q in opts.q] + [f"harmful among removed, q={opts.q[-2] if len(opts.q) > 1 else opts.q[0]} %"]
+        q_harm = opts.q[-2] if len(opts.q) > 1 else opts.q[0]
+        cols = ["ranking"] + [f"test acc, q={q} %" for q in opts.q] + [f"harmful among removed, q={q_harm} %"]
         table_rows = [["no removal"] + [stat(base)] * len(opts.q) + ["–"]]
         best: Dict[int, str] = {}
         for q in opts.q:
@@ -280,7 +283,8 @@ def tables(raw: List[Dict[str, Any]], opts: argparse.Namespace, header: Dict[str
         vcols = ["ranking"] + [f"val acc, q={q} %" for q in opts.q]
         vrows = [["no removal"] + [stat([r["val"] for r in rows if r["ranking"] == "none"])] * len(opts.q)]
         for name in names:
-            vrows.append([name] + [stat([r["val"] for r in rows if r["ranking"] == name and r["q"] == q]) for q in opts.q])
+            vrows.append([name] + [stat([r["val"] for r in rows if r["ranking"] == name and r["q"] == q])
+                                   for q in opts.q])
         recipe = (f"MiniLM-L6 + LoRA r=8 q/v, AdamW lr 3e-3, batch 32, {opts.sst2_epochs} epochs; {opts.sst2_train} "
                   f"train / {opts.sst2_val} val / {opts.sst2_test} test sentences" if task == "sst2" else
                   f"MLP 64-64-10, full-batch Adam lr 0.01, {opts.train_steps} steps")
@@ -289,9 +293,11 @@ def tables(raw: List[Dict[str, Any]], opts: argparse.Namespace, header: Dict[str
                  "q = share of the training set removed (top of each ranking), then a retrain from scratch with the "
                  f"same recipe and seed ({recipe})",
                  "harmful among removed: the share of the removed samples that were corrupted",
-                 f"fvm/vm/standard: influence scores (hyperinf) with the library's default tuning {json.dumps(opts.tuning or {})}; "
+                 "fvm/vm/standard: influence scores (hyperinf) with the library's default tuning "
+                 f"{json.dumps(opts.tuning or {})}; "
                  "loss@θ̃: the loss at fvm's tuned weights; cleanlab: 5-fold confident learning"
-                 + ("; oracle: the planted samples first (the ceiling)" if any(r["ranking"] == "oracle" for r in rows) else "")]
+                 + ("; oracle: the planted samples first (the ceiling)"
+                    if any(r["ranking"] == "oracle" for r in rows) else "")]
         out.append(dict(title=f"Retrain after removal: {TASKS[task]}, clean test accuracy", columns=cols,
                         rows=table_rows, notes=notes, **header))
         out.append(dict(title=f"Retrain after removal: {TASKS[task]}, validation accuracy", columns=vcols,
@@ -337,7 +343,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         opts.tasks, opts.seeds, opts.q, opts.train_steps = opts.tasks[:1], opts.seeds[:1], [5, 10], 200
         import tempfile
 
-        opts.out = opts.out or os.path.join(tempfile.gettempdir(), "removal_quick.json")  # never rendered into the README
+        opts.out = opts.out or os.path.join(tempfile.gettempdir(), "removal_quick.json")  # never rendered into the docs
     opts.out = opts.out or os.path.join(common.RESULTS, "removal.json")
     torch.set_num_threads(opts.threads)
     header = common.provenance(__file__, argv)

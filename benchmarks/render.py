@@ -1,9 +1,13 @@
-"""Render benchmark results into the README.
+"""Render benchmark results into the documentation.
 
 Every ``benchmarks/results/*.json`` that has a ``"tables"`` list is rendered as markdown and
-put between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in the README, where ``NAME`` is
-the file's stem (``quality.json`` -> ``quality``, ``speed.json`` -> ``speed``). Missing
-markers are appended at the end of the README. Other JSON files are left alone.
+put between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``, where ``NAME`` is the file's stem
+(``quality.json`` -> ``quality``, ``speed.json`` -> ``speed``), in the page that holds those
+markers: README.md or one of ``docs/*.md`` (``quality`` and ``speed`` are in docs/BENCHMARKS.md,
+``tuning_check`` in docs/TUNING.md, ``attribution`` in docs/ATTRIBUTION.md, ``store_memory`` and
+``projection`` in docs/SCALING.md). A result whose markers are nowhere is appended at the end of
+docs/BENCHMARKS.md. ``--readme PATH`` renders every given file into PATH instead. Other JSON files
+are left alone.
 
 The table schema (shared by every benchmark)::
 
@@ -13,8 +17,8 @@ The table schema (shared by every benchmark)::
 
 Usage::
 
-    python benchmarks/render.py                                  # results/*.json -> README.md
-    python benchmarks/render.py --readme /tmp/README.md out.json # given files only
+    python benchmarks/render.py                                  # results/*.json -> the page of each marker
+    python benchmarks/render.py --readme /tmp/README.md out.json # given files only, into one file
     python benchmarks/render.py --print results/speed.json       # print, don't write
 """
 from __future__ import annotations
@@ -29,6 +33,25 @@ from typing import Any, Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+#: where a result goes when no page holds its markers
+DEFAULT_TARGET = os.path.join(ROOT, "docs", "BENCHMARKS.md")
+
+
+def pages(root: str = ROOT) -> List[str]:
+    """The pages searched for markers: README.md, then docs/*.md."""
+    return [os.path.join(root, "README.md")] + sorted(glob.glob(os.path.join(root, "docs", "*.md")))
+
+
+def target_for(name: str, candidates: Optional[Sequence[str]] = None) -> str:
+    """The page that holds ``<!-- name:start -->`` (the first of ``candidates``, default :func:`pages`),
+    else :data:`DEFAULT_TARGET`."""
+    marker = f"<!-- {name}:start -->"
+    for page in pages() if candidates is None else candidates:
+        if os.path.exists(page):
+            with open(page, encoding="utf-8") as fh:
+                if marker in fh.read():
+                    return page
+    return DEFAULT_TARGET
 
 
 def _machine(m: Any) -> str:
@@ -93,47 +116,68 @@ def replace_section(text: str, name: str, body: str) -> str:
     return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
-def render_files(files: Sequence[str], readme: Optional[str], print_only: bool = False) -> List[str]:
-    """Render each file that has ``tables`` into ``readme``; returns the section names written."""
-    done = []
-    text = None
-    if readme and not print_only:
-        with open(readme, encoding="utf-8") as fh:
-            text = fh.read()
+def _load(path: str) -> Optional[Dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        try:
+            doc = json.load(fh)
+        except json.JSONDecodeError as err:
+            print(f"skip {path}: not JSON ({err})", file=sys.stderr)
+            return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("tables"), list) else None
+
+
+def _write(page: str, sections: Sequence[tuple]) -> None:
+    with open(page, encoding="utf-8") as fh:
+        text = fh.read()
+    for name, body in sections:
+        text = replace_section(text, name, body)
+    tmp = page + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, page)
+
+
+def render_files(files: Sequence[str], readme: Optional[str] = None, print_only: bool = False,
+                 targets: Optional[Dict[str, str]] = None) -> List[str]:
+    """Render each file that has ``tables`` into ``readme`` when given, else into the page that
+    holds its markers (:func:`target_for`); returns the section names written. ``targets``
+    (optional) receives ``{name: page}``."""
+    done: List[str] = []
+    by_page: Dict[str, List[tuple]] = {}
     for path in files:
-        with open(path, encoding="utf-8") as fh:
-            try:
-                doc = json.load(fh)
-            except json.JSONDecodeError as err:
-                print(f"skip {path}: not JSON ({err})", file=sys.stderr)
-                continue
-        if not isinstance(doc, dict) or not isinstance(doc.get("tables"), list):
+        doc = _load(path)
+        if doc is None:
             continue
         name = os.path.splitext(os.path.basename(path))[0]
         body = render_document(doc)
-        if print_only or text is None:
+        if print_only:
             print(f"<!-- {name} -->\n{body}")
         else:
-            text = replace_section(text, name, body)
+            page = readme or target_for(name)
+            by_page.setdefault(page, []).append((name, body))
+            if targets is not None:
+                targets[name] = page
         done.append(name)
-    if text is not None and readme:
-        tmp = readme + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, readme)
+    for page, sections in by_page.items():
+        _write(page, sections)
     return done
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[str]:
-    ap = argparse.ArgumentParser(description="Render benchmarks/results/*.json tables into the README.")
+    ap = argparse.ArgumentParser(description="Render benchmarks/results/*.json tables into the README and docs/.")
     ap.add_argument("files", nargs="*", help="result files (default: benchmarks/results/*.json)")
-    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    ap.add_argument("--readme", default=None, metavar="PATH",
+                    help="render every file into PATH (default: each into the page that holds its markers)")
     ap.add_argument("--print", dest="print_only", action="store_true", help="print the markdown instead")
     opts = ap.parse_args(argv)
     files = opts.files or sorted(glob.glob(os.path.join(HERE, "results", "*.json")))
-    done = render_files(files, opts.readme, opts.print_only)
+    targets: Dict[str, str] = {}
+    done = render_files(files, opts.readme, opts.print_only, targets)
     if not opts.print_only:
-        print(f"rendered {done or 'nothing'} into {opts.readme}")
+        for name in done:
+            print(f"rendered {name} into {os.path.relpath(targets[name], ROOT)}")
+        if not done:
+            print("rendered nothing")
     return done
 
 

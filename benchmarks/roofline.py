@@ -85,7 +85,6 @@ def mm_floor(train, val) -> Dict[str, float]:
     g = torch.cat([train.block(b).reshape(len(train), -1) for b in train.names], dim=1)
     v = torch.cat([val.block(b).mean(0).reshape(-1) for b in val.names]).unsqueeze(1)
     wall, cpu = _best_both(lambda: torch.mm(g, v))
-    del g
     return {"mm_floor_s": wall, "mm_floor_cpu_s": cpu}
 
 
@@ -93,6 +92,7 @@ def make_stores(n: int, m: int, blocks: int, rank: int, dim: int, seed: int = 0,
     """Training (``n``) and validation (``m``) stores of float32 gradients, columns scaled over
     two decades (some conditioning), identical for a given seed whatever the package version."""
     import torch
+
     from lightning_influence.store import GradientStore
 
     shapes = {f"layer{i // 2}.{'q' if i % 2 == 0 else 'v'}.lora_{'A' if (i // 12) == 0 else 'B'}": (rank, dim)
@@ -115,8 +115,9 @@ def measure(ns: List[int], m: int, blocks: int, rank: int, dim: int, solvers, mo
     """Fit and score seconds, wall-clock and CPU (and the solvers' info) per (n, mode, solver);
     with ``floor``, identity's rows also carry :func:`mm_floor`."""
     import torch
-    from lightning_influence.config import CurvatureConfig
+
     from lightning_influence import scoring
+    from lightning_influence.config import CurvatureConfig
 
     cpu, dtype = torch.device("cpu"), torch.float32
     rows: List[Dict[str, Any]] = []
@@ -161,8 +162,9 @@ def spill_reads(n: int, blocks: int, rank: int, dim: int, chunk: int) -> Dict[st
     """hyperinf fit (standard mode: curvature = the training store) from RAM and from a spilled
     store: seconds and bytes read, against the store's size."""
     import torch
-    from lightning_influence.config import CurvatureConfig
+
     from lightning_influence import scoring
+    from lightning_influence.config import CurvatureConfig
     from lightning_influence.store import GradientStore
 
     out: Dict[str, Any] = {"n": n}
@@ -208,6 +210,7 @@ def schulz_vs_cholesky(blocks: int, rank: int, dim: int, m: int) -> Dict[str, An
     iteration (as fitted) against a direct Cholesky inverse (``cholesky`` + ``cholesky_inverse``,
     float64), on the Gram matrices of ``m`` synthetic samples."""
     import torch
+
     from lightning_influence.solvers import make_solver
 
     train, _ = make_stores(m, 1, blocks, rank, dim)
@@ -217,16 +220,17 @@ def schulz_vs_cholesky(blocks: int, rank: int, dim: int, m: int) -> Dict[str, An
     cls = type(solvers[0])
     fit = getattr(cls, "fit_group", None)
     run = (lambda: fit(solvers, stats, [m] * blocks, lam)) if fit else \
-        (lambda: [s.fit_statistics(st, m, l) for s, st, l in zip(solvers, stats, lam)])
+        (lambda: [s.fit_statistics(st, m, damp) for s, st, damp in zip(solvers, stats, lam)])
     schulz_s = _best(run, 2)
     eye = torch.eye(dim, dtype=torch.float64)
-    a = torch.stack([st["gram"].double() / m + l * eye for st, l in zip(stats, lam)])
+    a = torch.stack([st["gram"].double() / m + damp * eye for st, damp in zip(stats, lam)])
     chol_s = _best(lambda: torch.cholesky_inverse(torch.linalg.cholesky(a)), 2)
     x_chol = torch.cholesky_inverse(torch.linalg.cholesky(a))
     diff = max(float((s._x.double() - xc).norm() / xc.norm()) for s, xc in zip(solvers, x_chol))
     train.close()
     return {"blocks": blocks, "d": dim, "schulz_s": schulz_s, "cholesky_s": chol_s,
-            "iterations": solvers[0].info.get("iterations"), "float32_iterations": solvers[0].info.get("float32_iterations"),
+            "iterations": solvers[0].info.get("iterations"),
+            "float32_iterations": solvers[0].info.get("float32_iterations"),
             "schulz_over_cholesky": schulz_s / chol_s, "max_rel_diff": diff}
 
 
@@ -312,7 +316,8 @@ def analyse(rows, peak, blocks, rank, dim, before: Optional[List[Dict[str, Any]]
                                                                if seconds > 0 else 0.0)
                 entry[f"{stage}_memory_bound"] = ideal_bytes > ideal_flops
         cpu = "fit_cpu_s" in row
-        entry["dominant"] = ("fit" if (row["fit_cpu_s"] >= row["score_cpu_s"] if cpu else row["fit_s"] >= row["score_s"])
+        entry["dominant"] = ("fit" if (row["fit_cpu_s"] >= row["score_cpu_s"] if cpu
+                                       else row["fit_s"] >= row["score_s"])
                              else "score")
         entry["total_s"] = row["fit_s"] + row["score_s"]
         if cpu:
@@ -424,11 +429,13 @@ def main() -> None:
             old = json.load(fh)
         peak, peak_after, spill, inverse = old["peak"], old["peak_after"], old["spill"], old["inverse"]
         opts = old["options"]
-        args.blocks, args.rank, args.dim, args.m, args.threads = (opts[k] for k in ("blocks", "rank", "dim", "m", "threads"))
+        args.blocks, args.rank, args.dim, args.m, args.threads = (opts[k] for k in ("blocks", "rank", "dim", "m",
+                                                                                    "threads"))
         args.before, args.reference = opts.get("before"), opts.get("reference")
         rows = old["entries"]
         before = [{"n": e["n"], "mode": e["mode"], "solver": e["solver"], "fit_s": e["before_fit_s"],
-                   "score_s": e["before_score_s"], **({"fit_cpu_s": e["before_fit_cpu_s"], "score_cpu_s": e["before_score_cpu_s"]}
+                   "score_s": e["before_score_s"],
+                   **({"fit_cpu_s": e["before_fit_cpu_s"], "score_cpu_s": e["before_score_cpu_s"]}
                                                       if "before_fit_cpu_s" in e else {})}
                   for e in rows if "before_fit_s" in e] or None
         command = old["tables"][0]["command"] + f" (flops recounted by: {command})"
@@ -477,7 +484,8 @@ def main() -> None:
         cpu = "_cpu" if f"{dom}_peak_fraction_cpu" in e else ""
         row = [e["n"], e["mode"], e["solver"], e.get("measured", "")[:16].replace("T", " "),
                f"{e['fit_s']:.3f}", f"{e['score_s']:.3f}",
-               f"{e['fit_cpu_s']:.3f}" if "fit_cpu_s" in e else "", f"{e['score_cpu_s']:.3f}" if "fit_cpu_s" in e else "",
+               f"{e['fit_cpu_s']:.3f}" if "fit_cpu_s" in e else "",
+               f"{e['score_cpu_s']:.3f}" if "fit_cpu_s" in e else "",
                dom + (" (memory-bound)" if e[f"{dom}_memory_bound"] else ""),
                f"{e[f'{dom}_gflops{cpu}']:.1f}", f"{100 * e[f'{dom}_peak_fraction{cpu}']:.0f}" if cpu else "",
                f"{100 * e[f'{dom}_peak_fraction']:.0f}", f"{100 * e[f'{dom}_roofline_fraction{cpu}']:.0f}",
@@ -490,7 +498,8 @@ def main() -> None:
              f"{peak['mm_float64_gflops']:.1f} GFLOP/s float64, read {peak['read_gbs']:.1f} GB/s; at the end: "
              f"{peak_after['mm_float32_gflops']:.1f} / {peak_after['mm_float64_gflops']:.1f} GFLOP/s, "
              f"{peak_after['read_gbs']:.1f} GB/s ({args.threads} thread(s)); per CPU second: "
-             f"{peak.get('mm_float32_gflops_cpu', float('nan')):.1f} / {peak.get('mm_float64_gflops_cpu', float('nan')):.1f} "
+             f"{peak.get('mm_float32_gflops_cpu', float('nan')):.1f} / "
+             f"{peak.get('mm_float64_gflops_cpu', float('nan')):.1f} "
              f"GFLOP/s at the start, {peak_after.get('mm_float32_gflops_cpu', float('nan')):.1f} / "
              f"{peak_after.get('mm_float64_gflops_cpu', float('nan')):.1f} at the end",
              "% of peak = (flops in float32 / float32 peak + flops in float64 / float64 peak) / measured seconds, "
@@ -527,12 +536,14 @@ def main() -> None:
                    "columns": ["blocks", "d", "Schulz s (as fitted)", "iterations (float32 ones)",
                                "Cholesky inverse s (float64)", "Schulz / Cholesky", "max rel. diff of X"],
                    "rows": [[inverse["blocks"], inverse["d"], f"{inverse['schulz_s']:.3f}",
-                             f"{inverse['iterations']} ({inverse['float32_iterations']})", f"{inverse['cholesky_s']:.3f}",
+                             f"{inverse['iterations']} ({inverse['float32_iterations']})",
+                             f"{inverse['cholesky_s']:.3f}",
                              f"{inverse['schulz_over_cholesky']:.1f}", f"{inverse['max_rel_diff']:.1e}"]],
                    "notes": ["Schulz: ~4d³ flops per iteration; Cholesky + inverse: ~d³ in all. On a CPU the direct "
                              "inverse is faster; the Schulz iteration is kept (HyperINF's method: all matrix products, "
                              "which a GPU runs near its peak)"]})
-    result = {"tables": tables, "inverse": inverse, "peak": peak, "peak_after": peak_after, "entries": entries, "spill": spill,
+    result = {"tables": tables, "inverse": inverse, "peak": peak, "peak_after": peak_after, "entries": entries,
+              "spill": spill,
               "reference": reference_status(args.reference), "options": vars(args),
               "wall_seconds": time.perf_counter() - started}
     write_results(result, args.out)

@@ -158,7 +158,8 @@ def accuracy(shapes: List[Tuple[int, int]], n_val: int, n_train: int, threads: i
 
 
 def single_block(n: int, r: int, d: int, rows: int, threads: int, form: str) -> Dict[str, Any]:
-    """Fit one block of ``n`` gradients ``(r, d)`` in ``form`` and score ``rows`` sample vectors: seconds and GFLOP/s."""
+    """Fit one block of ``n`` gradients ``(r, d)`` in ``form`` and score ``rows`` sample vectors: seconds and
+    GFLOP/s."""
     from lightning_influence.solvers import make_solver
     from lightning_influence.solvers._lowrank import form_cost
 
@@ -175,7 +176,8 @@ def single_block(n: int, r: int, d: int, rows: int, threads: int, form: str) -> 
     fit_flops = form_cost(form, n, r, d, scored_rows=0)["flops"]
     if form == "schulz":  # the model's SCHULZ_STEPS replaced by the steps taken
         fit_flops = float(n * r) * d * d + solver.info["iterations"] * 4.0 * d ** 3
-    score_flops = form_cost(form, n, r, d, scored_rows=rows * r)["flops"] - form_cost(form, n, r, d, scored_rows=0)["flops"]
+    score_flops = form_cost(form, n, r, d, scored_rows=rows * r)["flops"] - form_cost(form, n, r, d,
+                                                                                      scored_rows=0)["flops"]
     return {"n": n, "r": r, "d": d, "rows": rows, "form": form, "fit_s": fit_s, "score_s": score_s,
             "fit_gflops": fit_flops / fit_s / 1e9, "score_gflops": score_flops / score_s / 1e9,
             "iterations": solver.info.get("iterations")}

@@ -24,8 +24,9 @@ from typing import Any, Callable, Dict, List
 import torch
 from torch import nn
 
-from common import RssSampler, machine_info as machine, now as today, write_results
-from common import digits_mlp, minilm_lora, minilm_tokenizer, text_loader, train_mlp
+from common import RssSampler, digits_mlp, minilm_lora, minilm_tokenizer, text_loader, train_mlp, write_results
+from common import machine_info as machine
+from common import now as today
 from lightning_influence import audit, make_solver
 from lightning_influence.gradients import gradient_mode, per_sample_gradients
 from lightning_influence.losses import default_loss
@@ -251,13 +252,15 @@ def main() -> None:
         t, e = raw[f"{key}_throughput"], raw[f"{key}_epoch"]
         rows.append([label, f"{t['train_samples_per_s']:.0f}", f"{t['grad_samples_per_s']:.0f}", f"{t['ratio']:.2f}",
                      f"{e['epoch_s']:.1f}", f"{e['audit_minus_tuning_s']:.1f}", f"{e['ratio_without_tuning']:.2f}",
-                     f"{e['tuning_s']:.1f}", f"{e['tuning_over_epoch']:.2f}", f"{e['stored_gradient_bytes'] / 2**20:.1f}",
+                     f"{e['tuning_s']:.1f}", f"{e['tuning_over_epoch']:.2f}",
+                     f"{e['stored_gradient_bytes'] / 2**20:.1f}",
                      f"{e['peak_rss_growth_bytes'] / 2**20:.0f}"])
     tables.append({
         "title": "Audit speed against training", "machine": machine(), "date": today(),
         "command": " ".join(["python benchmarks/speed.py"] + sys.argv[1:]),
         "columns": ["model", "train step samples/s", "per-sample grads samples/s", "grad / train",
-                    "1 epoch s", "audit s (w/o tuning)", "audit / epoch", "tuning s", "tuning / epoch", "stored grads MiB",
+                    "1 epoch s", "audit s (w/o tuning)", "audit / epoch", "tuning s", "tuning / epoch",
+                    "stored grads MiB",
                     "peak RSS growth MiB"],
         "rows": rows,
         "notes": ["train step = forward + backward of the mean loss (no optimizer), same batches; "

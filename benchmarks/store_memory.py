@@ -30,6 +30,7 @@ import torch
 import common
 from common import RssSampler, provenance, write_results
 
+
 def shapes(hidden: int = 384) -> dict:
     """LoRA r=8 blocks of query and value in one layer: lora_A (8, hidden), lora_Bᵀ (8, hidden)."""
     return {f"layer0.{m}.lora_{ab}": (8, hidden) for m in ("query", "value") for ab in ("A", "B")}
@@ -122,7 +123,8 @@ def mlp_child(budget: float, n: int, m: int, hidden: int, batch: int) -> dict:
             "peak_growth_ru_maxrss": (ru_max - base) if ru_max > base_max else None,
             "peak_growth_by_stage": {k: v - base for k, v in sampler.peaks.items()},
             "estimate_bytes": estimate, "preflight": {k: getattr(report, k) for k in
-                                                      ("store_bytes", "val_bytes", "solve_bytes", "numbers_per_sample")},
+                                                      ("store_bytes", "val_bytes", "solve_bytes",
+                                                       "numbers_per_sample")},
             "preflight_peak_bytes": getattr(report, "peak_bytes", None),
             "stage_seconds": result.stage_seconds, "wall_s": wall,
             "scores": result.influence.tolist()}
@@ -211,7 +213,8 @@ def main() -> None:
     spill = args.spill_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "spill-tmp")
 
     def child(n: int, b: int) -> dict:
-        proc = subprocess.run([sys.executable, __file__, "--hidden", str(args.hidden), "--child", str(n), str(b), spill],
+        proc = subprocess.run([sys.executable, __file__, "--hidden", str(args.hidden), "--child", str(n), str(b),
+                               spill],
                               capture_output=True, text=True, check=True)
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -228,7 +231,8 @@ def main() -> None:
     result = {"tables": [{
         "title": "Gradient store under a memory budget (synthetic MiniLM-sized LoRA blocks, r=8, float16)",
         **provenance(__file__),
-        "columns": ["n", "store GiB", "spilled", "write s", "fit s (once)", "score s", "write+score µs / sample", "peak RSS GiB",
+        "columns": ["n", "store GiB", "spilled", "write s", "fit s (once)", "score s", "write+score µs / sample",
+                    "peak RSS GiB",
                     "peak RSS − RSS after imports, GiB"],
         "rows": rows,
         "notes": [f"memory budget {args.budget_gib} GiB; the store holds 4 blocks of (8, {args.hidden}) per sample",

@@ -10,7 +10,10 @@ same configuration beside it (the baseline fvm has to beat).
         --damping 0.01 0.1 1 --seeds 0 1 2 --tag stage1
 
 Appends to ``benchmarks/results/tuning_digits.json`` (a list of runs, each with the machine,
-date and command that made it; not rendered into the README — TUNING.md summarises it).
+date and command that made it; not rendered — benchmarks/TUNING.md summarises it).
+
+``--quick`` (the tests' smoke run: seconds) is ``--seeds 0 --epochs 50 --solvers identity
+--methods fvm --base '{"steps": 2}'`` and writes to a fresh temporary file unless ``--out`` is given.
 """
 from __future__ import annotations
 
@@ -56,8 +59,17 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     ap.add_argument("--epochs", type=int, default=1500)
     ap.add_argument("--params", nargs="+", default=["trainable"], help="audited blocks (name globs or keywords)")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--out", default=os.path.join(common.RESULTS, "tuning_digits.json"))
+    ap.add_argument("--quick", action="store_true",
+                    help="1 seed, 50 training epochs, fvm/identity, 2 tuning steps, a temporary --out (tests)")
+    ap.add_argument("--out", default=None,
+                    help="default benchmarks/results/tuning_digits.json (--quick: a temporary file)")
     opts = ap.parse_args(argv)
+    if opts.quick:
+        opts.seeds, opts.epochs, opts.solvers, opts.methods, opts.base = [0], 50, ["identity"], ["fvm"], {"steps": 2}
+        import tempfile
+
+        opts.out = opts.out or os.path.join(tempfile.mkdtemp(prefix="tune_digits_"), "tuning_digits_quick.json")
+    opts.out = opts.out or os.path.join(common.RESULTS, "tuning_digits.json")
     header = common.provenance(__file__, argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -114,6 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             existing = json.load(fh_)
     with open(opts.out, "w") as fh_:
         json.dump(clean(existing + records), fh_, indent=1, ensure_ascii=False)
+    print(f"appended {len(records)} run(s) to {opts.out}")
     return records
 
 

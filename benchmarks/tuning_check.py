@@ -9,7 +9,7 @@ process just before, and the detection ROC AUC / AP of the two rankings the audi
 (the loss at θ̃ and the fvm influence score) next to the loss at θ*.
 
 Run: python benchmarks/tuning_check.py [--quick] [--glue-dir ../shared/data] [--seeds 0 1 2]
-Writes benchmarks/results/tuning_check.json (rendered into the README by render.py).
+Writes benchmarks/results/tuning_check.json (rendered into docs/TUNING.md by render.py).
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ import torch
 import common
 from lightning_influence import prepare, score
 from lightning_influence.config import TuningConfig, as_dict
-from lightning_influence.metrics import detection_metrics
 
 TASKS = {"digits-sym20": ("digits", 0.2, "symmetric"), "digits-sym40": ("digits", 0.4, "symmetric"),
          "digits-pair20": ("digits", 0.2, "pairwise"), "sst2": ("glue", 0.2, "sst2"), "cola": ("glue", 0.2, "cola")}
@@ -54,11 +53,13 @@ def audit_row(model, train, val, noisy, seed, tuning, batch_size, epoch_s, train
     tuning_s = result.stage_seconds.get("tuning", float("nan"))
     return dict(val_loss_trained=t["val_loss_trained"], val_loss_tuned=t["val_loss_tuned"],
                 val_acc_trained=t["val_acc_trained"], val_acc_tuned=t["val_acc_tuned"], sharpness=t["sharpness"],
-                grad_ratio=t["grad_ratio"], grad_noise_ratio=t["grad_noise_ratio"], grad_z=t["grad_z"], epochs=t["epochs"], steps=t["steps"], lr=t["lr"], at_minimum=t["at_minimum"],
+                grad_ratio=t["grad_ratio"], grad_noise_ratio=t["grad_noise_ratio"], grad_z=t["grad_z"],
+                epochs=t["epochs"], steps=t["steps"], lr=t["lr"], at_minimum=t["at_minimum"],
                 tuning_s=tuning_s, epoch_s=epoch_s, cost_epochs=tuning_s / epoch_s,
                 check_s=t.get("check_s", float("nan")), probe_s=t.get("probe_s", float("nan")),
                 steps_s=t.get("steps_s", float("nan")), check_epochs=t.get("check_epochs", float("nan")),
-                budget_epochs=t.get("budget_epochs", float("nan")), grad_check_samples=t.get("grad_check_samples", float("nan")),
+                budget_epochs=t.get("budget_epochs", float("nan")),
+                grad_check_samples=t.get("grad_check_samples", float("nan")),
                 retries=t.get("retries", 0.0), lr_first=t.get("lr_attempt_0", t["lr"]),
                 val_loss_first=t.get("val_loss_tuned_attempt_0", t["val_loss_tuned"]),
                 warned=any("did not reach a validation minimum" in str(w.message) for w in caught),
@@ -120,15 +121,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--glue-val", type=int, default=300)
     ap.add_argument("--glue-epochs", type=int, default=2)
     ap.add_argument("--digits-steps", type=int, default=1500)
-    ap.add_argument("--tuning", type=json.loads, default=None, help="TuningConfig overrides (JSON); default: the library's")
+    ap.add_argument("--tuning", type=json.loads, default=None,
+                    help="TuningConfig overrides (JSON); default: the library's")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="default benchmarks/results/tuning_check.json (--quick: a temporary file)")
+    ap.add_argument("--out", default=None,
+                    help="default benchmarks/results/tuning_check.json (--quick: a temporary file)")
     opts = ap.parse_args(argv)
     if opts.quick:
         opts.tasks, opts.seeds, opts.digits_steps = ["digits-sym20"], [0], 300
         import tempfile
 
-        opts.out = opts.out or os.path.join(tempfile.gettempdir(), "tuning_check_quick.json")  # never rendered into the README
+        # never rendered into the docs
+        opts.out = opts.out or os.path.join(tempfile.gettempdir(), "tuning_check_quick.json")
     opts.out = opts.out or os.path.join(common.RESULTS, "tuning_check.json")
     torch.set_num_threads(opts.threads)
     header = common.provenance(__file__, argv)
@@ -148,33 +152,40 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         rows.append([LABELS[task], stat(col("val_loss_trained")), stat(col("val_loss_tuned")),
                      " / ".join(f"{r['val_loss_trained']:.3f}→{r['val_loss_tuned']:.3f}" for r in rs),
                      stat(col("val_acc_trained")), stat(col("val_acc_tuned")), stat(col("sharpness"), "{:.4f}"),
-                     stat(col("grad_noise_ratio"), "{:.2f}"), stat(col("grad_z"), "{:.1f}"), stat(col("grad_ratio"), "{:.2f}"), f"{np.mean(col('epochs')):.2f}",
-                     f"{sum(not r['warned'] for r in rs)}/{len(rs)}", f"{sum(r.get('retries', 0) > 0 for r in rs)}/{len(rs)}",
+                     stat(col("grad_noise_ratio"), "{:.2f}"), stat(col("grad_z"), "{:.1f}"),
+                     stat(col("grad_ratio"), "{:.2f}"), f"{np.mean(col('epochs')):.2f}",
+                     f"{sum(not r['warned'] for r in rs)}/{len(rs)}",
+                     f"{sum(r.get('retries', 0) > 0 for r in rs)}/{len(rs)}",
                      stat(col("tuning_s"), "{:.1f}"),
                      stat(col("epoch_s"), "{:.2f}"), stat(col("cost_epochs"), "{:.2f}")])
         det.append([LABELS[task], stat(col("loss_tuned_auroc")), stat(col("influence_auroc")),
                     stat(col("loss_trained_auroc")), stat(col("loss_tuned_ap")), stat(col("influence_ap")),
                     stat(col("loss_trained_ap"))])
+    shown = ("epochs", "optimizer", "lr", "momentum", "batch_size", "rho", "adaptive", "tol")
     notes = [f"seeds {opts.seeds}; mean ± std over seeds (ddof=1); eval mode, every validation sample",
-             f"library default tuning: {json.dumps({k: cfg[k] for k in ('epochs', 'optimizer', 'lr', 'momentum', 'batch_size', 'rho', 'adaptive', 'tol')})} "
+             f"library default tuning: {json.dumps({k: cfg[k] for k in shown})} "
              "(epochs 'auto' = one training epoch of compute, n/(2m) passes; lr 'auto' = the probe)",
              "grad / noise: the full validation set's mean gradient at θ̃ over the norm sampling noise alone gives it "
              "(sqrt(tr Σ / M), audited parameters; about 1 at a minimum); grad z: M‖ḡ‖² - tr Σ in standard deviations "
              "sqrt(2 tr Σ²) of what noise gives (the audit warns above 3); grad θ̃/θ*: the "
-             "same norm over its value at θ* (estimated on 32 samples, NaN when the estimate is ≤ 0, informative only); "
+             "same norm over its value at θ* (estimated on 32 samples, NaN when the estimate is ≤ 0, "
+             "informative only); "
              "no warning: the audit did not warn that θ̃ is not a validation minimum; retried: the probed step raised "
              "the full-set loss, and tuning restarted from θ* at a quarter of it (tuning.retries; 'per seed' shows the "
              "retry's loss, the cost includes both attempts)",
              "cost: tuning seconds (incl. the θ* check and the lr probe) over one training epoch measured in the same "
              "process right before; the machine is shared by other jobs, so seconds are indicative",
              "digits: MLP 64-64-10, full-batch Adam (1 epoch = 1 step); SST-2: MiniLM-L6 + LoRA r=8 q/v, "
-             f"{opts.glue_train} train / {opts.glue_val} val sentences, AdamW lr 3e-3, batch 32, {opts.glue_epochs} epochs"]
+             f"{opts.glue_train} train / {opts.glue_val} val sentences, AdamW lr 3e-3, batch 32, "
+             f"{opts.glue_epochs} epochs"]
     tables = [dict(title="Validation tuning at the defaults: full validation set at θ* and θ̃, and its cost",
                    columns=["task", "val loss θ*", "val loss θ̃", "per seed", "val acc θ*", "val acc θ̃", "sharpness",
-                            "grad / noise θ̃", "grad z θ̃", "grad θ̃/θ*", "passes", "no warning", "retried", "tuning s", "1 epoch s", "tuning / epoch"],
+                            "grad / noise θ̃", "grad z θ̃", "grad θ̃/θ*", "passes", "no warning", "retried", "tuning s",
+                            "1 epoch s", "tuning / epoch"],
                    rows=rows, notes=notes, **header),
               dict(title="Detection at the defaults: the loss at θ̃ (default ranking) beside the fvm influence score",
-                   columns=["task", "AUROC loss@θ̃", "AUROC fvm", "AUROC loss@θ*", "AP loss@θ̃", "AP fvm", "AP loss@θ*"],
+                   columns=["task", "AUROC loss@θ̃", "AUROC fvm", "AUROC loss@θ*", "AP loss@θ̃", "AP fvm",
+                            "AP loss@θ*"],
                    rows=det, notes=notes[:2], **header)]
     doc = dict(tables=tables, raw=raw, tuning=cfg, **header)
     common.write_results(doc, opts.out)

@@ -99,15 +99,18 @@ def main() -> None:
     print(f"\nMost harmful training sentences, ranked by {result.rank_by} ([given label] text):")
     for row in top:
         print(f"  #{row['id']:>5}  loss θ* {row['loss_trained']:.2f} -> θ̃ {row['loss_tuned']:.2f}  "
-              f"flipped={bool(row['noisy'])}  suggested {row['suggested_label']}  [{row['label']}] {split.texts[row['id']]}")
+              f"flipped={bool(row['noisy'])}  suggested {row['suggested_label']}  "
+              f"[{row['label']}] {split.texts[row['id']]}")
     print(f"{sum(bool(r['noisy']) for r in top)} of the top {len(top)} are flipped samples")
     for name, m in result.metrics_by.items():
-        print(f"  {name:>12}: ROC AUC {m['auroc']:.3f}  AP {m['ap']:.3f}  recall@noise rate {m['recall@noise_rate']:.3f}")
+        print(f"  {name:>12}: ROC AUC {m['auroc']:.3f}  AP {m['ap']:.3f}  "
+              f"recall@noise rate {m['recall@noise_rate']:.3f}")
     t = result.tuning
     epoch = t.get("train_epoch_seconds", float("nan"))
     print(f"validation tuning: full-set loss {t['val_loss_trained']:.3f} -> {t['val_loss_tuned']:.3f}, accuracy "
           f"{t['val_acc_trained']:.3f} -> {t['val_acc_tuned']:.3f}, {t['epochs']:.2f} passes, "
-          f"{result.stage_seconds['tuning']:.1f}s; training {args.epochs} epochs x {epoch:.1f}s = {args.epochs * epoch:.1f}s")
+          f"{result.stage_seconds['tuning']:.1f}s; "
+          f"training {args.epochs} epochs x {epoch:.1f}s = {args.epochs * epoch:.1f}s")
 
 
 if __name__ == "__main__":

