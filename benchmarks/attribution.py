@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -293,22 +294,24 @@ def run_grid(task: str, seed: int, b: Dict[str, Any], protocol: str, methods: Se
     (no normalisation: as ``audit(method=..., solver=...)``). Seconds: the method's ``prepare``
     plus the solver's ``score``."""
     from lightning_influence.audit import prepare, score
+    from lightning_influence.config import AuditOptions
 
     train_loader, test_loader = _loaders(b, "prompt" if protocol == "datainf" else "answer")
     rows = []
     for method in methods:
         t0 = time.perf_counter()
-        prepared = prepare(b["model"], train_loader, test_loader, method=method, seed=seed, batch_size=32)
+        options = AuditOptions(method=method, seed=seed, batch_size=32, per_validation=True)
+        prepared = prepare(b["model"], train_loader, test_loader, options)
         prep_s = time.perf_counter() - t0
         try:
             for solver in solvers:
                 t1 = time.perf_counter()
-                result = score(prepared, solver, per_validation=True)
+                result = score(prepared, replace(options, solver=solver))
                 rows.append(_row(task, seed, protocol, f"{method}/{solver}", result.per_validation, b,
                                  prep_s + time.perf_counter() - t1))
             for name, solver, damping, normalize in ABLATIONS if method == "standard" else ():
                 t1 = time.perf_counter()
-                result = score(prepared, solver, {"damping": damping}, per_validation=True, normalize=normalize)
+                result = score(prepared, replace(options, solver=solver, damping=damping, normalize=normalize))
                 rows.append(_row(task, seed, protocol, name, result.per_validation, b,
                                  prep_s + time.perf_counter() - t1))
         finally:

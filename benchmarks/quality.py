@@ -33,6 +33,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -41,7 +42,7 @@ import torch
 import common
 from common import clean, metrics_of
 from lightning_influence.audit import prepare, score
-from lightning_influence.config import CurvatureConfig, TuningConfig, as_dict
+from lightning_influence.config import AuditOptions, CurvatureConfig, TuningConfig, as_dict
 
 TASKS = {
     "digits-sym20": dict(data="digits", rate=0.2, kind="symmetric", label="digits, 20 % symmetric"),
@@ -97,8 +98,9 @@ def audit_columns(model: torch.nn.Module, train: Any, val: Any, noisy: torch.Ten
     curvature = dict(opts.curvature)
     for method in opts.methods:
         t0 = time.perf_counter()
-        prepared = prepare(model, train, val, method=method, params=params, tuning=tuning, seed=seed,
-                           batch_size=batch_size)
+        options = AuditOptions(method=method, params=params, tuning=tuning, seed=seed, batch_size=batch_size,
+                               noisy=noisy)
+        prepared = prepare(model, train, val, options)
         shared = time.perf_counter() - t0
         stages = dict(prepared.stages.seconds)
         log(f"    {method}: prepare {shared:.1f}s {json.dumps({k: round(v, 1) for k, v in stages.items()})}")
@@ -110,7 +112,7 @@ def audit_columns(model: torch.nn.Module, train: Any, val: Any, noisy: torch.Ten
                 t1 = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # lissa's "did not converge" under the iteration cap
-                    result = score(prepared, solver, cfg, noisy=noisy)
+                    result = score(prepared, replace(options, solver=solver, curvature=cfg))
                 own = time.perf_counter() - t1
                 m = result.metrics
                 info = {k: v for k, v in result.solver_info.items() if k in ("max_iterations", "max_residual")}

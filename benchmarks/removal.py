@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 import common
-from lightning_influence import prepare, score
+from lightning_influence import AuditOptions, prepare, score
 from lightning_influence.metrics import nan_last_ranking
 from tasks import TensorPairs, flip_labels
 
@@ -151,9 +151,10 @@ def method_scores(model: torch.nn.Module, train: Any, val: Any, methods: Sequenc
     for method in methods:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            prepared = prepare(model, train, val, method=method, **prepare_kw)
+            options = AuditOptions(method=method, solver="hyperinf", rank_by="influence", **prepare_kw)
+            prepared = prepare(model, train, val, options)
             try:
-                result = score(prepared, "hyperinf", rank_by="influence")
+                result = score(prepared, options)
             finally:
                 prepared.close()
         out[method] = result.influence

@@ -23,6 +23,7 @@ import json
 import os
 import time
 import warnings
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 import common
 from common import clean, metrics_of
 from lightning_influence.audit import prepare, score
-from lightning_influence.config import TuningConfig, as_dict
+from lightning_influence.config import AuditOptions, TuningConfig, as_dict
 from tasks import noisy_digits
 
 
@@ -88,15 +89,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         t0 = time.perf_counter()
         for seed, (split, model) in models.items():
             for method, fisher, params in itertools.product(opts.methods, opts.fisher, opts.params):
-                p = prepare(model, split.train, split.val, method=method,
-                            params=params if params in ("trainable", "auto") else params.split("+"), tuning=tuning,
-                            seed=seed, batch_size=128, fisher=fisher)
+                options = AuditOptions(method=method, tuning=tuning, seed=seed, batch_size=128,
+                                       params=params if params in ("trainable", "auto") else params.split("+"),
+                                       curvature={"fisher": fisher}, noisy=split.noisy)
+                p = prepare(model, split.train, split.val, options)
                 tag = ("" if fisher == "empirical" else "+TF") + ("" if params == "trainable" else f"[{params}]")
                 try:
                     for solver in opts.solvers:
                         for damping in opts.damping:
-                            r = score(p, solver, {"damping": damping, "fisher": fisher,
-                                                      "damping_rule": opts.damping_rule}, noisy=split.noisy)
+                            r = score(p, replace(options, solver=solver, curvature={
+                                "damping": damping, "fisher": fisher, "damping_rule": opts.damping_rule}))
                             per.setdefault(f"{method}{tag}/{solver}@{damping:g}", []).append(
                                 {"auroc": r.metrics["auroc"], "ap": r.metrics["ap"],
                                  "recall": r.metrics["recall@noise_rate"]})

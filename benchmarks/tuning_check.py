@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import common
-from lightning_influence import prepare, score
+from lightning_influence import AuditOptions, prepare, score
 from lightning_influence.config import TuningConfig, as_dict
 
 TASKS = {"digits-sym20": ("digits", 0.2, "symmetric"), "digits-sym40": ("digits", 0.4, "symmetric"),
@@ -43,10 +43,11 @@ def log(msg: str) -> None:
 def audit_row(model, train, val, noisy, seed, tuning, batch_size, epoch_s, train_s) -> Dict[str, Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prepared = prepare(model, train, val, method="fvm", params="auto" if train_s else "trainable",
-                           tuning=tuning, seed=seed, batch_size=batch_size)
+        options = AuditOptions(method="fvm", solver="hyperinf", params="auto" if train_s else "trainable",
+                               tuning=tuning, seed=seed, batch_size=batch_size, noisy=noisy)
+        prepared = prepare(model, train, val, options)
         try:
-            result = score(prepared, "hyperinf", noisy=noisy)
+            result = score(prepared, options)
         finally:
             prepared.close()
     t = result.tuning
