@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from helpers import gaussian_blobs, run_gloo_ranks
+from helpers import GlooTeardown, gaussian_blobs, run_gloo_ranks
 from lightning_influence import InfluenceCallback, audit
 
 COMBOS = [("standard", "hyperinf"), ("standard", "datainf"), ("fvm", "hyperinf"), ("fvm", "datainf")]
@@ -47,7 +47,7 @@ def test_ddp_spawn_matches_single_process(tmp_path):
                                    **OPTIONS) for m, s in COMBOS]
     module = Classifier()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, precision="64-true",
-                        callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[*callbacks, GlooTeardown()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(tmp_path))
     trainer.fit(module, DataLoader(train, batch_size=8, shuffle=True), DataLoader(val, batch_size=8))
     module = module.double()  # the weights the workers trained, handed back by ddp_spawn
@@ -83,7 +83,7 @@ def test_ddp_ranks_retry_an_overshooting_tuning_together(tmp_path):
     cb = InfluenceCallback(method="fvm", dirpath=str(tmp_path / "fvm"), **options)
     module = SmoothedClassifier()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, precision="64-true",
-                        callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[cb, GlooTeardown()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(tmp_path))
     trainer.fit(module, DataLoader(train, batch_size=8, shuffle=True), DataLoader(val, batch_size=8))
     distributed, single = cb.result, audit(module.double(), train, val, method="fvm", **options)
