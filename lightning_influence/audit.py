@@ -4,10 +4,9 @@
 """
 from __future__ import annotations
 
-import functools
 import warnings
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from dataclasses import replace
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -17,17 +16,16 @@ from .attribution import query_outcomes as query_outcomes_at
 from .config import AuditOptions, CurvatureConfig, TuningConfig, as_dict
 from .data import dataset_of, dataset_size, selected_ids, subset_loader
 from .distributed import Collectives, default_collectives, shard_ids, unshard
-from .exceptions import NonFiniteGradientError
-from .gathering import Gathered, gather_gradients, handle_nonfinite
+from .gathering import Gathered, Prepared, gather_gradients, gather_training, valid_everywhere
 from .losses import LossFn
-from .metrics import detection_metrics, nan_last_ranking, score_summary
 from .models import copy_model, model_device
-from .modes import isolated_rng
+from .modes import autograd_allowed
 from .params import Block, ParamsSpec, select_blocks
 from .precision import full_precision
 from .preflight import check
 from .progress import NullProgress, Progress, StageTimes
 from .projection import project_blocks
+from .ranking import ranking_metrics, rankings_of
 from .result import AuditResult, on_dataset_positions
 from .scoring import fit_solvers, method_scores, per_validation_scores, solver_info
 from .solvers import solver_name
@@ -36,59 +34,7 @@ from .store import chunk_bytes
 from .tuning import tune_and_check, validation_gradients
 
 
-@dataclass
-class Prepared:
-    """What the gradient stage hands to the scoring stage (this rank's shard of it).
-
-    ``train``/``val`` hold this rank's per-sample gradients at the scoring weights (θ̃ for
-    vm/fvm, θ* for standard); ``curvature`` those the curvature is built from (``val`` or
-    ``train``, or true-Fisher gradients). Call :meth:`close` to free the stores."""
-
-    method: str
-    n: int
-    m: int
-    train_ids: Tensor
-    val_ids: Tensor
-    train: Gathered
-    val: Gathered
-    curvature: Gathered
-    loss_trained: Optional[Tensor]
-    tune_stats: Dict[str, float]
-    stages: StageTimes
-    dist: Collectives
-    device: torch.device
-    compute_dtype: torch.dtype
-    chunk: int
-    config: Dict[str, Any]
-    #: attribution: a separate query set's gradients (this rank's shard, ``mq`` in all), and the
-    #: query candidates' ``(losses, labels, predicted)`` at θ* when they were not gathered there
-    queries: Optional[Gathered] = None
-    mq: int = 0
-    query_outcomes: Optional[Tuple[Tensor, Tensor, Tensor]] = None
-    max_memory: Optional[int] = None
-
-    def close(self) -> None:
-        kept = (self.train, self.val, self.curvature) + ((self.queries,) if self.queries is not None else ())
-        for gathered in {id(g): g for g in kept}.values():
-            gathered.store.close()
-
-
-def _autograd_allowed(fn: Callable) -> Callable:
-    """Run ``fn`` with inference mode off: the audit needs autograd even when it is called
-    inside ``torch.inference_mode()`` (as Lightning runs its validation and test hooks). The
-    global RNGs (Python's, NumPy's, torch's CPU and initialised CUDA ones: :func:`modes.isolated_rng`,
-    the callback's rule too) are restored afterwards, so an audit in the middle of training never
-    changes what the training draws next."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with torch.inference_mode(False), isolated_rng():
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-@_autograd_allowed
+@autograd_allowed
 def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOptions, *,
             progress: Optional[Progress] = None, dist: Optional[Collectives] = None,
             loss_at_trained: bool = True) -> Prepared:
@@ -151,26 +97,10 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOpti
             val = dist.checkpoint(lambda: validation_gradients(working, blocks, val_data, val_ids, gather, stages,
                                                                progress))
 
-        def gradient_stage() -> Tuple[Gathered, Gathered]:
-            with stages("gradients"), progress.stage("gradients", int(train_ids.numel())) as up:
-                train = gather_gradients(working, blocks, train_data, max_memory=max_memory, spill_dir=spill_dir,
-                                         progress=up, name="train_data", indices=train_ids, **gather)
-                try:
-                    curv = val if tuned else train
-                    if fisher == "true":
-                        with stages("true_fisher"):
-                            source, ids = (val_data, val_ids) if tuned else (train_data, train_ids)
-                            generator = torch.Generator().manual_seed((seed + 7919 * dist.rank) % 2**64)
-                            curv = gather_gradients(working, blocks, source, sample_labels=generator,
-                                                    max_memory=max_memory, spill_dir=spill_dir, name="curvature",
-                                                    indices=ids, **gather)
-                except BaseException:
-                    train.store.close()
-                    raise
-            return train, curv
-
         try:
-            train, curv = dist.checkpoint(gradient_stage)
+            train, curv = dist.checkpoint(lambda: gather_training(
+                working, blocks, train_data, train_ids, val, (val_data, val_ids) if tuned else None, fisher == "true",
+                (seed + 7919 * dist.rank) % 2**64, gather, max_memory, spill_dir, stages, progress))
         except BaseException:
             val.store.close()
             raise
@@ -193,7 +123,7 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOpti
                     queries=queries, mq=mq, query_outcomes=query_outcomes, max_memory=max_memory)
 
 
-@_autograd_allowed
+@autograd_allowed
 @full_precision()  # the callback keeps autocast on around the audit for the model: not for the solves
 def score(prepared: Prepared, options: AuditOptions, *, progress: Optional[Progress] = None) -> AuditResult:
     """Stages 4-6: curvature + solve, scores, metrics, under ``options`` (its ``method`` must be
@@ -214,14 +144,7 @@ def score(prepared: Prepared, options: AuditOptions, *, progress: Optional[Progr
     args = (p.device, p.compute_dtype)
 
     # every rank learns which samples are invalid before anything depends on it
-    train_valid = unshard(dist.all_gather_cat(p.train.valid), p.n, dist.world_size)
-    val_valid = unshard(dist.all_gather_cat(p.val.valid), p.m, dist.world_size)
-    excluded = dist.checkpoint(lambda: (handle_nonfinite(train_valid, nonfinite, "training"),
-                                        handle_nonfinite(val_valid, nonfinite, "validation"))[0])
-    if not bool(val_valid.any()):
-        raise NonFiniteGradientError("every validation sample has a non-finite loss or gradient")
-    if not bool(train_valid.any()):
-        raise NonFiniteGradientError("every training sample has a non-finite loss or gradient: nothing to score")
+    train_valid, val_valid, excluded = valid_everywhere(p.train, p.val, p.n, p.m, nonfinite, dist)
 
     with stages("solve"), progress.stage("solve", 1) as update:
         solvers = fit_solvers(p.curvature.store, p.curvature.valid, solver, curvature_cfg, *args, p.chunk, dist)
@@ -267,13 +190,7 @@ def score(prepared: Prepared, options: AuditOptions, *, progress: Optional[Progr
         labels = predicted = None
 
     influence = scores
-    rankings = {"influence": influence}
-    if loss_trained is not None:
-        rankings["loss_trained"] = loss_trained.clone()
-    if p.method in ("vm", "fvm"):
-        rankings["loss_tuned"] = loss_tuned.clone()
-    for values in rankings.values():
-        values[~train_valid] = float("nan")  # excluded samples rank last whatever the ranking
+    rankings = rankings_of(influence, loss_trained, loss_tuned if p.method in ("vm", "fvm") else None, train_valid)
     chosen = options.rank_by_resolved
     if chosen not in rankings:
         raise ValueError(f"rank_by={chosen!r}: this Prepared has no loss at θ* (prepare(..., loss_at_trained=True))")
@@ -281,17 +198,7 @@ def score(prepared: Prepared, options: AuditOptions, *, progress: Optional[Progr
 
     def metrics_stage() -> Tuple[Tensor, Dict[str, float], Dict[str, Dict[str, float]]]:
         with stages("metrics"):
-            order = nan_last_ranking(scores)
-            metrics: Dict[str, float] = score_summary(scores[train_valid])
-            by: Dict[str, Dict[str, float]] = {}
-            if noisy_flags is not None:
-                keep = train_valid
-                sub_pred = None if predicted is None or clean is None else predicted[keep]
-                for name, values in rankings.items():
-                    by[name] = detection_metrics(values[keep], noisy_flags[keep], k=top_k, predicted=sub_pred,
-                                                 clean_labels=None if clean is None or sub_pred is None else clean[keep])
-                metrics.update(by[chosen])
-        return order, metrics, by
+            return ranking_metrics(rankings, chosen, train_valid, noisy_flags, predicted, clean, top_k)
 
     order, metrics, metrics_by = dist.checkpoint(metrics_stage)
     return AuditResult(
@@ -308,35 +215,15 @@ def score(prepared: Prepared, options: AuditOptions, *, progress: Optional[Progr
 
 
 def audit(
-    model: nn.Module,
-    train_data: Any,
-    val_data: Any,
-    *,
-    loss_fn: Optional[LossFn] = None,
-    method: Optional[str] = None,
-    solver: Optional[SolverSpec] = None,
-    params: ParamsSpec = "auto",
-    noisy: Any = None,
-    top_k: int = 50,
-    seed: int = 0,
-    tuning: Union[None, TuningConfig, Mapping[str, Any]] = None,
-    curvature: Union[None, CurvatureConfig, Mapping[str, Any]] = None,
-    damping: Optional[float] = None,
-    batch_size: int = 32,
-    grad_dtype: Union[None, str, torch.dtype] = None,
-    device: Union[None, str, torch.device] = None,
-    clean_labels: Any = None,
-    per_validation: bool = False,
-    nonfinite: str = "exclude",
-    max_memory: Optional[int] = None,
-    spill_dir: Optional[str] = None,
-    progress: Optional[Progress] = None,
-    dist: Optional[Collectives] = None,
-    projection: Optional[int] = None,
-    preflight: bool = True,
-    rank_by: str = "auto",
-    attribution: Any = None,
-    normalize: str = "auto",
+    model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional[LossFn] = None,
+    method: Optional[str] = None, solver: Optional[SolverSpec] = None, params: ParamsSpec = "auto",
+    noisy: Any = None, top_k: int = 50, seed: int = 0, tuning: Union[None, TuningConfig, Mapping[str, Any]] = None,
+    curvature: Union[None, CurvatureConfig, Mapping[str, Any]] = None, damping: Optional[float] = None,
+    batch_size: int = 32, grad_dtype: Union[None, str, torch.dtype] = None,
+    device: Union[None, str, torch.device] = None, clean_labels: Any = None, per_validation: bool = False,
+    nonfinite: str = "exclude", max_memory: Optional[int] = None, spill_dir: Optional[str] = None,
+    progress: Optional[Progress] = None, dist: Optional[Collectives] = None, projection: Optional[int] = None,
+    preflight: bool = True, rank_by: str = "auto", attribution: Any = None, normalize: str = "auto",
     options: Optional[AuditOptions] = None,
 ) -> AuditResult:
     """Score every training sample's influence; higher = more harmful.
@@ -368,7 +255,7 @@ def audit(
     report = None
     if o.preflight:
         report = (dist or default_collectives(o.device if o.device is not None else model_device(model))
-                  ).checkpoint(lambda: _autograd_allowed(check)(model, train_data, val_data, o))
+                  ).checkpoint(lambda: autograd_allowed(check)(model, train_data, val_data, o))
     # a sampler that selects a subset is honoured: the pipeline runs on those samples, in order
     train_ids, val_ids = selected_ids(train_data, "train_data"), selected_ids(val_data, "val_data")
     if train_ids is not None:

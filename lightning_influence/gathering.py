@@ -1,5 +1,7 @@
-"""The gradient stage: one pass over a dataset, each sample's loss and per-sample gradients of
-the audited blocks into a :class:`~lightning_influence.store.GradientStore`.
+"""The gradient stage: passes over a dataset that put each sample's loss and per-sample gradients
+of the audited blocks into a :class:`~lightning_influence.store.GradientStore`
+(:func:`gather_gradients`, :func:`gather_training`), the validity flags every rank agrees on
+(:func:`valid_everywhere`), and :class:`Prepared`, what this stage hands to the scoring stage.
 
 Kept apart from :mod:`gradients` (how one batch's per-sample gradients are computed) because
 this is the loop around it: batching, the store and its float16 overflow, validity flags."""
@@ -7,17 +9,19 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .data import dataset_of, sequential_loader, to_device
+from .distributed import Collectives, unshard
 from .exceptions import NonFiniteGradientError
 from .gradients import gradient_mode, per_sample_gradients
 from .losses import LossFn, default_loss, with_sampled_labels
 from .modes import preserved
 from .params import Block
+from .progress import Progress, StageTimes
 from .store import GradientStore
 
 
@@ -136,3 +140,84 @@ def handle_nonfinite(valid: Tensor, policy: str, what: str) -> List[int]:
             raise NonFiniteGradientError(message)
         warnings.warn(message + "; they are excluded from the curvature and score NaN", RuntimeWarning)
     return bad
+
+
+@dataclass
+class Prepared:
+    """What the gradient stage hands to the scoring stage (this rank's shard of it).
+
+    ``train``/``val`` hold this rank's per-sample gradients at the scoring weights (θ̃ for
+    vm/fvm, θ* for standard); ``curvature`` those the curvature is built from (``val`` or
+    ``train``, or true-Fisher gradients). Call :meth:`close` to free the stores."""
+
+    method: str
+    n: int
+    m: int
+    train_ids: Tensor
+    val_ids: Tensor
+    train: Gathered
+    val: Gathered
+    curvature: Gathered
+    loss_trained: Optional[Tensor]
+    tune_stats: Dict[str, float]
+    stages: StageTimes
+    dist: Collectives
+    device: torch.device
+    compute_dtype: torch.dtype
+    chunk: int
+    config: Dict[str, Any]
+    #: attribution: a separate query set's gradients (this rank's shard, ``mq`` in all), and the
+    #: query candidates' ``(losses, labels, predicted)`` at θ* when they were not gathered there
+    queries: Optional[Gathered] = None
+    mq: int = 0
+    query_outcomes: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+    max_memory: Optional[int] = None
+
+    def close(self) -> None:
+        kept = (self.train, self.val, self.curvature) + ((self.queries,) if self.queries is not None else ())
+        for gathered in {id(g): g for g in kept}.values():
+            gathered.store.close()
+
+
+def gather_training(model: nn.Module, blocks: List[Block], train_data: Any, train_ids: Tensor, val: Gathered,
+                    tuned_on: Optional[Tuple[Any, Tensor]], true_fisher: bool, fisher_seed: int,
+                    gather: Dict[str, Any], max_memory: Optional[int], spill_dir: Optional[str],
+                    stages: StageTimes, progress: Progress) -> Tuple[Gathered, Gathered]:
+    """Stage 3, training half: this rank's training samples ``train_ids`` ``(n_r,)`` into a store
+    (spilling past ``max_memory``), and the gradients the curvature is built from: the validation
+    gradients ``val`` when tuned on ``tuned_on = (val_data, val_ids)`` (vm/fvm), else the training
+    gradients; with ``true_fisher`` those of the same samples at labels drawn from the model's own
+    predictions (``fisher_seed``). ``gather``: :func:`gather_gradients`' batch options."""
+    with stages("gradients"), progress.stage("gradients", int(train_ids.numel())) as up:
+        train = gather_gradients(model, blocks, train_data, max_memory=max_memory, spill_dir=spill_dir,
+                                 progress=up, name="train_data", indices=train_ids, **gather)
+        try:
+            curv = val if tuned_on is not None else train
+            if true_fisher:
+                with stages("true_fisher"):
+                    source, ids = tuned_on if tuned_on is not None else (train_data, train_ids)
+                    generator = torch.Generator().manual_seed(fisher_seed)
+                    curv = gather_gradients(model, blocks, source, sample_labels=generator,
+                                            max_memory=max_memory, spill_dir=spill_dir, name="curvature",
+                                            indices=ids, **gather)
+        except BaseException:
+            train.store.close()
+            raise
+    return train, curv
+
+
+def valid_everywhere(train: Gathered, val: Gathered, n: int, m: int, policy: str,
+                     dist: Collectives) -> Tuple[Tensor, Tensor, List[int]]:
+    """Every rank's validity flags gathered: ``(n,)`` training and ``(m,)`` validation (finite
+    loss and gradient), and the excluded training ids, after :func:`handle_nonfinite` warned
+    about (or, with ``policy="raise"``, refused) the invalid samples of both. Raises when no
+    validation or no training sample is valid."""
+    train_valid = unshard(dist.all_gather_cat(train.valid), n, dist.world_size)
+    val_valid = unshard(dist.all_gather_cat(val.valid), m, dist.world_size)
+    excluded = dist.checkpoint(lambda: (handle_nonfinite(train_valid, policy, "training"),
+                                        handle_nonfinite(val_valid, policy, "validation"))[0])
+    if not bool(val_valid.any()):
+        raise NonFiniteGradientError("every validation sample has a non-finite loss or gradient")
+    if not bool(train_valid.any()):
+        raise NonFiniteGradientError("every training sample has a non-finite loss or gradient: nothing to score")
+    return train_valid, val_valid, excluded

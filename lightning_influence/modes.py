@@ -6,9 +6,10 @@ switching and puts everything back on exit, also after an exception.
 """
 from __future__ import annotations
 
+import functools
 import random
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -77,3 +78,18 @@ def isolated_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_states)
         if numpy is not None:
             numpy.random.set_state(numpy_state)
+
+
+def autograd_allowed(fn: Callable) -> Callable:
+    """Run ``fn`` with inference mode off: the audit needs autograd even when it is called
+    inside ``torch.inference_mode()`` (as Lightning runs its validation and test hooks). The
+    global RNGs (Python's, NumPy's, torch's CPU and initialised CUDA ones: :func:`isolated_rng`,
+    the callback's rule too) are restored afterwards, so an audit in the middle of training never
+    changes what the training draws next."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), isolated_rng():
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from helpers import mlp
 from lightning_influence import AuditResult, audit
-from lightning_influence.audit import NonFiniteGradientError
+from lightning_influence.exceptions import NonFiniteGradientError
 from lightning_influence.gradients import gradient_mode, per_sample_gradients
 from lightning_influence.losses import BatchFormatError
 from lightning_influence.params import select_blocks
@@ -617,12 +617,12 @@ def test_model_and_files_restored_after_solver_failure(small, tmp_path, method, 
 def test_model_and_files_restored_after_metrics_failure(small, tmp_path, monkeypatch):
     import importlib
 
-    audit_module = importlib.import_module("lightning_influence.audit")  # the package's `audit` is the function
+    ranking_module = importlib.import_module("lightning_influence.ranking")  # where the metrics stage calls it
 
     def broken(*args, **kwargs):
         raise Boom("metrics failed")
 
-    monkeypatch.setattr(audit_module, "detection_metrics", broken)
+    monkeypatch.setattr(ranking_module, "detection_metrics", broken)
     model = users_model()
     before = model_state(model)
     with pytest.raises(Boom, match="metrics failed"):
