@@ -35,8 +35,9 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ EMBED, PRETRAIN_EPOCHS, FINETUNE_EPOCHS = 64, 3, 6
 
 # --------------------------------------------------------------------------- data
 
-def load_task(task: str, data_dir: str = DATA_DIR) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+def load_task(task: str, data_dir: str = DATA_DIR) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The task's training and test records (``prompt``, ``text``, ``answer``, ``variation``)."""
     out = []
     for split in ("train", "test"):
@@ -80,10 +81,10 @@ def load_task(task: str, data_dir: str = DATA_DIR) -> Tuple[List[Dict[str, Any]]
     return out[0], out[1]
 
 
-def subsample(train: List[dict], test: List[dict], per_train: int, per_test: int) -> Tuple[List[dict], List[dict]]:
+def subsample(train: list[dict], test: list[dict], per_train: int, per_test: int) -> tuple[list[dict], list[dict]]:
     """The first ``per_train`` / ``per_test`` records of every variation (``--quick``)."""
-    def take(records: List[dict], k: int) -> List[dict]:
-        seen: Dict[str, int] = {}
+    def take(records: list[dict], k: int) -> list[dict]:
+        seen: dict[str, int] = {}
         kept = []
         for r in records:
             if seen.get(r["variation"], 0) < k:
@@ -107,7 +108,7 @@ class CharTokenizer:
     def __len__(self) -> int:
         return len(self.itos)
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         eos = text.endswith("</s>")
         ids = [self.stoi.get(c, self.UNK) for c in (text[:-4] if eos else text)]
         return ids + [self.EOS] if eos else ids
@@ -118,7 +119,7 @@ class Records(Dataset):
     prompt, every token labelled (DataInf's protocol); ``"text"``: the whole text, every token
     labelled (fine-tuning); ``"answer"``: the whole text with the prompt masked (-100)."""
 
-    def __init__(self, records: List[dict], tok: CharTokenizer, field: str) -> None:
+    def __init__(self, records: list[dict], tok: CharTokenizer, field: str) -> None:
         self.items = []
         for r in records:
             ids = tok.encode(r["prompt"] if field == "prompt" else r["text"])
@@ -131,12 +132,12 @@ class Records(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> Dict[str, Tensor]:
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
         ids, labels = self.items[i]
         return {"input_ids": ids, "labels": labels}
 
 
-def collate(samples: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+def collate(samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Right-padding: ``attention_mask`` 0 and label -100 on the padding."""
     width = max(s["input_ids"].numel() for s in samples)
     ids = torch.zeros(len(samples), width, dtype=torch.long)
@@ -201,7 +202,7 @@ def train_lm(model: nn.Module, ds: Dataset, *, epochs: int, lr: float, seed: int
 
 
 @torch.no_grad()
-def answer_accuracy(model: nn.Module, ds: Dataset) -> Dict[str, float]:
+def answer_accuracy(model: nn.Module, ds: Dataset) -> dict[str, float]:
     """Teacher-forced next-character accuracy on the answer tokens (``ds``: ``field="answer"``)
     and exact match (every answer token, ``<eos>`` included, is the argmax: greedy decoding
     reproduces the answer)."""
@@ -229,7 +230,7 @@ def mean_loss(model: nn.Module, ds: Dataset) -> float:
     return total / count
 
 
-def build(task: str, seed: int, quick: bool, data_dir: str) -> Dict[str, Any]:
+def build(task: str, seed: int, quick: bool, data_dir: str) -> dict[str, Any]:
     """Train the task's model for ``seed``: pretrain on the prompts, LoRA fine-tune on the texts."""
     train, test = load_task(task, data_dir)
     if quick:
@@ -251,7 +252,7 @@ def build(task: str, seed: int, quick: bool, data_dir: str) -> Dict[str, Any]:
 
 # --------------------------------------------------------------------------- metrics
 
-def identification(per_validation: Tensor, train_var: Sequence[str], test_var: Sequence[str]) -> Dict[str, float]:
+def identification(per_validation: Tensor, train_var: Sequence[str], test_var: Sequence[str]) -> dict[str, float]:
     """DataInf's metrics of an ``(m, n)`` per-validation matrix (negative = helpful): per test
     record, the ROC AUC of the negated scores against "same variation" and the recall among the
     ``k`` lowest scores (``k`` = training records per variation); means over the ``m`` rows."""
@@ -273,12 +274,12 @@ def identification(per_validation: Tensor, train_var: Sequence[str], test_var: S
 
 # --------------------------------------------------------------------------- runs
 
-def _loaders(b: Dict[str, Any], field: str) -> Tuple[DataLoader, DataLoader]:
+def _loaders(b: dict[str, Any], field: str) -> tuple[DataLoader, DataLoader]:
     return (loader(Records(b["train"], b["tok"], field), 32), loader(Records(b["test"], b["tok"], field), 32))
 
 
-def _row(task: str, seed: int, protocol: str, column: str, pv: Tensor, b: Dict[str, Any], seconds: float,
-         **extra: Any) -> Dict[str, Any]:
+def _row(task: str, seed: int, protocol: str, column: str, pv: Tensor, b: dict[str, Any], seconds: float,
+         **extra: Any) -> dict[str, Any]:
     found = identification(pv, [r["variation"] for r in b["train"]], [r["variation"] for r in b["test"]])
     row = {"task": task, "seed": seed, "protocol": protocol, "column": column, **found, "seconds": seconds, **extra}
     print(f"  {protocol:11s} {column:22s} auc {found['auc']:.4f} recall {found['recall']:.4f} "
@@ -286,8 +287,8 @@ def _row(task: str, seed: int, protocol: str, column: str, pv: Tensor, b: Dict[s
     return row
 
 
-def run_grid(task: str, seed: int, b: Dict[str, Any], protocol: str, methods: Sequence[str],
-             solvers: Sequence[str]) -> List[Dict[str, Any]]:
+def run_grid(task: str, seed: int, b: dict[str, Any], protocol: str, methods: Sequence[str],
+             solvers: Sequence[str]) -> list[dict[str, Any]]:
     """Every ``method x solver`` on one trained model: per method one ``prepare()`` (the copy,
     the tuning for vm/fvm, the gradients: the first half of ``audit()``), then ``score()`` (its
     second half) per solver with ``per_validation=True`` and the method's explicit defaults
@@ -319,7 +320,7 @@ def run_grid(task: str, seed: int, b: Dict[str, Any], protocol: str, methods: Se
     return rows
 
 
-def run_defaults(task: str, seed: int, b: Dict[str, Any], protocol: str) -> Dict[str, Any]:
+def run_defaults(task: str, seed: int, b: dict[str, Any], protocol: str) -> dict[str, Any]:
     """``audit(model, train, test, per_validation=True)`` with no method and no solver: the
     attribution defaults, exactly as a user calls it (pre-flight check included)."""
     from lightning_influence import audit
@@ -332,15 +333,15 @@ def run_defaults(task: str, seed: int, b: Dict[str, Any], protocol: str) -> Dict
     return _row(task, seed, protocol, "defaults", result.per_validation, b, time.perf_counter() - t0, resolved=config)
 
 
-def installed_peers() -> List[str]:
+def installed_peers() -> list[str]:
     """The peer libraries found (Kronfluence, dattri): optional, never installed by this script."""
     import importlib.util
 
     return [name for name in ("kronfluence", "dattri") if importlib.util.find_spec(name) is not None]
 
 
-def run_kronfluence(task: str, seed: int, b: Dict[str, Any], protocol: str, strategy: str = "ekfac",
-                    matrix: bool = False) -> Optional[Any]:
+def run_kronfluence(task: str, seed: int, b: dict[str, Any], protocol: str, strategy: str = "ekfac",
+                    matrix: bool = False) -> Any | None:
     """Kronfluence's pairwise EK-FAC scores on a copy of the same trained weights (the LoRA
     Linear layers tracked; each record's loss the mean over its counted tokens, as the audit's),
     when Kronfluence is installed; its sign flipped to this package's (negative = helpful).
@@ -356,7 +357,7 @@ def run_kronfluence(task: str, seed: int, b: Dict[str, Any], protocol: str, stra
     from kronfluence.task import Task
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    def record_losses(batch: Dict[str, Tensor], model: nn.Module, sample: bool) -> Tensor:
+    def record_losses(batch: dict[str, Tensor], model: nn.Module, sample: bool) -> Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         logits, labels = logits[:, :-1], batch["labels"][:, 1:]
         if sample:
@@ -374,7 +375,7 @@ def run_kronfluence(task: str, seed: int, b: Dict[str, Any], protocol: str, stra
         def compute_measurement(self, batch: Any, model: nn.Module) -> Tensor:
             return record_losses(batch, model, False)
 
-        def get_influence_tracked_modules(self) -> List[str]:
+        def get_influence_tracked_modules(self) -> list[str]:
             return [n for n, m in b["model"].named_modules() if isinstance(m, nn.Linear) and "lora_" in n]
 
         def get_attention_mask(self, batch: Any) -> Tensor:
@@ -400,15 +401,15 @@ def run_kronfluence(task: str, seed: int, b: Dict[str, Any], protocol: str, stra
     return _row(task, seed, protocol, "Kronfluence EK-FAC", -scores, b, time.perf_counter() - t0)
 
 
-def _stat(rows: List[Dict[str, Any]], key: str) -> Dict[str, float]:
+def _stat(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
     values = np.array([r[key] for r in rows], dtype=float)
     return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
             "max": float(values.max())}
 
 
-def aggregate(raw: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Dict[str, Any]]]]:
+def aggregate(raw: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
     """``{protocol: {task: {column: {auc, recall, seconds: mean/std/min/max}}}}`` over seeds."""
-    out: Dict[str, Dict[str, Dict[str, Dict[str, Any]]]] = {}
+    out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for r in raw:
         out.setdefault(r["protocol"], {}).setdefault(r["task"], {}).setdefault(r["column"], {})
     for protocol, tasks in out.items():
@@ -420,11 +421,11 @@ def aggregate(raw: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Dict[s
     return out
 
 
-def _cell(stat: Dict[str, float]) -> str:
+def _cell(stat: dict[str, float]) -> str:
     return f"{stat['mean']:.3f} ± {stat['std']:.3f} (min {stat['min']:.3f})"
 
 
-def tables(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
+def tables(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The tables (docs/ATTRIBUTION.md): per protocol, one row per column, AUC and recall per task (mean ± std
     over seeds, the worst seed), seconds; then how well the models learned."""
     meta = {"machine": doc["machine"], "date": doc["date"], "command": doc["command"]}
@@ -440,7 +441,7 @@ def tables(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
         most = max(agg[t][c]["seeds"] for t in tasks for c in agg[t])
         for column in columns:
             seeds = min(agg[t][column]["seeds"] for t in tasks if column in agg[t])
-            row: List[Any] = [column if seeds == most else f"{column} ({seeds} seed{'s' if seeds > 1 else ''})"]
+            row: list[Any] = [column if seeds == most else f"{column} ({seeds} seed{'s' if seeds > 1 else ''})"]
             for task in tasks:
                 stat = agg[task].get(column)
                 row += [_cell(stat["auc"]), _cell(stat["recall"])] if stat else [None, None]
@@ -493,7 +494,7 @@ NOTES = {
 }
 
 
-def merge(paths: Sequence[str], out: str) -> Dict[str, Any]:
+def merge(paths: Sequence[str], out: str) -> dict[str, Any]:
     """One results document from several runs' (their rows, learning figures, tasks and seeds)."""
     docs = []
     for path in paths:
@@ -501,7 +502,7 @@ def merge(paths: Sequence[str], out: str) -> Dict[str, Any]:
             docs.append(json.load(fh))
     doc = dict(docs[0])
     doc["raw"] = [r for d in docs for r in d["raw"]]
-    learned: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    learned: dict[str, dict[int, dict[str, Any]]] = {}
     for d in docs:  # runs merged on the same task and seed must have trained the same weights
         for task, runs in d["learned"].items():
             for run in runs:
@@ -522,7 +523,7 @@ def merge(paths: Sequence[str], out: str) -> Dict[str, Any]:
     return doc
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -548,7 +549,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         opts.seeds, opts.methods = opts.seeds[:1], [m for m in opts.methods if m in ("standard", "fvm")]
         opts.tasks = opts.tasks[:1] if len(opts.tasks) == len(TASKS) else opts.tasks
     out = opts.out or os.path.join(common.RESULTS, "attribution_quick.json" if opts.quick else "attribution.json")
-    doc: Dict[str, Any] = {"title": "Attribution: DataInf's identification tasks", **common.provenance(__file__, argv),
+    doc: dict[str, Any] = {"title": "Attribution: DataInf's identification tasks", **common.provenance(__file__, argv),
                            "options": {**{k: v for k, v in vars(opts).items() if k != "out"},
                                        "embed": 32 if opts.quick else EMBED,
                                        "pretrain_epochs": 1 if opts.quick else PRETRAIN_EPOCHS,

@@ -28,7 +28,8 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,9 +52,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # --------------------------------------------------------------------------- machine
 
-def machine_info() -> Dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     """Platform, CPU, accelerator and library versions, for results files."""
-    info: Dict[str, Any] = {
+    info: dict[str, Any] = {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "processor": platform.processor() or platform.machine(),
@@ -80,7 +81,7 @@ def machine_info() -> Dict[str, Any]:
     return info
 
 
-def write_results(result: Dict[str, Any], path: str) -> None:
+def write_results(result: dict[str, Any], path: str) -> None:
     """Write a results document (``{"tables": [...], ...}``, the schema ``render.py`` reads)
     atomically to ``path`` and print its tables."""
     import json
@@ -129,7 +130,7 @@ def now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def provenance(script: str, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def provenance(script: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """What every results file records: ``machine`` (:func:`machine_info`), ``date``
     (:func:`now`) and ``command``, the script (pass ``__file__``) as the docs run it with
     ``argv`` (default: this process's arguments)."""
@@ -153,7 +154,7 @@ def clean(obj: Any) -> Any:
     return obj
 
 
-def metrics_of(scores: Tensor, noisy: Tensor) -> Dict[str, float]:
+def metrics_of(scores: Tensor, noisy: Tensor) -> dict[str, float]:
     """ROC AUC, AP and recall at the noise rate of a ranking ``scores`` against ``noisy``."""
     from lightning_influence.metrics import detection_metrics
 
@@ -176,7 +177,7 @@ def digits_mlp(seed: int, hidden: int = 64, num_classes: int = 10, d_in: int = 6
 
 
 def train_mlp(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 1500, lr: float = 1e-2,
-              batch_size: Optional[int] = None, weight_decay: float = 0.0, seed: int = 0,
+              batch_size: int | None = None, weight_decay: float = 0.0, seed: int = 0,
               device: torch.device = torch.device("cpu")) -> nn.Module:
     """Adam on mean cross entropy (full batch by default: fast on a CPU). With the defaults the
     64-64-10 MLP fits (nearly) all of the noisy digits training labels, i.e. it memorises the
@@ -240,7 +241,7 @@ class TextCollate:
     def __init__(self, tokenizer: Any, max_length: int = 64) -> None:
         self.tokenizer, self.max_length = tokenizer, max_length
 
-    def __call__(self, samples: List[Dict[str, Any]]) -> Dict[str, Tensor]:
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Tensor]:
         enc = self.tokenizer([s["text"] for s in samples], padding=True, truncation=True,
                              max_length=self.max_length, return_tensors="pt")
         enc = dict(enc)
@@ -256,11 +257,11 @@ def text_loader(dataset: Dataset, tokenizer: Any, batch_size: int = 32, max_leng
                       generator=g if shuffle else None)
 
 
-def _to(batch: Dict[str, Tensor], device: torch.device) -> Dict[str, Tensor]:
+def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def token_lengths(dataset: Dataset, tokenizer: Any, max_length: int = 64) -> List[int]:
+def token_lengths(dataset: Dataset, tokenizer: Any, max_length: int = 64) -> list[int]:
     return [min(len(tokenizer(dataset[i]["text"])["input_ids"]), max_length) for i in range(len(dataset))]
 
 
@@ -271,7 +272,7 @@ def sort_by_length(split: Any, tokenizer: Any, max_length: int = 64) -> Any:
     reordered set."""
     from tasks import NoisySplit, TextPairs
 
-    def order(ds: Dataset) -> List[int]:
+    def order(ds: Dataset) -> list[int]:
         lengths = token_lengths(ds, tokenizer, max_length)
         return sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
 
@@ -283,11 +284,11 @@ def sort_by_length(split: Any, tokenizer: Any, max_length: int = 64) -> Any:
 
 
 def bucketed_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator,
-                     pool: int = 50) -> List[List[int]]:
+                     pool: int = 50) -> list[list[int]]:
     """Shuffled batches of similar-length samples: a random permutation, cut into pools of
     ``pool`` batches, each pool sorted by length and cut into batches, batch order shuffled."""
     perm = torch.randperm(len(lengths), generator=generator).tolist()
-    batches: List[List[int]] = []
+    batches: list[list[int]] = []
     for s in range(0, len(perm), batch_size * pool):
         chunk = sorted(perm[s:s + batch_size * pool], key=lambda i: lengths[i])
         batches.extend(chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size))
@@ -336,7 +337,7 @@ def text_probs(model: nn.Module, dataset: Dataset, tokenizer: Any, batch_size: i
 # --------------------------------------------------------------------------- cleanlab
 
 def cross_val_probs(n: int, labels: Tensor, folds: int, seed: int,
-                    fit_predict: Callable[[np.ndarray, np.ndarray, int], Tensor]) -> Tuple[np.ndarray, float]:
+                    fit_predict: Callable[[np.ndarray, np.ndarray, int], Tensor]) -> tuple[np.ndarray, float]:
     """Out-of-sample predicted probabilities ``(n, C)`` from stratified K-fold
     cross-validation. ``fit_predict(train_idx, held_out_idx, fold)`` trains a fresh model on
     ``train_idx`` and returns probabilities for ``held_out_idx``. Returns ``(probs, seconds)``."""
@@ -344,7 +345,7 @@ def cross_val_probs(n: int, labels: Tensor, folds: int, seed: int,
 
     start = time.perf_counter()
     y = labels.numpy()
-    probs: Optional[np.ndarray] = None
+    probs: np.ndarray | None = None
     skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for fold, (tr, ho) in enumerate(skf.split(np.zeros(n), y)):
         p = fit_predict(tr, ho, fold).numpy()

@@ -33,8 +33,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,11 +63,11 @@ METRICS = (("auroc", "ROC AUC"), ("ap", "AP"), ("recall", "recall@noise rate"), 
 # issue 10), pinned so that those tables stay reproducible. ``--library-defaults`` runs the
 # library's current ``TuningConfig()`` instead. The curvature is always the library's
 # ``CurvatureConfig()`` (damping 0.1, which is also what the tables used), then ``--curvature``.
-PUBLISHED_TUNING: Dict[str, Any] = dict(steps=300, lr=0.03, momentum=0.9, weight_decay=5e-4, batch_size=128,
+PUBLISHED_TUNING: dict[str, Any] = dict(steps=300, lr=0.03, momentum=0.9, weight_decay=5e-4, batch_size=128,
                                         rho=0.2, optimizer="sgd", adaptive=False, tol=0.0, bucket=False)
 
 # sizes per scale: cpu = what fits ~35 min on a shared 2-core CPU; paper = HyperINF's GLUE setup
-SCALES: Dict[str, Dict[str, Any]] = {
+SCALES: dict[str, dict[str, Any]] = {
     "cpu": dict(glue_train=1000, glue_val=300, max_length=64, glue_epochs=2, glue_tuning_steps=30,
                 glue_tuning_batch=16, cleanlab_folds_glue=3, cleanlab_epochs_glue=2, lissa_iters=20,
                 lissa_iters_glue=10),
@@ -83,7 +84,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def finite(x: Any) -> Optional[float]:
+def finite(x: Any) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
 
@@ -91,10 +92,10 @@ def finite(x: Any) -> Optional[float]:
 # --------------------------------------------------------------------------- the audit columns
 
 def audit_columns(model: torch.nn.Module, train: Any, val: Any, noisy: torch.Tensor, seed: int,
-                  opts: argparse.Namespace, tuning: Dict[str, Any], params: str,
-                  batch_size: int, lissa_iters: int) -> List[Dict[str, Any]]:
+                  opts: argparse.Namespace, tuning: dict[str, Any], params: str,
+                  batch_size: int, lissa_iters: int) -> list[dict[str, Any]]:
     """Every method x solver column plus the two loss baselines, on one trained model."""
-    rows: List[Dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     curvature = dict(opts.curvature)
     for method in opts.methods:
         t0 = time.perf_counter()
@@ -135,7 +136,7 @@ def audit_columns(model: torch.nn.Module, train: Any, val: Any, noisy: torch.Ten
 
 # --------------------------------------------------------------------------- digits
 
-def run_digits(task: Dict[str, Any], seed: int, opts: argparse.Namespace) -> List[Dict[str, Any]]:
+def run_digits(task: dict[str, Any], seed: int, opts: argparse.Namespace) -> list[dict[str, Any]]:
     from tasks import noisy_digits
 
     split = noisy_digits(task["rate"], task["kind"], n_val=opts.digits_val, seed=seed)
@@ -165,7 +166,7 @@ def run_digits(task: Dict[str, Any], seed: int, opts: argparse.Namespace) -> Lis
 
 # --------------------------------------------------------------------------- GLUE + MiniLM
 
-def run_glue(task: Dict[str, Any], seed: int, opts: argparse.Namespace) -> List[Dict[str, Any]]:
+def run_glue(task: dict[str, Any], seed: int, opts: argparse.Namespace) -> list[dict[str, Any]]:
     from tasks import noisy_glue
 
     tok = common.minilm_tokenizer()
@@ -208,14 +209,14 @@ def run_glue(task: Dict[str, Any], seed: int, opts: argparse.Namespace) -> List[
 
 # --------------------------------------------------------------------------- aggregation + tables
 
-def columns_of(opts: argparse.Namespace) -> List[str]:
+def columns_of(opts: argparse.Namespace) -> list[str]:
     cols = [f"{m}/{s}" for m in opts.methods for s in opts.solvers]
     return cols + list(BASELINES)
 
 
-def aggregate(raw: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Dict[str, float]]]]:
+def aggregate(raw: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
     """``{task: {column: {metric: {"mean", "std", "n"}}}}``; std over seeds with ddof=1 (0 for one seed)."""
-    out: Dict[str, Dict[str, Dict[str, Dict[str, float]]]] = {}
+    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for r in raw:
         out.setdefault(r["task"], {}).setdefault(r["column"], {})
     for task, cols in out.items():
@@ -228,7 +229,7 @@ def aggregate(raw: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Dict[s
     return out
 
 
-def fmt(stat: Dict[str, float], key: str) -> str:
+def fmt(stat: dict[str, float], key: str) -> str:
     if not stat or stat["n"] == 0 or not math.isfinite(stat["mean"]):
         return "–"
     if key == "seconds":
@@ -238,7 +239,7 @@ def fmt(stat: Dict[str, float], key: str) -> str:
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
-def column_label(col: str, opts: Dict[str, Any]) -> str:
+def column_label(col: str, opts: dict[str, Any]) -> str:
     if col.endswith("/lissa"):
         return f"{col} (≤{opts['lissa_iters']}/{opts['lissa_iters_glue']} it.)"
     if col == "cleanlab":
@@ -246,8 +247,8 @@ def column_label(col: str, opts: Dict[str, Any]) -> str:
     return col
 
 
-def build_tables(agg: Dict[str, Any], opts: Dict[str, Any], tasks: Sequence[str], columns: Sequence[str],
-                 machine: Dict[str, Any], date: str, command: str, notes: Sequence[str]) -> List[Dict[str, Any]]:
+def build_tables(agg: dict[str, Any], opts: dict[str, Any], tasks: Sequence[str], columns: Sequence[str],
+                 machine: dict[str, Any], date: str, command: str, notes: Sequence[str]) -> list[dict[str, Any]]:
     """One table per metric (rows = columns of the benchmark, columns = tasks), plus a summary:
     per task, the default column against the best other column. The best mean per task is bold."""
     machine_s = (f"{machine.get('cpu_model') or machine.get('processor')}, {machine.get('cpu_count')} CPU(s)"
@@ -256,7 +257,7 @@ def build_tables(agg: Dict[str, Any], opts: Dict[str, Any], tasks: Sequence[str]
     tables = []
     for key, name in METRICS:
         rows = []
-        best: Dict[str, float] = {}
+        best: dict[str, float] = {}
         for t in tasks:
             vals = [agg.get(t, {}).get(c, {}).get(key, {}).get("mean", float("nan")) for c in columns]
             vals = [v for v in vals if math.isfinite(v)]
@@ -312,9 +313,9 @@ per task is in bold; the last table says, per task and metric, whether the defau
 `fvm/hyperinf` beats every other column, and which column beats it where it does not."""
 
 
-def summary_notes(rows: List[List[str]]) -> List[str]:
+def summary_notes(rows: list[list[str]]) -> list[str]:
     """Plain sentences: on which tasks the default wins on every metric, and who beats it elsewhere."""
-    by_task: Dict[str, List[List[str]]] = {}
+    by_task: dict[str, list[list[str]]] = {}
     for r in rows:
         by_task.setdefault(r[0], []).append(r)
     wins = [t for t, rs in by_task.items() if all(r[5] == "yes" for r in rs)]
@@ -326,7 +327,7 @@ def summary_notes(rows: List[List[str]]) -> List[str]:
     return notes
 
 
-def rebuild(path: str) -> Dict[str, Any]:
+def rebuild(path: str) -> dict[str, Any]:
     """Recompute ``aggregate`` and ``tables`` of an existing results file from its ``raw`` rows."""
     with open(path, encoding="utf-8") as fh:
         doc = json.load(fh)
@@ -346,7 +347,7 @@ def rebuild(path: str) -> Dict[str, Any]:
 
 # --------------------------------------------------------------------------- CLI
 
-def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 seed, 2 tasks (< 60 s); for the tests")
@@ -413,7 +414,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return opts
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--rebuild"]:  # python benchmarks/quality.py --rebuild results/quality.json
         return rebuild(args[1] if len(args) > 1 else os.path.join(common.RESULTS, "quality.json"))
@@ -457,8 +458,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                  "solvers; loss@θ*: one forward pass; loss@θ̃: tuning + one forward pass; cleanlab: its K trainings "
                  "+ predictions. The machine is shared, so times are indicative.")
 
-    raw: List[Dict[str, Any]] = []
-    doc: Dict[str, Any] = {}
+    raw: list[dict[str, Any]] = []
+    doc: dict[str, Any] = {}
     os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
     start = time.perf_counter()
 

@@ -44,7 +44,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def make_task(task: str, seed: int, n_val: int = 300, n_test: int = 400) -> Dict[str, Any]:
+def make_task(task: str, seed: int, n_val: int = 300, n_test: int = 400) -> dict[str, Any]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -116,8 +117,8 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((common.mlp_probs(model, x).argmax(-1) == y).float().mean())
 
 
-def rankings(d: Dict[str, Any], model: torch.nn.Module, seed: int, opts: argparse.Namespace,
-             ) -> "tuple[Dict[str, torch.Tensor], Dict[str, float]]":
+def rankings(d: dict[str, Any], model: torch.nn.Module, seed: int, opts: argparse.Namespace,
+             ) -> "tuple[dict[str, torch.Tensor], dict[str, float]]":
     """Every ranking's scores (higher = remove first), and fvm's tuning figures."""
     train, val = TensorPairs(d["xtr"], d["ytr"]), TensorPairs(d["xva"], d["yva"])
     out, tuning = method_scores(model, train, val, ("fvm", "vm", "standard"), params="trainable", seed=seed,
@@ -143,11 +144,11 @@ def oracle_scores(flags: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def method_scores(model: torch.nn.Module, train: Any, val: Any, methods: Sequence[str],
-                  **prepare_kw: Any) -> "tuple[Dict[str, torch.Tensor], Dict[str, float]]":
+                  **prepare_kw: Any) -> "tuple[dict[str, torch.Tensor], dict[str, float]]":
     """Each method's influence score (hyperinf), plus the losses at θ̃ and θ* when fvm is among
     them (``"loss@θ̃"``, ``"loss@θ*"``), and fvm's tuning figures (``{}`` without fvm)."""
-    out: Dict[str, torch.Tensor] = {}
-    tuning: Dict[str, float] = {}
+    out: dict[str, torch.Tensor] = {}
+    tuning: dict[str, float] = {}
     for method in methods:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -165,7 +166,7 @@ def method_scores(model: torch.nn.Module, train: Any, val: Any, methods: Sequenc
     return out, tuning
 
 
-def sst2_split(seed: int, opts: argparse.Namespace) -> Dict[str, Any]:
+def sst2_split(seed: int, opts: argparse.Namespace) -> dict[str, Any]:
     from tasks import TextPairs, noisy_glue
 
     tok = common.minilm_tokenizer()
@@ -182,7 +183,7 @@ def text_accuracy(model: torch.nn.Module, data: Any, tok: Any) -> float:
     return float((common.text_probs(model, data, tok).argmax(-1) == data.labels).float().mean())
 
 
-def run_sst2(seed: int, opts: argparse.Namespace) -> List[Dict[str, Any]]:
+def run_sst2(seed: int, opts: argparse.Namespace) -> list[dict[str, Any]]:
     d = sst2_split(seed, opts)
     tok, train, flags = d["tok"], d["train"], d["flags"]
     n = len(train)
@@ -192,7 +193,7 @@ def run_sst2(seed: int, opts: argparse.Namespace) -> List[Dict[str, Any]]:
         return common.train_text(common.minilm_lora(model_seed), data, tok, epochs=opts.sst2_epochs, lr=3e-3,
                                  seed=seed, batch_size=32, max_length=64)
 
-    def row(name: str, q: float, model: torch.nn.Module, harmful: float) -> Dict[str, Any]:
+    def row(name: str, q: float, model: torch.nn.Module, harmful: float) -> dict[str, Any]:
         return dict(task="sst2", seed=seed, ranking=name, q=q, removed_harmful=harmful,
                     val=text_accuracy(model, d["val"], tok), test=text_accuracy(model, d["test"], tok))
 
@@ -228,7 +229,7 @@ def run_sst2(seed: int, opts: argparse.Namespace) -> List[Dict[str, Any]]:
     return rows
 
 
-def run(task: str, seed: int, opts: argparse.Namespace) -> List[Dict[str, Any]]:
+def run(task: str, seed: int, opts: argparse.Namespace) -> list[dict[str, Any]]:
     if task == "sst2":
         return run_sst2(seed, opts)
     d = make_task(task, seed)
@@ -259,7 +260,7 @@ def stat(values: Sequence[float]) -> str:
     return f"{a.mean():.3f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.3f}"
 
 
-def tables(raw: List[Dict[str, Any]], opts: argparse.Namespace, header: Dict[str, Any]) -> List[Dict[str, Any]]:
+def tables(raw: list[dict[str, Any]], opts: argparse.Namespace, header: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for task in opts.tasks:
         rows = [r for r in raw if r["task"] == task]
@@ -268,7 +269,7 @@ def tables(raw: List[Dict[str, Any]], opts: argparse.Namespace, header: Dict[str
         q_harm = opts.q[-2] if len(opts.q) > 1 else opts.q[0]
         cols = ["ranking"] + [f"test acc, q={q} %" for q in opts.q] + [f"harmful among removed, q={q_harm} %"]
         table_rows = [["no removal"] + [stat(base)] * len(opts.q) + ["–"]]
-        best: Dict[int, str] = {}
+        best: dict[int, str] = {}
         for q in opts.q:
             means = {name: np.mean([r["test"] for r in rows if r["ranking"] == name and r["q"] == q])
                      for name in names if name != "oracle"}  # the oracle is the ceiling, not a contender
@@ -322,7 +323,7 @@ def tables(raw: List[Dict[str, Any]], opts: argparse.Namespace, header: Dict[str
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, 1 task, 2 removal levels, short training (tests)")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(DIGITS_TASKS))
@@ -348,7 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     opts.out = opts.out or os.path.join(common.RESULTS, "removal.json")
     torch.set_num_threads(opts.threads)
     header = common.provenance(__file__, argv)
-    raw: List[Dict[str, Any]] = []
+    raw: list[dict[str, Any]] = []
     for task in opts.tasks:
         for seed in opts.seeds:
             raw.extend(run(task, seed, opts))

@@ -29,7 +29,8 @@ import json
 import os
 import re
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -37,12 +38,12 @@ ROOT = os.path.dirname(HERE)
 DEFAULT_TARGET = os.path.join(ROOT, "docs", "BENCHMARKS.md")
 
 
-def pages(root: str = ROOT) -> List[str]:
+def pages(root: str = ROOT) -> list[str]:
     """The pages searched for markers: README.md, then docs/*.md."""
     return [os.path.join(root, "README.md")] + sorted(glob.glob(os.path.join(root, "docs", "*.md")))
 
 
-def target_for(name: str, candidates: Optional[Sequence[str]] = None) -> str:
+def target_for(name: str, candidates: Sequence[str] | None = None) -> str:
     """The page that holds ``<!-- name:start -->`` (the first of ``candidates``, default :func:`pages`),
     else :data:`DEFAULT_TARGET`."""
     marker = f"<!-- {name}:start -->"
@@ -73,7 +74,7 @@ def _cell(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def render_table(table: Dict[str, Any], level: int = 4) -> str:
+def render_table(table: dict[str, Any], level: int = 4) -> str:
     """One table as markdown: a heading, the machine and date line, the command, the grid, notes."""
     cols = [str(c) for c in table.get("columns", [])]
     rows = table.get("rows", [])
@@ -98,7 +99,7 @@ def render_table(table: Dict[str, Any], level: int = 4) -> str:
     return "\n".join(out)
 
 
-def render_document(doc: Dict[str, Any]) -> str:
+def render_document(doc: dict[str, Any]) -> str:
     """The optional ``intro`` (markdown) followed by every table."""
     parts = [str(doc["intro"]).rstrip() + "\n"] if doc.get("intro") else []
     parts += [render_table(t) for t in doc.get("tables", [])]
@@ -116,7 +117,7 @@ def replace_section(text: str, name: str, body: str) -> str:
     return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
-def _load(path: str) -> Optional[Dict[str, Any]]:
+def _load(path: str) -> dict[str, Any] | None:
     with open(path, encoding="utf-8") as fh:
         try:
             doc = json.load(fh)
@@ -137,13 +138,13 @@ def _write(page: str, sections: Sequence[tuple]) -> None:
     os.replace(tmp, page)
 
 
-def render_files(files: Sequence[str], readme: Optional[str] = None, print_only: bool = False,
-                 targets: Optional[Dict[str, str]] = None) -> List[str]:
+def render_files(files: Sequence[str], readme: str | None = None, print_only: bool = False,
+                 targets: dict[str, str] | None = None) -> list[str]:
     """Render each file that has ``tables`` into ``readme`` when given, else into the page that
     holds its markers (:func:`target_for`); returns the section names written. ``targets``
     (optional) receives ``{name: page}``."""
-    done: List[str] = []
-    by_page: Dict[str, List[tuple]] = {}
+    done: list[str] = []
+    by_page: dict[str, list[tuple]] = {}
     for path in files:
         doc = _load(path)
         if doc is None:
@@ -163,7 +164,7 @@ def render_files(files: Sequence[str], readme: Optional[str] = None, print_only:
     return done
 
 
-def main(argv: Optional[Sequence[str]] = None) -> List[str]:
+def main(argv: Sequence[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description="Render benchmarks/results/*.json tables into the README and docs/.")
     ap.add_argument("files", nargs="*", help="result files (default: benchmarks/results/*.json)")
     ap.add_argument("--readme", default=None, metavar="PATH",
@@ -171,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     ap.add_argument("--print", dest="print_only", action="store_true", help="print the markdown instead")
     opts = ap.parse_args(argv)
     files = opts.files or sorted(glob.glob(os.path.join(HERE, "results", "*.json")))
-    targets: Dict[str, str] = {}
+    targets: dict[str, str] = {}
     done = render_files(files, opts.readme, opts.print_only, targets)
     if not opts.print_only:
         for name in done:

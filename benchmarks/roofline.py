@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -51,12 +51,12 @@ def _best(fn, repeat: int = 3) -> float:
     return _best_both(fn, repeat)[0]
 
 
-def machine_peak(size: int = 3072, read: bool = True) -> Dict[str, float]:
+def machine_peak(size: int = 3072, read: bool = True) -> dict[str, float]:
     """GFLOP/s of a ``size``×``size`` ``torch.mm`` (float32, float64) and GB/s of a 512 MiB read,
     each per wall-clock second and (``*_cpu``) per second of this process's CPU time."""
     import torch
 
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     for name, dtype in (("float32", torch.float32), ("float64", torch.float64)):
         a = torch.randn(size, size, dtype=dtype)
         b = torch.randn(size, size, dtype=dtype)
@@ -76,7 +76,7 @@ def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def mm_floor(train, val) -> Dict[str, float]:
+def mm_floor(train, val) -> dict[str, float]:
     """The floor of any identity (gradient dot product) implementation on these gradients: one
     plain ``torch.mm`` of all ``n`` training gradients laid out as one ``(n, P)`` matrix (a copy
     made outside the timing) with the mean validation gradient ``(P, 1)``: seconds (wall, CPU)."""
@@ -88,7 +88,7 @@ def mm_floor(train, val) -> Dict[str, float]:
     return {"mm_floor_s": wall, "mm_floor_cpu_s": cpu}
 
 
-def make_stores(n: int, m: int, blocks: int, rank: int, dim: int, seed: int = 0, spill_dir: Optional[str] = None):
+def make_stores(n: int, m: int, blocks: int, rank: int, dim: int, seed: int = 0, spill_dir: str | None = None):
     """Training (``n``) and validation (``m``) stores of float32 gradients, columns scaled over
     two decades (some conditioning), identical for a given seed whatever the package version."""
     import torch
@@ -110,8 +110,8 @@ def make_stores(n: int, m: int, blocks: int, rank: int, dim: int, seed: int = 0,
     return stores
 
 
-def measure(ns: List[int], m: int, blocks: int, rank: int, dim: int, solvers, modes, chunk: int,
-            floor: bool = False) -> List[Dict[str, Any]]:
+def measure(ns: list[int], m: int, blocks: int, rank: int, dim: int, solvers, modes, chunk: int,
+            floor: bool = False) -> list[dict[str, Any]]:
     """Fit and score seconds, wall-clock and CPU (and the solvers' info) per (n, mode, solver);
     with ``floor``, identity's rows also carry :func:`mm_floor`."""
     import torch
@@ -120,7 +120,7 @@ def measure(ns: List[int], m: int, blocks: int, rank: int, dim: int, solvers, mo
     from lightning_influence.config import CurvatureConfig
 
     cpu, dtype = torch.device("cpu"), torch.float32
-    rows: List[Dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     for n in ns:
         train, val = make_stores(n, m, blocks, rank, dim)
         floor_times = mm_floor(train, val) if floor and "identity" in solvers else {}
@@ -158,7 +158,7 @@ def measure(ns: List[int], m: int, blocks: int, rank: int, dim: int, solvers, mo
     return rows
 
 
-def spill_reads(n: int, blocks: int, rank: int, dim: int, chunk: int) -> Dict[str, Any]:
+def spill_reads(n: int, blocks: int, rank: int, dim: int, chunk: int) -> dict[str, Any]:
     """hyperinf fit (standard mode: curvature = the training store) from RAM and from a spilled
     store: seconds and bytes read, against the store's size."""
     import torch
@@ -167,7 +167,7 @@ def spill_reads(n: int, blocks: int, rank: int, dim: int, chunk: int) -> Dict[st
     from lightning_influence.config import CurvatureConfig
     from lightning_influence.store import GradientStore
 
-    out: Dict[str, Any] = {"n": n}
+    out: dict[str, Any] = {"n": n}
     read = {"bytes": 0}
     original, original_into = GradientStore.block, getattr(GradientStore, "_read_into", None)
 
@@ -205,7 +205,7 @@ def spill_reads(n: int, blocks: int, rank: int, dim: int, chunk: int) -> Dict[st
     return out
 
 
-def schulz_vs_cholesky(blocks: int, rank: int, dim: int, m: int) -> Dict[str, Any]:
+def schulz_vs_cholesky(blocks: int, rank: int, dim: int, m: int) -> dict[str, Any]:
     """hyperinf's inverse of the damped GFIM of every block from its Gram matrix: the Schulz
     iteration (as fitted) against a direct Cholesky inverse (``cholesky`` + ``cholesky_inverse``,
     float64), on the Gram matrices of ``m`` synthetic samples."""
@@ -236,7 +236,7 @@ def schulz_vs_cholesky(blocks: int, rank: int, dim: int, m: int) -> Dict[str, An
 
 # --------------------------------------------------------------------------- flop counts
 
-def flops(row: Dict[str, Any], blocks: int, rank: int, dim: int) -> Dict[str, Dict[str, float]]:
+def flops(row: dict[str, Any], blocks: int, rank: int, dim: int) -> dict[str, dict[str, float]]:
     """Useful floating-point operations (multiply + add = 2) of each stage, all blocks, and the
     bytes of gradients each stage reads: ``{"fit": {...}, "score": {...}}`` with keys
     ``float32``, ``float64`` (flops in that precision) and ``bytes``. Symmetric products count
@@ -289,7 +289,7 @@ def flops(row: Dict[str, Any], blocks: int, rank: int, dim: int) -> Dict[str, Di
     return {k: {kk: vv * blocks for kk, vv in v.items()} for k, v in (("fit", fit), ("score", score))}
 
 
-def analyse(rows, peak, blocks, rank, dim, before: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+def analyse(rows, peak, blocks, rank, dim, before: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     key = lambda r: (r["n"], r["mode"], r["solver"])  # noqa: E731
     old = {key(r): r for r in before or []}
     out = []
@@ -345,7 +345,7 @@ def analyse(rows, peak, blocks, rank, dim, before: Optional[List[Dict[str, Any]]
     return out
 
 
-def run_before(rev: str, args, ns: List[int]) -> Optional[List[Dict[str, Any]]]:
+def run_before(rev: str, args, ns: list[int]) -> list[dict[str, Any]] | None:
     """The measurements with the package at git revision ``rev`` (a subprocess importing
     ``lightning_influence`` from ``git archive rev``)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -367,7 +367,7 @@ def run_before(rev: str, args, ns: List[int]) -> Optional[List[Dict[str, Any]]]:
             return json.load(fh)
 
 
-def reference_status(path: Optional[str]) -> str:
+def reference_status(path: str | None) -> str:
     if not path:
         return ("not run: the HyperINF reference repository is not available on this machine (no internet; "
                 "pass --reference DIR with a clone of it to compare)")

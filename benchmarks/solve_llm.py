@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import torch
 
@@ -40,11 +40,11 @@ LLAMA = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 40
          "gate": (4096, 11008), "up": (4096, 11008), "down": (11008, 4096)}
 
 
-def gpt2_shapes(layers: int = 12) -> List[Tuple[int, int]]:
+def gpt2_shapes(layers: int = 12) -> list[tuple[int, int]]:
     return GPT2_LAYER * layers
 
 
-def llama_shapes(r: int, layers: int = 32) -> List[Tuple[int, int]]:
+def llama_shapes(r: int, layers: int = 32) -> list[tuple[int, int]]:
     """LoRA A ``(r, d_in)`` and B stored transposed ``(r, d_out)`` of every linear layer."""
     return [(r, side) for _ in range(layers) for d_in, d_out in LLAMA.values() for side in (d_in, d_out)]
 
@@ -57,7 +57,7 @@ def _rss(field: str) -> int:
     return 0
 
 
-def _store(n: int, shapes: List[Tuple[int, int]], seed: int, dtype=torch.float32):
+def _store(n: int, shapes: list[tuple[int, int]], seed: int, dtype=torch.float32):
     from lightning_influence.store import GradientStore
 
     gen = torch.Generator().manual_seed(seed)
@@ -68,7 +68,7 @@ def _store(n: int, shapes: List[Tuple[int, int]], seed: int, dtype=torch.float32
     return store
 
 
-def child(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def child(cfg: dict[str, Any]) -> dict[str, Any]:
     """One measured run (in its own process): fit + fvm scores of ``cfg["solver"]``."""
     from lightning_influence.config import CurvatureConfig
     from lightning_influence.scoring import fit_solvers, self_influence
@@ -99,7 +99,7 @@ def child(cfg: Dict[str, Any]) -> Dict[str, Any]:
             "max_iterations": max((s.info.get("iterations", 0) for s in solvers.values()), default=0)}
 
 
-def run_child(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)], env=env,
                           capture_output=True, text=True, timeout=3600)
@@ -108,18 +108,18 @@ def run_child(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(cfg: Dict[str, Any], quick: bool) -> Dict[str, Any]:
+def measure(cfg: dict[str, Any], quick: bool) -> dict[str, Any]:
     """:func:`child` in a fresh process (its own peak RSS), or here with ``quick`` (CI: one import)."""
     return child(cfg) if quick else run_child(cfg)
 
 
-def accuracy(shapes: List[Tuple[int, int]], n_val: int, n_train: int, threads: int) -> Dict[str, Any]:
+def accuracy(shapes: list[tuple[int, int]], n_val: int, n_train: int, threads: int) -> dict[str, Any]:
     """float32 pipeline scores against float64, on Gaussian and on shared-direction gradients;
     and the float64 low-rank inverse against a dense LU solve on the largest block."""
     from lightning_influence.solvers import SOLVERS, datainf_damping, make_solver
 
     torch.set_num_threads(threads)
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     gen = torch.Generator().manual_seed(3)
     for kind in ("gaussian", "shared_directions"):
         worst = 0.0
@@ -157,7 +157,7 @@ def accuracy(shapes: List[Tuple[int, int]], n_val: int, n_train: int, threads: i
     return out
 
 
-def single_block(n: int, r: int, d: int, rows: int, threads: int, form: str) -> Dict[str, Any]:
+def single_block(n: int, r: int, d: int, rows: int, threads: int, form: str) -> dict[str, Any]:
     """Fit one block of ``n`` gradients ``(r, d)`` in ``form`` and score ``rows`` sample vectors: seconds and
     GFLOP/s."""
     from lightning_influence.solvers import make_solver
@@ -183,7 +183,7 @@ def single_block(n: int, r: int, d: int, rows: int, threads: int, form: str) -> 
             "iterations": solver.info.get("iterations")}
 
 
-def project_7b(rates: Dict[str, Dict[str, float]], n_train: int, ns=(100, 300, 1000), rs=(8, 16)) -> List[Dict]:
+def project_7b(rates: dict[str, dict[str, float]], n_train: int, ns=(100, 300, 1000), rs=(8, 16)) -> list[dict]:
     """The solve of a 7B Llama's LoRA on every linear layer: per (N, r) the forms chosen, flops,
     bytes (kept + gathered + temporaries, from ``estimate_bytes``) and the time at the measured rates."""
     from lightning_influence.solvers import make_solver
@@ -215,7 +215,7 @@ def project_7b(rates: Dict[str, Dict[str, float]], n_train: int, ns=(100, 300, 1
     return rows
 
 
-def main(argv=None) -> Dict[str, Any]:
+def main(argv=None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one layer, one thread count, small 7B blocks (CI)")
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])

@@ -19,7 +19,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, List
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ def best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
     return min(times)
 
 
-def throughput(model: nn.Module, batches: List[Any]) -> Dict[str, float]:
+def throughput(model: nn.Module, batches: list[Any]) -> dict[str, float]:
     """Samples/s of a training step (forward + backward of the mean loss over the trainable
     parameters) and of per-sample gradients of the audited blocks, on the same batches."""
     blocks = select_blocks(model, "auto")
@@ -69,7 +70,7 @@ def throughput(model: nn.Module, batches: List[Any]) -> Dict[str, float]:
     return {"train_samples_per_s": n / t_train, "grad_samples_per_s": n / t_grad, "ratio": t_train / t_grad}
 
 
-def solver_times(ns: List[int], dims: List[int], rank: int = 8, m_curv: int = 500) -> List[Dict[str, Any]]:
+def solver_times(ns: list[int], dims: list[int], rank: int = 8, m_curv: int = 500) -> list[dict[str, Any]]:
     """Seconds to fit each solver on ``m_curv`` curvature gradients and apply it to ``n``
     training gradients of one ``(rank, d)`` block (the fvm pattern), float32."""
     out = []
@@ -95,8 +96,8 @@ def solver_times(ns: List[int], dims: List[int], rank: int = 8, m_curv: int = 50
     return out
 
 
-def epoch_vs_audit(model: nn.Module, train: Any, val: Any, train_batches: List[Any],
-                   batch_size: int, with_estimate: bool = False) -> Dict[str, Any]:
+def epoch_vs_audit(model: nn.Module, train: Any, val: Any, train_batches: list[Any],
+                   batch_size: int, with_estimate: bool = False) -> dict[str, Any]:
     """One training epoch (forward, backward, AdamW step) vs the end-to-end fvm audit at the
     library's default tuning (``epochs="auto"``: a budget of one training epoch of compute)."""
     import copy
@@ -142,8 +143,8 @@ class PackedTokens(torch.utils.data.Dataset):
     """Causal-LM samples of ``length`` tokens packed from a list of texts (no padding):
     ``{"input_ids", "attention_mask", "labels"}`` with ``labels = input_ids`` (the model shifts)."""
 
-    def __init__(self, texts: List[str], tokenizer: Any, length: int, count: int, vocab: int) -> None:
-        ids: List[int] = []
+    def __init__(self, texts: list[str], tokenizer: Any, length: int, count: int, vocab: int) -> None:
+        ids: list[int] = []
         for text in texts:
             ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
             if len(ids) >= length * count:
@@ -155,7 +156,7 @@ class PackedTokens(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = self.ids[i]
         return {"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row.clone()}
 
@@ -173,7 +174,7 @@ def gpt2_small_lora(seed: int, r: int = 8) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def gpt2_rung(glue_dir: str, n: int, m: int, length: int, batch_size: int) -> Dict[str, Any]:
+def gpt2_rung(glue_dir: str, n: int, m: int, length: int, batch_size: int) -> dict[str, Any]:
     """The 124M rung: GPT-2 small + LoRA on attention and MLP, ``n`` training and ``m``
     validation sequences of ``length`` tokens (SST-2 sentences packed, tokenised by MiniLM's
     tokenizer), the library's defaults (fvm + hyperinf, tuning ``epochs="auto"``): one AdamW
@@ -192,7 +193,7 @@ def gpt2_rung(glue_dir: str, n: int, m: int, length: int, batch_size: int) -> Di
     train_loader = DataLoader(train, batch_size=batch_size)
     val_loader = DataLoader(val, batch_size=batch_size)
     batches = list(train_loader)
-    out: Dict[str, Any] = {"n": n, "m": m, "length": length, "batch_size": batch_size,
+    out: dict[str, Any] = {"n": n, "m": m, "length": length, "batch_size": batch_size,
                            "parameters": sum(p.numel() for p in model.parameters())}
     out["throughput"] = throughput(model, batches[: max(2, len(batches) // 8)])
     out["epoch"] = epoch_vs_audit(model, train_loader, val_loader, batches, batch_size, with_estimate=True)

@@ -23,8 +23,9 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ def parse_value(v: str) -> Any:
     return {"true": True, "false": False}.get(v.lower(), v)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--grid", nargs="*", default=[], help="key=v1,v2 over TuningConfig fields")
     ap.add_argument("--base", type=json.loads, default={}, help="fixed TuningConfig overrides (JSON)")
@@ -82,10 +83,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         split = noisy_digits(opts.rate, opts.kind, seed=seed)
         models[seed] = (split, common.train_mlp(common.digits_mlp(seed), split.train.x, split.train.y,
                                                 epochs=opts.epochs, seed=seed))
-    records: List[Dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
     for cfg in configs:
         tuning = as_dict(TuningConfig(**{**opts.base, **cfg}))
-        per: Dict[str, List[Dict[str, float]]] = {}
+        per: dict[str, list[dict[str, float]]] = {}
         t0 = time.perf_counter()
         for seed, (split, model) in models.items():
             for method, fisher, params in itertools.product(opts.methods, opts.fisher, opts.params):

@@ -20,7 +20,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def audit_row(model, train, val, noisy, seed, tuning, batch_size, epoch_s, train_s) -> Dict[str, Any]:
+def audit_row(model, train, val, noisy, seed, tuning, batch_size, epoch_s, train_s) -> dict[str, Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         options = AuditOptions(method="fvm", solver="hyperinf", params="auto" if train_s else "trainable",
@@ -68,7 +69,7 @@ def audit_row(model, train, val, noisy, seed, tuning, batch_size, epoch_s, train
                    for m in ("auroc", "ap")})
 
 
-def run_digits(task: str, seed: int, opts: argparse.Namespace) -> Dict[str, Any]:
+def run_digits(task: str, seed: int, opts: argparse.Namespace) -> dict[str, Any]:
     from tasks import noisy_digits
 
     _, rate, kind = TASKS[task]
@@ -82,7 +83,7 @@ def run_digits(task: str, seed: int, opts: argparse.Namespace) -> Dict[str, Any]
     return audit_row(model, split.train, split.val, split.noisy, seed, opts.tuning, 128, epoch_s, 0.0)
 
 
-def run_glue(task: str, seed: int, opts: argparse.Namespace) -> Dict[str, Any]:
+def run_glue(task: str, seed: int, opts: argparse.Namespace) -> dict[str, Any]:
     """A GLUE task (SST-2 or CoLA) with 20 % flipped labels: MiniLM + LoRA trained, then audited."""
     from tasks import noisy_glue
 
@@ -112,7 +113,7 @@ def stat(values: Sequence[float], fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(a.mean())} ± {fmt.format(sd)}"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one digits task, one seed (tests)")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
@@ -137,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     opts.out = opts.out or os.path.join(common.RESULTS, "tuning_check.json")
     torch.set_num_threads(opts.threads)
     header = common.provenance(__file__, argv)
-    raw: List[Dict[str, Any]] = []
+    raw: list[dict[str, Any]] = []
     for task in opts.tasks:
         for seed in opts.seeds:
             row = (run_glue if TASKS[task][0] == "glue" else run_digits)(task, seed, opts)

@@ -19,8 +19,8 @@ import logging
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -52,7 +52,7 @@ class CharVocab:
     def __len__(self) -> int:
         return len(self.itos)
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         return [self.stoi[c] for c in text]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -70,7 +70,7 @@ class Sample:
 
 
 def make_samples(n: int, rng: random.Random, tasks: Sequence[str], min_len: int = 3, max_len: int = 7,
-                 corrupt: float = 0.0) -> List[Sample]:
+                 corrupt: float = 0.0) -> list[Sample]:
     """``n`` instructions ``"<task> <letters>="`` with their correct response; a ``corrupt``
     share (exactly ``round(corrupt * n)``, at random positions) gets a random wrong response
     of the same length instead."""
@@ -93,13 +93,13 @@ class InstructionDataset(Dataset):
     """One tokenised sample per item: ``input_ids`` (prompt + response + eos) and ``labels``
     (the same ids, the prompt masked with -100)."""
 
-    def __init__(self, samples: List[Sample]) -> None:
+    def __init__(self, samples: list[Sample]) -> None:
         self.samples = samples
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> Dict[str, List[int]]:
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
         s = self.samples[i]
         prompt, response = VOCAB.encode(s.prompt), VOCAB.encode(s.response) + [VOCAB.EOS]
         return {"input_ids": prompt + response, "labels": [IGNORE] * len(prompt) + response}
@@ -111,7 +111,7 @@ class InstructionDataset(Dataset):
         return f"{VOCAB.decode(item['input_ids'][:n_prompt])} -> {VOCAB.decode(item['input_ids'][n_prompt:])}"
 
 
-def collate(items: List[Dict[str, List[int]]]) -> Dict[str, torch.Tensor]:
+def collate(items: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
     """Right padding: pad ids in ``input_ids``, 0 in ``attention_mask``, -100 in ``labels``."""
     width = max(len(it["input_ids"]) for it in items)
     ids = torch.full((len(items), width), VOCAB.PAD, dtype=torch.long)
@@ -151,7 +151,7 @@ def pretrain(args: argparse.Namespace) -> GPT2LMHeadModel:
 
 
 @torch.no_grad()
-def exact_match(model: torch.nn.Module, samples: List[Sample]) -> float:
+def exact_match(model: torch.nn.Module, samples: list[Sample]) -> float:
     """Share of ``samples`` whose greedy response (teacher-forced argmax over the response
     tokens) is exactly right."""
     was_training = model.training

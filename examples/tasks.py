@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import os
 from dataclasses import dataclass
-from typing import List, Literal, Optional, Tuple
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 
 def flip_labels(labels: Tensor, rate: float, num_classes: int, kind: Literal["symmetric", "pairwise"] = "symmetric",
-                seed: int = 0) -> Tuple[Tensor, Tensor]:
+                seed: int = 0) -> tuple[Tensor, Tensor]:
     """Corrupt ``rate`` of the labels ``(n,)``. ``symmetric``: to a uniformly drawn *other*
     class; ``pairwise``: each class to one fixed other class (a random derangement), like
     human label noise. Returns ``(noisy labels (n,), flipped flags (n,) bool)``."""
@@ -58,7 +58,7 @@ class TensorPairs(Dataset):
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def __getitem__(self, i: int) -> Tuple[Tensor, Tensor]:
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         return self.x[i], self.y[i]
 
 
@@ -79,7 +79,7 @@ class NoisySplit:
     noisy: Tensor
     clean_labels: Tensor
     num_classes: int
-    texts: Optional[List[str]] = None
+    texts: list[str] | None = None
 
 
 def noisy_digits(rate: float = 0.2, kind: Literal["symmetric", "pairwise"] = "symmetric", n_val: int = 300,
@@ -98,7 +98,7 @@ def noisy_digits(rate: float = 0.2, kind: Literal["symmetric", "pairwise"] = "sy
                       y[train_idx], 10)
 
 
-def read_glue_tsv(path: str, task: Literal["sst2", "cola"]) -> Tuple[List[str], Tensor]:
+def read_glue_tsv(path: str, task: Literal["sst2", "cola"]) -> tuple[list[str], Tensor]:
     """Sentences and labels from a GLUE TSV (SST-2: ``sentence\\tlabel`` with a header; CoLA:
     ``source\\tlabel\\tmark\\tsentence`` without one)."""
     if not os.path.exists(path):
@@ -121,7 +121,7 @@ def read_glue_tsv(path: str, task: Literal["sst2", "cola"]) -> Tuple[List[str], 
 class TextPairs(Dataset):
     """``{"text": str, "labels": int}`` samples; tokenise in the collate function."""
 
-    def __init__(self, texts: List[str], labels: Tensor) -> None:
+    def __init__(self, texts: list[str], labels: Tensor) -> None:
         self.texts, self.labels = texts, labels
 
     def __len__(self) -> int:

@@ -5,11 +5,17 @@ dataclasses, the solver registry (:class:`InverseSolver`, :func:`register_solver
 :data:`SOLVERS`), the pre-flight :func:`check`, and every exception the library raises
 (``lightning_influence.exceptions``).
 """
-from .audit import audit, prepare, score
 from .attribution import Attribution, AttributionConfig
+from .audit import audit, prepare, score
 from .config import AuditOptions, CurvatureConfig, TuningConfig
-from .exceptions import (BatchFormatError, InfluenceCallbackError, LossMismatchError, NonFiniteGradientError,
-                         PreflightError, RemoteStageError)
+from .exceptions import (
+    BatchFormatError,
+    InfluenceCallbackError,
+    LossMismatchError,
+    NonFiniteGradientError,
+    PreflightError,
+    RemoteStageError,
+)
 from .preflight import PreflightReport, check
 from .result import AuditResult
 from .solvers import SOLVERS, InverseSolver, make_solver, register_solver

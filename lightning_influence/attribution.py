@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,7 +57,7 @@ class AttributionConfig:
 
     queries: Any = "auto"
     k: int = 10
-    max_queries: Optional[int] = 20
+    max_queries: int | None = 20
     data: Any = None
 
     def __post_init__(self) -> None:
@@ -81,7 +82,7 @@ class AttributionConfig:
             raise TypeError(f"attribution.data must be a Dataset or a DataLoader, got {type(self.data).__name__}")
 
 
-def coerce_attribution(value: Union[None, bool, AttributionConfig, Mapping[str, Any]]) -> Optional[AttributionConfig]:
+def coerce_attribution(value: None | bool | AttributionConfig | Mapping[str, Any]) -> AttributionConfig | None:
     """``None``/``False`` -> no attribution; ``True`` -> the defaults; a dict -> its config."""
     if value is None or value is False:
         return None
@@ -116,10 +117,10 @@ class Attribution:
     helpful_scores: Tensor
     harmful_ids: Tensor
     harmful_scores: Tensor
-    query_losses: Optional[Tensor] = None
-    query_labels: Optional[Tensor] = None
-    query_predicted: Optional[Tensor] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
+    query_losses: Tensor | None = None
+    query_labels: Tensor | None = None
+    query_predicted: Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     COLUMNS = ("query", "query_label", "query_predicted", "query_loss", "side", "rank", "train_id", "score")
 
@@ -130,9 +131,9 @@ class Attribution:
     def k(self) -> int:
         return int(self.helpful_ids.shape[1])
 
-    def query_row(self, j: int) -> Dict[str, Any]:
+    def query_row(self, j: int) -> dict[str, Any]:
         """Query ``j`` (its index in :attr:`query_ids`): id, label, predicted label, loss."""
-        row: Dict[str, Any] = {"query": int(self.query_ids[j])}
+        row: dict[str, Any] = {"query": int(self.query_ids[j])}
         for key, values in (("query_label", self.query_labels), ("query_predicted", self.query_predicted)):
             if values is not None and int(values[j]) >= 0:
                 row[key] = int(values[j])
@@ -140,10 +141,10 @@ class Attribution:
             row["query_loss"] = float(self.query_losses[j])
         return row
 
-    def rows(self) -> List[Dict[str, Any]]:
+    def rows(self) -> list[dict[str, Any]]:
         """One dict per (query, side, rank): the query's columns, ``side`` (``"helpful"`` or
         ``"harmful"``), ``rank`` (1 = strongest), ``train_id`` and ``score``."""
-        out: List[Dict[str, Any]] = []
+        out: list[dict[str, Any]] = []
         sides = (("helpful", self.helpful_ids.tolist(), self.helpful_scores.tolist()),
                  ("harmful", self.harmful_ids.tolist(), self.harmful_scores.tolist()))
         for j in range(len(self)):
@@ -174,7 +175,7 @@ def attribution_path(scores_path: str) -> str:
 
 
 def select_queries(config: AttributionConfig, losses: Tensor, labels: Tensor, predicted: Tensor,
-                   valid: Tensor) -> Tuple[Tensor, str]:
+                   valid: Tensor) -> tuple[Tensor, str]:
     """The query ids ``(q,)`` and the rule in words, from every candidate's loss ``(m,)``, label
     and predicted label at θ* (``-1``: no class label) and validity flag (finite loss and
     gradient; invalid samples are never chosen by ``"auto"``/``"all"``)."""
@@ -216,7 +217,7 @@ def gather_rows(block: Tensor, ids: Tensor, m: int, dist: Collectives) -> Tensor
 
 
 def score_chunks(train: Any, directions: Blocks, chunk: int, device: torch.device,
-                 compute_dtype: torch.dtype, column_scale: Optional[Tensor] = None) -> Iterator[Tuple[int, Tensor]]:
+                 compute_dtype: torch.dtype, column_scale: Tensor | None = None) -> Iterator[tuple[int, Tensor]]:
     """``(start, S)`` over the training store's chunks: ``S = − Σ_l U_l G_lᵀ``, ``(q, n_c)`` in
     ``compute_dtype``, for the query directions ``U_l = (C_l + λ_l I)^{-1} g'_l`` ``(q, r, d)``
     per block and the chunk's training gradients ``G_l`` ``(n_c, r, d)``. One read of the
@@ -242,7 +243,7 @@ def score_chunks(train: Any, directions: Blocks, chunk: int, device: torch.devic
         yield start, total.neg_()
 
 
-def _merge(values: Tensor, ids: Tensor, new_values: Tensor, new_ids: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+def _merge(values: Tensor, ids: Tensor, new_values: Tensor, new_ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The ``k`` largest of two candidate sets ``(q, a)`` and ``(q, b)``, largest first."""
     values, ids = torch.cat([values, new_values], 1), torch.cat([ids, new_ids], 1)
     top, where = torch.topk(values, min(k, values.shape[1]), dim=1)
@@ -251,7 +252,7 @@ def _merge(values: Tensor, ids: Tensor, new_values: Tensor, new_ids: Tensor, k: 
 
 def local_top_k(train: Any, directions: Blocks, train_ids: Tensor, train_valid: Tensor, k: int, chunk: int,
                 device: torch.device, compute_dtype: torch.dtype,
-                column_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                column_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """This rank's candidates: per query, the ``k`` largest and the ``k`` smallest ``S_ji`` over
     its training shard, without the ``(q, n_r)`` matrix: a ``torch.topk`` of each chunk's
     ``(q, n_c)`` block merged into the running ``(q, ≤k)``.
@@ -284,7 +285,7 @@ def local_top_k(train: Any, directions: Blocks, train_ids: Tensor, train_valid: 
     return hv, hi, lv, li
 
 
-def merge_ranks(values: Tensor, ids: Tensor, k: int, dist: Collectives) -> Tuple[Tensor, Tensor]:
+def merge_ranks(values: Tensor, ids: Tensor, k: int, dist: Collectives) -> tuple[Tensor, Tensor]:
     """Every rank's ``(q, k_r)`` candidates gathered (along dim 0 as ``(k_r, q)``) and merged:
     the ``k`` largest ``(q, k)``, float64 on the CPU, identical on every rank."""
     all_v = dist.all_gather_cat(values.double().T.contiguous()).T
@@ -293,7 +294,7 @@ def merge_ranks(values: Tensor, ids: Tensor, k: int, dist: Collectives) -> Tuple
     return top.cpu(), torch.gather(all_i, 1, where).cpu()
 
 
-def query_chunk_size(directions_bytes_per_query: int, max_memory: Optional[int]) -> int:
+def query_chunk_size(directions_bytes_per_query: int, max_memory: int | None) -> int:
     """Queries per pass over the training store: their directions ``(m_c, P)`` fit the budget
     of one chunk of stored rows (:func:`~lightning_influence.store.chunk_bytes`: an eighth of
     ``max_memory``, or 256 MiB without one)."""
@@ -304,9 +305,9 @@ def query_chunk_size(directions_bytes_per_query: int, max_memory: Optional[int])
 
 def streaming_top_k(train: Any, query_blocks: Blocks, solvers: Mapping[str, Any], train_ids: Tensor,
                     train_valid: Tensor, k: int, chunk: int, device: torch.device, compute_dtype: torch.dtype,
-                    dist: Collectives = Collectives(), query_chunk: Optional[int] = None,
-                    max_memory: Optional[int] = None,
-                    column_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                    dist: Collectives = Collectives(), query_chunk: int | None = None,
+                    max_memory: int | None = None,
+                    column_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per query, the ``k`` most harmful (largest ``S_ji``) and most helpful (smallest) training
     samples over every rank's shard, never forming the ``(q, n)`` matrix.
 
@@ -331,7 +332,7 @@ def streaming_top_k(train: Any, query_blocks: Blocks, solvers: Mapping[str, Any]
         itemsize = torch.tensor([], dtype=compute_dtype).element_size()
         query_chunk = query_chunk_size(sum(v[0].numel() for v in query_blocks.values()) * itemsize, max_memory)
 
-    def local() -> List[Tensor]:
+    def local() -> list[Tensor]:
         parts = []
         for s in range(0, q, max(1, int(query_chunk))):
             directions = inverse_direction({n: v[s:s + query_chunk] for n, v in query_blocks.items()}, solvers,
@@ -350,7 +351,7 @@ def streaming_top_k(train: Any, query_blocks: Blocks, solvers: Mapping[str, Any]
 
 
 def query_outcomes(model: Any, data: Any, batch_size: int, device: torch.device, loss_fn: Any,
-                   indices: Tensor, name: str = "val_data") -> Tuple[Tensor, Tensor, Tensor]:
+                   indices: Tensor, name: str = "val_data") -> tuple[Tensor, Tensor, Tensor]:
     """Each sample's loss ``(k,)`` (float64), given label and predicted label (``-1`` where the
     loss has no class labels) under ``model`` in eval mode, for the ``indices`` of ``data``: what
     the trained model θ* makes of the candidate queries (vm/fvm score at θ̃, so this is a
@@ -378,9 +379,9 @@ def query_outcomes(model: Any, data: Any, batch_size: int, device: torch.device,
 
 
 def explain(config: AttributionConfig, train: Any, train_ids: Tensor, train_valid: Tensor, source: Any, m: int,
-            outcomes: Tuple[Tensor, Tensor, Tensor], solvers: Mapping[str, Any], chunk: int, device: torch.device,
+            outcomes: tuple[Tensor, Tensor, Tensor], solvers: Mapping[str, Any], chunk: int, device: torch.device,
             compute_dtype: torch.dtype, dist: Collectives = Collectives(), from_queries: bool = False,
-            max_memory: Optional[int] = None, normalize: str = "none") -> Attribution:
+            max_memory: int | None = None, normalize: str = "none") -> Attribution:
     """The audit's attribution stage, on every rank.
 
     Args:

@@ -5,8 +5,9 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +37,7 @@ from .tuning import tune_and_check, validation_gradients
 
 @autograd_allowed
 def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOptions, *,
-            progress: Optional[Progress] = None, dist: Optional[Collectives] = None,
+            progress: Progress | None = None, dist: Collectives | None = None,
             loss_at_trained: bool = True) -> Prepared:
     """Stages 1-3: copy the model, tune the copy (vm/fvm), gather per-sample gradients, under
     ``options`` (an :class:`AuditOptions`; ``score()`` takes the same one).
@@ -68,7 +69,7 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOpti
     gather = dict(batch_size=batch_size, device=device, dtype=store_dtype, loss_fn=loss_fn)
     tuned = method in ("vm", "fvm")
 
-    def copy_and_select() -> Tuple[nn.Module, List[Block]]:
+    def copy_and_select() -> tuple[nn.Module, list[Block]]:
         with stages("copy"):
             working = copy_model(model).to(device)
         blocks = select_blocks(working, params)
@@ -84,10 +85,10 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOpti
         query_outcomes = dist.checkpoint(lambda: query_outcomes_at(
             working, query_data if query_data is not None else val_data, batch_size, device, loss_fn, query_ids,
             "attribution.data" if query_data is not None else "val_data"))
-    queries: Optional[Gathered] = None
+    queries: Gathered | None = None
     try:
-        loss_trained: Optional[Tensor] = None
-        tune_stats: Dict[str, float] = {}
+        loss_trained: Tensor | None = None
+        tune_stats: dict[str, float] = {}
         if tuned:  # θ̃, checked on the full validation set from its gradients at θ̃
             loss_trained, tune_stats, val = tune_and_check(
                 working, blocks, train_data, val_data, tuning_cfg, method == "fvm", loss_fn, batch_size, device,
@@ -125,7 +126,7 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOpti
 
 @autograd_allowed
 @full_precision()  # the callback keeps autocast on around the audit for the model: not for the solves
-def score(prepared: Prepared, options: AuditOptions, *, progress: Optional[Progress] = None) -> AuditResult:
+def score(prepared: Prepared, options: AuditOptions, *, progress: Progress | None = None) -> AuditResult:
     """Stages 4-6: curvature + solve, scores, metrics, under ``options`` (its ``method`` must be
     the one ``prepared`` was made with). Can be called several times on one :class:`Prepared`
     (e.g. with ``dataclasses.replace(options, solver=...)`` to compare solvers on the same
@@ -196,7 +197,7 @@ def score(prepared: Prepared, options: AuditOptions, *, progress: Optional[Progr
         raise ValueError(f"rank_by={chosen!r}: this Prepared has no loss at θ* (prepare(..., loss_at_trained=True))")
     scores = rankings[chosen]
 
-    def metrics_stage() -> Tuple[Tensor, Dict[str, float], Dict[str, Dict[str, float]]]:
+    def metrics_stage() -> tuple[Tensor, dict[str, float], dict[str, dict[str, float]]]:
         with stages("metrics"):
             return ranking_metrics(rankings, chosen, train_valid, noisy_flags, predicted, clean, top_k)
 
@@ -215,16 +216,16 @@ def score(prepared: Prepared, options: AuditOptions, *, progress: Optional[Progr
 
 
 def audit(
-    model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: Optional[LossFn] = None,
-    method: Optional[str] = None, solver: Optional[SolverSpec] = None, params: ParamsSpec = "auto",
-    noisy: Any = None, top_k: int = 50, seed: int = 0, tuning: Union[None, TuningConfig, Mapping[str, Any]] = None,
-    curvature: Union[None, CurvatureConfig, Mapping[str, Any]] = None, damping: Optional[float] = None,
-    batch_size: int = 32, grad_dtype: Union[None, str, torch.dtype] = None,
-    device: Union[None, str, torch.device] = None, clean_labels: Any = None, per_validation: bool = False,
-    nonfinite: str = "exclude", max_memory: Optional[int] = None, spill_dir: Optional[str] = None,
-    progress: Optional[Progress] = None, dist: Optional[Collectives] = None, projection: Optional[int] = None,
+    model: nn.Module, train_data: Any, val_data: Any, *, loss_fn: LossFn | None = None,
+    method: str | None = None, solver: SolverSpec | None = None, params: ParamsSpec = "auto",
+    noisy: Any = None, top_k: int = 50, seed: int = 0, tuning: None | TuningConfig | Mapping[str, Any] = None,
+    curvature: None | CurvatureConfig | Mapping[str, Any] = None, damping: float | None = None,
+    batch_size: int = 32, grad_dtype: None | str | torch.dtype = None,
+    device: None | str | torch.device = None, clean_labels: Any = None, per_validation: bool = False,
+    nonfinite: str = "exclude", max_memory: int | None = None, spill_dir: str | None = None,
+    progress: Progress | None = None, dist: Collectives | None = None, projection: int | None = None,
     preflight: bool = True, rank_by: str = "auto", attribution: Any = None, normalize: str = "auto",
-    options: Optional[AuditOptions] = None,
+    options: AuditOptions | None = None,
 ) -> AuditResult:
     """Score every training sample's influence; higher = more harmful.
 

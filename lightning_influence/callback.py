@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -83,22 +84,22 @@ class InfluenceCallbackMixin:
     def __init__(
         self,
         # the audit's options (AuditOptions)
-        method: Optional[Literal["fvm", "vm", "standard"]] = None, solver: Union[None, str, InverseSolver] = None,
-        params: Union[str, List[str]] = "auto", noisy: Optional[Sequence[bool]] = None, top_k: int = 50,
-        seed: int = 0, tuning: Optional[TuningConfig] = None, curvature: Optional[CurvatureConfig] = None,
-        damping: Optional[float] = None, batch_size: int = 32, grad_dtype: Optional[str] = None,
-        clean_labels: Optional[Sequence[int]] = None, per_validation: bool = False,
-        nonfinite: Literal["exclude", "raise"] = "exclude", max_memory: Optional[int] = None,
-        spill_dir: Optional[str] = None, projection: Optional[int] = None, loss_fn: Optional[Callable] = None,
-        device: Optional[Union[str, torch.device]] = None, preflight: bool = True, rank_by: str = "auto",
+        method: Literal["fvm", "vm", "standard"] | None = None, solver: None | str | InverseSolver = None,
+        params: str | list[str] = "auto", noisy: Sequence[bool] | None = None, top_k: int = 50,
+        seed: int = 0, tuning: TuningConfig | None = None, curvature: CurvatureConfig | None = None,
+        damping: float | None = None, batch_size: int = 32, grad_dtype: str | None = None,
+        clean_labels: Sequence[int] | None = None, per_validation: bool = False,
+        nonfinite: Literal["exclude", "raise"] = "exclude", max_memory: int | None = None,
+        spill_dir: str | None = None, projection: int | None = None, loss_fn: Callable | None = None,
+        device: str | torch.device | None = None, preflight: bool = True, rank_by: str = "auto",
         attribution: Any = None, normalize: str = "auto",
         # the callback's own options
-        every_n_epochs: Optional[int] = None, run_on_fit_end: bool = True,
-        on_error: Literal["warn", "raise"] = "warn", describe: Optional[Callable[[int], str]] = None,
-        render: Union[None, bool, Callable[[int], Any]] = None, describe_query: Optional[Callable[[int], str]] = None,
-        render_query: Union[None, bool, Callable[[int], Any]] = None,
-        scores_filename: Optional[str] = "influence_scores.csv", dirpath: Optional[str] = None,
-        verbose: Optional[bool] = None, options: Optional[AuditOptions] = None,
+        every_n_epochs: int | None = None, run_on_fit_end: bool = True,
+        on_error: Literal["warn", "raise"] = "warn", describe: Callable[[int], str] | None = None,
+        render: None | bool | Callable[[int], Any] = None, describe_query: Callable[[int], str] | None = None,
+        render_query: None | bool | Callable[[int], Any] = None,
+        scores_filename: str | None = "influence_scores.csv", dirpath: str | None = None,
+        verbose: bool | None = None, options: AuditOptions | None = None,
     ) -> None:
         super().__init__()
         self.options = AuditOptions.from_keywords(
@@ -110,25 +111,25 @@ class InfluenceCallbackMixin:
         check_callback_options(every_n_epochs=every_n_epochs, on_error=on_error, describe=describe, render=render,
                                describe_query=describe_query, render_query=render_query,
                                scores_filename=scores_filename)
-        self.preflight_report: Optional[Any] = None
+        self.preflight_report: Any | None = None
         self._timer = EpochTimer()  # the training epoch's compute, the yardstick of the tuning's cost
         self.every_n_epochs, self.run_on_fit_end, self.on_error = every_n_epochs, run_on_fit_end, on_error
         self.describe, self.render = describe, render
         self.describe_query, self.render_query = describe_query, render_query
         self.scores_filename, self.dirpath = scores_filename, None if dirpath is None else os.fspath(dirpath)
         self.verbose = verbose
-        self.scores_path: Optional[str] = None
-        self.last_error: Optional[BaseException] = None
-        self._result: Optional[AuditResult] = None
-        self._state: Dict[str, Any] = {"ran": False, "epoch": None, "global_step": None, "audits": 0}
-        self._data: Dict[str, Any] = {}
-        self._deferred: List[str] = []
+        self.scores_path: str | None = None
+        self.last_error: BaseException | None = None
+        self._result: AuditResult | None = None
+        self._state: dict[str, Any] = {"ran": False, "epoch": None, "global_step": None, "audits": 0}
+        self._data: dict[str, Any] = {}
+        self._deferred: list[str] = []
         self._warned_val = False
         # ddp_spawn/fork: the hooks run in worker processes; rank zero hands the result back here
         self._handoff = Handoff()
 
     @property
-    def result(self) -> Optional[AuditResult]:
+    def result(self) -> AuditResult | None:
         """The latest audit's :class:`~lightning_influence.AuditResult` (``None`` before any)."""
         self._collect_handoff()
         return self._result
@@ -146,21 +147,21 @@ class InfluenceCallbackMixin:
         keys = dict(method=self.options.method, solver=solver_name(self.options.solver))
         return self._generate_state_key(**keys, **({} if self.dirpath is None else {"dirpath": self.dirpath}))
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         self._collect_handoff()
         return dict(self._state)
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._state.update({k: state_dict[k] for k in ("ran", "epoch", "global_step", "audits", "metrics")
                             if k in state_dict})
 
-    def run(self, trainer: "pl.Trainer", pl_module: Optional[nn.Module] = None, *, train_data: Any = None,
+    def run(self, trainer: "pl.Trainer", pl_module: nn.Module | None = None, *, train_data: Any = None,
             val_data: Any = None) -> AuditResult:
         """Audit now and report (every rank computes, rank zero logs and writes the scores file);
         raises on failure. ``train_data``/``val_data`` (Datasets or DataLoaders) replace the trainer's."""
         return self._run(trainer, pl_module, train_data, val_data, epoch_tag=False)
 
-    def _run(self, trainer: "pl.Trainer", pl_module: Optional[nn.Module], train_data: Any, val_data: Any,
+    def _run(self, trainer: "pl.Trainer", pl_module: nn.Module | None, train_data: Any, val_data: Any,
              epoch_tag: bool) -> AuditResult:
         module = pl_module if pl_module is not None else trainer.lightning_module
         if module is None:
@@ -260,7 +261,7 @@ class InfluenceCallbackMixin:
     def _log(self) -> logging.Logger:  # a child of the namespace's logger: INFO on the console, like Lightning's
         return logging.getLogger(f"{self._namespace}.callbacks.influence")
 
-    def _report(self, trainer: "pl.Trainer", result: AuditResult, step: Optional[int], epoch_tag: bool,
+    def _report(self, trainer: "pl.Trainer", result: AuditResult, step: int | None, epoch_tag: bool,
                 train: Any = None, module: Any = None, val: Any = None) -> None:
         """Rank zero: every logger, the scores file and the summary (the folder: on every rank)."""
         folder = scores_folder(trainer, self.dirpath, self.scores_filename)  # a collective under DDP
@@ -283,7 +284,7 @@ class InfluenceCallbackMixin:
             self._result, state = collected
             self._state.update(state)
 
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_data"] = {}  # loaders travel with the trainer, not with the callback
         return state

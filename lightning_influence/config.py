@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numbers
 import operator
+from collections.abc import Callable, Mapping
 from dataclasses import InitVar, asdict, dataclass, fields, replace
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Type, TypeVar, Union
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -33,7 +34,7 @@ GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: (DataInf's identification tasks; README, *Attribution*): the trained weights, the two-sided
 #: generalised Fisher (``kronecker``) from the training gradients at a low damping, unit-norm gradients
 #: with the queries centred on the mean training gradient (``normalize="centered"``).
-ATTRIBUTION_DEFAULTS: Dict[str, Any] = {"method": "standard", "solver": "kronecker", "damping": 1e-4,
+ATTRIBUTION_DEFAULTS: dict[str, Any] = {"method": "standard", "solver": "kronecker", "damping": 1e-4,
                                         "normalize": "centered"}
 #: what applies otherwise when ``method`` / ``solver`` are not given
 METHOD_DEFAULT, SOLVER_DEFAULT = "fvm", "hyperinf"
@@ -96,10 +97,10 @@ class TuningConfig:
             ``result.tuning["retries"]`` says how many ran.
     """
 
-    epochs: Union[float, Literal["auto"]] = "auto"
-    steps: Optional[int] = None
+    epochs: float | Literal["auto"] = "auto"
+    steps: int | None = None
     optimizer: Literal["adam", "sgd"] = "sgd"
-    lr: Union[float, Literal["auto"]] = "auto"
+    lr: float | Literal["auto"] = "auto"
     lr_scale: Literal["relative", "absolute"] = "relative"
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -162,7 +163,7 @@ class CurvatureConfig:
     damping: float = 0.1
     damping_rule: Literal["relative", "absolute"] = "relative"
     fisher: Literal["empirical", "true"] = "empirical"
-    solver_options: Optional[Dict[str, Any]] = None
+    solver_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_damping(self.damping)
@@ -237,32 +238,32 @@ class AuditOptions:
             fits in memory); ``result.preflight`` holds its report.
     """
 
-    loss_fn: Optional[Callable] = None
-    method: Optional[str] = None
-    solver: Optional[SolverSpec] = None
-    params: Union[str, List[str]] = "auto"
+    loss_fn: Callable | None = None
+    method: str | None = None
+    solver: SolverSpec | None = None
+    params: str | list[str] = "auto"
     noisy: Any = None
     top_k: int = 50
     seed: int = 0
-    tuning: Union[None, TuningConfig, Mapping[str, Any]] = None
-    curvature: Union[None, CurvatureConfig, Mapping[str, Any]] = None
-    damping: Optional[float] = None
+    tuning: None | TuningConfig | Mapping[str, Any] = None
+    curvature: None | CurvatureConfig | Mapping[str, Any] = None
+    damping: float | None = None
     batch_size: int = 32
-    grad_dtype: Union[None, str, torch.dtype] = None
-    device: Union[None, str, torch.device] = None
+    grad_dtype: None | str | torch.dtype = None
+    device: None | str | torch.device = None
     clean_labels: Any = None
     per_validation: bool = False
     nonfinite: str = "exclude"
-    max_memory: Optional[int] = None
-    spill_dir: Optional[str] = None
-    projection: Optional[int] = None
+    max_memory: int | None = None
+    spill_dir: str | None = None
+    projection: int | None = None
     preflight: bool = True
     rank_by: str = "auto"
     attribution: Any = None
     normalize: str = "auto"
-    n: InitVar[Optional[int]] = None
+    n: InitVar[int | None] = None
 
-    def __post_init__(self, n: Optional[int] = None) -> None:
+    def __post_init__(self, n: int | None = None) -> None:
         self._resolve_defaults()
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
@@ -309,7 +310,7 @@ class AuditOptions:
         check_normalize(self.normalize)
 
     @property
-    def grad_dtype_resolved(self) -> Optional[torch.dtype]:
+    def grad_dtype_resolved(self) -> torch.dtype | None:
         """``grad_dtype`` as a torch dtype, ``None`` when not given (the stages pick their default)."""
         return parse_grad_dtype(self.grad_dtype, None)
 
@@ -324,7 +325,7 @@ class AuditOptions:
         return resolve_rank_by(self.rank_by, self.method)
 
     @classmethod
-    def from_keywords(cls, options: Optional["AuditOptions"], n: Optional[int] = None,
+    def from_keywords(cls, options: "AuditOptions" | None, n: int | None = None,
                       **keywords: Any) -> "AuditOptions":
         """The options the keywords give, or, with ``options``, a copy of it in which the keywords
         that are not at their default replace its values; checked for ``n`` training samples."""
@@ -349,7 +350,7 @@ def resolve_rank_by(rank_by: str, method: str) -> str:
     return rank_by
 
 
-def parse_grad_dtype(value: Union[None, str, torch.dtype], default: Optional[torch.dtype]) -> Optional[torch.dtype]:
+def parse_grad_dtype(value: None | str | torch.dtype, default: torch.dtype | None) -> torch.dtype | None:
     """``grad_dtype`` as a torch dtype (``default`` for ``None``)."""
     if value is None:
         return default
@@ -359,7 +360,7 @@ def parse_grad_dtype(value: Union[None, str, torch.dtype], default: Optional[tor
     return dtype
 
 
-def check_clean_labels(clean_labels: Any, n: Optional[int] = None) -> Optional[Tensor]:
+def check_clean_labels(clean_labels: Any, n: int | None = None) -> Tensor | None:
     """``clean_labels`` as a long tensor of integer labels, one per training sample (``n`` of
     them when known), or ``None``. Floats are an error, not truncated."""
     if clean_labels is None:
@@ -396,7 +397,7 @@ def _is_default(value: Any, default: Any) -> bool:
 C = TypeVar("C")
 
 
-def coerce(cls: Type[C], value: Union[None, C, Mapping[str, Any]]) -> C:
+def coerce(cls: type[C], value: None | C | Mapping[str, Any]) -> C:
     """Turn ``None``, an instance or a mapping into an instance of the dataclass ``cls``,
     with a clear error for unknown keys."""
     if value is None:
@@ -412,6 +413,6 @@ def coerce(cls: Type[C], value: Union[None, C, Mapping[str, Any]]) -> C:
     raise TypeError(f"expected {cls.__name__} or a dict, got {type(value).__name__}")
 
 
-def as_dict(config: Any) -> Dict[str, Any]:
+def as_dict(config: Any) -> dict[str, Any]:
     """A dataclass as a plain dict (for logging hyper-parameters)."""
     return asdict(config)

@@ -1,12 +1,22 @@
 """Sequential loaders over the user's data, so that sample id = dataset position."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler,
-                              SequentialSampler, Subset, WeightedRandomSampler)
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    WeightedRandomSampler,
+)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -40,12 +50,12 @@ def dataset_size(data: Any, name: str) -> int:
     return n
 
 
-def collate_of(data: Any) -> Optional[Callable]:
+def collate_of(data: Any) -> Callable | None:
     """The loader's collate function, so batches look as they did in training."""
     return data.collate_fn if isinstance(data, DataLoader) else None
 
 
-def sequential_loader(data: Any, batch_size: int, indices: Optional[Sequence[int]] = None,
+def sequential_loader(data: Any, batch_size: int, indices: Sequence[int] | None = None,
                       name: str = "data") -> DataLoader:
     """A loader that visits ``data`` (or the ``indices`` subset) in order, without dropping the
     last batch, whatever shuffling or sampler the original loader had."""
@@ -70,7 +80,7 @@ def shuffled_loader_factory(data: Any, batch_size: int, seed: int, name: str = "
     return make
 
 
-def selected_ids(data: Any, name: str = "data") -> Optional[Tensor]:
+def selected_ids(data: Any, name: str = "data") -> Tensor | None:
     """The dataset positions a DataLoader's sampler yields, sorted ``(k,)``, or ``None`` when it
     yields every sample (no loader, a sequential or shuffling sampler, a distributed one: the
     audit shards by itself). A sampler that selects a subset (``SubsetRandomSampler``, a custom

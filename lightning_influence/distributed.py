@@ -6,7 +6,8 @@ no rank waits forever in a collective that the failed rank will never enter.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -32,7 +33,7 @@ class Collectives:
         """Concatenation along dim 0 of every rank's ``tensor`` (sizes may differ), in rank order."""
         return tensor
 
-    def broadcast_(self, tensors: List[Tensor], src: int = 0) -> None:
+    def broadcast_(self, tensors: list[Tensor], src: int = 0) -> None:
         """Overwrite ``tensors`` in place with rank ``src``'s values."""
 
     def any(self, flag: bool) -> bool:
@@ -42,7 +43,7 @@ class Collectives:
     def checkpoint(self, stage: Callable[[], T]) -> T:
         """Run a local ``stage`` (no collectives inside), then agree across ranks whether any
         rank failed. Re-raises the local error, or :class:`RemoteStageError` on healthy ranks."""
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         out: Any = None
         try:
             out = stage()
@@ -60,7 +61,7 @@ class TorchCollectives(Collectives):
 
     Tensors travel on ``device`` (the CUDA device under NCCL, the CPU under gloo)."""
 
-    def __init__(self, device: Optional[torch.device] = None) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         import torch.distributed as dist
 
         self.dist = dist
@@ -86,7 +87,7 @@ class TorchCollectives(Collectives):
         self.dist.all_gather(parts, padded)
         return torch.cat([p[: int(k)] for p, k in zip(parts, sizes.tolist())]).to(tensor.device)
 
-    def broadcast_(self, tensors: List[Tensor], src: int = 0) -> None:
+    def broadcast_(self, tensors: list[Tensor], src: int = 0) -> None:
         for t in tensors:
             buf = t.detach().to(self.device).clone()
             self.dist.broadcast(buf, src)
@@ -99,7 +100,7 @@ class TorchCollectives(Collectives):
         return bool(value.item() > 0)
 
 
-def default_collectives(device: Optional[torch.device] = None) -> Collectives:
+def default_collectives(device: torch.device | None = None) -> Collectives:
     """``TorchCollectives`` when a process group is initialised with more than one rank, else
     the single-process no-ops."""
     import torch.distributed as dist

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,8 +35,8 @@ def prefixed(fn: Callable, *args: Any, **kwargs: Any) -> Any:
 ON_ERROR = ("warn", "raise")
 
 
-def check_callback_options(*, every_n_epochs: Optional[int], on_error: str, describe: Any, render: Any,
-                           describe_query: Any, render_query: Any, scores_filename: Optional[str]) -> None:
+def check_callback_options(*, every_n_epochs: int | None, on_error: str, describe: Any, render: Any,
+                           describe_query: Any, render_query: Any, scores_filename: str | None) -> None:
     """The callback's own options (the audit's are :class:`AuditOptions`'), at construction."""
     if every_n_epochs is not None and (isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int)
                                        or every_n_epochs < 1):
@@ -54,7 +55,7 @@ def check_callback_options(*, every_n_epochs: Optional[int], on_error: str, desc
                          f"got {scores_filename!r}")
 
 
-def check_fit(trainer: "pl.Trainer", module: Any, options: AuditOptions, data: Dict[str, Any], deferred: List[str],
+def check_fit(trainer: "pl.Trainer", module: Any, options: AuditOptions, data: dict[str, Any], deferred: list[str],
               in_setup: bool, loader: Callable[[str], Any]) -> bool:
     """Check the strategy, the training and validation data (found by ``loader(kind)``, kept in
     ``data``) and the audited parameters. With ``in_setup``, what the module only builds in its
@@ -94,7 +95,7 @@ def check_fit(trainer: "pl.Trainer", module: Any, options: AuditOptions, data: D
     return options.preflight
 
 
-def run_preflight(trainer: "pl.Trainer", module: Any, options: AuditOptions, data: Dict[str, Any],
+def run_preflight(trainer: "pl.Trainer", module: Any, options: AuditOptions, data: dict[str, Any],
                   converted: bool) -> PreflightReport:
     """The pre-flight check on the trainer's own first training samples, under the precision
     plugin's forward context. ``converted``: the plugin has converted the module (from
@@ -104,8 +105,8 @@ def run_preflight(trainer: "pl.Trainer", module: Any, options: AuditOptions, dat
     strategy = getattr(trainer, "strategy", None)
     precision = getattr(strategy, "precision_plugin", None)
     context = precision.forward_context() if precision is not None else nullcontext()
-    error: Optional[BaseException] = None
-    report: Optional[PreflightReport] = None
+    error: BaseException | None = None
+    report: PreflightReport | None = None
     try:
         with isolated_rng(), torch.inference_mode(False), context:
             report = prefixed(check, module, data["train"], data["val"], options,

@@ -8,8 +8,9 @@ this is the loop around it: batching, the store and its float16 overflow, validi
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +27,9 @@ from .store import GradientStore
 
 
 def training_losses(model: nn.Module, data: Any, batch_size: int, device: torch.device,
-                    loss_fn: Optional[LossFn], indices: Optional[Tensor] = None) -> Tensor:
+                    loss_fn: LossFn | None, indices: Tensor | None = None) -> Tensor:
     """Each sample's loss ``(n,)`` (or of the ``indices`` subset) under ``model`` in eval mode."""
-    out: List[Tensor] = []
+    out: list[Tensor] = []
     with preserved(model, params=(), training=False), torch.no_grad():
         for batch in sequential_loader(data, batch_size, ids_list(indices), name="train_data"):
             out.append(default_loss(model, to_device(batch, device), loss_fn).losses.detach().double().cpu())
@@ -48,11 +49,11 @@ class Gathered:
     predicted: Tensor
 
 
-def gather_gradients(model: nn.Module, blocks: List[Block], data: Any, *, batch_size: int,
-                     device: torch.device, dtype: torch.dtype, loss_fn: Optional[LossFn],
-                     sample_labels: Optional[torch.Generator] = None, max_memory: Optional[int] = None,
-                     spill_dir: Optional[str] = None, progress: Optional[Callable[[int], None]] = None,
-                     name: str = "data", indices: Optional[Tensor] = None) -> Gathered:
+def gather_gradients(model: nn.Module, blocks: list[Block], data: Any, *, batch_size: int,
+                     device: torch.device, dtype: torch.dtype, loss_fn: LossFn | None,
+                     sample_labels: torch.Generator | None = None, max_memory: int | None = None,
+                     spill_dir: str | None = None, progress: Callable[[int], None] | None = None,
+                     name: str = "data", indices: Tensor | None = None) -> Gathered:
     """Per-sample gradients of ``blocks`` for every sample of ``data``, in order, into a store
     (``(n, r, d)`` per block), with each sample's loss, a validity flag (finite loss and
     gradient), and the labels and predicted labels for classification.
@@ -98,8 +99,8 @@ def gather_gradients(model: nn.Module, blocks: List[Block], data: Any, *, batch_
     return Gathered(store, losses, valid, labels, predicted)
 
 
-def _fit_storage(store: GradientStore, grads: Dict[str, Tensor], rows: int, name: str,
-                 max_memory: Optional[int], spill_dir: Optional[str]) -> GradientStore:
+def _fit_storage(store: GradientStore, grads: dict[str, Tensor], rows: int, name: str,
+                 max_memory: int | None, spill_dir: str | None) -> GradientStore:
     """``store``, or a float32 copy of its first ``rows`` rows (with a warning) when ``grads``
     would overflow its dtype: a float16 store can't hold values above 65504 (they would
     silently become inf). The gradients themselves are computed in at least float32."""
@@ -126,11 +127,11 @@ def _fit_storage(store: GradientStore, grads: Dict[str, Tensor], rows: int, name
     return store
 
 
-def ids_list(indices: Optional[Tensor]) -> Optional[List[int]]:
+def ids_list(indices: Tensor | None) -> list[int] | None:
     return None if indices is None else indices.tolist()
 
 
-def handle_nonfinite(valid: Tensor, policy: str, what: str) -> List[int]:
+def handle_nonfinite(valid: Tensor, policy: str, what: str) -> list[int]:
     """Warn about (or raise for) the ids flagged invalid ``(n,)``; returns them."""
     bad = (~valid).nonzero().squeeze(1).tolist()
     if bad:
@@ -158,20 +159,20 @@ class Prepared:
     train: Gathered
     val: Gathered
     curvature: Gathered
-    loss_trained: Optional[Tensor]
-    tune_stats: Dict[str, float]
+    loss_trained: Tensor | None
+    tune_stats: dict[str, float]
     stages: StageTimes
     dist: Collectives
     device: torch.device
     compute_dtype: torch.dtype
     chunk: int
-    config: Dict[str, Any]
+    config: dict[str, Any]
     #: attribution: a separate query set's gradients (this rank's shard, ``mq`` in all), and the
     #: query candidates' ``(losses, labels, predicted)`` at θ* when they were not gathered there
-    queries: Optional[Gathered] = None
+    queries: Gathered | None = None
     mq: int = 0
-    query_outcomes: Optional[Tuple[Tensor, Tensor, Tensor]] = None
-    max_memory: Optional[int] = None
+    query_outcomes: tuple[Tensor, Tensor, Tensor] | None = None
+    max_memory: int | None = None
 
     def close(self) -> None:
         kept = (self.train, self.val, self.curvature) + ((self.queries,) if self.queries is not None else ())
@@ -179,10 +180,10 @@ class Prepared:
             gathered.store.close()
 
 
-def gather_training(model: nn.Module, blocks: List[Block], train_data: Any, train_ids: Tensor, val: Gathered,
-                    tuned_on: Optional[Tuple[Any, Tensor]], true_fisher: bool, fisher_seed: int,
-                    gather: Dict[str, Any], max_memory: Optional[int], spill_dir: Optional[str],
-                    stages: StageTimes, progress: Progress) -> Tuple[Gathered, Gathered]:
+def gather_training(model: nn.Module, blocks: list[Block], train_data: Any, train_ids: Tensor, val: Gathered,
+                    tuned_on: tuple[Any, Tensor] | None, true_fisher: bool, fisher_seed: int,
+                    gather: dict[str, Any], max_memory: int | None, spill_dir: str | None,
+                    stages: StageTimes, progress: Progress) -> tuple[Gathered, Gathered]:
     """Stage 3, training half: this rank's training samples ``train_ids`` ``(n_r,)`` into a store
     (spilling past ``max_memory``), and the gradients the curvature is built from: the validation
     gradients ``val`` when tuned on ``tuned_on = (val_data, val_ids)`` (vm/fvm), else the training
@@ -207,7 +208,7 @@ def gather_training(model: nn.Module, blocks: List[Block], train_data: Any, trai
 
 
 def valid_everywhere(train: Gathered, val: Gathered, n: int, m: int, policy: str,
-                     dist: Collectives) -> Tuple[Tensor, Tensor, List[int]]:
+                     dist: Collectives) -> tuple[Tensor, Tensor, list[int]]:
     """Every rank's validity flags gathered: ``(n,)`` training and ``(m,)`` validation (finite
     loss and gradient), and the excluded training ids, after :func:`handle_nonfinite` warned
     about (or, with ``policy="raise"``, refused) the invalid samples of both. Raises when no

@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import warnings
 import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,7 @@ from .precision import full_precision
 
 
 @contextmanager
-def gradient_mode(model: nn.Module, blocks: List[Block]) -> Iterator[None]:
+def gradient_mode(model: nn.Module, blocks: list[Block]) -> Iterator[None]:
     """Eval mode (dropout off) and ``requires_grad`` on the audited blocks only; the model's
     modes, flags and grad state are restored on exit, also after an exception."""
     with preserved(model, training=False, requires_grad=[b.param for b in blocks]), torch.enable_grad():
@@ -42,9 +43,9 @@ def gradient_mode(model: nn.Module, blocks: List[Block]) -> Iterator[None]:
 class _LinearCapture:
     """Records ``(input activation, output gradient)`` pairs of selected Linear layers."""
 
-    def __init__(self, modules: List[nn.Linear]) -> None:
+    def __init__(self, modules: list[nn.Linear]) -> None:
         self.modules = modules
-        self.records: Dict[int, List[List[Optional[Tensor]]]] = {}
+        self.records: dict[int, list[list[Tensor | None]]] = {}
         self.handles: list = []
 
     def __enter__(self) -> "_LinearCapture":
@@ -58,10 +59,10 @@ class _LinearCapture:
         self.handles.clear()
         self.records.clear()
 
-    def _forward_hook(self, module: nn.Module, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
+    def _forward_hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if not output.requires_grad:
             return
-        record: List[Optional[Tensor]] = [inputs[0].detach(), None]
+        record: list[Tensor | None] = [inputs[0].detach(), None]
         self.records.setdefault(id(module), []).append(record)
 
         def keep_grad(grad: Tensor) -> None:
@@ -70,7 +71,7 @@ class _LinearCapture:
         output.register_hook(keep_grad)
 
 
-def _linear_grad(block: Block, records: List[List[Optional[Tensor]]], batch_size: int) -> Tensor:
+def _linear_grad(block: Block, records: list[list[Tensor | None]], batch_size: int) -> Tensor:
     """Per-sample gradient of a Linear's weight ``(B, out, in)`` or bias ``(B, out)``, summed
     over every call of the layer in the forward pass. The products run without autocast: in
     the captured factors' dtype (float32 for half-precision ones), not rounded to bfloat16."""
@@ -78,8 +79,8 @@ def _linear_grad(block: Block, records: List[List[Optional[Tensor]]], batch_size
         return _linear_grad_sum(block, records, batch_size)
 
 
-def _linear_grad_sum(block: Block, records: List[List[Optional[Tensor]]], batch_size: int) -> Tensor:
-    total: Optional[Tensor] = None
+def _linear_grad_sum(block: Block, records: list[list[Tensor | None]], batch_size: int) -> Tensor:
+    total: Tensor | None = None
     for act, grad in records:
         if grad is None:
             continue
@@ -104,8 +105,8 @@ def _linear_grad_sum(block: Block, records: List[List[Optional[Tensor]]], batch_
     return total
 
 
-def _generic_grads(model: nn.Module, blocks: List[Block], batch: Any, loss_fn: Optional[LossFn],
-                   batch_size: int) -> Dict[str, Tensor]:
+def _generic_grads(model: nn.Module, blocks: list[Block], batch: Any, loss_fn: LossFn | None,
+                   batch_size: int) -> dict[str, Tensor]:
     """Per-sample gradients of arbitrary parameters with ``torch.func`` (vmap over grad).
     Falls back to one backward per sample, with a warning, if the model can't be vmapped.
 
@@ -117,14 +118,14 @@ def _generic_grads(model: nn.Module, blocks: List[Block], batch: Any, loss_fn: O
     tree, rebuild = _splittable(batch)
     _prime_loss(model, batch, loss_fn)
 
-    def single_loss(p: Dict[str, Tensor], sample: Any) -> Tensor:
+    def single_loss(p: dict[str, Tensor], sample: Any) -> Tensor:
         one = rebuild(tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, sample))
         with _swapped(model, p):
             return _one_sample_loss(model, one, loss_fn, batch)
 
     in_dims = (None, tree_map(lambda t: 0 if isinstance(t, Tensor) else None, tree))
 
-    def vmapped() -> Dict[str, Tensor]:
+    def vmapped() -> dict[str, Tensor]:
         # no_grad outside the transform: grad still differentiates single_loss, but the result is
         # not itself recorded as a function of the other parameters that require grad (the fast
         # path's Linear weights), which kept a graph of the whole vmapped backward alive
@@ -153,7 +154,7 @@ def _generic_grads(model: nn.Module, blocks: List[Block], batch: Any, loss_fn: O
 _NEEDS_EAGER: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
-def _vmap_attention_aware(model: nn.Module, vmapped: Callable[[], Dict[str, Tensor]]) -> Dict[str, Tensor]:
+def _vmap_attention_aware(model: nn.Module, vmapped: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
     """``vmapped()``; if it fails on a model with Hugging Face sdpa attention, again under eager
     attention (:func:`_eager_attention`), which is then used for that model from the start."""
     if _NEEDS_EAGER.get(model, False):
@@ -217,7 +218,7 @@ def _vmappable_bidirectional_masks() -> Iterator[None]:
         yield
         return
 
-    def check(padding_mask: Optional[Tensor], *args: Any, **kwargs: Any) -> bool:
+    def check(padding_mask: Tensor | None, *args: Any, **kwargs: Any) -> bool:
         if padding_mask is not None and torch._C._functorch.is_functorch_wrapped_tensor(padding_mask):
             return False
         return original(padding_mask, *args, **kwargs)
@@ -229,7 +230,7 @@ def _vmappable_bidirectional_masks() -> Iterator[None]:
         masking_utils._ignore_bidirectional_mask_sdpa = original
 
 
-def _splittable(batch: Any) -> Tuple[Any, Callable[[Any], Any]]:
+def _splittable(batch: Any) -> tuple[Any, Callable[[Any], Any]]:
     """``(tree, rebuild)``: the batch as a structure ``torch.utils._pytree`` can split along
     dimension 0, and the function that turns a (per-sample) tree back into the user's type.
     Dataclass batches are taken apart field by field; other structures pass through as they are."""
@@ -239,7 +240,7 @@ def _splittable(batch: Any) -> Tuple[Any, Callable[[Any], Any]]:
     return batch, lambda tree: tree
 
 
-def _one_sample_loss(model: nn.Module, one: Any, loss_fn: Optional[LossFn], batch: Any) -> Tensor:
+def _one_sample_loss(model: nn.Module, one: Any, loss_fn: LossFn | None, batch: Any) -> Tensor:
     """The loss of one sample (a batch of one); an unsplit batch is refused."""
     losses = default_loss(model, one, loss_fn).losses
     if losses.shape[0] != 1:
@@ -251,7 +252,7 @@ def _one_sample_loss(model: nn.Module, one: Any, loss_fn: Optional[LossFn], batc
     return losses.sum()
 
 
-def _prime_loss(model: nn.Module, batch: Any, loss_fn: Optional[LossFn]) -> None:
+def _prime_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> None:
     """Let the default loss ask the model about its labels' shift outside vmap (once per model:
     :meth:`~lightning_influence.losses.DefaultLoss.prime`)."""
     if loss_fn is None:
@@ -259,7 +260,7 @@ def _prime_loss(model: nn.Module, batch: Any, loss_fn: Optional[LossFn]) -> None
 
 
 @contextmanager
-def _swapped(model: nn.Module, values: Dict[str, Tensor]) -> Iterator[None]:
+def _swapped(model: nn.Module, values: dict[str, Tensor]) -> Iterator[None]:
     """Until exit, ``model``'s parameters named in ``values`` are those tensors."""
     # tie_weights: a parameter shared by several modules (GPT-2's lm_head and wte) is swapped
     # in every place it is used, so the gradient covers all of its uses
@@ -267,8 +268,8 @@ def _swapped(model: nn.Module, values: Dict[str, Tensor]) -> Iterator[None]:
         yield
 
 
-def per_sample_gradients(model: nn.Module, blocks: List[Block], batch: Any,
-                         loss_fn: Optional[LossFn] = None) -> Tuple[Dict[str, Tensor], LossOutput]:
+def per_sample_gradients(model: nn.Module, blocks: list[Block], batch: Any,
+                         loss_fn: LossFn | None = None) -> tuple[dict[str, Tensor], LossOutput]:
     """Per-sample gradients of every block for one batch, and the forward pass's outputs.
 
     Must run inside :func:`gradient_mode`. Returns ``{block name: (B, r, d)}`` and the
@@ -277,7 +278,7 @@ def per_sample_gradients(model: nn.Module, blocks: List[Block], batch: Any,
     fast = [b for b in blocks if b.linear is not None]
     slow = [b for b in blocks if b.linear is None]
     modules = list({id(b.linear): b.linear for b in fast}.values())
-    result: Dict[str, Tensor] = {}
+    result: dict[str, Tensor] = {}
     with _LinearCapture(modules) as capture:
         out = default_loss(model, batch, loss_fn)
         batch_size = out.losses.shape[0]

@@ -7,7 +7,7 @@ import tempfile
 import uuid
 import warnings
 import weakref
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -30,11 +30,11 @@ class Handoff:
     def is_worker(self) -> bool:
         return os.getpid() != self.owner_pid
 
-    def leave(self, result: AuditResult, state: Dict[str, Any]) -> None:
+    def leave(self, result: AuditResult, state: dict[str, Any]) -> None:
         """In a worker (rank zero): write the result and the callback's state, atomically."""
         atomic_torch_save({"result": result.to_dict(), "state": dict(state)}, self.path)
 
-    def collect(self) -> Optional[Tuple[AuditResult, Dict[str, Any]]]:
+    def collect(self) -> tuple[AuditResult, dict[str, Any]] | None:
         """In the owner: ``(result, state)`` a worker left, once; else ``None``."""
         if self.is_worker() or not os.path.exists(self.path):
             return None

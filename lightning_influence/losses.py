@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,8 @@ class LossOutput:
     """
 
     losses: Tensor
-    logits: Optional[Tensor] = None
-    labels: Optional[Tensor] = None
+    logits: Tensor | None = None
+    labels: Tensor | None = None
 
 
 def _logits_of(output: Any) -> Tensor:
@@ -66,7 +67,7 @@ def _logits_of(output: Any) -> Tensor:
                            "or an object with .logits. Pass loss_fn=(model, batch) -> per-sample losses")
 
 
-def hf_model_of(model: nn.Module) -> Optional[nn.Module]:
+def hf_model_of(model: nn.Module) -> nn.Module | None:
     """The outermost Hugging Face ``PreTrainedModel`` inside ``model`` (the model itself, a
     PEFT model's base model, a LightningModule's attribute, a compiled module's original), or
     ``None``."""
@@ -86,7 +87,7 @@ def _structural_shift_guess(model: nn.Module) -> bool:
     return bool(getattr(getattr(hf, "config", None), "is_decoder", False)) or "CausalLM" in name or "LMHead" in name
 
 
-def reported_loss(output: Any) -> Optional[Tensor]:
+def reported_loss(output: Any) -> Tensor | None:
     """The scalar loss a model's output carries (``output.loss`` or ``output["loss"]``), or ``None``."""
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, Mapping):
@@ -123,7 +124,7 @@ def problem_type(model: nn.Module, labels: Tensor, n_outputs: int) -> str:
     return "single_label_classification" if not labels.dtype.is_floating_point else "multi_label_classification"
 
 
-def _forward_parameters(model: nn.Module) -> Optional[Tuple[set, bool, int]]:
+def _forward_parameters(model: nn.Module) -> tuple[set, bool, int] | None:
     """``(named parameters, takes **kwargs, required positional count)`` of ``model.forward``."""
     try:
         sig = inspect.signature(model.forward)
@@ -204,7 +205,7 @@ def cross_entropy_per_sample(logits: Tensor, labels: Tensor, shift: bool = False
     return (token * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
-def _decoder_inputs(model: nn.Module, inputs: Mapping[str, Any], labels: Tensor) -> Optional[Tensor]:
+def _decoder_inputs(model: nn.Module, inputs: Mapping[str, Any], labels: Tensor) -> Tensor | None:
     """For a Hugging Face encoder-decoder (T5, BART, ...) whose batch has no decoder inputs: the
     decoder input ids ``(B, T)`` that the model itself builds from ``labels`` ``(B, T)`` when it is
     given them (its ``prepare_decoder_input_ids_from_labels``: the labels shifted right behind the
@@ -362,7 +363,7 @@ class DefaultLoss:
             return self.shift_decisions[model]
         if _under_vmap(labels):  # no probe inside vmap; gradients.py primes the decision outside
             return _structural_shift_guess(model)
-        decision: Optional[bool] = None
+        decision: bool | None = None
         inner = hf_model_of(model)
         for owner in [model] + ([inner] if inner is not None and inner is not model else []):
             try:
@@ -400,7 +401,7 @@ class DefaultLoss:
             with torch.no_grad():
                 self.output(model, batch)
 
-    def model_loss(self, model: nn.Module, batch: Mapping[str, Any]) -> Optional[Tensor]:
+    def model_loss(self, model: nn.Module, batch: Mapping[str, Any]) -> Tensor | None:
         """The scalar loss ``model`` itself reports for the mapping ``batch`` (labels included),
         called as :meth:`output` calls it (:func:`call_with_mapping`), or ``None`` if it reports none."""
         return reported_loss(call_with_mapping(model, dict(batch)))
@@ -410,7 +411,7 @@ class DefaultLoss:
 DEFAULT_LOSS = DefaultLoss()
 
 
-def default_loss(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None) -> LossOutput:
+def default_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> LossOutput:
     """One forward pass: per-sample losses ``(B,)``, plus logits ``(B, C)`` and labels ``(B,)``
     for classification (:meth:`DefaultLoss.output` of :data:`DEFAULT_LOSS`). With ``loss_fn`` it
     is simply called, its losses checked to be ``(B,)``."""
@@ -425,7 +426,7 @@ def token_label_shift(model: nn.Module, inputs: Mapping[str, Any], labels: Tenso
 
 
 def with_sampled_labels(model: nn.Module, batch: Any, generator: torch.Generator,
-                        loss_fn: Optional[LossFn] = None) -> Any:
+                        loss_fn: LossFn | None = None) -> Any:
     """The batch with its labels replaced by draws from the model's own predictive
     distribution (for the *true* Fisher). Classification batches with the default loss only."""
     if loss_fn is not None or hasattr(model, "per_sample_loss"):

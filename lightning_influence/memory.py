@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,11 +48,11 @@ class MemoryPlan:
     val_bytes: int = 0
     solve_bytes: int = 0
     peak_bytes: int = 0
-    peak_parts: Dict[str, int] = field(default_factory=dict)
-    available_bytes: Optional[int] = None
+    peak_parts: dict[str, int] = field(default_factory=dict)
+    available_bytes: int | None = None
 
 
-def available_ram() -> Optional[int]:
+def available_ram() -> int | None:
     """Bytes of RAM available to a new allocation (Linux ``MemAvailable``), else ``None``."""
     try:
         with open("/proc/meminfo") as handle:
@@ -67,7 +67,7 @@ def available_ram() -> Optional[int]:
         return None
 
 
-def stored_shape(block: Block, projection: Optional[int]) -> Tuple[int, int]:
+def stored_shape(block: Block, projection: int | None) -> tuple[int, int]:
     """The stored ``(r, d)`` of a block's per-sample gradient, after ``projection`` (see projection.py)."""
     if projection is None or block.linear is None or max(block.param.shape) <= projection:
         return block.shape
@@ -75,13 +75,13 @@ def stored_shape(block: Block, projection: Optional[int]) -> Tuple[int, int]:
     return (1, sides[0]) if len(sides) == 1 else (min(sides), max(sides))
 
 
-def gradient_numbers(blocks: List[Block], projection: Optional[int]) -> int:
+def gradient_numbers(blocks: list[Block], projection: int | None) -> int:
     """Numbers of one sample's stored gradient over ``blocks``: the sum of ``r·d``."""
     return sum(r * d for r, d in (stored_shape(b, projection) for b in blocks))
 
 
-def solve_bytes(blocks: List[Block], solver: SolverSpec, n_curvature: int, projection: Optional[int],
-                compute_bytes: int, options: Optional[Dict[str, Any]] = None, gathered: bool = True) -> int:
+def solve_bytes(blocks: list[Block], solver: SolverSpec, n_curvature: int, projection: int | None,
+                compute_bytes: int, options: dict[str, Any] | None = None, gathered: bool = True) -> int:
     """The solve stage's peak memory as the solver estimates it (its own
     :meth:`~lightning_influence.solvers.base.InverseSolver.estimate_bytes`, the solver built with
     the curvature config's ``options``; see :func:`~lightning_influence.solvers.base.estimate_solve_bytes`
@@ -93,9 +93,9 @@ def solve_bytes(blocks: List[Block], solver: SolverSpec, n_curvature: int, proje
     return estimate_solve_bytes(instance, sizes, n_curvature, compute_bytes, gathered)
 
 
-def peak_parts(plan: MemoryPlan, train_samples: int, val_samples: int, blocks: List[Block], dtype: torch.dtype,
-               method: str, max_memory: Optional[int], projection: Optional[int], model: Optional[nn.Module],
-               batch_size: int) -> Dict[str, int]:
+def peak_parts(plan: MemoryPlan, train_samples: int, val_samples: int, blocks: list[Block], dtype: torch.dtype,
+               method: str, max_memory: int | None, projection: int | None, model: nn.Module | None,
+               batch_size: int) -> dict[str, int]:
     """The terms of the audit's peak memory growth, in bytes (``plan`` holds the stores' and the
     solve's; see :attr:`~lightning_influence.preflight.PreflightReport.peak_bytes`):
 
@@ -131,9 +131,9 @@ def peak_parts(plan: MemoryPlan, train_samples: int, val_samples: int, blocks: L
             "solve": plan.solve_bytes}
 
 
-def check_memory(train_samples: int, val_samples: int, blocks: List[Block], dtype: torch.dtype, method: str,
-                 solver: SolverSpec, fisher: str, max_memory: Optional[int], spill_dir: Optional[str],
-                 projection: Optional[int], model: Optional[nn.Module] = None, batch_size: int = 32) -> MemoryPlan:
+def check_memory(train_samples: int, val_samples: int, blocks: list[Block], dtype: torch.dtype, method: str,
+                 solver: SolverSpec, fisher: str, max_memory: int | None, spill_dir: str | None,
+                 projection: int | None, model: nn.Module | None = None, batch_size: int = 32) -> MemoryPlan:
     """Plan the audit's memory for ``train_samples`` scored and ``val_samples`` validation samples
     over ``blocks``, gradients stored in ``dtype``; raise :class:`PreflightError` (with the
     options that would make it fit) when the peak is past :data:`RAM_SHARE` of the available RAM,
@@ -190,7 +190,7 @@ def check_memory(train_samples: int, val_samples: int, blocks: List[Block], dtyp
         + ". Options: " + "; ".join(options))
 
 
-def free_disk(folder: str) -> Optional[int]:
+def free_disk(folder: str) -> int | None:
     """Free bytes on the disk that holds ``folder`` (or its nearest existing parent), else ``None``."""
     probe = folder
     while probe and not os.path.exists(probe):
@@ -201,7 +201,7 @@ def free_disk(folder: str) -> Optional[int]:
         return None
 
 
-def format_bytes(nbytes: Optional[int]) -> str:
+def format_bytes(nbytes: int | None) -> str:
     """``nbytes`` for a message: ``"512 B"``, ``"1.5 MiB"``, ... (``"?"`` for ``None``)."""
     if nbytes is None:
         return "?"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -74,7 +74,7 @@ def check_k(k: object, name: str = "k") -> int:
     return operator.index(k)  # type: ignore[call-overload]
 
 
-def check_noisy(noisy, n: Optional[int] = None, name: str = "noisy") -> Optional[Tensor]:
+def check_noisy(noisy, n: int | None = None, name: str = "noisy") -> Tensor | None:
     """The one ``noisy`` validator: ``noisy`` (a tensor or any sequence of flags) as a bool
     tensor ``(n,)``, or ``None`` for ``None``. ``n=None`` takes the length from ``noisy``
     (it must still be 1-D). Bool, or integers holding only 0 and 1; a clear error otherwise."""
@@ -236,8 +236,8 @@ def detection_metrics(
     noisy: Tensor,
     k: int = 50,
     fractions: Sequence[float] = (0.05, 0.1, 0.2, 0.3),
-    predicted: Optional[Tensor] = None,
-    clean_labels: Optional[Tensor] = None,
+    predicted: Tensor | None = None,
+    clean_labels: Tensor | None = None,
 ) -> dict[str, float]:
     """Mislabeled-data detection (and optionally relabeling) metrics.
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,7 +10,7 @@ from torch import nn
 
 def copy_model(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` that shares (does not copy) an attached Lightning trainer."""
-    memo: Dict[int, Any] = {}
+    memo: dict[int, Any] = {}
     for attr in ("_trainer", "_fabric"):
         owner = getattr(model, attr, None)
         if owner is not None:

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any
 
 import torch
 from torch import nn
 
 
 @contextmanager
-def preserved(model: Optional[nn.Module] = None, params: Optional[Iterable[nn.Parameter]] = None, *,
-              training: Optional[bool] = None, requires_grad: Union[None, bool, Iterable[nn.Parameter]] = None,
+def preserved(model: nn.Module | None = None, params: Iterable[nn.Parameter] | None = None, *,
+              training: bool | None = None, requires_grad: None | bool | Iterable[nn.Parameter] = None,
               clear_grads: bool = False) -> Iterator[None]:
     """Save, set, and on exit restore:
 

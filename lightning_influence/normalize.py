@@ -20,7 +20,8 @@ side a per-row scale applied to the query gradients before the solve.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,7 +63,7 @@ def block_norms(blocks: Mapping[str, Tensor]) -> Tensor:
     return torch.as_tensor(total, dtype=torch.float64).cpu().sqrt()
 
 
-def scale_rows(blocks: Mapping[str, Tensor], scale: Tensor) -> Dict[str, Tensor]:
+def scale_rows(blocks: Mapping[str, Tensor], scale: Tensor) -> dict[str, Tensor]:
     """Each block ``(M, r, d)`` with row ``j`` multiplied by ``scale[j]`` ``(M,)``."""
     return {name: g * scale.to(g.device, g.dtype).view(-1, 1, 1) for name, g in blocks.items()}
 
@@ -72,9 +73,9 @@ def scale_columns(scores: Tensor, scale: Tensor) -> Tensor:
     return scores.mul_(scale.to(scores.device, scores.dtype).view(1, -1))
 
 
-def normalized(normalize: str, queries: Mapping[str, Tensor], train: Any, train_valid: Optional[Tensor], chunk: int,
-               device: torch.device, compute_dtype: torch.dtype, dist: Any = None) -> Tuple[Dict[str, Tensor],
-                                                                                            Optional[Tensor]]:
+def normalized(normalize: str, queries: Mapping[str, Tensor], train: Any, train_valid: Tensor | None, chunk: int,
+               device: torch.device, compute_dtype: torch.dtype, dist: Any = None) -> tuple[dict[str, Tensor],
+                                                                                            Tensor | None]:
     """What a per-query scorer needs under ``normalize``: the query gradients to solve with
     (``(q, r, d)`` per block: centred on the mean valid training gradient for ``"centered"``, then
     unit-norm; unchanged for ``"none"``) and the training side's column scale ``(n_r,)`` (``1/‖g_i‖``

@@ -8,13 +8,13 @@ orientation (the smaller side first), biases and other vectors become ``(1, p)``
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-ParamsSpec = Union[str, Sequence[str]]
+ParamsSpec = str | Sequence[str]
 KEYWORDS = ("auto", "lora", "trainable")
 
 
@@ -35,15 +35,15 @@ class Block:
 
     name: str
     param: nn.Parameter
-    linear: Optional[nn.Linear]
+    linear: nn.Linear | None
     role: str
     transpose: bool
-    shape: Tuple[int, int]
+    shape: tuple[int, int]
     #: random projections ``(P_out (d_out, k_out), P_in (d_in, k_in))`` of a Linear block, see projection.py
-    projection: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+    projection: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @property
-    def grad_shape(self) -> Tuple[int, ...]:
+    def grad_shape(self) -> tuple[int, ...]:
         """Shape of one sample's (projected) gradient before :meth:`to_matrix`."""
         if self.projection is None:
             return tuple(self.param.shape)
@@ -67,7 +67,7 @@ def _is_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
-def _make_block(name: str, param: nn.Parameter, owner: Optional[nn.Module], shared: bool = False) -> Block:
+def _make_block(name: str, param: nn.Parameter, owner: nn.Module | None, shared: bool = False) -> Block:
     role = name.rsplit(".", 1)[-1]
     # a parameter that several modules hold (tied embeddings, a weight used twice) takes the
     # generic path: the Linear fast path would only see the Linear's own use of it
@@ -82,7 +82,7 @@ def _make_block(name: str, param: nn.Parameter, owner: Optional[nn.Module], shar
     return Block(name, param, linear, role if linear is not None else "generic", transpose, shape)
 
 
-def lora_parameter_names(model: nn.Module) -> List[str]:
+def lora_parameter_names(model: nn.Module) -> list[str]:
     """Names of the LoRA matrices of the *active* adapter(s), found through PEFT's own layer
     type (``peft.tuners.lora.LoraLayer``), never by matching name strings."""
     try:
@@ -90,7 +90,7 @@ def lora_parameter_names(model: nn.Module) -> List[str]:
     except ImportError:  # peft is a dependency, but keep plain-model audits working without it
         return []
     names_by_id = {id(p): n for n, p in model.named_parameters()}
-    found: List[str] = []
+    found: list[str] = []
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
@@ -110,7 +110,7 @@ def lora_parameter_names(model: nn.Module) -> List[str]:
     return found
 
 
-def select_blocks(model: nn.Module, params: ParamsSpec = "auto") -> List[Block]:
+def select_blocks(model: nn.Module, params: ParamsSpec = "auto") -> list[Block]:
     """The audited blocks of ``model``.
 
     ``params`` is ``"auto"`` (LoRA if the model has LoRA layers, else trainable),

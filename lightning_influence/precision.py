@@ -28,8 +28,8 @@ the model computes as it trained, would otherwise round those matrix products to
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Iterator, Union
 
 import torch
 
@@ -42,7 +42,7 @@ TF32_EPS = 2.0 ** -10
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
-def _autocast_dtype(device_type: str) -> Union[None, torch.dtype]:
+def _autocast_dtype(device_type: str) -> None | torch.dtype:
     """The dtype autocast computes in on ``device_type`` now, or ``None`` when it is off."""
     try:
         if not torch.is_autocast_enabled(device_type):
@@ -52,7 +52,7 @@ def _autocast_dtype(device_type: str) -> Union[None, torch.dtype]:
         return None
 
 
-def rounding_eps(param_dtype: torch.dtype, device: Union[str, torch.device]) -> float:
+def rounding_eps(param_dtype: torch.dtype, device: str | torch.device) -> float:
     """The machine epsilon of the coarsest arithmetic the model's forward and backward use on
     ``device`` now: its parameters' dtype, autocast's dtype where autocast is on, TF32 or
     bfloat16 for CUDA float32 matrix products where torch allows them."""
@@ -76,7 +76,7 @@ def tolerance(eps: float) -> float:
     return min(MAX_ROUNDING_ERROR, ROUNDING_ULPS * eps)
 
 
-def compute_tolerance(param_dtype: torch.dtype, device: Union[str, torch.device]) -> float:
+def compute_tolerance(param_dtype: torch.dtype, device: str | torch.device) -> float:
     """:func:`tolerance` of :func:`rounding_eps`: what the pre-flight check accepts now."""
     return tolerance(rounding_eps(param_dtype, device))
 

@@ -21,8 +21,9 @@ flags and weights are restored, as in the audit itself.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -80,9 +81,9 @@ class PreflightReport:
 
     seconds: float = 0.0
     samples: int = 0
-    loss_reference: Optional[str] = None
+    loss_reference: str | None = None
     loss_error: float = 0.0
-    gradient_error: Dict[str, float] = field(default_factory=dict)
+    gradient_error: dict[str, float] = field(default_factory=dict)
     numbers_per_sample: int = 0
     train_samples: int = 0
     val_samples: int = 0
@@ -90,10 +91,10 @@ class PreflightReport:
     val_bytes: int = 0
     solve_bytes: int = 0
     peak_bytes: int = 0
-    peak_parts: Dict[str, int] = field(default_factory=dict)
-    available_bytes: Optional[int] = None
-    notes: List[str] = field(default_factory=list)
-    loss_fn: Optional[LossFn] = None
+    peak_parts: dict[str, int] = field(default_factory=dict)
+    available_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+    loss_fn: LossFn | None = None
 
     def summary(self) -> str:
         """One line for the log."""
@@ -108,8 +109,8 @@ class PreflightReport:
 
 
 def check(model: nn.Module, train_data: Any, val_data: Any, options: AuditOptions, *,
-          reference_loss: Optional[Callable[[Any], Optional[Tensor]]] = None, samples: int = 3,
-          convert: Optional[Callable[[Any], Any]] = None) -> PreflightReport:
+          reference_loss: Callable[[Any], Tensor | None] | None = None, samples: int = 3,
+          convert: Callable[[Any], Any] | None = None) -> PreflightReport:
     """Run the pre-flight check (see the module docstring) of an audit of ``model`` under
     ``options`` (an :class:`~lightning_influence.AuditOptions`); raise on the first problem.
 
@@ -151,7 +152,7 @@ def check(model: nn.Module, train_data: Any, val_data: Any, options: AuditOption
     batch = to_device(next(iter(sequential_loader(train_data, len(ids), ids.tolist(), name="train_data"))))
     singles = [to_device(b) for b in sequential_loader(train_data, 1, ids.tolist(), name="train_data")]
     report.samples = len(ids)
-    targets: Optional[Tensor] = None
+    targets: Tensor | None = None
     if loss_fn is None and float_targets(model, batch):  # regression: the MSE, if training_step confirms it
         loss_fn, targets, reference_loss = _float_targets_loss(report, model, batch, reference_loss)
     with preserved(model, params=(), training=False):
@@ -169,7 +170,7 @@ def check(model: nn.Module, train_data: Any, val_data: Any, options: AuditOption
     return report
 
 
-def _to_device(device: torch.device, convert: Optional[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+def _to_device(device: torch.device, convert: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
     def move(batch: Any) -> Any:
         batch = to_device(batch, device)
         return convert(batch) if convert is not None else batch
@@ -185,12 +186,12 @@ def _rel(a: Tensor, b: Tensor, floor: float = 0.0) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def _check_loss(report: PreflightReport, model: nn.Module, batch: Any, singles: List[Any], losses: Tensor,
-                loss_fn: Optional[LossFn], reference_loss: Optional[Callable[[Any], Optional[Tensor]]],
-                finite: Tensor, targets: Optional[Tensor] = None) -> None:
+def _check_loss(report: PreflightReport, model: nn.Module, batch: Any, singles: list[Any], losses: Tensor,
+                loss_fn: LossFn | None, reference_loss: Callable[[Any], Tensor | None] | None,
+                finite: Tensor, targets: Tensor | None = None) -> None:
     """Each sample's loss in the batch = the model's own loss for it alone (finite ones only).
     ``targets``: the float targets whose mean squared error is on trial (:func:`_float_targets_loss`)."""
-    reference: Optional[List[float]] = None
+    reference: list[float] | None = None
     if loss_fn is None and not hasattr(model, "per_sample_loss") and isinstance(batch, Mapping) and "labels" in batch:
         reference, report.loss_reference = _own_losses(model, singles), "the model's own loss"
     if reference is None and reference_loss is not None:
@@ -221,8 +222,8 @@ def _check_loss(report: PreflightReport, model: nn.Module, batch: Any, singles: 
 
 
 def _float_targets_loss(report: PreflightReport, model: nn.Module, batch: Any,
-                        reference_loss: Optional[Callable[[Any], Optional[Tensor]]]
-                        ) -> Tuple[LossFn, Tensor, Callable[[Any], Optional[Tensor]]]:
+                        reference_loss: Callable[[Any], Tensor | None] | None
+                        ) -> tuple[LossFn, Tensor, Callable[[Any], Tensor | None]]:
     """``(loss_fn, targets, reference_loss)`` for an ``(inputs, targets)`` batch with float
     targets: :func:`~lightning_influence.losses.mean_squared_error`, to be confirmed sample by
     sample against ``reference_loss`` (else the module's own ``training_step``); with neither, a
@@ -239,11 +240,11 @@ def _float_targets_loss(report: PreflightReport, model: nn.Module, batch: Any,
     return mean_squared_error, batch[1], reference_loss
 
 
-def _own_losses(model: nn.Module, singles: List[Any]) -> Optional[List[float]]:
+def _own_losses(model: nn.Module, singles: list[Any]) -> list[float] | None:
     """The loss the model (or the Hugging Face model inside it) reports for each sample alone."""
     inner = hf_model_of(model)
     for owner in [model] + ([inner] if inner is not None and inner is not model else []):
-        values: List[float] = []
+        values: list[float] = []
         try:
             with torch.no_grad():
                 for one in singles:
@@ -258,7 +259,7 @@ def _own_losses(model: nn.Module, singles: List[Any]) -> Optional[List[float]]:
     return None
 
 
-def _reference_losses(reference_loss: Callable[[Any], Optional[Tensor]], singles: List[Any]) -> Optional[List[float]]:
+def _reference_losses(reference_loss: Callable[[Any], Tensor | None], singles: list[Any]) -> list[float] | None:
     values = []
     with torch.no_grad():
         for one in singles:
@@ -269,8 +270,8 @@ def _reference_losses(reference_loss: Callable[[Any], Optional[Tensor]], singles
     return values
 
 
-def _check_gradients(report: PreflightReport, model: nn.Module, blocks: List[Block], batch: Any,
-                     loss_fn: Optional[LossFn], finite: Tensor) -> None:
+def _check_gradients(report: PreflightReport, model: nn.Module, blocks: list[Block], batch: Any,
+                     loss_fn: LossFn | None, finite: Tensor) -> None:
     """The batched per-sample gradients of every block = autograd of each sample's loss
     (samples with a finite loss only: the audit excludes the others)."""
     with gradient_mode(model, blocks):
@@ -308,7 +309,7 @@ def _check_gradients(report: PreflightReport, model: nn.Module, blocks: List[Blo
             "out with params=[...] name patterns, or pass a loss_fn whose batch splits into samples")
 
 
-def _arithmetic(blocks: List[Block]) -> str:
+def _arithmetic(blocks: list[Block]) -> str:
     """The arithmetic the check ran in, for its messages: the parameters' dtype and autocast's."""
     param = blocks[0].param
     found = _autocast_dtype(param.device.type)

@@ -3,8 +3,9 @@ one styled like the trainer's progress bar (:func:`trainer_progress`)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -82,7 +83,7 @@ class StageTimes:
     ``with times("name"): ...`` adds to ``times.seconds["name"]``."""
 
     def __init__(self, device: torch.device) -> None:
-        self.seconds: Dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
         self.device = device
 
     @contextmanager
@@ -100,9 +101,9 @@ class EpochTimer:
     in training epochs with it."""
 
     def __init__(self) -> None:
-        self._start: Optional[float] = None
+        self._start: float | None = None
         self._current = 0.0
-        self._last: Optional[float] = None
+        self._last: float | None = None
 
     def epoch_start(self) -> None:
         if self._current:
@@ -122,7 +123,7 @@ class EpochTimer:
             self._last = self._current
 
     @property
-    def epoch_seconds(self) -> Optional[float]:
+    def epoch_seconds(self) -> float | None:
         """The last complete epoch's compute, else the current one's so far (``None``: none)."""
         return self._last or (self._current or None)
 

@@ -10,14 +10,12 @@ expectation (Johnson–Lindenstrauss), so influence scores are approximately pre
 """
 from __future__ import annotations
 
-from typing import List
-
 import torch
 
 from .params import Block
 
 
-def project_blocks(blocks: List[Block], dim: int, seed: int = 0) -> List[Block]:
+def project_blocks(blocks: list[Block], dim: int, seed: int = 0) -> list[Block]:
     """Give every Linear block with a side longer than ``dim`` Gaussian projections of each
     side down to ``min(side, dim)`` (in place; the block's stored ``shape`` shrinks accordingly).
     Blocks without the Linear fast path are left unprojected. Returns ``blocks``."""

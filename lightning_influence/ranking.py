@@ -3,15 +3,13 @@ score, the loss at θ* and at θ̃), the one ``rank_by`` chooses, and the detect
 when the noisy samples are known."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
-
 from torch import Tensor
 
 from .metrics import detection_metrics, nan_last_ranking, score_summary
 
 
-def rankings_of(influence: Tensor, loss_trained: Optional[Tensor], loss_tuned: Optional[Tensor],
-                valid: Tensor) -> Dict[str, Tensor]:
+def rankings_of(influence: Tensor, loss_trained: Tensor | None, loss_tuned: Tensor | None,
+                valid: Tensor) -> dict[str, Tensor]:
     """``{"influence", "loss_trained", "loss_tuned"}`` (those given), each ``(n,)`` with the
     samples not ``valid`` set to NaN, so that they rank last whatever the ranking. ``influence``
     is kept as given (the caller has set its excluded samples already); the losses are copies."""
@@ -25,17 +23,17 @@ def rankings_of(influence: Tensor, loss_trained: Optional[Tensor], loss_tuned: O
     return rankings
 
 
-def ranking_metrics(rankings: Dict[str, Tensor], chosen: str, valid: Tensor, noisy: Optional[Tensor],
-                    predicted: Optional[Tensor], clean: Optional[Tensor], top_k: int,
-                    ) -> Tuple[Tensor, Dict[str, float], Dict[str, Dict[str, float]]]:
+def ranking_metrics(rankings: dict[str, Tensor], chosen: str, valid: Tensor, noisy: Tensor | None,
+                    predicted: Tensor | None, clean: Tensor | None, top_k: int,
+                    ) -> tuple[Tensor, dict[str, float], dict[str, dict[str, float]]]:
     """The order of ``rankings[chosen]`` ``(n,)`` (most harmful first, NaN last), its summary
     (plus its detection metrics with ``noisy``), and with ``noisy`` ``(n,)`` the detection
     metrics of every ranking over the ``valid`` samples (relabel accuracy from ``predicted`` and
     ``clean`` labels when both are given)."""
     scores = rankings[chosen]
     order = nan_last_ranking(scores)
-    metrics: Dict[str, float] = score_summary(scores[valid])
-    by: Dict[str, Dict[str, float]] = {}
+    metrics: dict[str, float] = score_summary(scores[valid])
+    by: dict[str, dict[str, float]] = {}
     if noisy is not None:
         sub_pred = None if predicted is None or clean is None else predicted[valid]
         for name, values in rankings.items():

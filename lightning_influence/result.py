@@ -6,7 +6,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,26 +59,26 @@ class AuditResult:
 
     scores: Tensor
     ranking: Tensor
-    metrics: Dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
     method: str = ""
     solver: str = ""
-    loss_trained: Optional[Tensor] = None
-    loss_tuned: Optional[Tensor] = None
-    labels: Optional[Tensor] = None
-    predicted: Optional[Tensor] = None
-    noisy: Optional[Tensor] = None
-    per_validation: Optional[Tensor] = None
-    excluded: List[int] = field(default_factory=list)
-    stage_seconds: Dict[str, float] = field(default_factory=dict)
-    solver_info: Dict[str, Any] = field(default_factory=dict)
-    tuning: Dict[str, float] = field(default_factory=dict)
-    config: Dict[str, Any] = field(default_factory=dict)
-    audited: Optional[Tensor] = None
-    preflight: Optional[Any] = None
+    loss_trained: Tensor | None = None
+    loss_tuned: Tensor | None = None
+    labels: Tensor | None = None
+    predicted: Tensor | None = None
+    noisy: Tensor | None = None
+    per_validation: Tensor | None = None
+    excluded: list[int] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    solver_info: dict[str, Any] = field(default_factory=dict)
+    tuning: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    audited: Tensor | None = None
+    preflight: Any | None = None
     rank_by: str = "influence"
-    influence: Optional[Tensor] = None
-    metrics_by: Dict[str, Dict[str, float]] = field(default_factory=dict)
-    attribution: Optional[Any] = None
+    influence: Tensor | None = None
+    metrics_by: dict[str, dict[str, float]] = field(default_factory=dict)
+    attribution: Any | None = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -107,7 +107,7 @@ class AuditResult:
     COLUMNS = ("id", "score", "rank", "influence", "loss_trained", "loss_tuned", "label", "suggested_label", "noisy",
                "percentile")
 
-    def rows(self, ids: Optional[Tensor] = None) -> List[Dict[str, Any]]:
+    def rows(self, ids: Tensor | None = None) -> list[dict[str, Any]]:
         """One dict per sample (all, or ``ids`` in that order) with the columns of ``COLUMNS``
         that this result has."""
         ids = self.ranking if ids is None else ids
@@ -121,13 +121,13 @@ class AuditResult:
         present = {k: v.tolist() for k, v in columns.items() if v is not None}
         out = []
         for i in ids.tolist():
-            row: Dict[str, Any] = {"id": i}
+            row: dict[str, Any] = {"id": i}
             for key, values in present.items():
                 row[key] = values[i]
             out.append(row)
         return out
 
-    def top(self, k: int = 10) -> List[Dict[str, Any]]:
+    def top(self, k: int = 10) -> list[dict[str, Any]]:
         """The ``k`` most harmful samples as rows."""
         return self.rows(self.ranking[:k])
 
@@ -159,12 +159,12 @@ class AuditResult:
             self.attribution.save(attribution_path(path))
         return path
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """A plain dict of the result (tensors kept), e.g. for ``torch.save`` or broadcasting."""
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "AuditResult":
+    def from_dict(cls, data: dict[str, Any]) -> "AuditResult":
         return cls(**data)
 
 
@@ -178,11 +178,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def on_dataset_positions(result: AuditResult, ids: Tensor, n: int, val_ids: Optional[Tensor] = None) -> AuditResult:
+def on_dataset_positions(result: AuditResult, ids: Tensor, n: int, val_ids: Tensor | None = None) -> AuditResult:
     """A result computed on the ``ids`` ``(k,)`` subset of a dataset of ``n`` samples, indexed
     by dataset position: per-sample tensors become ``(n,)`` (NaN, or -1 for labels, where not
     audited), ``ranking`` and ``excluded`` hold dataset positions, ``audited`` the ids."""
-    def spread(values: Optional[Tensor], fill: float) -> Optional[Tensor]:
+    def spread(values: Tensor | None, fill: float) -> Tensor | None:
         if values is None:
             return None
         out = torch.full((n, *values.shape[1:]), fill, dtype=values.dtype)

@@ -12,23 +12,24 @@ Every score is a sum over blocks (block-diagonal curvature).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .config import CurvatureConfig
+from .distributed import Collectives, unshard
 from .solvers import InverseSolver, make_solver
+from .solvers._linalg import blas_threads
 from .solvers.base import SolverSpec
 from .solvers.damping import damping_from_mean_square
-from .solvers._linalg import blas_threads
-from .distributed import Collectives, unshard
 from .store import GradientStore, join_rows
 
 Blocks = Mapping[str, Tensor]
 
 
-def _make(solver: SolverSpec, options: Dict[str, Any]) -> Any:
+def _make(solver: SolverSpec, options: dict[str, Any]) -> Any:
     return make_solver(solver, **options) if isinstance(solver, (str, type)) else make_solver(solver)
 
 
@@ -49,7 +50,7 @@ def _group_chunks(store: Any, size: int):
 def _groups(store: Any):
     if hasattr(store, "groups"):
         return store.groups
-    out: Dict[Any, list] = {}
+    out: dict[Any, list] = {}
     for name in store.names:
         out.setdefault(tuple(store.shapes[name]), []).append(name)
     return list(out.items())
@@ -57,7 +58,7 @@ def _groups(store: Any):
 
 def fit_solvers(curvature: GradientStore, valid: Tensor, solver: SolverSpec, config: CurvatureConfig,
                 device: torch.device, compute_dtype: torch.dtype, chunk: int,
-                dist: Collectives = Collectives()) -> Dict[str, InverseSolver]:
+                dist: Collectives = Collectives()) -> dict[str, InverseSolver]:
     """One fitted solver per block. The curvature gradients (``(N, r, d)`` per block, this
     rank's shard, only rows where ``valid``) are streamed in chunks into each solver's
     statistics, combined across ranks (sum or concatenation), then fitted with DataInf's
@@ -84,8 +85,8 @@ def fit_solvers(curvature: GradientStore, valid: Tensor, solver: SolverSpec, con
     relative = config.damping_rule != "absolute"
     reads = {name for name in names
              if reductions[name] or (relative and getattr(instances[name], "needs_damping", True))}
-    sums: Dict[str, Dict[str, Tensor]] = {name: {} for name in names}
-    cats: Dict[str, Dict[str, list]] = {name: {k: [] for k, how in reductions[name].items() if how != "sum"}
+    sums: dict[str, dict[str, Tensor]] = {name: {} for name in names}
+    cats: dict[str, dict[str, list]] = {name: {k: [] for k, how in reductions[name].items() if how != "sum"}
                                         for name in names}
     sumsq = {name: torch.zeros((), dtype=torch.float64) for name in names}
     with blas_threads():
@@ -122,13 +123,13 @@ def fit_solvers(curvature: GradientStore, valid: Tensor, solver: SolverSpec, con
                             else:
                                 cats[name][key].append(value)
         count_valid = float(valid.sum())
-        fit_args: Dict[str, tuple] = {}
+        fit_args: dict[str, tuple] = {}
         for name in names:  # the collectives: every rank, every block, in the same order
             r, d = curvature.shapes[name]
             instance = instances[name]
             count = dist.all_reduce_sum(torch.tensor([count_valid, float(sumsq[name])], dtype=torch.float64))
             n_total, sumsq_total = int(count[0]), float(count[1])
-            combined: Dict[str, Tensor] = {}
+            combined: dict[str, Tensor] = {}
             for key, how in reductions[name].items():
                 if how == "sum":
                     local = sums[name].get(key)
@@ -146,8 +147,8 @@ def fit_solvers(curvature: GradientStore, valid: Tensor, solver: SolverSpec, con
                 raise ValueError(f"no valid curvature sample for block {name}")
             fit_args[name] = (combined, n_total, damping_from_mean_square(
                 sumsq_total / (n_total * r * d), config.damping, config.damping_rule))
-        fitted: Dict[str, InverseSolver] = {}
-        by_class: Dict[type, list] = {}
+        fitted: dict[str, InverseSolver] = {}
+        by_class: dict[type, list] = {}
         for name in names:
             instance = instances[name]
             combined, n_total, lam = fit_args.pop(name)
@@ -165,12 +166,12 @@ def fit_solvers(curvature: GradientStore, valid: Tensor, solver: SolverSpec, con
     return {name: fitted[name] for name in names}
 
 
-def solver_info(solvers: Mapping[str, InverseSolver]) -> Dict[str, Any]:
+def solver_info(solvers: Mapping[str, InverseSolver]) -> dict[str, Any]:
     """The solvers' reports (iterations, residuals), per block and summarised."""
     per_block = {name: dict(getattr(s, "info", {}) or {}) for name, s in solvers.items()}
     iterations = [i["iterations"] for i in per_block.values() if "iterations" in i]
     residuals = [i["residual"] for i in per_block.values() if "residual" in i]
-    summary: Dict[str, Any] = {"blocks": per_block}
+    summary: dict[str, Any] = {"blocks": per_block}
     if iterations:
         summary["max_iterations"] = max(iterations)
     if residuals:
@@ -180,7 +181,7 @@ def solver_info(solvers: Mapping[str, InverseSolver]) -> Dict[str, Any]:
 
 def _quadratic_plan(names, solvers: Mapping[str, Any]):
     """Split a group of equal-shaped blocks into runs of one solver class: ``[(cls, [index])]``."""
-    plan: Dict[Any, list] = {}
+    plan: dict[Any, list] = {}
     for i, name in enumerate(names):
         s = solvers[name]
         key = type(s) if hasattr(type(s), "quadratic_group") else ("apply", i)
@@ -213,7 +214,7 @@ def self_influence(train: GradientStore, solvers: Mapping[str, InverseSolver], c
 
 
 def inverse_direction(direction: Blocks, solvers: Mapping[str, InverseSolver], device: torch.device,
-                      compute_dtype: torch.dtype) -> Dict[str, Tensor]:
+                      compute_dtype: torch.dtype) -> dict[str, Tensor]:
     """``(C_l + λ_l I)^{-1} v_l`` for a set of vectors per block, ``(M, r, d)`` each."""
     return {name: solvers[name].apply(v.to(device, compute_dtype)) for name, v in direction.items()}
 
@@ -232,7 +233,7 @@ def cross_influence(train: GradientStore, inverse: Blocks, chunk: int, device: t
 
 
 def _masked_sums(store: GradientStore, valid: Tensor, chunk: int, device: torch.device,
-                 compute_dtype: torch.dtype) -> Dict[str, Tensor]:
+                 compute_dtype: torch.dtype) -> dict[str, Tensor]:
     """``Σ_i g_i`` over the rows where ``valid`` ``(n,)``, ``(1, r, d)`` per block, streamed over
     chunks of ``chunk`` rows (no copy of a whole block)."""
     sums = {name: torch.zeros(1, *store.shapes[name], device=device, dtype=compute_dtype) for name in store.names}
@@ -264,7 +265,7 @@ def method_scores(method: str, train: GradientStore, val: GradientStore, val_val
 def per_validation_scores(train: GradientStore, val: GradientStore, solvers: Mapping[str, InverseSolver], n: int,
                           m: int, chunk: int, device: torch.device, compute_dtype: torch.dtype,
                           dist: Collectives = Collectives(), normalize: str = "none",
-                          train_valid: Optional[Tensor] = None) -> Tensor:
+                          train_valid: Tensor | None = None) -> Tensor:
     """The per-validation-point matrix ``S_ji = − g'_jᵀ (C + λI)^{-1} g_i`` ``(m, n)`` over
     every rank's ``m`` validation and ``n`` training samples (``train``/``val``: this rank's
     shards), on every rank: the validation gradients are gathered, each rank scores its

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ DEFAULT_CHUNK_BYTES = 256 << 20
 CHUNK_SHARE = 8
 
 
-def chunk_bytes(max_memory: Optional[int]) -> int:
+def chunk_bytes(max_memory: int | None) -> int:
     """Bytes of stored rows read at once (summed over blocks): ``max_memory / CHUNK_SHARE``, or
     :data:`DEFAULT_CHUNK_BYTES` without a budget. :meth:`GradientStore.chunk_size` turns it into rows."""
     return DEFAULT_CHUNK_BYTES if max_memory is None else max(1, int(max_memory) // CHUNK_SHARE)
@@ -70,18 +70,18 @@ class GradientStore:
         keep_files: keep the spilled files after :meth:`close`.
     """
 
-    def __init__(self, n: int, shapes: Dict[str, Tuple[int, int]], dtype: torch.dtype = torch.float32,
-                 max_memory: Optional[int] = None, spill_dir: Optional[str] = None,
+    def __init__(self, n: int, shapes: dict[str, tuple[int, int]], dtype: torch.dtype = torch.float32,
+                 max_memory: int | None = None, spill_dir: str | None = None,
                  keep_files: bool = False) -> None:
         self.n, self.shapes, self.dtype = n, dict(shapes), dtype
         self.itemsize = torch.tensor([], dtype=dtype).element_size()
         self.nbytes = n * sum(r * d for r, d in shapes.values()) * self.itemsize
         self.spilled = max_memory is not None and self.nbytes > max_memory
         self.keep_files = keep_files
-        self.directory: Optional[str] = None
-        self.blocks: Dict[str, Tensor] = {}
-        self._files: Dict[str, int] = {}
-        self._groups: Dict[Tuple[int, int], Tensor] = {}
+        self.directory: str | None = None
+        self.blocks: dict[str, Tensor] = {}
+        self._files: dict[str, int] = {}
+        self._groups: dict[tuple[int, int], Tensor] = {}
         if self.spilled:
             if dtype not in _NUMPY_DTYPES:
                 raise ValueError(f"a spilled store needs float16/32/64 storage, got {dtype}")
@@ -108,9 +108,9 @@ class GradientStore:
         return self.n
 
     @property
-    def groups(self) -> List[Tuple[Tuple[int, int], List[str]]]:
+    def groups(self) -> list[tuple[tuple[int, int], list[str]]]:
         """The blocks grouped by shape, in order of first appearance: ``[((r, d), [names])]``."""
-        out: Dict[Tuple[int, int], List[str]] = {}
+        out: dict[tuple[int, int], list[str]] = {}
         for name, shape in self.shapes.items():
             out.setdefault(tuple(shape), []).append(name)
         return list(out.items())
@@ -119,7 +119,7 @@ class GradientStore:
         r, d = self.shapes[name]
         return r * d * self.itemsize
 
-    def write(self, start: int, grads: Dict[str, Tensor]) -> None:
+    def write(self, start: int, grads: dict[str, Tensor]) -> None:
         """Store a batch ``{name: (B, r, d)}`` at rows ``start .. start+B``."""
         for name, g in grads.items():
             g = g.detach().to("cpu", self.dtype)
@@ -134,7 +134,7 @@ class GradientStore:
             else:
                 self.blocks[name][start:start + g.shape[0]].copy_(g)
 
-    def block(self, name: str, rows: Optional[slice] = None) -> Tensor:
+    def block(self, name: str, rows: slice | None = None) -> Tensor:
         """The gradients of one block, all rows or ``rows`` (a step-1 slice): ``(k, r, d)`` on the CPU."""
         if not self.spilled:
             data = self.blocks[name]
@@ -149,12 +149,12 @@ class GradientStore:
         per_row = max(self.nbytes // max(self.n, 1), 1)
         return max(1, min(self.n, budget_bytes // per_row))
 
-    def chunks(self, size: int) -> Iterator[Tuple[int, Dict[str, Tensor]]]:
+    def chunks(self, size: int) -> Iterator[tuple[int, dict[str, Tensor]]]:
         """Yield ``(start, {name: (≤size, r, d)})`` over all rows, in order."""
         for start in range(0, self.n, size):
             yield start, {name: self.block(name, slice(start, start + size)) for name in self.shapes}
 
-    def group_chunks(self, size: int) -> Iterator[Tuple[int, Dict[Tuple[int, int], Tensor]]]:
+    def group_chunks(self, size: int) -> Iterator[tuple[int, dict[tuple[int, int], Tensor]]]:
         """Yield ``(start, {(r, d): (B, ≤size, r, d)})`` over all rows, in order: every block of
         each shape group in one tensor (block order as in :attr:`groups`). In RAM these are
         views; a spilled store reads each chunk of every block once, into one buffer per group.

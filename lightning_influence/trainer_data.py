@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
 from .data import dataset_of
-
 from .exceptions import InfluenceCallbackError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,8 +54,8 @@ def is_combined_loader(obj: Any) -> bool:
     return False
 
 
-def find_loader(trainer: "pl.Trainer", module: Any, kind: str, cached: Optional[Any] = None,
-                at_run: bool = False, warn_many: Optional[Callable[[str], None]] = None) -> Any:
+def find_loader(trainer: "pl.Trainer", module: Any, kind: str, cached: Any | None = None,
+                at_run: bool = False, warn_many: Callable[[str], None] | None = None) -> Any:
     """The one training (or first validation) DataLoader of the fit, or ``None``.
 
     ``at_run``: the audit is about to run (the fit loop has loaded its loaders): the trainer's
@@ -84,7 +84,7 @@ def find_loader(trainer: "pl.Trainer", module: Any, kind: str, cached: Optional[
     return single_loader(found, kind, warn_many)
 
 
-def single_loader(loaders: Any, kind: str, warn_many: Optional[Callable[[str], None]] = None) -> Any:
+def single_loader(loaders: Any, kind: str, warn_many: Callable[[str], None] | None = None) -> Any:
     """The one loader in ``loaders`` (a loader, a list/dict of them, a ``CombinedLoader``):
     several training loaders are an error; of several validation loaders the first is used,
     and ``warn_many(message)`` is told."""
@@ -125,7 +125,7 @@ def converts_module(trainer: "pl.Trainer") -> bool:
     return type(precision).convert_module is not Precision.convert_module
 
 
-def training_step_loss(module: Any) -> Optional[Callable[[Any], Optional[Tensor]]]:
+def training_step_loss(module: Any) -> Callable[[Any], Tensor | None] | None:
     """``batch -> the loss training_step returns`` for the pre-flight comparison, or ``None``
     (manual optimisation: its training_step steps the optimiser itself). The step runs on a
     shallow copy of the module (the parameters are shared, the module's own attributes such as
@@ -135,7 +135,7 @@ def training_step_loss(module: Any) -> Optional[Callable[[Any], Optional[Tensor]
     if step is None or not getattr(module, "automatic_optimization", True):
         return None
 
-    def reference(batch: Any) -> Optional[Tensor]:
+    def reference(batch: Any) -> Tensor | None:
         import copy
 
         sandbox = copy.copy(module)
@@ -179,7 +179,7 @@ def converting_loader(data: Any, convert: Callable) -> DataLoader:
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
 
 
-def precision_inputs(trainer: "pl.Trainer", loaders: Tuple[Any, ...]) -> Tuple[Optional[torch.device], Tuple[Any, ...], Any]:
+def precision_inputs(trainer: "pl.Trainer", loaders: tuple[Any, ...]) -> tuple[torch.device | None, tuple[Any, ...], Any]:
     """The trainer's device, the ``loaders`` as ``training_step`` sees their batches (the
     precision plugin's ``convert_input``, e.g. float64 under ``"64-true"``) and the plugin's
     forward context (autocast under mixed precision), for an audit of the trained module."""

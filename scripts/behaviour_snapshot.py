@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "..", "shared", "data")
@@ -48,10 +48,10 @@ TENSOR_FIELDS = ("scores", "ranking", "influence", "loss_trained", "loss_tuned",
                  "audited")
 
 
-def _record(result: Any, into: List[Dict[str, Any]]) -> None:
+def _record(result: Any, into: list[dict[str, Any]]) -> None:
     import torch
 
-    entry: Dict[str, Any] = {"method": result.method, "solver": result.solver, "rank_by": result.rank_by,
+    entry: dict[str, Any] = {"method": result.method, "solver": result.solver, "rank_by": result.rank_by,
                              "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
     for name in TENSOR_FIELDS:
         value = getattr(result, name, None)
@@ -65,14 +65,14 @@ def _record(result: Any, into: List[Dict[str, Any]]) -> None:
     into.append(entry)
 
 
-def child(out: str, script: str, args: List[str]) -> None:
+def child(out: str, script: str, args: list[str]) -> None:
     """Run ``script`` as ``__main__`` with every ``AuditResult`` recorded, then save the records."""
     import torch
 
     torch.set_num_threads(1)
     from lightning_influence import result as result_module
 
-    records: List[Dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
     original = result_module.AuditResult.__init__
 
     def init(self: Any, *a: Any, **k: Any) -> None:
@@ -88,7 +88,7 @@ def child(out: str, script: str, args: List[str]) -> None:
         torch.save(records, out)
 
 
-def record(folder: str, only: List[str]) -> int:
+def record(folder: str, only: list[str]) -> int:
     os.makedirs(folder, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0",

@@ -5,7 +5,7 @@ model's own loss and against autograd, sample by sample.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import lightning.pytorch as L
 import torch
@@ -63,7 +63,7 @@ def bert_masked_lm(dtype=torch.float64, seed: int = 0) -> nn.Module:
     return BertForMaskedLM(config).to(dtype)
 
 
-def with_lora(model: nn.Module, task_type: str, targets: List[str]) -> nn.Module:
+def with_lora(model: nn.Module, task_type: str, targets: list[str]) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
@@ -109,7 +109,7 @@ class NoForwardHolder(L.LightningModule):
         return self.model(**batch).loss
 
 
-def lm_samples(n: int = 5, seed: int = 0, prompt_masked: bool = True) -> List[Dict[str, torch.Tensor]]:
+def lm_samples(n: int = 5, seed: int = 0, prompt_masked: bool = True) -> list[dict[str, torch.Tensor]]:
     """Variable-length token sequences; labels = input ids with the first tokens (the prompt)
     masked with -100, as instruction tuning does."""
     g = torch.Generator().manual_seed(seed)
@@ -124,7 +124,7 @@ def lm_samples(n: int = 5, seed: int = 0, prompt_masked: bool = True) -> List[Di
     return out
 
 
-def pad(items: List[Dict[str, torch.Tensor]], label_pad: int = -100) -> Dict[str, torch.Tensor]:
+def pad(items: list[dict[str, torch.Tensor]], label_pad: int = -100) -> dict[str, torch.Tensor]:
     """Right-pad a list of samples into a batch (pad id 0, attention mask, labels -100)."""
     longest = max(len(it["input_ids"]) for it in items)
     batch = {"input_ids": torch.zeros(len(items), longest, dtype=torch.long),
@@ -141,7 +141,7 @@ def pad(items: List[Dict[str, torch.Tensor]], label_pad: int = -100) -> Dict[str
     return batch
 
 
-def own_loss_alone(model: nn.Module, sample: Dict[str, torch.Tensor]) -> float:
+def own_loss_alone(model: nn.Module, sample: dict[str, torch.Tensor]) -> float:
     """The model's own ``.loss`` for one sample, alone in its batch (no padding)."""
     with torch.no_grad():
         return float(model(**pad([sample])).loss)

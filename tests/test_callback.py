@@ -13,7 +13,7 @@ import logging
 import os
 import struct
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import lightning.pytorch as L
 import pytest
@@ -96,7 +96,7 @@ class Spy(Callback):
     """Records which hooks ran."""
 
     def __init__(self) -> None:
-        self.calls: List[str] = []
+        self.calls: list[str] = []
 
     def setup(self, trainer, pl_module, stage):
         self.calls.append("setup")
@@ -106,14 +106,14 @@ class Spy(Callback):
 
 
 def make_trainer(tmp_path, callbacks=(), **overrides) -> L.Trainer:
-    options: Dict[str, Any] = dict(default_root_dir=str(tmp_path), max_epochs=2, accelerator="cpu", devices=1,
+    options: dict[str, Any] = dict(default_root_dir=str(tmp_path), max_epochs=2, accelerator="cpu", devices=1,
                                    logger=False, log_every_n_steps=1, enable_checkpointing=False, enable_model_summary=False,
                                    enable_progress_bar=False, num_sanity_val_steps=0)
     options.update(overrides)
     return L.Trainer(callbacks=list(callbacks), **options)
 
 
-def read_csv(path: str) -> List[Dict[str, str]]:
+def read_csv(path: str) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
 
@@ -247,7 +247,7 @@ def test_wandb_offline_and_mlflow_file_store_read_back(tmp_path, data, monkeypat
     assert len(read_csv(os.path.join(folder, "influence_scores.csv"))) == N_TRAIN
 
 
-def wandb_history(path: str) -> Dict[str, str]:
+def wandb_history(path: str) -> dict[str, str]:
     """The logged values (JSON text) of an offline run's ``.wandb`` file, read with W&B's own
     protobuf ``Record`` over the file's LevelDB-log framing (32 KiB blocks, 7-byte headers)."""
     from wandb.proto import wandb_internal_pb2
@@ -340,9 +340,9 @@ class Stream(IterableDataset):
 @pytest.mark.parametrize("case", ["no_val", "lora", "noisy_length", "iterable"])
 def test_bad_configuration_fails_in_setup_before_training(tmp_path, data, case):
     train, val, noisy = data
-    options: Dict[str, Any] = {"noisy": noisy, "tuning": FAST}
+    options: dict[str, Any] = {"noisy": noisy, "tuning": FAST}
     train_loader = DataLoader(train, batch_size=32, shuffle=True)
-    val_loader: Optional[DataLoader] = DataLoader(val, batch_size=32)
+    val_loader: DataLoader | None = DataLoader(val, batch_size=32)
     error, match = ValueError, None
     if case == "no_val":
         val_loader, error, match = None, InfluenceCallbackError, "no validation data"
@@ -439,7 +439,7 @@ class Hashes(Callback):
         self.at_train_end = hash_files(self.folder)
 
 
-def hash_files(folder: str) -> Dict[str, str]:
+def hash_files(folder: str) -> dict[str, str]:
     return {os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest()
             for p in sorted(glob.glob(os.path.join(folder, "*.ckpt")))}
 

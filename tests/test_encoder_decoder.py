@@ -7,7 +7,6 @@ pre-flight check, the callback and ``audit()`` run on them."""
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List
 
 import lightning.pytorch as L
 import pytest
@@ -58,7 +57,7 @@ BARE_PARAMS = {"t5": ["shared.weight", "encoder.block.0.layer.0.SelfAttention.re
                         "model.decoder.layers.0.encoder_attn.v_proj.weight"]}
 
 
-def samples(n: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
+def samples(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Source sequences of 4-9 tokens and target sequences of 2-6, of different lengths."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -69,7 +68,7 @@ def samples(n: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
     return out
 
 
-def collate(items: List[Dict[str, torch.Tensor]], pad_id: int) -> Dict[str, torch.Tensor]:
+def collate(items: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded sources (pad id, attention mask) and targets (-100)."""
     size, source = len(items), max(len(it["input_ids"]) for it in items)
     target = max(len(it["labels"]) for it in items)
@@ -107,7 +106,7 @@ def wrapped(name: str, wrapper: str, dtype=torch.float64):
     return (hf.NoForwardHolder(model) if wrapper == "module" else model), inner
 
 
-def own_loss(inner: nn.Module, sample: Dict[str, torch.Tensor], pad_id: int) -> torch.Tensor:
+def own_loss(inner: nn.Module, sample: dict[str, torch.Tensor], pad_id: int) -> torch.Tensor:
     return inner(**collate([sample], pad_id)).loss
 
 
@@ -124,7 +123,7 @@ def test_each_samples_loss_is_the_models_own_loss_for_it_alone(name, wrapper):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
-def _autograd_alone(inner, blocks, items, pad_id) -> Dict[str, torch.Tensor]:
+def _autograd_alone(inner, blocks, items, pad_id) -> dict[str, torch.Tensor]:
     rows = []
     with gradient_mode(inner, blocks):
         for s in items:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import re
 from pathlib import Path
-from typing import Any, Dict, List
 
 import lightning.pytorch as L
 import pytest
@@ -58,7 +57,7 @@ class Counting(L.LightningModule):
 
 class Spy(Callback):
     def __init__(self):
-        self.calls: List[str] = []
+        self.calls: list[str] = []
 
     def on_fit_start(self, trainer, pl_module):
         self.calls.append("on_fit_start")

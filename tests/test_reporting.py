@@ -16,7 +16,13 @@ import torch
 
 from lightning_influence.metrics import detection_metrics, ranking, score_summary
 from lightning_influence.reporting import (
-    ADAPTERS, detection_curve_figure, logger_kind, markdown_table, report, summary_text, top_k_rows,
+    ADAPTERS,
+    detection_curve_figure,
+    logger_kind,
+    markdown_table,
+    report,
+    summary_text,
+    top_k_rows,
     write_scores_file,
 )
 from lightning_influence.result import AuditResult
@@ -354,7 +360,6 @@ def test_render_failure_warns_and_keeps_the_tables(result, tmp_path):
 def _image_blobs(n_train: int = 96, n_val: int = 32, flat: bool = False):
     """Gaussian blobs in 16-D shaped as 1x4x4 images (or kept flat), 20 % flipped labels."""
     from helpers import gaussian_blobs
-
     from tasks import TensorPairs, flip_labels
 
     train, val = gaussian_blobs(n_train, n_val, 16)
@@ -524,10 +529,10 @@ class WordTokenizer:
 @pytest.mark.filterwarnings("ignore:.*does not have many workers")
 def test_text_tables_decode_inputs_with_the_modules_tokenizer(tmp_path):
     import lightning.pytorch as L
-    from helpers import TokenDataset, pad_collate, tiny_bert_lora
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
+    from helpers import TokenDataset, pad_collate, tiny_bert_lora
     from lightning_influence import InfluenceCallback, TuningConfig
 
     class TextClassifier(L.LightningModule):

@@ -4,9 +4,8 @@ import warnings
 import pytest
 import torch
 
+from lightning_influence.solvers import SOLVERS, InverseSolver, check_solver, datainf_damping, make_solver
 from lightning_influence.solvers.damping import ZERO_FLOOR
-from lightning_influence.solvers import (SOLVERS, InverseSolver, check_solver, datainf_damping,
-                                         make_solver)
 
 SHAPES = {"woodbury": (7, 3, 5), "dense": (50, 2, 4)}
 

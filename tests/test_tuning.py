@@ -313,7 +313,6 @@ def test_summary_and_loggers_show_both_rankings_read_back(tmp_path):
     metrics.csv (read back with the csv module), with the values of the result."""
     import csv
 
-    import lightning.pytorch as L
     from lightning.pytorch.loggers import CSVLogger
 
     from lightning_influence import InfluenceCallback

@@ -11,7 +11,8 @@ package, a closed run) becomes a warning, never an exception.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..result import AuditResult
 from . import csv as _csv
@@ -19,12 +20,12 @@ from . import mlflow as _mlflow
 from . import tensorboard as _tensorboard
 from . import wandb as _wandb
 from ._common import is_rank_zero, warn
+from .attribution import attribution_rows, build_attribution_gallery
 from .figures import detection_curve_figure, detection_curve_rows
 from .gallery import Gallery, build_gallery, dataset_renderer, find_tokenizer, text_describer
 from .scalars import log_scalars, mlflow_name, scalar_metrics
 from .summary import summary_text, write_scores_file
 from .tables import markdown_table, text_table, top_k_rows
-from .attribution import attribution_rows, build_attribution_gallery
 
 __all__ = ["report", "logger_kind", "top_k_rows", "markdown_table", "text_table", "summary_text",
            "write_scores_file", "detection_curve_figure", "detection_curve_rows", "scalar_metrics", "ADAPTERS",
@@ -41,20 +42,20 @@ LOGGER_CLASSES = {"TensorBoardLogger": "tensorboard", "WandbLogger": "wandb",
                   "MLFlowLogger": "mlflow", "CSVLogger": "csv"}
 #: adapter kind -> function ``write(logger, result, rows, step, gallery=None)`` for the rich output
 #: (``gallery`` is passed only when there is one)
-ADAPTERS: Dict[str, Callable[..., None]] = {"tensorboard": _tensorboard.write, "wandb": _wandb.write,
+ADAPTERS: dict[str, Callable[..., None]] = {"tensorboard": _tensorboard.write, "wandb": _wandb.write,
                                             "mlflow": _mlflow.write, "csv": _csv.write}
 #: adapter kind -> ``write_attribution(logger, result, rows, step, gallery=None)``: the per-query tables
-ATTRIBUTION_ADAPTERS: Dict[str, Callable[..., None]] = {
+ATTRIBUTION_ADAPTERS: dict[str, Callable[..., None]] = {
     "tensorboard": _tensorboard.write_attribution, "wandb": _wandb.write_attribution,
     "mlflow": _mlflow.write_attribution, "csv": _csv.write_attribution}
 #: adapter kind -> metric-name rewrite its backend needs
-RENAMES: Dict[str, Callable[[str], str]] = {"mlflow": mlflow_name}
+RENAMES: dict[str, Callable[[str], str]] = {"mlflow": mlflow_name}
 #: optional packages each adapter needs, for the warning's hint
 PACKAGES = {"tensorboard": "tensorboard, matplotlib", "wandb": "wandb, matplotlib",
             "mlflow": "mlflow, pandas, matplotlib", "csv": "matplotlib (for the gallery)"}
 
 
-def logger_kind(logger: Any) -> Optional[str]:
+def logger_kind(logger: Any) -> str | None:
     """``"tensorboard"``, ``"wandb"``, ``"mlflow"``, ``"csv"`` or ``None`` (unknown) for a logger
     instance (subclasses included), from either Lightning namespace."""
     for cls in type(logger).__mro__:
@@ -65,9 +66,9 @@ def logger_kind(logger: Any) -> Optional[str]:
 
 
 def report(result: AuditResult, loggers: Sequence[Any], *, top_k: int = 50,
-           describe: Optional[Callable[[int], str]] = None, step: Optional[int] = None,
-           render: Optional[Callable[[int], Any]] = None, describe_query: Optional[Callable[[int], str]] = None,
-           render_query: Optional[Callable[[int], Any]] = None) -> None:
+           describe: Callable[[int], str] | None = None, step: int | None = None,
+           render: Callable[[int], Any] | None = None, describe_query: Callable[[int], str] | None = None,
+           render_query: Callable[[int], Any] | None = None) -> None:
     """Report ``result`` to every logger in ``loggers`` (on global rank zero only).
 
     Every logger gets the scalars via its ``log_metrics(metrics, step)``: ``influence/<name>``
@@ -103,7 +104,7 @@ def report(result: AuditResult, loggers: Sequence[Any], *, top_k: int = 50,
         return
     scalars = scalar_metrics(result)
     rows = top_k_rows(result, top_k, describe)
-    gallery: Optional[Gallery] = None
+    gallery: Gallery | None = None
     if render is not None:
         try:
             gallery = build_gallery(rows, render)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import os
 import warnings
-from typing import Any, Dict, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
 from torch import Tensor
+
 from .._io import atomic_open
 from ..metrics import ranking_values
 
@@ -49,7 +51,7 @@ def rank_normalised(scores: Tensor) -> Tensor:
     return inverse.to(torch.float64) / max(top, 1)
 
 
-def write_csv(path: str, rows: Sequence[Dict[str, Any]], columns: List[str]) -> str:
+def write_csv(path: str, rows: Sequence[dict[str, Any]], columns: list[str]) -> str:
     """Write ``rows`` to ``path`` as CSV atomically (see ``lightning_influence._io``). Returns ``path``."""
     with atomic_open(path) as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")

@@ -12,8 +12,9 @@ image data a gallery, one row per query: the query image, then its training imag
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -32,7 +33,7 @@ GALLERY_QUERIES = 16
 GALLERY_PER_SIDE = 5
 
 
-def _safe(hook: Optional[Callable[[int], Any]], i: int, what: str, failed: List[bool]) -> Any:
+def _safe(hook: Callable[[int], Any] | None, i: int, what: str, failed: list[bool]) -> Any:
     """``hook(i)``, or ``None`` (one warning per hook) when it raises."""
     if hook is None:
         return None
@@ -46,8 +47,8 @@ def _safe(hook: Optional[Callable[[int], Any]], i: int, what: str, failed: List[
         return None
 
 
-def attribution_rows(result: AuditResult, describe: Optional[Callable[[int], str]] = None,
-                     describe_query: Optional[Callable[[int], str]] = None) -> List[Dict[str, Any]]:
+def attribution_rows(result: AuditResult, describe: Callable[[int], str] | None = None,
+                     describe_query: Callable[[int], str] | None = None) -> list[dict[str, Any]]:
     """The flat table: one row per (query, side, rank) with the query's id, label, prediction,
     loss and text, the training sample's id, score, given label, noisy flag and text."""
     attribution = result.attribution
@@ -56,8 +57,8 @@ def attribution_rows(result: AuditResult, describe: Optional[Callable[[int], str
     labels = result.labels.tolist() if result.labels is not None else None
     noisy = result.noisy.tolist() if result.noisy is not None else None
     fail_q, fail_t = [False], [False]
-    texts: Dict[int, Any] = {}
-    queries: Dict[int, Any] = {}
+    texts: dict[int, Any] = {}
+    queries: dict[int, Any] = {}
     out = []
     for row in attribution.rows():
         q, i = row["query"], row["train_id"]
@@ -78,20 +79,20 @@ def attribution_rows(result: AuditResult, describe: Optional[Callable[[int], str
     return out
 
 
-def columns_of(rows: Sequence[Dict[str, Any]], order: Sequence[str] = COLUMNS) -> List[str]:
+def columns_of(rows: Sequence[dict[str, Any]], order: Sequence[str] = COLUMNS) -> list[str]:
     present = set().union(*(r.keys() for r in rows)) if rows else set()
     return [c for c in order if c in present]
 
 
-def by_query(rows: Sequence[Dict[str, Any]]) -> Dict[int, List[Dict[str, Any]]]:
+def by_query(rows: Sequence[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
     """The flat rows grouped by query id, in order."""
-    out: Dict[int, List[Dict[str, Any]]] = {}
+    out: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
         out.setdefault(int(row["query"]), []).append(row)
     return out
 
 
-def query_heading(row: Dict[str, Any]) -> str:
+def query_heading(row: dict[str, Any]) -> str:
     """``query 12: given 3, predicted 5, loss 2.31 — "text"`` from a query's first row."""
     parts = []
     if "query_label" in row:
@@ -106,7 +107,7 @@ def query_heading(row: Dict[str, Any]) -> str:
     return text
 
 
-def query_markdown(rows: Sequence[Dict[str, Any]]) -> str:
+def query_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """One query's markdown: its heading, then a table of its supporters and opposers."""
     cols = columns_of(rows, QUERY_TABLE)
     esc = lambda s: s.replace("\\", "\\\\").replace("|", "\\|")  # noqa: E731
@@ -116,8 +117,8 @@ def query_markdown(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def attribution_text(result: AuditResult, rows: Sequence[Dict[str, Any]], queries: int = 5, top: int = 3,
-                     width: int = 60) -> List[str]:
+def attribution_text(result: AuditResult, rows: Sequence[dict[str, Any]], queries: int = 5, top: int = 3,
+                     width: int = 60) -> list[str]:
     """Plain-text lines for the summary: the first ``queries`` queries, ``top`` per side."""
     a = result.attribution
     if a is None or not rows:
@@ -153,9 +154,9 @@ class AttributionGallery:
     """One row per query: the query's image, then its most helpful and most harmful training
     images (``None`` where a picture could not be drawn), each with a caption."""
 
-    images: List[List[Optional[Tensor]]]
-    captions: List[List[str]]
-    noisy: List[List[bool]]
+    images: list[list[Tensor | None]]
+    captions: list[list[str]]
+    noisy: list[list[bool]]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -186,7 +187,7 @@ class AttributionGallery:
         return fig
 
 
-def _caption(row: Dict[str, Any]) -> str:
+def _caption(row: dict[str, Any]) -> str:
     sign = "+" if row["side"] == "helpful" else "−"
     lines = [f"{sign}{row['rank']}  id {row['train_id']}"]
     if "label" in row:
@@ -195,7 +196,7 @@ def _caption(row: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _query_caption(row: Dict[str, Any]) -> str:
+def _query_caption(row: dict[str, Any]) -> str:
     lines = [f"query {row['query']}"]
     if "query_label" in row:
         lines.append(f"given {row['query_label']}" + (f" → {row['query_predicted']}" if "query_predicted" in row else ""))
@@ -204,16 +205,16 @@ def _query_caption(row: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_attribution_gallery(rows: Sequence[Dict[str, Any]], render: Optional[Callable[[int], Any]],
-                              render_query: Optional[Callable[[int], Any]], queries: int = GALLERY_QUERIES,
-                              per_side: int = GALLERY_PER_SIDE) -> Optional[AttributionGallery]:
+def build_attribution_gallery(rows: Sequence[dict[str, Any]], render: Callable[[int], Any] | None,
+                              render_query: Callable[[int], Any] | None, queries: int = GALLERY_QUERIES,
+                              per_side: int = GALLERY_PER_SIDE) -> AttributionGallery | None:
     """The gallery of the first ``queries`` queries (``per_side`` training images each side),
     or ``None`` when nothing could be drawn."""
     if render is None and render_query is None:
         return None
     fail_q, fail_t = [False], [False]
 
-    def draw(hook: Optional[Callable[[int], Any]], i: int, what: str, failed: List[bool]) -> Optional[Tensor]:
+    def draw(hook: Callable[[int], Any] | None, i: int, what: str, failed: list[bool]) -> Tensor | None:
         picture = _safe(hook, i, what, failed) if i >= 0 else None
         if picture is None:
             return None

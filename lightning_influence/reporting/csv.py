@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any
 
-from ..result import AuditResult
 from .._io import atomic_open
+from ..result import AuditResult
 from ._common import write_csv
 from .figures import detection_curve_rows
 from .gallery import Gallery
@@ -16,8 +16,8 @@ CURVE_FILE = "influence_detection_curve.csv"
 GALLERY_FILE = "influence_gallery.png"
 
 
-def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None,
-          gallery: Optional[Gallery] = None) -> None:
+def write(logger: Any, result: AuditResult, rows: list[dict[str, Any]], step: int | None = None,
+          gallery: Gallery | None = None) -> None:
     """Write ``influence_top_k.csv``, when ``result.noisy`` is known
     ``influence_detection_curve.csv``, and with a ``gallery`` its picture
     ``influence_gallery.png`` into the logger's ``log_dir`` (atomically)."""
@@ -41,7 +41,7 @@ ATTRIBUTION_FILE = "influence_attribution.csv"
 ATTRIBUTION_GALLERY_FILE = "influence_attribution_gallery.png"
 
 
-def write_attribution(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None,
+def write_attribution(logger: Any, result: AuditResult, rows: list[dict[str, Any]], step: int | None = None,
                       gallery: Any = None) -> None:
     """``influence_attribution.csv`` (one row per query, side and rank) and with a ``gallery``
     ``influence_attribution_gallery.png`` in the logger's ``log_dir``."""

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from typing import Any
 
-from ..metrics import detection_curve
+from ..metrics import detection_curve, ranking_values
 from ..result import AuditResult
-from ..metrics import ranking_values
 
 
 def _require_noisy(result: AuditResult) -> None:
@@ -14,7 +13,7 @@ def _require_noisy(result: AuditResult) -> None:
         raise ValueError("the detection curve needs ground-truth noisy flags; this AuditResult has noisy=None")
 
 
-def detection_curve_rows(result: AuditResult, num_points: int = 101) -> List[Dict[str, Any]]:
+def detection_curve_rows(result: AuditResult, num_points: int = 101) -> list[dict[str, Any]]:
     """The detection curve as rows ``{"fraction_inspected", "fraction_noisy_found"}``:
     the fraction of noisy samples found when inspecting the ranking's top fraction.
     Excluded (NaN-score) samples count as inspected last. Needs ``result.noisy``."""

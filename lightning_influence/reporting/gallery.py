@@ -22,8 +22,9 @@ one warning; nothing here raises into the caller.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,7 +51,7 @@ Render = Callable[[int], Any]
 # ------------------------------------------------------------------ images
 
 
-def image_layout(x: Any) -> Optional[str]:
+def image_layout(x: Any) -> str | None:
     """``"BCHW"``, ``"BHWC"`` or ``"BHW"`` when the batch tensor ``x`` holds images, else ``None``.
 
     Images are float (or bool) or uint8 tensors ``(B, C, H, W)`` / ``(B, H, W, C)`` with
@@ -68,7 +69,7 @@ def image_layout(x: Any) -> Optional[str]:
     return None
 
 
-def image_inputs(batch: Any) -> Optional[Tensor]:
+def image_inputs(batch: Any) -> Tensor | None:
     """The image tensor of a collated batch: the batch itself, the first element of an
     ``(inputs, targets)`` sequence, or the first of :data:`IMAGE_KEYS` (else any value) of a
     mapping that :func:`image_layout` accepts. ``None`` when there is none."""
@@ -122,7 +123,7 @@ def to_image(obj: Any) -> Tensor:
     return x.clamp(0.0, 1.0).contiguous()
 
 
-def dataset_renderer(dataset: Any, collate_fn: Optional[Callable] = None) -> Optional[Render]:
+def dataset_renderer(dataset: Any, collate_fn: Callable | None = None) -> Render | None:
     """``sample_id -> (H, W, C)`` or ``(H, W)`` tensor from ``dataset``, when the samples
     collate into image batches (probed on sample 0), else ``None``.
 
@@ -175,7 +176,7 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _token_ids(batch: Any) -> Optional[Tensor]:
+def _token_ids(batch: Any) -> Tensor | None:
     """``(L,)`` token ids of a one-sample collated batch (padding dropped by its attention
     mask), or ``None``."""
     ids, mask = None, None
@@ -191,7 +192,7 @@ def _token_ids(batch: Any) -> Optional[Tensor]:
     return ids
 
 
-def _raw_text(sample: Any) -> Optional[str]:
+def _raw_text(sample: Any) -> str | None:
     if isinstance(sample, str):
         return sample
     if isinstance(sample, Mapping):
@@ -203,8 +204,8 @@ def _raw_text(sample: Any) -> Optional[str]:
     return None
 
 
-def text_describer(dataset: Any, collate_fn: Optional[Callable] = None, tokenizer: Any = None,
-                   width: int = MAX_TEXT) -> Optional[Callable[[int], str]]:
+def text_describer(dataset: Any, collate_fn: Callable | None = None, tokenizer: Any = None,
+                   width: int = MAX_TEXT) -> Callable[[int], str] | None:
     """``sample_id -> str`` (at most ``width`` characters) for text data, else ``None``.
 
     With a ``tokenizer``: the sample collated alone, its ``input_ids`` decoded without special
@@ -214,7 +215,7 @@ def text_describer(dataset: Any, collate_fn: Optional[Callable] = None, tokenize
 
     collate = collate_fn or default_collate
 
-    def decoded(sample_id: int) -> Optional[str]:
+    def decoded(sample_id: int) -> str | None:
         if tokenizer is None:
             return None
         ids = _token_ids(collate([dataset[int(sample_id)]]))
@@ -267,10 +268,10 @@ class Gallery:
         noisy: the ground-truth noisy flag per id, when known (drawn in red).
     """
 
-    ids: List[int]
-    images: List[Tensor]
-    captions: List[str]
-    noisy: List[Optional[bool]] = field(default_factory=list)
+    ids: list[int]
+    images: list[Tensor]
+    captions: list[str]
+    noisy: list[bool | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -284,7 +285,7 @@ class Gallery:
         image = image.repeat_interleave(factor, dim=0).repeat_interleave(factor, dim=1)
         return (image * 255).round().to(torch.uint8).numpy()
 
-    def figure(self, columns: int = MAX_COLUMNS, title: Optional[str] = None):
+    def figure(self, columns: int = MAX_COLUMNS, title: str | None = None):
         """One matplotlib ``Figure`` (on an Agg canvas, outside pyplot): the images in a grid of
         at most ``columns`` columns, each titled with its caption; samples known to be noisy in
         red."""
@@ -315,15 +316,15 @@ class Gallery:
 
 
 def build_gallery(rows: Sequence[Mapping[str, Any]], render: Render,
-                  limit: int = MAX_IMAGES) -> Optional[Gallery]:
+                  limit: int = MAX_IMAGES) -> Gallery | None:
     """Render the first ``limit`` of the top-k ``rows`` (as from
     :func:`~lightning_influence.reporting.tables.top_k_rows`) with ``render``. A sample whose
     ``render`` raises or returns no image is left out, with one warning. ``None`` when no
     sample could be drawn."""
-    ids: List[int] = []
-    images: List[Tensor] = []
-    captions: List[str] = []
-    noisy: List[Optional[bool]] = []
+    ids: list[int] = []
+    images: list[Tensor] = []
+    captions: list[str] = []
+    noisy: list[bool | None] = []
     failed = False
     for row in list(rows)[: max(int(limit), 0)]:
         sample_id = int(row["id"])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from ..result import AuditResult
 from .figures import detection_curve_figure
@@ -13,8 +13,8 @@ from .tables import columns_of
 ARTIFACT_DIR = "influence"
 
 
-def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None,
-          gallery: Optional[Gallery] = None) -> None:
+def write(logger: Any, result: AuditResult, rows: list[dict[str, Any]], step: int | None = None,
+          gallery: Gallery | None = None) -> None:
     """Log the table ``influence/top_k.json`` (``log_table``), the full scores file
     ``influence/influence_scores.csv`` (``log_artifact``), when ``result.noisy`` is known the
     figure ``influence/detection_curve.png``, and with a ``gallery`` its picture
@@ -31,7 +31,7 @@ def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Op
         client.log_figure(run_id, gallery.figure(), f"{ARTIFACT_DIR}/gallery.png")
 
 
-def write_attribution(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None,
+def write_attribution(logger: Any, result: AuditResult, rows: list[dict[str, Any]], step: int | None = None,
                       gallery: Any = None) -> None:
     """The table ``influence/attribution.json`` (``log_table``) and with a ``gallery`` its
     picture ``influence/attribution_gallery.png``."""

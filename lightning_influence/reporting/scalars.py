@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Dict, Optional
+from collections.abc import Callable
+from typing import Any
 
 from ..metrics import score_summary
 from ..result import AuditResult
@@ -18,14 +19,14 @@ TUNING_SCALARS = {"val_loss_trained": "val_loss_trained", "val_loss_tuned": "val
                   "epochs_of_training": "tuning/cost_in_training_epochs"}
 
 
-def scalar_metrics(result: AuditResult) -> Dict[str, float]:
+def scalar_metrics(result: AuditResult) -> dict[str, float]:
     """The scalars to log: every finite entry of ``result.metrics`` (plus the score summary
     statistics if absent) as ``influence/<name>``, each stage time as
     ``influence/time/<stage>``, every ranking's detection metrics as
     ``influence/by_<ranking>/<name>`` (``by_influence``, ``by_loss_tuned``, ``by_loss_trained``),
     and the validation tuning's figures (``influence/val_loss_trained``, ``val_loss_tuned``,
     ``val_acc_*``, ``sharpness``, ``tuning/*``). NaN/inf and non-numeric values are left out."""
-    metrics: Dict[str, Any] = dict(result.metrics)
+    metrics: dict[str, Any] = dict(result.metrics)
     finite = result.scores[result.scores.isfinite()]
     if finite.numel():
         for key, value in score_summary(finite).items():
@@ -36,7 +37,7 @@ def scalar_metrics(result: AuditResult) -> Dict[str, float]:
         out.update({f"{PREFIX}by_{ranking}/{k}": v for k, v in values.items()})
     tuning = getattr(result, "tuning", {}) or {}
     out.update({f"{PREFIX}{name}": tuning[key] for key, name in TUNING_SCALARS.items() if key in tuning})
-    clean: Dict[str, float] = {}
+    clean: dict[str, float] = {}
     for key, value in out.items():
         try:
             value = float(value)
@@ -54,8 +55,8 @@ def mlflow_name(name: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_/. -]+", "_", name)
 
 
-def log_scalars(logger: Any, scalars: Dict[str, float], step: Optional[int] = None,
-                rename: Optional[Callable[[str], str]] = None) -> None:
+def log_scalars(logger: Any, scalars: dict[str, float], step: int | None = None,
+                rename: Callable[[str], str] | None = None) -> None:
     """Send ``scalars`` through the logger's own ``log_metrics(metrics, step)``."""
     if rename is not None:
         scalars = {rename(k): v for k, v in scalars.items()}

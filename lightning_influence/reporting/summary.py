@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -11,8 +11,8 @@ from ..result import AuditResult
 from .tables import format_cell, text_table, top_k_rows
 
 
-def summary_text(result: AuditResult, top: int = 10, describe: Optional[Callable[[int], str]] = None,
-                 describe_query: Optional[Callable[[int], str]] = None) -> str:
+def summary_text(result: AuditResult, top: int = 10, describe: Callable[[int], str] | None = None,
+                 describe_query: Callable[[int], str] | None = None) -> str:
     """A one-screen plain-text summary of ``result``: method and solver, number of samples
     (and excluded ones), wall time per stage, the ``top`` most harmful samples, the metrics, and
     with an attribution the training samples behind the first few queries."""
@@ -51,7 +51,7 @@ RANKING_NAMES = {"influence": "the influence score", "loss_tuned": "the loss at 
 SIDE_BY_SIDE = ("auroc", "ap", "recall@noise_rate", "precision@k")
 
 
-def tuning_lines(result: AuditResult) -> List[str]:
+def tuning_lines(result: AuditResult) -> list[str]:
     """vm/fvm: where the validation tuning went (full validation set at θ* and θ̃), its
     flatness, whether θ̃ is a validation minimum, and its cost beside one training epoch."""
     t = result.tuning or {}
@@ -82,7 +82,7 @@ def tuning_lines(result: AuditResult) -> List[str]:
     return [f"Validation tuning: {', '.join(parts)}: {verdict}"]
 
 
-def ranking_table(result: AuditResult) -> List[str]:
+def ranking_table(result: AuditResult) -> list[str]:
     """The detection metrics of every ranking side by side (with ``noisy`` flags), the one
     ``result.ranking`` follows first."""
     by = getattr(result, "metrics_by", None) or {}

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..result import AuditResult
 from ._common import warn
@@ -13,7 +14,7 @@ COLUMNS = ("rank", "id", "score", "percentile", "loss_trained", "loss_tuned", "l
 MAX_TEXT = 120
 
 
-def top_k_rows(result: AuditResult, k: int, describe: Optional[Callable[[int], str]] = None) -> List[Dict[str, Any]]:
+def top_k_rows(result: AuditResult, k: int, describe: Callable[[int], str] | None = None) -> list[dict[str, Any]]:
     """Rows of the ``k`` most harmful samples, most harmful first.
 
     Each row has ``rank``, ``id``, ``score``, ``percentile`` and those of ``loss_trained``, ``loss_tuned``,
@@ -21,7 +22,7 @@ def top_k_rows(result: AuditResult, k: int, describe: Optional[Callable[[int], s
     ``describe(id)`` when ``describe`` is given (empty when it raises, with one warning).
     """
     rows = result.top(max(int(k), 0))
-    out: List[Dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     failed = False
     for row in rows:
         ordered = {c: row[c] for c in COLUMNS if c in row}
@@ -38,7 +39,7 @@ def top_k_rows(result: AuditResult, k: int, describe: Optional[Callable[[int], s
     return out
 
 
-def columns_of(rows: Sequence[Dict[str, Any]]) -> List[str]:
+def columns_of(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The table columns present in ``rows``, in :data:`COLUMNS` order."""
     present = set().union(*(r.keys() for r in rows)) if rows else {"rank", "id", "score"}
     return [c for c in COLUMNS if c in present]
@@ -56,7 +57,7 @@ def format_cell(value: Any, width: int = MAX_TEXT) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """A GitHub-flavoured markdown table of ``rows`` (as from :func:`top_k_rows`)."""
     cols = columns_of(rows)
     esc = lambda s: s.replace("\\", "\\\\").replace("|", "\\|")  # noqa: E731
@@ -65,7 +66,7 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def text_table(rows: Sequence[Dict[str, Any]], text_width: int = 48) -> str:
+def text_table(rows: Sequence[dict[str, Any]], text_width: int = 48) -> str:
     """A fixed-width plain-text table of ``rows`` for terminals and log files."""
     cols = columns_of(rows)
     cells = [[format_cell(r.get(c), text_width) for c in cols] for r in rows]

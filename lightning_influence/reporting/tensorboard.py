@@ -1,7 +1,7 @@
 """TensorBoard adapter: ``logger.experiment`` is a ``SummaryWriter``."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from ..result import AuditResult
 from ._common import rank_normalised
@@ -10,8 +10,8 @@ from .gallery import Gallery
 from .tables import markdown_table
 
 
-def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None,
-          gallery: Optional[Gallery] = None) -> None:
+def write(logger: Any, result: AuditResult, rows: list[dict[str, Any]], step: int | None = None,
+          gallery: Gallery | None = None) -> None:
     """Score histogram ``influence/scores``, markdown top-k table ``influence/top_k``, and, when
     ``result.noisy`` is known, the PR curve ``influence/pr_curve`` (rank-normalised scores as
     predictions) and the detection-curve figure ``influence/detection_curve``; with a
@@ -31,7 +31,7 @@ def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Op
     writer.flush()
 
 
-def write_attribution(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None,
+def write_attribution(logger: Any, result: AuditResult, rows: list[dict[str, Any]], step: int | None = None,
                       gallery: Any = None) -> None:
     """One markdown text per query, ``influence/attribution/query_<id>`` (its heading, then its
     supporters and opposers), and with a ``gallery`` the image ``influence/attribution_gallery``."""

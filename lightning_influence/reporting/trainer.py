@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..data import collate_of, dataset_of
 from ..distributed import RemoteStageError
@@ -17,7 +18,7 @@ from .summary import summary_text, write_scores_file
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
 
-Hooks = Tuple[Optional[Callable[[int], str]], Any]
+Hooks = tuple[Callable[[int], str] | None, Any]
 
 
 def sample_hooks(trainer: "pl.Trainer", module: Any, data: Any, hooks: Hooks) -> Hooks:
@@ -38,7 +39,7 @@ def sample_hooks(trainer: "pl.Trainer", module: Any, data: Any, hooks: Hooks) ->
     return describe, (render if callable(render) else None)
 
 
-def scores_folder(trainer: "pl.Trainer", dirpath: Optional[str], filename: Optional[str]) -> Optional[str]:
+def scores_folder(trainer: "pl.Trainer", dirpath: str | None, filename: str | None) -> str | None:
     """``dirpath``, else ``trainer.log_dir`` (call on every rank: it is a collective under DDP)."""
     if dirpath is not None or not filename:
         return dirpath
@@ -49,8 +50,8 @@ def scores_folder(trainer: "pl.Trainer", dirpath: Optional[str], filename: Optio
     return folder or getattr(trainer, "default_root_dir", None) or os.getcwd()
 
 
-def scores_file(trainer: "pl.Trainer", result: AuditResult, folder: Optional[str], filename: Optional[str],
-                epoch_tag: bool) -> Optional[str]:
+def scores_file(trainer: "pl.Trainer", result: AuditResult, folder: str | None, filename: str | None,
+                epoch_tag: bool) -> str | None:
     """Write the full per-sample scores file (atomically) into ``folder``; an audit at an epoch
     end adds ``-epoch{E}`` before the suffix. Returns its path (``None`` without a file name)."""
     if not filename:
@@ -61,10 +62,10 @@ def scores_file(trainer: "pl.Trainer", result: AuditResult, folder: Optional[str
     return write_scores_file(result, folder, filename)
 
 
-def report_to_trainer(trainer: "pl.Trainer", result: AuditResult, *, module: Any, data: Tuple[Any, Any],
-                      hooks: Tuple[Hooks, Hooks], step: Optional[int], top_k: int, folder: Optional[str],
-                      filename: Optional[str], epoch_tag: bool, verbose: Optional[bool],
-                      log: Callable[[str], None]) -> Optional[str]:
+def report_to_trainer(trainer: "pl.Trainer", result: AuditResult, *, module: Any, data: tuple[Any, Any],
+                      hooks: tuple[Hooks, Hooks], step: int | None, top_k: int, folder: str | None,
+                      filename: str | None, epoch_tag: bool, verbose: bool | None,
+                      log: Callable[[str], None]) -> str | None:
     """Log ``result`` to every logger of ``trainer``, write the scores file (:func:`scores_file`)
     and print the one-screen summary through ``log`` (``verbose``; ``None``: when the trainer
     shows a progress bar). ``data``: the training data and the attribution's query data;

@@ -1,7 +1,7 @@
 """Weights & Biases adapter: ``logger.experiment`` is a ``wandb`` run."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from ..result import AuditResult
 from .figures import detection_curve_figure
@@ -11,8 +11,8 @@ from .tables import columns_of
 IMAGE_COLUMN = "image"
 
 
-def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None,
-          gallery: Optional[Gallery] = None) -> None:
+def write(logger: Any, result: AuditResult, rows: list[dict[str, Any]], step: int | None = None,
+          gallery: Gallery | None = None) -> None:
     """Log ``influence/top_k`` (a ``wandb.Table``), ``influence/scores`` (a ``wandb.Histogram``),
     when ``result.noisy`` is known ``influence/detection_curve`` (a ``wandb.Image``), and with
     a ``gallery`` the sample's picture in the table's last column ``image`` (a captioned
@@ -30,7 +30,7 @@ def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Op
             i = where.get(int(r["id"]))
             line.append(None if i is None else
                         wandb.Image(gallery.pixels(i), caption=gallery.captions[i].replace("\n", ", ")))
-    payload: Dict[str, Any] = {"influence/top_k": wandb.Table(columns=cols, data=data)}
+    payload: dict[str, Any] = {"influence/top_k": wandb.Table(columns=cols, data=data)}
     finite = scores[scores.isfinite()]
     if finite.numel():
         payload["influence/scores"] = wandb.Histogram(finite.numpy())
@@ -43,7 +43,7 @@ def write(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Op
     logger.experiment.log(payload)
 
 
-def write_attribution(logger: Any, result: AuditResult, rows: List[Dict[str, Any]], step: Optional[int] = None,
+def write_attribution(logger: Any, result: AuditResult, rows: list[dict[str, Any]], step: int | None = None,
                       gallery: Any = None) -> None:
     """``influence/attribution``: one ``wandb.Table`` (a row per query, side and rank; filter by
     ``query``), and with a ``gallery`` its picture ``influence/attribution_gallery``."""
@@ -52,7 +52,7 @@ def write_attribution(logger: Any, result: AuditResult, rows: List[Dict[str, Any
     from .attribution import columns_of as attribution_columns
 
     cols = attribution_columns(rows)
-    payload: Dict[str, Any] = {"influence/attribution": wandb.Table(columns=cols,
+    payload: dict[str, Any] = {"influence/attribution": wandb.Table(columns=cols,
                                                                     data=[[r.get(c) for c in cols] for r in rows])}
     if gallery is not None:
         payload["influence/attribution_gallery"] = wandb.Image(gallery.figure())

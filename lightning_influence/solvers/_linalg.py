@@ -10,7 +10,7 @@ the input's precision and are accumulated in ``accumulate`` (float64 by default)
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -51,7 +51,7 @@ def blas_threads() -> Iterator[None]:
         yield
 
 
-def _syrk(x: Tensor, rows_first: bool, full: bool = True) -> Optional[Tensor]:
+def _syrk(x: Tensor, rows_first: bool, full: bool = True) -> Tensor | None:
     """``xᵀx`` (``rows_first``) or ``x xᵀ`` of a 2-D CPU tensor by BLAS syrk, or None; not
     ``full``: only the lower triangle is the product's (the upper is zero)."""
     if _blas is None or x.device.type != "cpu" or x.dtype not in _SYRK or x.requires_grad:
@@ -68,7 +68,7 @@ def _syrk(x: Tensor, rows_first: bool, full: bool = True) -> Optional[Tensor]:
     return upper + upper.triu(1).T
 
 
-def gram(x: Tensor, accumulate: Optional[torch.dtype] = torch.float64, full: bool = True) -> Tensor:
+def gram(x: Tensor, accumulate: torch.dtype | None = torch.float64, full: bool = True) -> Tensor:
     """``xᵀx`` of ``x`` ``(K, d)``: products in ``x``'s dtype over row chunks of
     :data:`ACCUMULATE_ROWS`, summed in ``accumulate`` (None: ``x``'s dtype). Not ``full``: only
     the lower triangle is guaranteed (enough for a Cholesky factor; saves the O(d²) passes that

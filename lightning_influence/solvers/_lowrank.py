@@ -22,7 +22,7 @@ inverse the Schulz iteration converges to.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -39,8 +39,8 @@ _SLICE_ELEMENTS = 1 << 23
 PROBES = 4
 
 
-def form_cost(form: str, n: int, r: int, d: int, scored_rows: Optional[int] = None,
-              out_bytes: int = 4, fit_bytes: int = 8) -> Dict[str, float]:
+def form_cost(form: str, n: int, r: int, d: int, scored_rows: int | None = None,
+              out_bytes: int = 4, fit_bytes: int = 8) -> dict[str, float]:
     """The modelled cost of one block of HyperINF in ``form`` (``"lowrank"`` or ``"schulz"``),
     fitted on ``n`` curvature gradients of shape ``(r, d)`` and scoring ``scored_rows`` rows
     (default ``n·r``) by the quadratic form: ``{"flops", "kept_bytes", "temp_bytes"}``: the
@@ -96,7 +96,7 @@ def _lapack_threads(k: int, device: torch.device) -> Iterator[None]:
 
 
 def factor(grads: Tensor, counts: Sequence[int], dampings: Sequence[float],
-           dtype: torch.dtype) -> Tuple[Tensor, Tensor, List[float]]:
+           dtype: torch.dtype) -> tuple[Tensor, Tensor, list[float]]:
     """``Q`` and ``w`` of a stack of blocks ``grads`` ``(B, K, d)`` (``K = N·r`` rows each),
     computed in ``dtype``: ``(Q (B, K, d) — the right singular vectors as rows —, w (B, K),
     residuals)``. Directions whose ``σ²`` is under ``K·ε·σ_max²`` (rounding, not curvature) are

@@ -18,7 +18,8 @@ from __future__ import annotations
 import copy
 import inspect
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, List, Sequence, Tuple, Type, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,7 +36,7 @@ class InverseSolver(ABC):
     name: str = ""
 
     def __init__(self) -> None:
-        self.info: Dict[str, Any] = {}
+        self.info: dict[str, Any] = {}
 
     @abstractmethod
     def fit(self, grads: Tensor, damping: float) -> "InverseSolver":
@@ -53,13 +54,13 @@ class InverseSolver(ABC):
     # (the gradients themselves, for solvers that need every sample). The default is "cat".
 
     #: how each statistic combines across chunks and ranks
-    reductions: Dict[str, str] = {"grads": "cat"}
+    reductions: dict[str, str] = {"grads": "cat"}
 
-    def statistics(self, grads: Tensor) -> Dict[str, Tensor]:
+    def statistics(self, grads: Tensor) -> dict[str, Tensor]:
         """Statistics of one chunk of curvature gradients ``(N_c, r, d)``."""
         return {"grads": grads}
 
-    def fit_statistics(self, stats: Dict[str, Tensor], n: int, damping: float) -> "InverseSolver":
+    def fit_statistics(self, stats: dict[str, Tensor], n: int, damping: float) -> "InverseSolver":
         """Fit from statistics combined over all ``n`` curvature samples. Returns ``self``."""
         return self.fit(stats["grads"], damping)
 
@@ -71,7 +72,7 @@ class InverseSolver(ABC):
 
     # --- memory -------------------------------------------------------------------------------
 
-    def estimate_bytes(self, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+    def estimate_bytes(self, shapes: Sequence[tuple[int, int]], n_curvature: int, compute_bytes: int,
                        gathered: bool = True) -> int:
         """Peak bytes of the solve stage with this solver on blocks of gradient shapes ``shapes``
         (``[(r, d)]``) and ``n_curvature`` curvature samples, numbers of ``compute_bytes`` bytes:
@@ -89,8 +90,8 @@ class InverseSolver(ABC):
     # --- batched fitting and fused scoring (optional; the defaults loop over the blocks) ----
 
     @classmethod
-    def fit_group(cls, solvers: Sequence["InverseSolver"], stats: Sequence[Dict[str, Tensor]],
-                  counts: Sequence[int], dampings: Sequence[float]) -> List["InverseSolver"]:
+    def fit_group(cls, solvers: Sequence["InverseSolver"], stats: Sequence[dict[str, Tensor]],
+                  counts: Sequence[int], dampings: Sequence[float]) -> list["InverseSolver"]:
         """Fit several solvers of this class (one per block) from their statistics; a solver may
         override it to batch equal-shaped blocks into one product. Returns the fitted solvers."""
         return [s.fit_statistics(st, n, lam) for s, st, n, lam in zip(solvers, stats, counts, dampings)]
@@ -108,13 +109,13 @@ class InverseSolver(ABC):
         return torch.stack([s.quadratic(v) for s, v in zip(solvers, vectors)])
 
 
-SOLVERS: Dict[str, Type[InverseSolver]] = {}
+SOLVERS: dict[str, type[InverseSolver]] = {}
 
 
-def register_solver(name: str) -> Callable[[Type[InverseSolver]], Type[InverseSolver]]:
+def register_solver(name: str) -> Callable[[type[InverseSolver]], type[InverseSolver]]:
     """Class decorator: make a solver available under ``name`` (``make_solver(name)``)."""
 
-    def decorator(cls: Type[InverseSolver]) -> Type[InverseSolver]:
+    def decorator(cls: type[InverseSolver]) -> type[InverseSolver]:
         if name in SOLVERS and SOLVERS[name] is not cls:
             raise ValueError(f"a solver named {name!r} is already registered: {SOLVERS[name]}")
         cls.name = name
@@ -124,7 +125,7 @@ def register_solver(name: str) -> Callable[[Type[InverseSolver]], Type[InverseSo
     return decorator
 
 
-SolverSpec = Union[str, InverseSolver, Type[InverseSolver]]
+SolverSpec = str | InverseSolver | type[InverseSolver]
 
 
 def make_solver(spec: SolverSpec, **options: Any) -> InverseSolver:
@@ -144,7 +145,7 @@ def make_solver(spec: SolverSpec, **options: Any) -> InverseSolver:
     raise TypeError(f"solver must be a name, an InverseSolver class or instance, got {type(spec).__name__}")
 
 
-def estimate_solve_bytes(solver: Any, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+def estimate_solve_bytes(solver: Any, shapes: Sequence[tuple[int, int]], n_curvature: int, compute_bytes: int,
                          gathered: bool = True) -> int:
     """The solve stage's peak bytes with ``solver`` (what :func:`make_solver` returns): its own
     :meth:`InverseSolver.estimate_bytes` on blocks of gradient shapes ``shapes`` (``[(r, d)]``) and

@@ -1,7 +1,7 @@
 """DataInf (Kwon et al., 2024): closed-form, swapped average/inverse of rank-one terms."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 from torch import Tensor
 
@@ -14,7 +14,7 @@ class DataInfSolver(InverseSolver):
     Sherman–Morrison inverses of ``g_i g_iᵀ + λI``, vectorised over samples and vectors.
     ``info = {}``."""
 
-    def estimate_bytes(self, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+    def estimate_bytes(self, shapes: Sequence[tuple[int, int]], n_curvature: int, compute_bytes: int,
                        gathered: bool = True) -> int:
         """The gathered gradients (when ``gathered``; the fitted solver keeps a view of them) and
         every block's kept ``λ + ‖g_i‖²`` (``N`` numbers)."""

@@ -1,7 +1,7 @@
 """Exact inverse of the damped empirical Fisher ``F + λI`` in the flat ``D = r·d`` space."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -48,7 +48,7 @@ class ExactSolver(InverseSolver):
     block, streamed).
     """
 
-    def estimate_bytes(self, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+    def estimate_bytes(self, shapes: Sequence[tuple[int, int]], n_curvature: int, compute_bytes: int,
                        gathered: bool = True) -> int:
         """The gathered gradients (when ``gathered``), the kept factor of every block (``N × N``
         Woodbury, ``D × D`` dense) and the largest block's matrix before it is factored; past

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,8 +49,8 @@ class HyperINFSolver(InverseSolver):
     """
 
     def __init__(self, tol: float = 1e-6, max_iter: int = 100,
-                 compute_dtype: Optional[torch.dtype] = torch.float64,
-                 float32_until: Optional[float] = 1e-2, form: str = "auto",
+                 compute_dtype: torch.dtype | None = torch.float64,
+                 float32_until: float | None = 1e-2, form: str = "auto",
                  group_bytes: int = 256 << 20) -> None:
         super().__init__()
         self.tol, self.max_iter, self.compute_dtype = float(tol), int(max_iter), compute_dtype
@@ -69,7 +70,7 @@ class HyperINFSolver(InverseSolver):
         self.reductions = {"grads": "cat"} if self._form == "lowrank" else {"gram": "sum"}
         return self._form
 
-    def estimate_bytes(self, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+    def estimate_bytes(self, shapes: Sequence[tuple[int, int]], n_curvature: int, compute_bytes: int,
                        gathered: bool = True) -> int:
         """Peak bytes of fitting these blocks (and keeping the fitted inverses), see
         :meth:`InverseSolver.estimate_bytes`: per block the kept ``Q`` or ``X``, the summed Gram
@@ -77,7 +78,7 @@ class HyperINFSolver(InverseSolver):
         the largest fitting batch (at most ``group_bytes``, at least one block)."""
         fit_bytes = 4 if self.compute_dtype == torch.float32 else 8
         total, temp = 0, 0
-        counts: Dict[Tuple[int, int], int] = {}
+        counts: dict[tuple[int, int], int] = {}
         for shape in shapes:
             counts[tuple(shape)] = counts.get(tuple(shape), 0) + 1
         for (r, d), count in counts.items():
@@ -97,7 +98,7 @@ class HyperINFSolver(InverseSolver):
         dtype = self.compute_dtype or like.dtype
         return torch.float32 if dtype == torch.float64 and like.device.type == "mps" else dtype  # no fp64 on MPS
 
-    def statistics(self, grads: Tensor) -> Dict[str, Tensor]:
+    def statistics(self, grads: Tensor) -> dict[str, Tensor]:
         """Schulz form: ``{"gram": Σ_i g_iᵀ g_i}`` ``(d, d)`` of a chunk ``(N_c, r, d)``, a symmetric
         rank-k update with products in the gradients' precision, accumulated in ``compute_dtype``.
         Low-rank form: ``{"grads": grads}`` (no copy). The fitted inverse is kept in the
@@ -118,18 +119,18 @@ class HyperINFSolver(InverseSolver):
         self.plan(*grads.shape)
         return self.fit_statistics(self.statistics(grads), grads.shape[0], damping)
 
-    def fit_statistics(self, stats: Dict[str, Tensor], n: int, damping: float) -> "HyperINFSolver":
+    def fit_statistics(self, stats: dict[str, Tensor], n: int, damping: float) -> "HyperINFSolver":
         """Invert ``A = gram / n + λI`` by Schulz iteration, or by the low-rank form from
         ``stats["grads"]``; returns ``self``."""
         return type(self).fit_group([self], [stats], [n], [damping])[0]
 
     @classmethod
-    def fit_group(cls, solvers: Sequence["HyperINFSolver"], stats: Sequence[Dict[str, Tensor]],
-                  counts: Sequence[int], dampings: Sequence[float]) -> List["HyperINFSolver"]:
+    def fit_group(cls, solvers: Sequence["HyperINFSolver"], stats: Sequence[dict[str, Tensor]],
+                  counts: Sequence[int], dampings: Sequence[float]) -> list["HyperINFSolver"]:
         """Fit several solvers at once: blocks with the same shape, form and options run as
         batched products (``(B, d, d)`` Schulz steps; ``(B, N·r, d)`` low-rank factors), in
         batches whose temporaries stay under ``group_bytes`` (at least one block per batch)."""
-        groups: Dict[Any, List[int]] = {}
+        groups: dict[Any, list[int]] = {}
         for i, (solver, st) in enumerate(zip(solvers, stats)):
             if "grads" in st:
                 g = st["grads"]
@@ -179,7 +180,7 @@ class HyperINFSolver(InverseSolver):
             solver._lam = float(lam)
             solver._x = solver._cast = None
 
-    def _done(self, info: Dict[str, Any], what: str) -> None:
+    def _done(self, info: dict[str, Any], what: str) -> None:
         """Record ``info``; warn if its residual is not under ``tol``."""
         if not info["residual"] < self.tol:
             warnings.warn(f"hyperinf: {what} did not converge: {info['iterations']} iterations, "
@@ -297,10 +298,10 @@ class HyperINFSolver(InverseSolver):
                 out[i, s:s + step] = torch.linalg.vecdot(part @ x, part)
         return out.reshape(b, m, r).sum(-1)
 
-    _x: Optional[Tensor] = None
-    _w: Optional[Tensor] = None  # the low-rank form's Q (K, d); its weights w in _weights
-    _cast: Optional[Tensor] = None  # the kept X or Q in the vectors' dtype (_kept_for)
-    _out_dtype: Optional[torch.dtype] = None  # the fitted inverse's dtype: the gradients' (statistics, fit)
+    _x: Tensor | None = None
+    _w: Tensor | None = None  # the low-rank form's Q (K, d); its weights w in _weights
+    _cast: Tensor | None = None  # the kept X or Q in the vectors' dtype (_kept_for)
+    _out_dtype: torch.dtype | None = None  # the fitted inverse's dtype: the gradients' (statistics, fit)
 
     def _x_for(self, dtype: torch.dtype) -> Tensor:
         """``X`` in ``dtype`` for float32/float64 vectors (X was computed in float64, the product

@@ -1,7 +1,7 @@
 """The identity "inverse": influence becomes a plain gradient dot product (TracIn at θ*)."""
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -14,18 +14,18 @@ class IdentitySolver(InverseSolver):
     """No curvature: ``apply(v) = v``. ``info`` stays ``{}``. It needs no statistics of the
     curvature gradients, so fitting it reads nothing."""
 
-    reductions: Dict[str, str] = {}
+    reductions: dict[str, str] = {}
     needs_damping = False  # fit_solvers computes no λ statistics for it
 
-    def statistics(self, grads: Tensor) -> Dict[str, Tensor]:
+    def statistics(self, grads: Tensor) -> dict[str, Tensor]:
         return {}
 
-    def estimate_bytes(self, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+    def estimate_bytes(self, shapes: Sequence[tuple[int, int]], n_curvature: int, compute_bytes: int,
                        gathered: bool = True) -> int:
         """Nothing: no statistics, nothing kept."""
         return 0
 
-    def fit_statistics(self, stats: Dict[str, Tensor], n: int, damping: float) -> "IdentitySolver":
+    def fit_statistics(self, stats: dict[str, Tensor], n: int, damping: float) -> "IdentitySolver":
         self.info = {}
         return self
 

@@ -22,7 +22,7 @@ by summation across chunks and ranks; memory ``O(d² + r²)`` per block, no per-
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -39,23 +39,23 @@ class KroneckerSolver(InverseSolver):
             (an approximation of the damped inverse Fisher).
     """
 
-    reductions: Dict[str, str] = {"left": "sum", "right": "sum", "sumsq": "sum"}
+    reductions: dict[str, str] = {"left": "sum", "right": "sum", "sumsq": "sum"}
 
     def __init__(self, balance: bool = True) -> None:
         super().__init__()
         self.balance = bool(balance)
-        self.left_inv: Optional[Tensor] = None
-        self.right_inv: Optional[Tensor] = None
+        self.left_inv: Tensor | None = None
+        self.right_inv: Tensor | None = None
         self.scale = 1.0
 
-    def statistics(self, grads: Tensor) -> Dict[str, Tensor]:
+    def statistics(self, grads: Tensor) -> dict[str, Tensor]:
         """``Σ g gᵀ`` ``(r, r)``, ``Σ gᵀ g`` ``(d, d)`` and ``Σ ‖g‖²`` of a chunk ``(N_c, r, d)``,
         accumulated in at least float32."""
         g = grads if grads.dtype in (torch.float32, torch.float64) else grads.float()
         return {"left": torch.einsum("nrd,nsd->rs", g, g), "right": torch.einsum("nrd,nre->de", g, g),
                 "sumsq": g.square().sum().reshape(1)}
 
-    def estimate_bytes(self, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+    def estimate_bytes(self, shapes: Sequence[tuple[int, int]], n_curvature: int, compute_bytes: int,
                        gathered: bool = True) -> int:
         """In float64 whatever ``compute_bytes`` (see :meth:`fit_statistics`): every block keeps its
         two inverses, ``r² + d²`` numbers, and the largest block's fit has its factors and LU
@@ -69,7 +69,7 @@ class KroneckerSolver(InverseSolver):
         """Fit from the curvature gradients ``grads`` ``(N, r, d)`` and the damping ``λ``."""
         return self.fit_statistics(self.statistics(grads), grads.shape[0], damping)
 
-    def fit_statistics(self, stats: Dict[str, Tensor], n: int, damping: float) -> "KroneckerSolver":
+    def fit_statistics(self, stats: dict[str, Tensor], n: int, damping: float) -> "KroneckerSolver":
         left, right = stats["left"].double() / max(n, 1), stats["right"].double() / max(n, 1)
         r, d = left.shape[0], right.shape[0]
         mean_sq = float(stats["sumsq"].sum()) / max(n, 1)  # E‖g‖²

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -30,13 +30,13 @@ class LiSSASolver(InverseSolver):
     """
 
     def __init__(self, tol: float = 1e-7, max_iter: int = 10000, power_iters: int = 30,
-                 max_flops: Optional[float] = 1e11, min_iter: int = 10) -> None:
+                 max_flops: float | None = 1e11, min_iter: int = 10) -> None:
         super().__init__()
         self.tol, self.max_iter, self.power_iters = float(tol), int(max_iter), int(power_iters)
         self.max_flops = None if max_flops is None else float(max_flops)
         self.min_iter = int(min_iter)
 
-    def estimate_bytes(self, shapes: Sequence[Tuple[int, int]], n_curvature: int, compute_bytes: int,
+    def estimate_bytes(self, shapes: Sequence[tuple[int, int]], n_curvature: int, compute_bytes: int,
                        gathered: bool = True) -> int:
         """The gathered gradients (when ``gathered``), ``C`` (``D × D``) of every block with ``D <= N``,
         and the largest fit's temporary: ``G²`` (``N × D``, for ``trace C``), which is at least the

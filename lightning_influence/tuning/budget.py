@@ -9,7 +9,8 @@ paid for), and the loaders the steps draw their mini-batches from
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -30,7 +31,7 @@ FORWARD_COST = 0.5
 MIN_STEP_SHARE = 0.25
 
 
-def budget_epochs(config: TuningConfig, train_size: Optional[float], val_size: int, sharpness_aware: bool) -> float:
+def budget_epochs(config: TuningConfig, train_size: float | None, val_size: int, sharpness_aware: bool) -> float:
     """Passes over the validation set: ``config.epochs``, or for ``"auto"`` the compute of one
     training epoch (``n`` forward-backward passes; SAM takes two per sample) over the ``m``
     validation samples: ``n / (2m)`` for fvm, ``n / m`` for vm, within ``[MIN_AUTO_EPOCHS,
@@ -63,7 +64,7 @@ def relative_sample_cost(train_data: Any, val_data: Any, seed: int = 0, samples:
         return 1.0
 
 
-def planned_steps(config: TuningConfig, batches_per_pass: int, epochs: Optional[float] = None) -> int:
+def planned_steps(config: TuningConfig, batches_per_pass: int, epochs: float | None = None) -> int:
     """The step budget: ``config.steps`` if set, else ``ceil(epochs x batches per pass)``
     (``epochs``: :func:`budget_epochs`, default ``config.epochs``)."""
     if config.steps is not None:
@@ -75,7 +76,7 @@ def planned_steps(config: TuningConfig, batches_per_pass: int, epochs: Optional[
 
 
 def steps_after_checks(config: TuningConfig, total: int, per_pass: int, epochs: float, spent: float, val_size: int,
-                       train_size: Optional[float], sharpness_aware: bool) -> Tuple[int, Optional[float]]:
+                       train_size: float | None, sharpness_aware: bool) -> tuple[int, float | None]:
     """``epochs="auto"``: the checks (θ* figures, the probe: ``spent`` forward-backward passes of
     one sample) are part of the one training epoch of compute, so the steps get the rest, at least
     ``MIN_STEP_SHARE`` of the ``epochs`` budget. Returns ``(steps, the checks' share of one
@@ -112,7 +113,7 @@ def bucketed_loader_factory(data: Any, batch_size: int, seed: int, name: str = "
     def make(epoch: int) -> DataLoader:
         g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
         perm = torch.randperm(n, generator=g).tolist()
-        batches: List[List[int]] = []
+        batches: list[list[int]] = []
         for s in range(0, n, size * pool):
             chunk = sorted(perm[s:s + size * pool], key=lambda i: sizes[i])
             batches.extend(chunk[k:k + size] for k in range(0, len(chunk), size))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
@@ -32,7 +32,7 @@ RETRY_SHRINK = 4.0
 
 def gradient_noise_test(blocks: Iterable[torch.Tensor], count: int,
                         all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-                        ) -> Tuple[float, float, float]:
+                        ) -> tuple[float, float, float]:
     """Is the full validation set's mean gradient larger than sampling noise explains?
 
     ``blocks``: for each parameter block, this rank's per-sample validation gradients at θ̃
@@ -51,7 +51,7 @@ def gradient_noise_test(blocks: Iterable[torch.Tensor], count: int,
     Returns ``(‖ḡ‖, ‖ḡ‖ / sqrt(tr Σ / M), z)`` (NaN where undefined)."""
     nan = float("nan")
     grad_sq, sample_sq = 0.0, torch.zeros((), dtype=torch.float64)
-    gram: Optional[torch.Tensor] = None
+    gram: torch.Tensor | None = None
     for block in blocks:
         block = block.double().reshape(block.shape[0], -1)
         mean = all_reduce_sum(block.sum(0)) / max(count, 1)
@@ -114,7 +114,7 @@ def minimum_check(stats: Mapping[str, float], config: TuningConfig, val_loss: fl
 
 def verify(stats: Mapping[str, float], config: TuningConfig, val_loss: float, val_acc: float,
            grad_norm: float, noise_ratio: float = float("nan"), grad_z: float = float("nan"),
-           warn: bool = True) -> Dict[str, float]:
+           warn: bool = True) -> dict[str, float]:
     """Add the full validation-set figures at θ̃ to ``stats`` (``val_loss_tuned``,
     ``val_acc_tuned``, ``grad_norm_tuned``, ``grad_ratio`` = ``grad_norm_tuned /
     grad_norm_start`` (informative only: the θ* figure is a 32-sample estimate),

@@ -8,7 +8,8 @@ that drop samples with a non-finite loss from a batch (:func:`finite_losses`, :f
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,8 +26,8 @@ def select_rows(batch: Any, keep: torch.Tensor, size: int) -> Any:
                     and t.shape[0] == size else t, batch)
 
 
-def finite_losses(model: nn.Module, batch: Any, loss_fn: Optional[LossFn],
-                  grad: bool) -> Tuple[Optional[torch.Tensor], LossOutput]:
+def finite_losses(model: nn.Module, batch: Any, loss_fn: LossFn | None,
+                  grad: bool) -> tuple[torch.Tensor | None, LossOutput]:
     """The per-sample losses ``(B_finite,)`` of ``batch``'s samples with a finite loss (recomputed
     without the others, whose NaN/inf activations would reach the weight gradients as 0 * NaN),
     and the output of the loss; ``None`` when none is finite. ``grad``: with autograd on."""
@@ -41,9 +42,9 @@ def finite_losses(model: nn.Module, batch: Any, loss_fn: Optional[LossFn],
         return (out.losses if bool(torch.isfinite(out.losses.detach()).all()) else None), out
 
 
-def evaluate(model: nn.Module, loader: Any, loss_fn: Optional[LossFn] = None,
+def evaluate(model: nn.Module, loader: Any, loss_fn: LossFn | None = None,
              to_device: Callable[[Any], Any] = lambda b: b,
-             grad_of: Optional[List[nn.Parameter]] = None) -> Tuple[float, float, int, float]:
+             grad_of: list[nn.Parameter] | None = None) -> tuple[float, float, int, float]:
     """Mean loss and accuracy (NaN without class labels) over every sample of ``loader`` with a
     finite loss, in eval mode, and the norm of the mean loss's gradient with respect to
     ``grad_of`` (NaN without): ``(loss, accuracy, samples, gradient norm)``. The parameters'
@@ -71,9 +72,9 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: Optional[LossFn] = None,
     return (total / count if count else nan), (correct / labelled if labelled else nan), count, norm
 
 
-def mean_gradient(model: nn.Module, params: List[nn.Parameter], batches: List[Any],
-                  loss_fn: Optional[LossFn], reference: Optional[List[nn.Parameter]] = None,
-                  population: Optional[int] = None) -> Tuple[List[torch.Tensor], float, int, float]:
+def mean_gradient(model: nn.Module, params: list[nn.Parameter], batches: list[Any],
+                  loss_fn: LossFn | None, reference: list[nn.Parameter] | None = None,
+                  population: int | None = None) -> tuple[list[torch.Tensor], float, int, float]:
     """The mean loss's gradient over ``batches`` (samples with a finite loss) with respect to
     ``params`` (one tensor per parameter, of its shape), in the model's current mode, the mean
     loss, the sample count, and an unbiased
@@ -125,7 +126,7 @@ def mean_gradient(model: nn.Module, params: List[nn.Parameter], batches: List[An
 
 
 def finite_mean_loss(model: nn.Module, batch: Any,
-                     loss_fn: Optional[LossFn]) -> Tuple[Optional[torch.Tensor], Any, int]:
+                     loss_fn: LossFn | None) -> tuple[torch.Tensor | None, Any, int]:
     """The batch's mean loss (a scalar) over its samples with a finite loss, the batch those
     samples form, and their number. A non-finite sample is dropped from the batch (masking its
     loss is not enough: its NaN/inf activations would still reach the weight gradients as
@@ -142,7 +143,7 @@ def finite_mean_loss(model: nn.Module, batch: Any,
     return (losses.mean() if ok else None), batch, int(losses.shape[0])
 
 
-def grads_finite(params: List[nn.Parameter]) -> bool:
+def grads_finite(params: list[nn.Parameter]) -> bool:
     """Whether every ``.grad`` of ``params`` is finite (``True`` without any)."""
     flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
     return not flags or bool(torch.stack(flags).all())  # one device sync, not one per parameter

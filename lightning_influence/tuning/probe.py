@@ -8,7 +8,8 @@ each tensor's scale, which Adam's probe and its relative learning rates step by.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,10 +32,10 @@ PROBE_OCTAVES = 3
 GRAD_CHECK_SAMPLES = 32
 
 #: the θ* check's probe batches, their mean gradient (one tensor per tuned parameter) and mean loss
-ThetaStarCheck = Tuple[List[Any], List[torch.Tensor], float]
+ThetaStarCheck = tuple[list[Any], list[torch.Tensor], float]
 
 
-def tensor_scales(params: List[nn.Parameter]) -> List[float]:
+def tensor_scales(params: list[nn.Parameter]) -> list[float]:
     """Each tensor's RMS, at least ``0.1 x`` the median positive RMS (1 when none is positive):
     tensors near 0 (a fresh bias, LoRA's B before training) get a floor proportional to the
     parameters' scale."""
@@ -44,7 +45,7 @@ def tensor_scales(params: List[nn.Parameter]) -> List[float]:
     return [max(r, floor) for r in rms]
 
 
-def grad_check_ids(val_size: int, seed: int, samples: Optional[int] = None) -> List[int]:
+def grad_check_ids(val_size: int, seed: int, samples: int | None = None) -> list[int]:
     """The validation samples (sorted ids) of the gradient yardstick at θ* (the full-set norm at
     θ̃ is exact) and of the learning-rate probe: a seeded random subset of ``samples`` (default
     ``GRAD_CHECK_SAMPLES``; all when fewer)."""
@@ -55,9 +56,9 @@ def grad_check_ids(val_size: int, seed: int, samples: Optional[int] = None) -> L
     return sorted(torch.randperm(val_size, generator=g)[:samples].tolist())
 
 
-def probe_lr(model: nn.Module, params: List[nn.Parameter], batches: List[Any], loss_fn: Optional[LossFn],
-             optimizer: str = "sgd", factor: float = PROBE_FACTOR, grads: Optional[List[torch.Tensor]] = None,
-             base: Optional[float] = None) -> Tuple[float, Dict[str, float]]:
+def probe_lr(model: nn.Module, params: list[nn.Parameter], batches: list[Any], loss_fn: LossFn | None,
+             optimizer: str = "sgd", factor: float = PROBE_FACTOR, grads: list[torch.Tensor] | None = None,
+             base: float | None = None) -> tuple[float, dict[str, float]]:
     """A learning rate from a short probe of the validation loss (never from noise flags): the
     mean loss of ``batches`` at θ + η·d along the first step's direction ``d`` for a geometric
     grid of η, stopping once the loss rises above its value at θ; ``lr = factor x`` the best η.
@@ -93,7 +94,7 @@ def probe_lr(model: nn.Module, params: List[nn.Parameter], batches: List[Any], l
         directions = [-g for g in grads]
         eta0 = base / sq if sq > 0 and math.isfinite(base) else 1.0
         grid = [eta0 * 4.0 ** -k for k in range(PROBE_OCTAVES, -2, -1)]
-    curve: Dict[str, float] = {"0": base}
+    curve: dict[str, float] = {"0": base}
     best, best_loss = grid[0], float("inf")
     try:
         with torch.no_grad():
@@ -113,9 +114,9 @@ def probe_lr(model: nn.Module, params: List[nn.Parameter], batches: List[Any], l
     return factor * best, curve
 
 
-def probe_learning_rate(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[[int], DataLoader],
-                        config: TuningConfig, loss_fn: Optional[LossFn], to_device: Callable[[Any], Any],
-                        check: Optional[ThetaStarCheck], check_samples: float) -> Tuple[float, Dict[str, float], float]:
+def probe_learning_rate(model: nn.Module, params: list[nn.Parameter], loader_factory: Callable[[int], DataLoader],
+                        config: TuningConfig, loss_fn: LossFn | None, to_device: Callable[[Any], Any],
+                        check: ThetaStarCheck | None, check_samples: float) -> tuple[float, dict[str, float], float]:
     """``lr="auto"``: :func:`probe_lr` on the θ* check's batches, gradient and loss (eval mode;
     ``check_samples`` of them), else on ``PROBE_SAMPLES`` samples of their own shuffle. Returns
     ``(lr, {η: probe loss}, forward-backward passes of one sample spent)``."""

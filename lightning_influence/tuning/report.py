@@ -10,7 +10,6 @@ holds (keys such as ``val_loss_trained``, ``probe_loss@0.1``, ``lr_attempt_0``,
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, List, Optional
 
 
 @dataclass(frozen=True)
@@ -24,7 +23,7 @@ class ThetaStarFigures:
     grad_norm_start: float
     grad_check_samples: float
 
-    def as_dict(self) -> Dict[str, float]:
+    def as_dict(self) -> dict[str, float]:
         """The fields as ``{name: value}``, in field order."""
         return asdict(self)
 
@@ -46,7 +45,7 @@ class StepFigures:
     sharpness_aware: float
     steps_s: float
 
-    def as_dict(self) -> Dict[str, float]:
+    def as_dict(self) -> dict[str, float]:
         """The fields as ``{name: value}``, in field order."""
         return asdict(self)
 
@@ -73,7 +72,7 @@ class FinalFigures:
     grad_z: float
     at_minimum: float
 
-    def as_dict(self) -> Dict[str, float]:
+    def as_dict(self) -> dict[str, float]:
         """The fields as ``{name: value}``, in field order."""
         return asdict(self)
 
@@ -93,20 +92,20 @@ class TuningReport:
     batches_per_pass: float
     planned_steps: float = 0.0
     planned_epochs: float = 0.0
-    theta_star: Optional[ThetaStarFigures] = None
-    probe_curve: Optional[Dict[str, float]] = None
-    probe_s: Optional[float] = None
-    check_epochs: Optional[float] = None
-    momentum: Optional[float] = None
-    lr: Optional[float] = None
-    loop: Optional[StepFigures] = None
+    theta_star: ThetaStarFigures | None = None
+    probe_curve: dict[str, float] | None = None
+    probe_s: float | None = None
+    check_epochs: float | None = None
+    momentum: float | None = None
+    lr: float | None = None
+    loop: StepFigures | None = None
     inherited: bool = False
-    attempts: List[Attempt] = field(default_factory=list)
-    train_sample_cost: Optional[float] = None
-    retries: Optional[float] = None
-    final: Optional[FinalFigures] = None
+    attempts: list[Attempt] = field(default_factory=list)
+    train_sample_cost: float | None = None
+    retries: float | None = None
+    final: FinalFigures | None = None
 
-    def retry_of(self, first: TuningReport, attempts: List[Attempt]) -> TuningReport:
+    def retry_of(self, first: TuningReport, attempts: list[Attempt]) -> TuningReport:
         """This retry's report with the first attempt's θ* figures, probe and their cost, and the
         ``attempts`` undone so far."""
         return replace(self, theta_star=first.theta_star, probe_curve=first.probe_curve, check_s=first.check_s,
@@ -114,15 +113,15 @@ class TuningReport:
                        check_epochs=first.check_epochs if first.check_epochs is not None else self.check_epochs,
                        inherited=True, attempts=list(attempts))
 
-    def _theta_star(self) -> Dict[str, float]:
+    def _theta_star(self) -> dict[str, float]:
         return self.theta_star.as_dict() if self.theta_star is not None else {}
 
-    def _probe(self) -> Dict[str, float]:
+    def _probe(self) -> dict[str, float]:
         return {f"probe_loss@{k}": v for k, v in (self.probe_curve or {}).items()}
 
-    def as_dict(self) -> Dict[str, float]:
+    def as_dict(self) -> dict[str, float]:
         """The flat figures of ``AuditResult.tuning``, keys and order as the audit lists them."""
-        out: Dict[str, float] = {}
+        out: dict[str, float] = {}
         if self.loop is None:  # a zero budget
             out["steps"] = 0.0
         if not self.inherited:

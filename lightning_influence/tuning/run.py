@@ -7,8 +7,9 @@ under a probed learning rate, restarts from θ* at a smaller one; every rank tak
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,14 +30,14 @@ from .report import Attempt, TuningReport
 from .steps import tune
 
 #: the full validation-set figures at θ̃: loss, accuracy, mean-gradient norm, noise ratio, ``z``
-Figures = Tuple[float, float, float, float, float]
+Figures = tuple[float, float, float, float, float]
 
 
-def tune_and_check(working: nn.Module, blocks: List[Block], train_data: Any, val_data: Any, config: TuningConfig,
-                   sharpness_aware: bool, loss_fn: Optional[LossFn], batch_size: int, device: torch.device, seed: int,
-                   n: int, m: int, train_ids: Tensor, val_ids: Tensor, gather: Dict[str, Any], stages: StageTimes,
+def tune_and_check(working: nn.Module, blocks: list[Block], train_data: Any, val_data: Any, config: TuningConfig,
+                   sharpness_aware: bool, loss_fn: LossFn | None, batch_size: int, device: torch.device, seed: int,
+                   n: int, m: int, train_ids: Tensor, val_ids: Tensor, gather: dict[str, Any], stages: StageTimes,
                    progress: Progress, dist: Collectives, exact_gradients: bool, loss_at_trained: bool = True,
-                   ) -> Tuple[Optional[Tensor], Dict[str, float], Gathered]:
+                   ) -> tuple[Tensor | None, dict[str, float], Gathered]:
     """Tune ``working`` in place to θ̃ and check it on the full validation set.
 
     Returns the training losses at θ* ``(n_r,)`` (this rank's shard ``train_ids``; ``None``
@@ -62,8 +63,8 @@ def tune_and_check(working: nn.Module, blocks: List[Block], train_data: Any, val
     # θ* kept (on the CPU) for a retry
     start = [p.detach().to("cpu", copy=True) for p in tuned_params] if config.lr == "auto" and config.retries else []
     attempt_cfg: TuningConfig = config
-    first: Optional[TuningReport] = None  # the first attempt's: its θ* figures and probe stand for every retry
-    attempts: List[Attempt] = []
+    first: TuningReport | None = None  # the first attempt's: its θ* figures and probe stand for every retry
+    attempts: list[Attempt] = []
     for attempt in range(config.retries + 1):
         total = planned_steps(attempt_cfg, len(factory(0)), budget_epochs(attempt_cfg, n * cost, m, sharpness_aware))
 
@@ -106,8 +107,8 @@ def tune_and_check(working: nn.Module, blocks: List[Block], train_data: Any, val
     raise AssertionError("unreachable: the last attempt returns")
 
 
-def validation_gradients(working: nn.Module, blocks: List[Block], val_data: Any, val_ids: Tensor,
-                         gather: Dict[str, Any], stages: StageTimes, progress: Progress) -> Gathered:
+def validation_gradients(working: nn.Module, blocks: list[Block], val_data: Any, val_ids: Tensor,
+                         gather: dict[str, Any], stages: StageTimes, progress: Progress) -> Gathered:
     """This rank's validation samples' (``val_ids``) per-sample gradients (stage 3, validation half)."""
     with stages("gradients"), progress.stage("gradients", int(val_ids.numel())) as up:
         return gather_gradients(working, blocks, val_data, progress=up, name="val_data", indices=val_ids, **gather)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,10 +40,10 @@ from .report import StepFigures, ThetaStarFigures, TuningReport
 #: ``β = min(momentum, max(1 - batch_size / GRAD_CHECK_SAMPLES, 1 - MOMENTUM_HORIZON / steps))``
 MOMENTUM_HORIZON = 10.0
 
-def theta_star_checks(model: nn.Module, params: List[nn.Parameter], eval_loader: Any, check_loader: Any,
-                      loss_fn: Optional[LossFn], to_device: Callable[[Any], Any],
-                      reference: Optional[List[nn.Parameter]],
-                      ) -> Tuple[Optional[ThetaStarFigures], Optional[ThetaStarCheck], float]:
+def theta_star_checks(model: nn.Module, params: list[nn.Parameter], eval_loader: Any, check_loader: Any,
+                      loss_fn: LossFn | None, to_device: Callable[[Any], Any],
+                      reference: list[nn.Parameter] | None,
+                      ) -> tuple[ThetaStarFigures | None, ThetaStarCheck | None, float]:
     """The validation figures at θ* (see :func:`tune`): with ``eval_loader`` and ``check_loader``
     the full-set loss (forward passes only) and the full-set gradient norm of ``reference``
     *estimated* on the check subset (:func:`mean_gradient` with ``population``), whose batches,
@@ -71,7 +72,7 @@ def theta_star_checks(model: nn.Module, params: List[nn.Parameter], eval_loader:
     return None, None, spent
 
 
-def relative_groups(params: List[nn.Parameter], lr: float) -> List[Dict[str, Any]]:
+def relative_groups(params: list[nn.Parameter], lr: float) -> list[dict[str, Any]]:
     """One parameter group per tensor with ``lr x RMS(tensor)``: a step moves every tensor by the
     same fraction of its own scale (scale-free). Tensors near 0 (a fresh bias, LoRA's B before
     training) get the floor ``0.1 x`` the median RMS, itself proportional to the parameters' scale."""
@@ -87,13 +88,13 @@ def momentum_for(config: TuningConfig, total: int) -> float:
             if config.optimizer == "sgd" else 0.0)
 
 
-def make_optimizer(params: List[nn.Parameter], config: TuningConfig, lr: float, momentum: float, total: int,
-                   sharpness_aware: bool) -> Tuple[torch.optim.Optimizer, Optional[Any]]:
+def make_optimizer(params: list[nn.Parameter], config: TuningConfig, lr: float, momentum: float, total: int,
+                   sharpness_aware: bool) -> tuple[torch.optim.Optimizer, Any | None]:
     """The optimiser (SAM over the base optimiser for fvm) and the learning-rate schedule over
     ``total`` steps (``None`` for a constant one)."""
     if config.optimizer == "adam":
         base: type = torch.optim.Adam
-        kwargs: Dict[str, Any] = dict(lr=lr, weight_decay=config.weight_decay)
+        kwargs: dict[str, Any] = dict(lr=lr, weight_decay=config.weight_decay)
         groups: Any = relative_groups(params, lr) if config.lr_scale == "relative" else params
     else:
         base = torch.optim.SGD
@@ -117,8 +118,8 @@ class _Loop:
     """The step loop's running tallies."""
 
     skipped: int = 0
-    pass_means: List[float] = field(default_factory=list)
-    first: List[float] = field(default_factory=list)
+    pass_means: list[float] = field(default_factory=list)
+    first: list[float] = field(default_factory=list)
     pass_loss: float = 0.0
     pass_count: int = 0
     gap: float = 0.0
@@ -129,8 +130,8 @@ class _Loop:
     runaway: bool = False
 
 
-def _sam_step(optimizer: Any, model: nn.Module, params: List[nn.Parameter], batch: Any, loss: torch.Tensor,
-              size: int, loss_fn: Optional[LossFn], state: _Loop) -> None:
+def _sam_step(optimizer: Any, model: nn.Module, params: list[nn.Parameter], batch: Any, loss: torch.Tensor,
+              size: int, loss_fn: LossFn | None, state: _Loop) -> None:
     """SAM's two passes for a batch whose clean loss ``loss`` has been backpropagated."""
     optimizer.first_step(zero_grad=True)
     perturbed, _, _ = finite_mean_loss(model, batch, loss_fn)
@@ -149,10 +150,10 @@ def _sam_step(optimizer: Any, model: nn.Module, params: List[nn.Parameter], batc
     optimizer.second_step(zero_grad=True)
 
 
-def step_loop(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[[int], DataLoader],
-              config: TuningConfig, optimizer: torch.optim.Optimizer, schedule: Optional[Any], total: int,
-              per_pass: int, sharpness_aware: bool, loss_fn: Optional[LossFn], to_device: Callable[[Any], Any],
-              progress: Optional[Callable[[int], None]], trained: Optional[float]) -> _Loop:
+def step_loop(model: nn.Module, params: list[nn.Parameter], loader_factory: Callable[[int], DataLoader],
+              config: TuningConfig, optimizer: torch.optim.Optimizer, schedule: Any | None, total: int,
+              per_pass: int, sharpness_aware: bool, loss_fn: LossFn | None, to_device: Callable[[Any], Any],
+              progress: Callable[[int], None] | None, trained: float | None) -> _Loop:
     """Up to ``total`` SGD/SAM steps on the validation mini-batches, skipping a step whose loss or
     gradient is not finite, stopping early at the end of a pass whose mean loss moved by at most
     ``config.tol`` (and is below ``trained``, the full-set loss at θ*, else the first pass's).
@@ -203,7 +204,7 @@ def step_loop(model: nn.Module, params: List[nn.Parameter], loader_factory: Call
     return state
 
 
-def step_figures(state: _Loop, params: List[nn.Parameter], per_pass: int, sharpness_aware: bool,
+def step_figures(state: _Loop, params: list[nn.Parameter], per_pass: int, sharpness_aware: bool,
                  seconds: float) -> StepFigures:
     """The step loop's figures; raises ``FloatingPointError`` when tuning diverged (non-finite
     weights or last pass) or every step was skipped, and warns when some were."""
@@ -226,11 +227,11 @@ def step_figures(state: _Loop, params: List[nn.Parameter], per_pass: int, sharpn
                        steps_s=seconds)
 
 
-def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[[int], DataLoader],
-         config: TuningConfig, sharpness_aware: bool, loss_fn: Optional[LossFn] = None,
+def tune(model: nn.Module, params: list[nn.Parameter], loader_factory: Callable[[int], DataLoader],
+         config: TuningConfig, sharpness_aware: bool, loss_fn: LossFn | None = None,
          to_device: Callable[[Any], Any] = lambda b: b,
-         progress: Optional[Callable[[int], None]] = None, eval_loader: Any = None,
-         reference: Optional[List[nn.Parameter]] = None, train_size: Optional[float] = None,
+         progress: Callable[[int], None] | None = None, eval_loader: Any = None,
+         reference: list[nn.Parameter] | None = None, train_size: float | None = None,
          check_loader: Any = None) -> TuningReport:
     """Tune ``params`` of ``model`` in place on the validation data, for ``config.epochs`` passes
     (or ``config.steps`` steps), stopping early once a pass's mean loss falls by less than
@@ -275,7 +276,7 @@ def tune(model: nn.Module, params: List[nn.Parameter], loader_factory: Callable[
         return report
     with preserved(model, training=config.train_mode, requires_grad=params):
         lr = config.lr
-        curve: Optional[Dict[str, float]] = None
+        curve: dict[str, float] | None = None
         clock = time.perf_counter()
         if lr == "auto":
             samples = theta_star.grad_check_samples if theta_star is not None else 0.0
