@@ -20,10 +20,10 @@ from .preflight import PreflightReport, check
 from .result import AuditResult
 from .solvers import SOLVERS, InverseSolver, make_solver, register_solver
 
-__all__ = ["audit", "prepare", "score", "AuditResult", "AuditOptions", "TuningConfig", "CurvatureConfig", "InverseSolver", "register_solver",
-           "make_solver", "SOLVERS", "InfluenceCallback", "check", "PreflightReport", "BatchFormatError",
-           "LossMismatchError", "PreflightError", "NonFiniteGradientError", "RemoteStageError", "InfluenceCallbackError",
-           "Attribution", "AttributionConfig"]
+__all__ = ["audit", "prepare", "score", "AuditResult", "AuditOptions", "TuningConfig", "CurvatureConfig",
+           "InverseSolver", "register_solver", "make_solver", "SOLVERS", "InfluenceCallback", "check",
+           "PreflightReport", "BatchFormatError", "LossMismatchError", "PreflightError", "NonFiniteGradientError",
+           "RemoteStageError", "InfluenceCallbackError", "Attribution", "AttributionConfig"]
 
 
 def __getattr__(name: str):  # the callback imports Lightning; keep `import lightning_influence` light

@@ -120,7 +120,8 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOpti
                     compute_dtype, train.store.chunk_size(chunk_bytes(max_memory)),  # rows read at once
                     {"method": method, "params": params if isinstance(params, str) else list(params), "seed": seed,
                      "batch_size": batch_size, "grad_dtype": str(store_dtype), "tuning": as_dict(tuning_cfg),
-                     "blocks": len(blocks), "projection": projection, "audited_parameters": sum(b.param.numel() for b in blocks)},
+                     "blocks": len(blocks), "projection": projection,
+                     "audited_parameters": sum(b.param.numel() for b in blocks)},
                     queries=queries, mq=mq, query_outcomes=query_outcomes, max_memory=max_memory)
 
 

@@ -75,7 +75,8 @@ def gather_gradients(model: nn.Module, blocks: list[Block], data: Any, *, batch_
                 grads, out = per_sample_gradients(model, blocks, batch, loss_fn)
                 size = out.losses.shape[0]
                 if size != min(batch_size, n - start):
-                    raise ValueError(f"{name}: the loss gave {size} value(s) for a batch of {min(batch_size, n - start)} "
+                    raise ValueError(f"{name}: the loss gave {size} value(s) for a batch of "
+                                     f"{min(batch_size, n - start)} "
                                      "samples; loss_fn must return one loss per sample, shape (B,), unreduced")
                 ok = torch.isfinite(out.losses)
                 for g in grads.values():

@@ -135,7 +135,8 @@ def check(model: nn.Module, train_data: Any, val_data: Any, options: AuditOption
     first = next((p for p in model.parameters()), None)
     device = torch.device(device) if device is not None else (first.device if first is not None
                                                               else torch.device("cpu"))
-    store_dtype = options.grad_dtype_resolved or (torch.float64 if first is not None and first.dtype == torch.float64 else torch.float32)
+    store_dtype = options.grad_dtype_resolved or (torch.float64 if first is not None and first.dtype == torch.float64
+                                                  else torch.float32)
     if any(p.is_inference() for p in model.parameters()):  # made under inference_mode: no autograd on them
         model = copy_model(model)
     blocks = select_blocks(model, options.params)

@@ -179,7 +179,8 @@ def converting_loader(data: Any, convert: Callable) -> DataLoader:
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
 
 
-def precision_inputs(trainer: "pl.Trainer", loaders: tuple[Any, ...]) -> tuple[torch.device | None, tuple[Any, ...], Any]:
+def precision_inputs(trainer: "pl.Trainer",
+                     loaders: tuple[Any, ...]) -> tuple[torch.device | None, tuple[Any, ...], Any]:
     """The trainer's device, the ``loaders`` as ``training_step`` sees their batches (the
     precision plugin's ``convert_input``, e.g. float64 under ``"64-true"``) and the plugin's
     forward context (autocast under mixed precision), for an audit of the trained module."""

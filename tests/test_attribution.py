@@ -163,8 +163,8 @@ OPTIONS = dict(batch_size=16, solver="datainf", preflight=False)
 def test_audit_attribution_is_the_per_validation_top_k_and_explains_the_misclassified():
     train, val = gaussian_blobs(70, 24, 8, seed=3)
     model = mlp()
-    result = audit(model, train, val, per_validation=True, attribution=AttributionConfig(k=5, max_queries=None), tuning={"steps": 6},
-                   **OPTIONS)
+    result = audit(model, train, val, per_validation=True, attribution=AttributionConfig(k=5, max_queries=None),
+                   tuning={"steps": 6}, **OPTIONS)
     a = result.attribution
     # the default queries: the validation samples the given (trained) model gets wrong, highest loss first
     with torch.no_grad():
@@ -309,7 +309,8 @@ def test_two_gloo_processes_give_the_one_process_attribution():
         got = outcome[rank]
         assert len(got) == 5, got
         got = [torch.tensor(g, dtype=torch.float64 if i in (2, 4) else torch.long) for i, g in enumerate(got)]
-        assert torch.equal(got[0], a.query_ids) and torch.equal(got[1], a.harmful_ids) and torch.equal(got[3], a.helpful_ids)
+        assert torch.equal(got[0], a.query_ids) and torch.equal(got[1], a.harmful_ids)
+        assert torch.equal(got[3], a.helpful_ids)
         torch.testing.assert_close(got[2], a.harmful_scores)
         torch.testing.assert_close(got[4], a.helpful_scores)
 

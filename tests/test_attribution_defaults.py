@@ -17,7 +17,8 @@ N, M, D_IN, C = 24, 6, 5, 3
 
 def _data(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    x, xv = torch.randn(N, D_IN, generator=g, dtype=torch.float64), torch.randn(M, D_IN, generator=g, dtype=torch.float64)
+    x, xv = (torch.randn(N, D_IN, generator=g, dtype=torch.float64),
+             torch.randn(M, D_IN, generator=g, dtype=torch.float64))
     y, yv = torch.randint(0, C, (N,), generator=g), torch.randint(0, C, (M,), generator=g)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(D_IN, C, bias=False)).double()
@@ -101,7 +102,8 @@ def test_callback_resolves_alike():
 @pytest.mark.parametrize("balance", [True, False])
 def test_kronecker_solver_against_dense_and_streams(balance):
     g = torch.Generator().manual_seed(1)
-    G, V = torch.randn(30, 3, 7, generator=g, dtype=torch.float64), torch.randn(4, 3, 7, generator=g, dtype=torch.float64)
+    G, V = (torch.randn(30, 3, 7, generator=g, dtype=torch.float64),
+            torch.randn(4, 3, 7, generator=g, dtype=torch.float64))
     lam = 0.01 * float(G.pow(2).mean())
     solver = KroneckerSolver(balance=balance).fit(G, lam)
     dense = _kronecker_dense(G, V, 0.01, balance)

@@ -107,8 +107,8 @@ class Spy(Callback):
 
 def make_trainer(tmp_path, callbacks=(), **overrides) -> L.Trainer:
     options: dict[str, Any] = dict(default_root_dir=str(tmp_path), max_epochs=2, accelerator="cpu", devices=1,
-                                   logger=False, log_every_n_steps=1, enable_checkpointing=False, enable_model_summary=False,
-                                   enable_progress_bar=False, num_sanity_val_steps=0)
+                                   logger=False, log_every_n_steps=1, enable_checkpointing=False,
+                                   enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0)
     options.update(overrides)
     return L.Trainer(callbacks=list(callbacks), **options)
 
@@ -176,8 +176,8 @@ def test_tensorboard_and_csv_loggers_read_back(tmp_path, data, caplog, capsys):
     assert cb.scores_path == scores_file
     rows = read_csv(scores_file)
     assert len(rows) == N_TRAIN and sorted(int(r["id"]) for r in rows) == list(range(N_TRAIN))
-    assert set(rows[0]) == {"id", "score", "rank", "influence", "loss_trained", "loss_tuned", "label", "suggested_label", "noisy",
-                            "percentile"}
+    assert set(rows[0]) == {"id", "score", "rank", "influence", "loss_trained", "loss_tuned", "label",
+                            "suggested_label", "noisy", "percentile"}
     assert int(rows[0]["id"]) == top_id and rows[0]["rank"] == "1"
     by_id = {int(r["id"]): r for r in rows}
     assert all(float(by_id[i]["score"]) == pytest.approx(float(result.scores[i])) for i in range(N_TRAIN))
@@ -566,7 +566,8 @@ def test_state_dict_round_trip_and_resume(tmp_path, data):
     assert cb.state_key == "InfluenceCallback{'method': 'fvm', 'solver': 'hyperinf'}"
     assert InfluenceCallback(method="vm", solver="exact").state_key != cb.state_key
     # same method and solver, two dirpaths: two callbacks one Trainer can hold
-    assert InfluenceCallback(dirpath=str(tmp_path / "a")).state_key != InfluenceCallback(dirpath=str(tmp_path / "b")).state_key
+    assert (InfluenceCallback(dirpath=str(tmp_path / "a")).state_key
+            != InfluenceCallback(dirpath=str(tmp_path / "b")).state_key)
     assert cb.state_dict()["ran"] is False
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, save_on_train_epoch_end=True)
     loaders = (DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=32))

@@ -43,12 +43,12 @@ class Classifier(L.LightningModule):
 @pytest.mark.timeout(300) if hasattr(pytest.mark, "timeout") else (lambda f: f)
 def test_ddp_spawn_matches_single_process(tmp_path):
     train, val = make_data()
-    callbacks = [InfluenceCallback(method=m, solver=s, noisy=torch.arange(37) % 4 == 0, dirpath=str(tmp_path / f"{m}-{s}"),
-                                   **OPTIONS) for m, s in COMBOS]
+    callbacks = [InfluenceCallback(method=m, solver=s, noisy=torch.arange(37) % 4 == 0,
+                                   dirpath=str(tmp_path / f"{m}-{s}"), **OPTIONS) for m, s in COMBOS]
     module = Classifier()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, precision="64-true",
-                        callbacks=[*callbacks, GlooTeardown()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(tmp_path))
+                        callbacks=[*callbacks, GlooTeardown()], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
     trainer.fit(module, DataLoader(train, batch_size=8, shuffle=True), DataLoader(val, batch_size=8))
     module = module.double()  # the weights the workers trained, handed back by ddp_spawn
     for (method, solver), cb in zip(COMBOS, callbacks):
@@ -83,14 +83,15 @@ def test_ddp_ranks_retry_an_overshooting_tuning_together(tmp_path):
     cb = InfluenceCallback(method="fvm", dirpath=str(tmp_path / "fvm"), **options)
     module = SmoothedClassifier()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, precision="64-true",
-                        callbacks=[cb, GlooTeardown()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(tmp_path))
+                        callbacks=[cb, GlooTeardown()], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
     trainer.fit(module, DataLoader(train, batch_size=8, shuffle=True), DataLoader(val, batch_size=8))
     distributed, single = cb.result, audit(module.double(), train, val, method="fvm", **options)
     assert distributed is not None, f"no result reached the main process ({cb.last_error!r})"
     assert distributed.config["world_size"] == 2
     assert single.tuning["retries"] >= 1 and distributed.tuning["retries"] == single.tuning["retries"]
-    assert single.tuning["val_loss_tuned_attempt_0"] > single.tuning["val_loss_trained"] > single.tuning["val_loss_tuned"]
+    assert (single.tuning["val_loss_tuned_attempt_0"] > single.tuning["val_loss_trained"]
+            > single.tuning["val_loss_tuned"])
     assert distributed.tuning["val_loss_tuned"] == pytest.approx(single.tuning["val_loss_tuned"], rel=1e-6)
     torch.testing.assert_close(distributed.influence, single.influence, rtol=1e-5, atol=0)
 

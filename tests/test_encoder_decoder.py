@@ -72,7 +72,8 @@ def collate(items: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torc
     """Right-padded sources (pad id, attention mask) and targets (-100)."""
     size, source = len(items), max(len(it["input_ids"]) for it in items)
     target = max(len(it["labels"]) for it in items)
-    batch = {"input_ids": torch.full((size, source), pad_id), "attention_mask": torch.zeros(size, source, dtype=torch.long),
+    batch = {"input_ids": torch.full((size, source), pad_id),
+             "attention_mask": torch.zeros(size, source, dtype=torch.long),
              "labels": torch.full((size, target), -100)}
     for i, it in enumerate(items):
         batch["input_ids"][i, :len(it["input_ids"])] = it["input_ids"]

@@ -36,7 +36,8 @@ def _cls_samples(n=5, seed=3, regression=False):
     g = torch.Generator().manual_seed(seed)
     out = []
     for s in hf.lm_samples(n, seed, prompt_masked=False):
-        label = torch.randn((), generator=g, dtype=torch.float64) if regression else torch.randint(0, 3, (), generator=g)
+        label = (torch.randn((), generator=g, dtype=torch.float64) if regression
+                 else torch.randint(0, 3, (), generator=g))
         out.append({"input_ids": s["input_ids"], "labels": label})
     return out
 

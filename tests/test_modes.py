@@ -26,7 +26,8 @@ def state(model: nn.Module):
 
 def same(a, b) -> bool:
     return a[0] == b[0] and a[1] == b[1] and all(
-        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a[2], b[2]))
+        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+        for x, y in zip(a[2], b[2]))
 
 
 def test_preserved_sets_inside_and_restores_everything_after_an_error():

@@ -179,7 +179,8 @@ def test_a_bf16_mixed_audit_ranks_as_a_float32_audit(tmp_path, digits):
     for precision in ("32-true", "bf16-mixed"):
         cb = InfluenceCallback(tuning={"steps": 10}, scores_filename=None, solver="datainf")
         results[precision] = cb.run(_trainer(tmp_path, precision, [cb]), module,
-                                    train_data=DataLoader(train, batch_size=32), val_data=DataLoader(val, batch_size=32))
+                                    train_data=DataLoader(train, batch_size=32),
+                                    val_data=DataLoader(val, batch_size=32))
     full, half = results["32-true"], results["bf16-mixed"]
     assert max(half.preflight.gradient_error.values()) > 1e-4  # autocast was on: bfloat16 rounding
     assert _spearman(half.influence, full.influence) > 0.9

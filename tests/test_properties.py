@@ -240,6 +240,6 @@ def test_identical_training_samples_score_identically(method, setup, data):
     dst = data.draw(st.integers(0, n - 1).filter(lambda j: j != src))
     x, y = train.x.clone(), train.y.clone()
     x[dst], y[dst] = x[src], y[src]
-    result = audit(model(), TensorPairs(x, y), val, method=method, solver="hyperinf", tuning={"steps": 2, "batch_size": 4},
-                   batch_size=data.draw(st.integers(1, 5)))
+    result = audit(model(), TensorPairs(x, y), val, method=method, solver="hyperinf",
+                   tuning={"steps": 2, "batch_size": 4}, batch_size=data.draw(st.integers(1, 5)))
     torch.testing.assert_close(result.influence[dst], result.influence[src], rtol=1e-10, atol=1e-14)

@@ -31,7 +31,8 @@ FAST = {"steps": 2, "batch_size": 8}
 
 def data(n: int, seed: int = 0, classes: int = 3, d: int = 8) -> TensorPairs:
     g = torch.Generator().manual_seed(seed)
-    return TensorPairs(torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g))
+    return TensorPairs(torch.randn(n, d, generator=g, dtype=torch.float64),
+                       torch.randint(0, classes, (n,), generator=g))
 
 
 @pytest.fixture
@@ -73,7 +74,8 @@ def test_nonfinite_training_samples_excluded_reported_and_harmless(small, method
         result = run(train=with_nan_rows(train, bad, value), val=val, method=method, solver="exact",
                      per_validation=True)
     assert result.excluded == bad
-    assert torch.isnan(result.influence[bad]).all() and torch.isfinite(result.influence[[i for i in range(12) if i not in bad]]).all()
+    assert torch.isnan(result.influence[bad]).all()
+    assert torch.isfinite(result.influence[[i for i in range(12) if i not in bad]]).all()
     assert result.ranking[-2:].tolist() == bad  # excluded rank last
     assert torch.isnan(result.per_validation[:, bad]).all()
     # never poisoning: the other samples score exactly as if the bad ones were not in the data set
@@ -291,7 +293,8 @@ def test_noisy_flags_wrong_length_or_dtype_fail_before_any_work(small, noisy, me
 
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"top_k": 0, "noisy": torch.zeros(12, dtype=torch.bool)}, ValueError, "top_k must be a positive integer"),
-    ({"clean_labels": torch.zeros(5, dtype=torch.long)}, ValueError, r"clean_labels must be one integer label .*\(12\)"),
+    ({"clean_labels": torch.zeros(5, dtype=torch.long)}, ValueError,
+     r"clean_labels must be one integer label .*\(12\)"),
     ({"seed": 1.5}, TypeError, "seed must be an integer"),
     ({"grad_dtype": "float8_e4m3fn"}, ValueError, "grad_dtype must be one of"),
     ({"grad_dtype": torch.int8}, ValueError, "grad_dtype must be one of"),
@@ -355,7 +358,8 @@ def test_model_output_without_logits_points_to_loss_fn(small):
         run(Weird(), *small, method="standard")
 
 
-@pytest.mark.parametrize("reduce", [lambda l: l.mean(), lambda l: l.mean().unsqueeze(0), lambda l: l[:, None]])
+@pytest.mark.parametrize("reduce", [lambda losses: losses.mean(), lambda losses: losses.mean().unsqueeze(0),
+                                    lambda losses: losses[:, None]])
 def test_reduced_loss_fn_is_a_clear_error(small, reduce):
     """A mean loss (scalar, (1,), or (B, 1)) would misalign the per-sample rows: refused."""
 
@@ -603,7 +607,8 @@ class FailingSolver(ExactSolver):
         raise self.exc
 
 
-@pytest.mark.parametrize("exc", [Boom("solver fit failed"), KeyboardInterrupt()], ids=["exception", "keyboard_interrupt"])
+@pytest.mark.parametrize("exc", [Boom("solver fit failed"), KeyboardInterrupt()],
+                         ids=["exception", "keyboard_interrupt"])
 @pytest.mark.parametrize("method", ["fvm", "standard"])
 def test_model_and_files_restored_after_solver_failure(small, tmp_path, method, exc):
     model = users_model()

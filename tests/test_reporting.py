@@ -185,7 +185,8 @@ def test_wandb_offline_read_back(result, tmp_path, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
 
     for key, value in {"WANDB_SILENT": "true", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
-                       "WANDB_CONFIG_DIR": str(tmp_path / "config"), "WANDB_CACHE_DIR": str(tmp_path / "cache")}.items():
+                       "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+                       "WANDB_CACHE_DIR": str(tmp_path / "cache")}.items():
         monkeypatch.setenv(key, value)
     logger = WandbLogger(mode="offline", save_dir=str(tmp_path), project="influence-test")
     try:
@@ -557,8 +558,8 @@ def test_text_tables_decode_inputs_with_the_modules_tokenizer(tmp_path):
     logger = CSVLogger(save_dir=str(tmp_path))
     cb = InfluenceCallback(tuning=TuningConfig(steps=3, batch_size=8), top_k=5, verbose=True)  # no describe=
     trainer = L.Trainer(default_root_dir=str(tmp_path), max_epochs=1, accelerator="cpu", devices=1, logger=logger,
-                        callbacks=[cb], enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                        num_sanity_val_steps=0)
+                        callbacks=[cb], enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=False, num_sanity_val_steps=0)
     trainer.fit(TextClassifier(), DataLoader(train, batch_size=8, collate_fn=pad_collate),
                 DataLoader(val, batch_size=8, collate_fn=pad_collate))
     assert cb.result is not None, cb.last_error

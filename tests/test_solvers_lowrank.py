@@ -249,8 +249,8 @@ def test_estimate_bytes_is_within_a_quarter_of_the_measured_peak(name, shape, fo
 
     folder = os.path.dirname(lightning_influence.__file__)
     env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if form == "schulz" else {}))
-    out = subprocess.run([sys.executable, "-c", MEASURE, name, *map(str, shape), folder], capture_output=True, text=True,
-                         timeout=120, check=True, env=env)
+    out = subprocess.run([sys.executable, "-c", MEASURE, name, *map(str, shape), folder], capture_output=True,
+                         text=True, timeout=120, check=True, env=env)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["form"] == form
     assert 0.75 * got["peak"] <= got["estimate"] <= 1.25 * got["peak"], got

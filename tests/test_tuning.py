@@ -85,7 +85,8 @@ def test_tuning_that_does_not_reach_a_minimum_warns_and_names_the_fix(digits):
     assert len(per) <= 512  # every pair counts here
     z = (len(per) * float(mean.pow(2).sum()) - trace) / math.sqrt(2 * trace_sq)
     assert result.tuning["grad_z"] == pytest.approx(z, rel=1e-3)
-    assert result.tuning["grad_noise_ratio"] == pytest.approx(float(mean.norm()) / math.sqrt(trace / len(per)), rel=1e-3)
+    assert result.tuning["grad_noise_ratio"] == pytest.approx(float(mean.norm()) / math.sqrt(trace / len(per)),
+                                                              rel=1e-3)
     assert result.tuning["grad_z"] > MAX_GRAD_Z  # θ* is no validation minimum: a descent direction beyond the noise
 
 
@@ -150,13 +151,15 @@ def test_gradient_check_on_a_causal_lm_matches_autograd_of_the_models_own_loss()
     trace_sq = float(gram.pow(2).sum() - gram.diagonal().pow(2).sum()) / (len(per) * (len(per) - 1))
     z = (len(per) * float(mean.pow(2).sum()) - trace) / math.sqrt(2 * trace_sq)
     assert result.tuning["grad_norm_tuned"] == pytest.approx(float(mean.norm()), rel=1e-4)
-    assert result.tuning["grad_noise_ratio"] == pytest.approx(float(mean.norm()) / math.sqrt(trace / len(per)), rel=1e-4)
+    assert result.tuning["grad_noise_ratio"] == pytest.approx(float(mean.norm()) / math.sqrt(trace / len(per)),
+                                                              rel=1e-4)
     assert result.tuning["grad_z"] == pytest.approx(z, rel=1e-4)
 
 
 def test_gradient_beyond_its_sampling_noise_is_not_a_minimum():
     stats = {"steps": 10.0, "val_loss_trained": 1.0, "planned_epochs": 1.0, "lr": 0.1}
-    with pytest.warns(RuntimeWarning, match=r"gradient at θ̃ is 2.5× the norm sampling noise alone gives it, 5.0 standard"):
+    with pytest.warns(RuntimeWarning,
+                      match=r"gradient at θ̃ is 2.5× the norm sampling noise alone gives it, 5.0 standard"):
         out = verify(stats, TuningConfig(), 0.5, 0.9, 0.1, noise_ratio=2.5, grad_z=5.0)
     assert out["at_minimum"] == 0.0 and out["grad_z"] == 5.0
     # fvm (SAM's perturbed minimum): a clean gradient shrunk to half its θ* value passes, vm does not
@@ -268,7 +271,8 @@ def test_gradient_yardstick_is_unbiased_for_the_full_set_gradient_norm():
     model = nn.Linear(6, 3).double()
     params = list(model.parameters())
     ce = lambda mod, b: nn.functional.cross_entropy(mod(b[0]), b[1], reduction="none")  # noqa: E731
-    per = torch.stack([torch.cat([t.flatten() for t in torch.autograd.grad(ce(model, (x[i:i + 1], y[i:i + 1])).sum(), params)])
+    per = torch.stack([torch.cat([t.flatten()
+                                  for t in torch.autograd.grad(ce(model, (x[i:i + 1], y[i:i + 1])).sum(), params)])
                        for i in range(200)])
     truth = float(per.mean(0).pow(2).sum())
     whole = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 200, 50)]
@@ -401,6 +405,7 @@ def test_a_second_retry_runs_when_the_first_still_raised_the_loss(digits):
         twice = audit(model, split.train, split.val, tuning={"probe_factor": 16.0}, **kw).tuning
     assert TuningConfig().retries == 2
     assert once["retries"] == 1 and once["val_loss_tuned"] > once["val_loss_trained"]
-    assert twice["retries"] == 2 and twice["val_loss_tuned_attempt_1"] == pytest.approx(once["val_loss_tuned"], rel=1e-9)
+    assert twice["retries"] == 2
+    assert twice["val_loss_tuned_attempt_1"] == pytest.approx(once["val_loss_tuned"], rel=1e-9)
     assert twice["lr"] == pytest.approx(twice["lr_attempt_0"] / 16, rel=1e-12)
     assert twice["val_loss_tuned"] < twice["val_loss_trained"]

@@ -199,7 +199,8 @@ def _caption(row: dict[str, Any]) -> str:
 def _query_caption(row: dict[str, Any]) -> str:
     lines = [f"query {row['query']}"]
     if "query_label" in row:
-        lines.append(f"given {row['query_label']}" + (f" → {row['query_predicted']}" if "query_predicted" in row else ""))
+        lines.append(f"given {row['query_label']}"
+                     + (f" → {row['query_predicted']}" if "query_predicted" in row else ""))
     if "query_loss" in row:
         lines.append(f"loss {float(row['query_loss']):.3g}")
     return "\n".join(lines)

@@ -90,8 +90,8 @@ def image_inputs(batch: Any) -> Tensor | None:
 def to_image(obj: Any) -> Tensor:
     """An image for display, ``(H, W, 3)`` float32 in ``[0, 1]``, from a PIL image, a NumPy
     array or a tensor of shape ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` (``C`` in 1, 3, 4;
-    alpha dropped; when both ends could be channels, the smaller one is). uint8 images are divided by 255; float images are min-max scaled per
-    image (inputs are often standardised), a constant image becomes mid-grey."""
+    alpha dropped; when both ends could be channels, the smaller one is). uint8 images are divided by 255; float images
+    are min-max scaled per image (inputs are often standardised), a constant image becomes mid-grey."""
     if hasattr(obj, "convert") and hasattr(obj, "size") and not isinstance(obj, Tensor):  # PIL
         obj = obj.convert("RGB")
     if not isinstance(obj, Tensor):
