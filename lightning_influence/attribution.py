@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +25,14 @@ import torch
 from torch import Tensor
 
 from ._io import atomic_open
-from .distributed import Collectives
+from .data import sequential_loader, to_device
+from .distributed import Collectives, unshard
+from .losses import default_loss
 from .metrics import check_k
+from .modes import preserved
+from .normalize import normalized
+from .scoring import inverse_direction, score_chunks
+from .store import chunk_bytes
 
 Blocks = Mapping[str, Tensor]
 QUERY_RULES = ("auto", "all")
@@ -216,33 +222,6 @@ def gather_rows(block: Tensor, ids: Tensor, m: int, dist: Collectives) -> Tensor
 # ---------------------------------------------------------------------- the per-query scores
 
 
-def score_chunks(train: Any, directions: Blocks, chunk: int, device: torch.device,
-                 compute_dtype: torch.dtype, column_scale: Tensor | None = None) -> Iterator[tuple[int, Tensor]]:
-    """``(start, S)`` over the training store's chunks: ``S = − Σ_l U_l G_lᵀ``, ``(q, n_c)`` in
-    ``compute_dtype``, for the query directions ``U_l = (C_l + λ_l I)^{-1} g'_l`` ``(q, r, d)``
-    per block and the chunk's training gradients ``G_l`` ``(n_c, r, d)``. One read of the
-    store, all blocks of a shape group together. The single place the per-query score is made.
-    ``column_scale`` ``(n_r,)``: each training sample's column multiplied by it (e.g. ``1/‖g_i‖``
-    for unit-norm gradients; scale the query gradients before the solve for the query side)."""
-    from .normalize import scale_columns
-    from .scoring import _group_chunks, _groups
-
-    groups = _groups(train)
-    q = next(iter(directions.values())).shape[0]
-    us = {shape: [directions[name].to(device, compute_dtype).reshape(q, -1) for name in names]
-          for shape, names in groups}
-    for start, chunks in _group_chunks(train, chunk):
-        total = None
-        for shape, names in groups:
-            data = chunks[shape].to(device, compute_dtype)
-            for u, g in zip(us[shape], data):
-                g = g.reshape(g.shape[0], -1)
-                total = u @ g.T if total is None else total.addmm_(u, g.T)
-        if column_scale is not None:
-            scale_columns(total, column_scale[start:start + total.shape[1]])
-        yield start, total.neg_()
-
-
 def _merge(values: Tensor, ids: Tensor, new_values: Tensor, new_ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The ``k`` largest of two candidate sets ``(q, a)`` and ``(q, b)``, largest first."""
     values, ids = torch.cat([values, new_values], 1), torch.cat([ids, new_ids], 1)
@@ -298,8 +277,6 @@ def query_chunk_size(directions_bytes_per_query: int, max_memory: int | None) ->
     """Queries per pass over the training store: their directions ``(m_c, P)`` fit the budget
     of one chunk of stored rows (:func:`~lightning_influence.store.chunk_bytes`: an eighth of
     ``max_memory``, or 256 MiB without one)."""
-    from .store import chunk_bytes
-
     return max(1, chunk_bytes(max_memory) // max(directions_bytes_per_query, 1))
 
 
@@ -324,8 +301,6 @@ def streaming_top_k(train: Any, query_blocks: Blocks, solvers: Mapping[str, Any]
     float64 scores, the strongest first, identical on every rank. Every rank takes part in every
     collective: one all-reduce (the count of valid samples), then the local work (agreed on by a
     checkpoint), then one all-gather per side."""
-    from .scoring import inverse_direction
-
     k = min(k, int(dist.all_reduce_sum(train_valid.sum().double().reshape(1)).item()))
     q = next(iter(query_blocks.values())).shape[0]
     if query_chunk is None:
@@ -356,10 +331,6 @@ def query_outcomes(model: Any, data: Any, batch_size: int, device: torch.device,
     loss has no class labels) under ``model`` in eval mode, for the ``indices`` of ``data``: what
     the trained model θ* makes of the candidate queries (vm/fvm score at θ̃, so this is a
     separate forward pass before tuning)."""
-    from .data import sequential_loader, to_device
-    from .losses import default_loss
-    from .modes import preserved
-
     losses, labels, predicted = [], [], []
     with preserved(model, params=(), training=False), torch.no_grad():
         for batch in sequential_loader(data, batch_size, indices.tolist(), name=name):
@@ -394,9 +365,6 @@ def explain(config: AttributionConfig, train: Any, train_ids: Tensor, train_vali
         from_queries: the candidates are a separate query set (else the validation data).
         normalize: the gradient normalisation of the scores (:func:`normalize.normalized`), the
             same as the ``per_validation`` matrix's, so the top-k are that matrix's top-k."""
-    from .distributed import unshard
-    from .normalize import normalized
-
     def full(values: Tensor) -> Tensor:
         return unshard(dist.all_gather_cat(values), m, dist.world_size)
 
@@ -422,4 +390,4 @@ def explain(config: AttributionConfig, train: Any, train_ids: Tensor, train_vali
 
 
 __all__ = ["AttributionConfig", "Attribution", "attribution_path", "coerce_attribution", "select_queries",
-           "score_chunks", "local_top_k", "merge_ranks", "streaming_top_k", "gather_rows", "query_outcomes", "explain"]
+           "local_top_k", "merge_ranks", "streaming_top_k", "gather_rows", "query_outcomes", "explain"]

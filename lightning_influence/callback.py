@@ -285,9 +285,7 @@ class InfluenceCallbackMixin:
             self._state.update(state)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_data"] = {}  # loaders travel with the trainer, not with the callback
-        return state
+        return {**self.__dict__, "_data": {}}  # loaders travel with the trainer, not with the callback
 
 
 from lightning.pytorch.callbacks import Callback as _Callback  # noqa: E402  (the core above is namespace-free)

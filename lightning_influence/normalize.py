@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .distributed import Collectives
+from .store import masked_sums
+
 NORMALIZE = ("none", "unit", "centered")
 
 
@@ -44,10 +47,8 @@ def inverse_norms(norms: Tensor) -> Tensor:
 def sample_norms(store: Any, chunk: int, device: torch.device, compute_dtype: torch.dtype) -> Tensor:
     """``‖g_i‖`` over every block of ``store`` (``(n, r, d)`` per block), ``(n,)`` float64: one
     streamed read of the store, ``chunk`` rows at a time."""
-    from .scoring import _group_chunks
-
     out = torch.zeros(len(store), dtype=torch.float64)
-    for start, groups in _group_chunks(store, chunk):
+    for start, groups in store.group_chunks(chunk):
         total = None
         for data in groups.values():  # (B, n_c, r, d): the blocks of one shape
             part = data.to(device, compute_dtype).square().sum(dim=(0, 2, 3))
@@ -82,9 +83,6 @@ def normalized(normalize: str, queries: Mapping[str, Tensor], train: Any, train_
     of this rank's store ``train``; ``None`` for ``"none"``) for ``score_chunks(column_scale=...)``.
     ``train_valid`` ``(n_r,)``: the rows the mean runs over (default: all); ``dist``: collectives
     that sum the mean over ranks (every rank must call this alike)."""
-    from .distributed import Collectives
-    from .scoring import _masked_sums
-
     dist = dist if dist is not None else Collectives()
     if check_normalize(normalize) == "none":
         return dict(queries), None
@@ -92,7 +90,7 @@ def normalized(normalize: str, queries: Mapping[str, Tensor], train: Any, train_
     if normalize == "centered":
         valid = torch.ones(len(train), dtype=torch.bool) if train_valid is None else train_valid
         count = float(dist.all_reduce_sum(valid.sum().reshape(1).to(torch.float64))[0])
-        sums = _masked_sums(train, valid, chunk, device, compute_dtype)
+        sums = masked_sums(train, valid, chunk, device, compute_dtype)
         queries = {k: v - dist.all_reduce_sum(sums[k]) / max(count, 1.0) for k, v in queries.items()}
     return scale_rows(queries, inverse_norms(block_norms(queries))), inverse_norms(
         sample_norms(train, chunk, device, compute_dtype))

@@ -12,19 +12,22 @@ Every score is a sum over blocks (block-diagonal curvature).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .config import CurvatureConfig
 from .distributed import Collectives, unshard
+from .normalize import normalized, scale_columns
 from .solvers import InverseSolver, make_solver
 from .solvers._linalg import blas_threads
 from .solvers.base import SolverSpec
 from .solvers.damping import damping_from_mean_square
-from .store import GradientStore, join_rows
+from .store import GradientStore, join_rows, masked_sums
+
+if TYPE_CHECKING:  # pragma: no cover - a hint only (config imports attribution, which imports this module)
+    from .config import CurvatureConfig
 
 Blocks = Mapping[str, Tensor]
 
@@ -36,24 +39,6 @@ def _make(solver: SolverSpec, options: dict[str, Any]) -> Any:
 def _ours(instance: Any) -> bool:
     """A solver of this package (known not to modify the gradients it is fitted on in place)."""
     return type(instance).__module__.startswith("lightning_influence.")
-
-
-def _group_chunks(store: Any, size: int):
-    """``store.group_chunks`` (one read of every block per chunk), or per-block chunks stacked."""
-    if hasattr(store, "group_chunks"):
-        yield from store.group_chunks(size)
-        return
-    for start, blocks in store.chunks(size):
-        yield start, {shape: torch.stack([blocks[n] for n in names]) for shape, names in _groups(store)}
-
-
-def _groups(store: Any):
-    if hasattr(store, "groups"):
-        return store.groups
-    out: dict[Any, list] = {}
-    for name in store.names:
-        out.setdefault(tuple(store.shapes[name]), []).append(name)
-    return list(out.items())
 
 
 def fit_solvers(curvature: GradientStore, valid: Tensor, solver: SolverSpec, config: CurvatureConfig,
@@ -91,8 +76,8 @@ def fit_solvers(curvature: GradientStore, valid: Tensor, solver: SolverSpec, con
     sumsq = {name: torch.zeros((), dtype=torch.float64) for name in names}
     with blas_threads():
         if reads:
-            for start, groups in _group_chunks(curvature, chunk):
-                for shape, group_names in _groups(curvature):
+            for start, groups in curvature.group_chunks(chunk):
+                for shape, group_names in curvature.groups:
                     sel = [i for i, name in enumerate(group_names) if name in reads]
                     if not sel:
                         continue
@@ -196,8 +181,8 @@ def self_influence(train: GradientStore, solvers: Mapping[str, InverseSolver], c
     One read of the store; each solver's quadratic form (fused where its inverse allows:
     :meth:`InverseSolver.quadratic_group`), equal-shaped blocks of one solver class together."""
     scores = torch.zeros(len(train), dtype=torch.float64)
-    plans = [(shape, names, _quadratic_plan(names, solvers)) for shape, names in _groups(train)]
-    for start, groups in _group_chunks(train, chunk):
+    plans = [(shape, names, _quadratic_plan(names, solvers)) for shape, names in train.groups]
+    for start, groups in train.group_chunks(chunk):
         total = None
         for shape, names, plan in plans:
             data = groups[shape]
@@ -219,32 +204,39 @@ def inverse_direction(direction: Blocks, solvers: Mapping[str, InverseSolver], d
     return {name: solvers[name].apply(v.to(device, compute_dtype)) for name, v in direction.items()}
 
 
+def score_chunks(train: Any, directions: Blocks, chunk: int, device: torch.device,
+                 compute_dtype: torch.dtype, column_scale: Tensor | None = None) -> Iterator[tuple[int, Tensor]]:
+    """``(start, S)`` over the training store's chunks: ``S = − Σ_l U_l G_lᵀ``, ``(q, n_c)`` in
+    ``compute_dtype``, for the query directions ``U_l = (C_l + λ_l I)^{-1} g'_l`` ``(q, r, d)``
+    per block and the chunk's training gradients ``G_l`` ``(n_c, r, d)``. One read of the
+    store, all blocks of a shape group together. The single place the per-query score is made.
+    ``column_scale`` ``(n_r,)``: each training sample's column multiplied by it (e.g. ``1/‖g_i‖``
+    for unit-norm gradients; scale the query gradients before the solve for the query side)."""
+    groups = train.groups
+    q = next(iter(directions.values())).shape[0]
+    us = {shape: [directions[name].to(device, compute_dtype).reshape(q, -1) for name in names]
+          for shape, names in groups}
+    for start, chunks in train.group_chunks(chunk):
+        total = None
+        for shape, names in groups:
+            data = chunks[shape].to(device, compute_dtype)
+            for u, g in zip(us[shape], data):
+                g = g.reshape(g.shape[0], -1)
+                total = u @ g.T if total is None else total.addmm_(u, g.T)
+        if column_scale is not None:
+            scale_columns(total, column_scale[start:start + total.shape[1]])
+        yield start, total.neg_()
+
+
 def cross_influence(train: GradientStore, inverse: Blocks, chunk: int, device: torch.device,
                    compute_dtype: torch.dtype) -> Tensor:
     """``− Σ_l ⟨u_l, g_il⟩`` for precomputed ``u = (C + λI)^{-1} v`` of shape ``(M, r, d)`` per
     block: ``(M, n)``. With ``M = 1`` and ``v = v̄`` these are the ``standard`` scores."""
-    from .attribution import score_chunks  # the one place a per-query score is made
-
     m = next(iter(inverse.values())).shape[0]
     scores = torch.zeros(m, len(train), dtype=torch.float64)
     for start, total in score_chunks(train, inverse, chunk, device, compute_dtype):
         scores[:, start:start + total.shape[1]] = total.double().cpu()
     return scores
-
-
-def _masked_sums(store: GradientStore, valid: Tensor, chunk: int, device: torch.device,
-                 compute_dtype: torch.dtype) -> dict[str, Tensor]:
-    """``Σ_i g_i`` over the rows where ``valid`` ``(n,)``, ``(1, r, d)`` per block, streamed over
-    chunks of ``chunk`` rows (no copy of a whole block)."""
-    sums = {name: torch.zeros(1, *store.shapes[name], device=device, dtype=compute_dtype) for name in store.names}
-    for start, groups in _group_chunks(store, chunk):
-        for shape, names in _groups(store):
-            data = groups[shape]
-            mask = valid[start:start + data.shape[1]].to(data.device)
-            for b, name in enumerate(names):
-                rows = data[b] if bool(mask.all()) else data[b][mask]
-                sums[name] += rows.to(device, compute_dtype).sum(0, keepdim=True)
-    return sums
 
 
 def method_scores(method: str, train: GradientStore, val: GradientStore, val_valid: Tensor, val_count: float,
@@ -257,7 +249,7 @@ def method_scores(method: str, train: GradientStore, val: GradientStore, val_val
     args = (device, compute_dtype)
     if method in ("vm", "fvm"):
         return dist.checkpoint(lambda: self_influence(train, solvers, chunk, *args))
-    sums = {name: dist.all_reduce_sum(total) for name, total in _masked_sums(val, val_valid, chunk, *args).items()}
+    sums = {name: dist.all_reduce_sum(total) for name, total in masked_sums(val, val_valid, chunk, *args).items()}
     mean_val = {name: total / val_count for name, total in sums.items()}
     return dist.checkpoint(lambda: cross_influence(train, inverse_direction(mean_val, solvers, *args), chunk, *args)[0])
 
@@ -273,9 +265,6 @@ def per_validation_scores(train: GradientStore, val: GradientStore, solvers: Map
     ``normalize="unit"``: with unit-norm gradients on both sides; ``"centered"``: the query
     gradients centred on the mean training gradient first (over this rank's rows where
     ``train_valid`` ``(n_r,)``, summed over ranks), see :mod:`.normalize`."""
-    from .attribution import score_chunks  # the one place the per-query score is computed
-    from .normalize import normalized
-
     args = (device, compute_dtype)
     val_all = {name: unshard(dist.all_gather_cat(val.block(name).to(*args)), m, dist.world_size) for name in val.names}
     val_all, train_scale = normalized(normalize, val_all, train, train_valid, chunk, *args, dist)

@@ -197,3 +197,18 @@ class GradientStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def masked_sums(store: GradientStore, valid: Tensor, chunk: int, device: torch.device,
+                 compute_dtype: torch.dtype) -> dict[str, Tensor]:
+    """``Σ_i g_i`` over the rows where ``valid`` ``(n,)``, ``(1, r, d)`` per block, streamed over
+    chunks of ``chunk`` rows (no copy of a whole block)."""
+    sums = {name: torch.zeros(1, *store.shapes[name], device=device, dtype=compute_dtype) for name in store.names}
+    for start, groups in store.group_chunks(chunk):
+        for shape, names in store.groups:
+            data = groups[shape]
+            mask = valid[start:start + data.shape[1]].to(data.device)
+            for b, name in enumerate(names):
+                rows = data[b] if bool(mask.all()) else data[b][mask]
+                sums[name] += rows.to(device, compute_dtype).sum(0, keepdim=True)
+    return sums

@@ -5,7 +5,6 @@ in ``hf_models.py``; the bundled noisy tasks (digits, GLUE) in ``examples/tasks.
 """
 from __future__ import annotations
 
-import lightning.pytorch as L
 import torch
 from torch import nn
 
@@ -114,19 +113,3 @@ def run_gloo_ranks(target, world: int = 2, timeout: float = 180.0) -> dict:
     assert not alive, "a rank hung in a collective"
     items = [queue.get(timeout=5) for _ in range(world)]
     return {item[0]: item[1] if len(item) == 2 else item[1:] for item in items}
-
-
-
-class GlooTeardown(L.Callback):
-    """Ends a ``ddp_spawn`` worker's gloo process group before the worker exits: every rank meets
-    at a barrier, then destroys the group. Lightning destroys only NCCL groups (at exit); a gloo
-    group left to the spawned interpreter's shutdown is torn down with its threads still running,
-    which now and then aborts a rank ("terminate called without an active exception", SIGABRT)
-    after the test's work is done."""
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
-            dist.barrier()
-            dist.destroy_process_group()

@@ -4,14 +4,28 @@ from __future__ import annotations
 import lightning.pytorch as L
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from helpers import GlooTeardown, gaussian_blobs, run_gloo_ranks
+from helpers import gaussian_blobs, run_gloo_ranks
 from lightning_influence import InfluenceCallback, audit
 
 COMBOS = [("standard", "hyperinf"), ("standard", "datainf"), ("fvm", "hyperinf"), ("fvm", "datainf")]
 OPTIONS = dict(tuning={"steps": 8, "batch_size": 8}, batch_size=8)
+
+
+class GlooTeardown(L.Callback):
+    """Ends a ``ddp_spawn`` worker's gloo process group before the worker exits: every rank meets
+    at a barrier, then destroys the group. Lightning destroys only NCCL groups (at exit); a gloo
+    group left to the spawned interpreter's shutdown is torn down with its threads still running,
+    which now and then aborts a rank ("terminate called without an active exception", SIGABRT)
+    after the test's work is done."""
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def make_data():

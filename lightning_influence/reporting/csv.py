@@ -7,6 +7,7 @@ from typing import Any
 from .._io import atomic_open
 from ..result import AuditResult
 from ._common import write_csv
+from .attribution import columns_of as attribution_columns
 from .figures import detection_curve_rows
 from .gallery import Gallery
 from .tables import columns_of
@@ -45,8 +46,6 @@ def write_attribution(logger: Any, result: AuditResult, rows: list[dict[str, Any
                       gallery: Any = None) -> None:
     """``influence_attribution.csv`` (one row per query, side and rank) and with a ``gallery``
     ``influence_attribution_gallery.png`` in the logger's ``log_dir``."""
-    from .attribution import columns_of as attribution_columns
-
     folder = os.fspath(logger.log_dir)
     write_csv(os.path.join(folder, ATTRIBUTION_FILE), rows, attribution_columns(rows))
     if gallery is not None:

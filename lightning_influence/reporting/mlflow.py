@@ -5,6 +5,7 @@ import tempfile
 from typing import Any
 
 from ..result import AuditResult
+from .attribution import columns_of as attribution_columns
 from .figures import detection_curve_figure
 from .gallery import Gallery
 from .summary import write_scores_file
@@ -35,8 +36,6 @@ def write_attribution(logger: Any, result: AuditResult, rows: list[dict[str, Any
                       gallery: Any = None) -> None:
     """The table ``influence/attribution.json`` (``log_table``) and with a ``gallery`` its
     picture ``influence/attribution_gallery.png``."""
-    from .attribution import columns_of as attribution_columns
-
     client, run_id = logger.experiment, logger.run_id
     cols = attribution_columns(rows)
     client.log_table(run_id, data={c: [r.get(c) for r in rows] for c in cols},

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from ..result import AuditResult
+from .attribution import attribution_rows, attribution_text
 from .tables import format_cell, text_table, top_k_rows
 
 
@@ -38,8 +39,6 @@ def summary_text(result: AuditResult, top: int = 10, describe: Callable[[int], s
         for i in range(0, len(items), 4):
             lines.append("  " + "  ".join(items[i:i + 4]))
     if getattr(result, "attribution", None) is not None:
-        from .attribution import attribution_rows, attribution_text
-
         lines += attribution_text(result, attribution_rows(result, describe, describe_query))
     return "\n".join(lines)
 

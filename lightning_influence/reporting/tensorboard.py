@@ -5,6 +5,7 @@ from typing import Any
 
 from ..result import AuditResult
 from ._common import rank_normalised
+from .attribution import by_query, query_markdown
 from .figures import detection_curve_figure
 from .gallery import Gallery
 from .tables import markdown_table
@@ -35,8 +36,6 @@ def write_attribution(logger: Any, result: AuditResult, rows: list[dict[str, Any
                       gallery: Any = None) -> None:
     """One markdown text per query, ``influence/attribution/query_<id>`` (its heading, then its
     supporters and opposers), and with a ``gallery`` the image ``influence/attribution_gallery``."""
-    from .attribution import by_query, query_markdown
-
     writer = logger.experiment
     for query, query_rows in by_query(rows).items():
         writer.add_text(f"influence/attribution/query_{query}", query_markdown(query_rows), global_step=step)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..result import AuditResult
+from .attribution import columns_of as attribution_columns
 from .figures import detection_curve_figure
 from .gallery import Gallery
 from .tables import columns_of
@@ -48,8 +49,6 @@ def write_attribution(logger: Any, result: AuditResult, rows: list[dict[str, Any
     """``influence/attribution``: one ``wandb.Table`` (a row per query, side and rank; filter by
     ``query``), and with a ``gallery`` its picture ``influence/attribution_gallery``."""
     import wandb
-
-    from .attribution import columns_of as attribution_columns
 
     cols = attribution_columns(rows)
     payload: dict[str, Any] = {"influence/attribution": wandb.Table(columns=cols,
