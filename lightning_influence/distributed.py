@@ -17,8 +17,6 @@ from .exceptions import RemoteStageError
 T = TypeVar("T")
 
 
-
-
 class Collectives:
     """Single process: every collective is the identity."""
 
