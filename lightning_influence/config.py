@@ -31,7 +31,7 @@ RANK_BY = ("auto", "influence", "loss_tuned", "loss_trained")
 GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: what ``per_validation=True`` uses when neither ``method`` nor ``solver`` is given (and, for the
 #: damping, when neither ``curvature`` nor ``damping`` is): chosen from ``benchmarks/attribution.py``
-#: (DataInf's identification tasks; README, *Attribution*): the trained weights, the two-sided
+#: (DataInf's identification tasks; docs/ATTRIBUTION.md): the trained weights, the two-sided
 #: generalised Fisher (``kronecker``) from the training gradients at a low damping, unit-norm gradients
 #: with the queries centred on the mean training gradient (``normalize="centered"``).
 ATTRIBUTION_DEFAULTS: dict[str, Any] = {"method": "standard", "solver": "kronecker", "damping": 1e-4,
@@ -226,8 +226,8 @@ class AuditOptions:
             ``"influence"`` (the method's influence score), ``"loss_tuned"`` (each sample's
             loss at θ̃) or ``"loss_trained"`` (at θ*). The influence score is always in
             ``result.influence``, and with ``noisy`` the detection metrics of every ranking
-            are in ``result.metrics_by``. Why the loss at θ̃ is the default: README,
-            *Which ranking*.
+            are in ``result.metrics_by``. Why the loss at θ̃ is the default:
+            docs/BENCHMARKS.md, *Which ranking to use*.
         attribution: explain predictions: ``True``, a dict or an
             :class:`~lightning_influence.AttributionConfig` (which queries: by default the
             validation samples the trained model gets wrong; ``k`` per side). For each query,
