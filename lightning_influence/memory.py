@@ -133,11 +133,14 @@ def peak_parts(plan: MemoryPlan, train_samples: int, val_samples: int, blocks: l
 
 def check_memory(train_samples: int, val_samples: int, blocks: list[Block], dtype: torch.dtype, method: str,
                  solver: SolverSpec, fisher: str, max_memory: int | None, spill_dir: str | None,
-                 projection: int | None, model: nn.Module | None = None, batch_size: int = 32) -> MemoryPlan:
+                 projection: int | None, model: nn.Module | None = None, batch_size: int = 32,
+                 solver_options: dict[str, Any] | None = None) -> MemoryPlan:
     """Plan the audit's memory for ``train_samples`` scored and ``val_samples`` validation samples
     over ``blocks``, gradients stored in ``dtype``; raise :class:`PreflightError` (with the
     options that would make it fit) when the peak is past :data:`RAM_SHARE` of the available RAM,
-    or a store spilled past ``max_memory`` is past the free disk under ``spill_dir``."""
+    or a store spilled past ``max_memory`` is past the free disk under ``spill_dir``.
+    ``solver_options``: the solver's constructor options (``curvature.solver_options``), which
+    may change its form and so its peak (e.g. hyperinf's ``form``)."""
     plan = MemoryPlan()
     itemsize = torch.empty((), dtype=dtype).element_size()
     compute_bytes = 8 if dtype == torch.float64 else 4
@@ -150,7 +153,7 @@ def check_memory(train_samples: int, val_samples: int, blocks: list[Block], dtyp
     plan.val_bytes = m * numbers * itemsize * (2 if fisher == "true" and tuned else 1)
     if fisher == "true" and not tuned:
         plan.store_bytes *= 2
-    plan.solve_bytes = solve_bytes(blocks, solver, curvature_rows, projection, compute_bytes)
+    plan.solve_bytes = solve_bytes(blocks, solver, curvature_rows, projection, compute_bytes, solver_options)
     parts = plan.peak_parts = peak_parts(plan, n, m, blocks, dtype, method, max_memory, projection, model, batch_size)
     plan.peak_bytes = need = parts["val"] + parts["store"] + max(parts["model"] + parts["tuning"] + parts["batch"],
                                                                  parts["chunks"] + parts["solve"])

@@ -142,7 +142,8 @@ def check(model: nn.Module, train_data: Any, val_data: Any, options: AuditOption
     blocks = select_blocks(model, options.params)
     plan = check_memory(report.train_samples, report.val_samples, blocks, store_dtype, options.method, options.solver,
                         options.curvature.fisher, options.max_memory, options.spill_dir, options.projection,
-                        model=model, batch_size=options.batch_size)
+                        model=model, batch_size=options.batch_size,
+                        solver_options=options.curvature.solver_options)
     report.numbers_per_sample, report.store_bytes, report.val_bytes = (plan.numbers_per_sample, plan.store_bytes,
                                                                        plan.val_bytes)
     report.solve_bytes, report.peak_bytes, report.peak_parts = plan.solve_bytes, plan.peak_bytes, plan.peak_parts

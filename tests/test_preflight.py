@@ -276,3 +276,21 @@ def test_the_readme_options_are_keywords_of_both_entry_points():
         missing = wanted - set(inspect.signature(entry).parameters)
         assert not missing, (entry.__qualname__, missing)
     assert not callback_only & set(inspect.signature(audit).parameters)
+
+
+def test_the_memory_plan_counts_the_solver_form_its_options_choose():
+    """curvature.solver_options reach the solver the plan asks for its peak: hyperinf forced to
+    its Schulz form on a 64 x 65 block with 3 curvature samples keeps a d x d inverse, which the
+    default (the exact low-rank form, N·r <= d) does not: the report's solve bytes say so."""
+    from lightning_influence.memory import solve_bytes
+    from lightning_influence.params import select_blocks
+
+    train, val = gaussian_blobs(20, 3, 64)
+    model = nn.Sequential(nn.Linear(64, 3)).double()
+    default = check(model, train, val, AuditOptions(method="vm", params="trainable"))
+    schulz = check(model, train, val, AuditOptions(method="vm", params="trainable",
+                                                   curvature={"solver_options": {"form": "schulz"}}))
+    blocks = select_blocks(model, "trainable")
+    assert default.solve_bytes == solve_bytes(blocks, "hyperinf", 3, None, 8)
+    assert schulz.solve_bytes == solve_bytes(blocks, "hyperinf", 3, None, 8, {"form": "schulz"})
+    assert schulz.solve_bytes != default.solve_bytes
