@@ -134,14 +134,15 @@ def peak_parts(plan: MemoryPlan, train_samples: int, val_samples: int, blocks: l
 def check_memory(train_samples: int, val_samples: int, blocks: list[Block], dtype: torch.dtype, method: str,
                  solver: SolverSpec, fisher: str, max_memory: int | None, spill_dir: str | None,
                  projection: int | None, model: nn.Module | None = None, batch_size: int = 32,
-                 solver_options: dict[str, Any] | None = None) -> MemoryPlan:
+                 solver_options: dict[str, Any] | None = None, plan: MemoryPlan | None = None) -> MemoryPlan:
     """Plan the audit's memory for ``train_samples`` scored and ``val_samples`` validation samples
     over ``blocks``, gradients stored in ``dtype``; raise :class:`PreflightError` (with the
     options that would make it fit) when the peak is past :data:`RAM_SHARE` of the available RAM,
     or a store spilled past ``max_memory`` is past the free disk under ``spill_dir``.
     ``solver_options``: the solver's constructor options (``curvature.solver_options``), which
-    may change its form and so its peak (e.g. hyperinf's ``form``)."""
-    plan = MemoryPlan()
+    may change its form and so its peak (e.g. hyperinf's ``form``). ``plan``: the object to fill in
+    (e.g. the pre-flight report, a :class:`MemoryPlan` itself); a new one by default."""
+    plan = plan if plan is not None else MemoryPlan()
     itemsize = torch.empty((), dtype=dtype).element_size()
     compute_bytes = 8 if dtype == torch.float64 else 4
     numbers = gradient_numbers(blocks, projection)

@@ -41,7 +41,7 @@ from .losses import (
     hf_model_of,
     mean_squared_error,
 )
-from .memory import check_memory, format_bytes
+from .memory import MemoryPlan, check_memory, format_bytes
 from .models import copy_model
 from .modes import preserved
 from .params import Block, select_blocks
@@ -54,8 +54,9 @@ NEGLIGIBLE = 1e-2
 
 
 @dataclass
-class PreflightReport:
-    """What the pre-flight check measured.
+class PreflightReport(MemoryPlan):
+    """What the pre-flight check measured: the memory plan's figures
+    (:class:`~lightning_influence.memory.MemoryPlan`, filled in by the check) and the following.
 
     Attributes:
         seconds: the check's wall time.
@@ -84,15 +85,8 @@ class PreflightReport:
     loss_reference: str | None = None
     loss_error: float = 0.0
     gradient_error: dict[str, float] = field(default_factory=dict)
-    numbers_per_sample: int = 0
     train_samples: int = 0
     val_samples: int = 0
-    store_bytes: int = 0
-    val_bytes: int = 0
-    solve_bytes: int = 0
-    peak_bytes: int = 0
-    peak_parts: dict[str, int] = field(default_factory=dict)
-    available_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
     loss_fn: LossFn | None = None
 
@@ -140,14 +134,9 @@ def check(model: nn.Module, train_data: Any, val_data: Any, options: AuditOption
     if any(p.is_inference() for p in model.parameters()):  # made under inference_mode: no autograd on them
         model = copy_model(model)
     blocks = select_blocks(model, options.params)
-    plan = check_memory(report.train_samples, report.val_samples, blocks, store_dtype, options.method, options.solver,
-                        options.curvature.fisher, options.max_memory, options.spill_dir, options.projection,
-                        model=model, batch_size=options.batch_size,
-                        solver_options=options.curvature.solver_options)
-    report.numbers_per_sample, report.store_bytes, report.val_bytes = (plan.numbers_per_sample, plan.store_bytes,
-                                                                       plan.val_bytes)
-    report.solve_bytes, report.peak_bytes, report.peak_parts = plan.solve_bytes, plan.peak_bytes, plan.peak_parts
-    report.available_bytes = plan.available_bytes
+    check_memory(report.train_samples, report.val_samples, blocks, store_dtype, options.method, options.solver,
+                 options.curvature.fisher, options.max_memory, options.spill_dir, options.projection, model=model,
+                 batch_size=options.batch_size, solver_options=options.curvature.solver_options, plan=report)
 
     ids = (torch.arange(n_all) if train_ids is None else train_ids)[:max(1, samples)]
     to_device = _to_device(device, convert)
