@@ -12,8 +12,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 
+class _Figures:
+    """Figures that flatten to ``{name: value}`` in field order (the keys of ``result.tuning``)."""
+
+    def as_dict(self) -> dict[str, float]:
+        """The fields as ``{name: value}``, in field order."""
+        return asdict(self)  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
-class ThetaStarFigures:
+class ThetaStarFigures(_Figures):
     """The validation figures at θ* (before the first step): the full-set loss and accuracy, the
     norm of the full-set mean gradient of the audited parameters (the yardstick for θ̃; estimated
     from ``grad_check_samples`` samples, or exact over the full set) and that sample count."""
@@ -23,13 +31,9 @@ class ThetaStarFigures:
     grad_norm_start: float
     grad_check_samples: float
 
-    def as_dict(self) -> dict[str, float]:
-        """The fields as ``{name: value}``, in field order."""
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class StepFigures:
+class StepFigures(_Figures):
     """What the step loop ran and saw: ``steps`` and ``epochs`` (passes) run, ``stopped_early``
     (1/0), the mean mini-batch loss over the first and the last pass and of the first batch,
     ``sharpness`` (fvm: SAM's perturbed-minus-clean loss over the last pass; NaN for vm),
@@ -45,10 +49,6 @@ class StepFigures:
     sharpness_aware: float
     steps_s: float
 
-    def as_dict(self) -> dict[str, float]:
-        """The fields as ``{name: value}``, in field order."""
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class Attempt:
@@ -59,7 +59,7 @@ class Attempt:
 
 
 @dataclass(frozen=True)
-class FinalFigures:
+class FinalFigures(_Figures):
     """The full validation-set figures at θ̃ and the verdict (:func:`~.checks.minimum_check`):
     loss, accuracy, mean-gradient norm, its ratio to ``grad_norm_start``, the gradient noise
     test's ratio and ``z``, and ``at_minimum`` (1/0, NaN without a step)."""
@@ -71,10 +71,6 @@ class FinalFigures:
     grad_noise_ratio: float
     grad_z: float
     at_minimum: float
-
-    def as_dict(self) -> dict[str, float]:
-        """The fields as ``{name: value}``, in field order."""
-        return asdict(self)
 
 
 @dataclass(frozen=True)
