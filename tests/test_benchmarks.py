@@ -309,6 +309,9 @@ def test_projection_quick(tmp_path):
     check_tables(doc, notes=True)
     assert [row[0] for row in doc["tables"][0]["rows"]] == ["none", 16]
     assert -1.0 <= doc["raw"]["16"]["spearman"] <= 1.0 and 0.0 <= doc["raw"]["none"]["auroc"] <= 1.0
+    # the influence scores are compared, which the sketch changes (the default ranking, the loss at θ̃,
+    # would agree exactly whatever the projection: Spearman 1.000 and the same AUROC, as it once did)
+    assert doc["raw"]["16"]["spearman"] < 0.999
 
 
 def test_attribution_streaming_quick(tmp_path):
