@@ -329,7 +329,8 @@ def run_defaults(task: str, seed: int, b: dict[str, Any], protocol: str) -> dict
     t0 = time.perf_counter()
     result = audit(b["model"], train_loader, test_loader, per_validation=True, seed=seed)
     config = {"method": result.method, "solver": result.solver,
-              "normalize": result.config.get("normalize"), "damping": result.config["curvature"]["damping"]}
+              "normalize": result.config.get("normalize"), "damping": result.config["curvature"]["damping"],
+              "params": result.config["params"]}
     return _row(task, seed, protocol, "defaults", result.per_validation, b, time.perf_counter() - t0, resolved=config)
 
 

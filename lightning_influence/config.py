@@ -33,9 +33,13 @@ GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: damping, when neither ``curvature`` nor ``damping`` is): chosen from ``benchmarks/attribution.py``
 #: (DataInf's identification tasks; docs/ATTRIBUTION.md): the trained weights, the two-sided
 #: generalised Fisher (``kronecker``) from the training gradients at a low damping, unit-norm gradients
-#: with the queries centred on the mean training gradient (``normalize="centered"``).
+#: with the queries centred on the mean training gradient (``normalize="centered"``), and for a LoRA
+#: model the gradients of its ``B`` matrices only (``params="auto_lora_B"``, when ``params`` is left at
+#: ``"auto"``): ``A`` starts random and moves little, so ``∂L/∂B = δ (A x)ᵀ`` is the output gradient
+#: against a random projection of the input, a sketch of the full weight's gradient, while ``∂L/∂A``
+#: sees it only through the few directions ``B`` has learned (benchmarks/attribution_candidates.py).
 ATTRIBUTION_DEFAULTS: dict[str, Any] = {"method": "standard", "solver": "kronecker", "damping": 1e-4,
-                                        "normalize": "centered"}
+                                        "normalize": "centered", "params": "auto_lora_B"}
 #: what applies otherwise when ``method`` / ``solver`` are not given
 METHOD_DEFAULT, SOLVER_DEFAULT = "fvm", "hyperinf"
 
@@ -195,11 +199,15 @@ class AuditOptions:
             ``"standard"`` (Koh & Liang at the trained weights). ``None`` (default): ``"fvm"``, or
             with ``per_validation=True`` and no ``solver`` either, the attribution defaults
             (:data:`~lightning_influence.config.ATTRIBUTION_DEFAULTS`: standard, kronecker,
-            damping 1e-4 unless ``curvature``/``damping`` is given, ``normalize="centered"``).
+            damping 1e-4 unless ``curvature``/``damping`` is given, ``normalize="centered"``, a
+            LoRA model's ``B`` matrices unless ``params`` is given).
         solver: ``"hyperinf"``, ``"datainf"``, ``"lissa"``, ``"exact"``, ``"identity"``,
             ``"kronecker"``, or an ``InverseSolver`` instance/class. ``None`` (default):
             ``"hyperinf"``, or the attribution defaults (see ``method``).
-        params: ``"auto"``, ``"lora"``, ``"trainable"`` or parameter-name glob patterns.
+        params: ``"auto"``, ``"lora"``, ``"lora_B"``, ``"auto_lora_B"``, ``"trainable"`` or
+            parameter-name glob patterns (:func:`~lightning_influence.params.select_blocks`); under
+            the attribution defaults ``"auto"`` becomes ``"auto_lora_B"`` (a LoRA model's ``B``
+            matrices).
         noisy: optional ``(n,)`` bool ground-truth flags; enables ``result.metrics``.
         top_k: k for precision/recall at k.
         seed: seeds the tuning order and the true-Fisher label draws (the global RNG is untouched).
@@ -297,7 +305,8 @@ class AuditOptions:
     def _resolve_defaults(self) -> None:
         """``method``/``solver`` ``None`` and ``normalize="auto"`` resolved: with ``per_validation``
         and neither ``method`` nor ``solver`` given, :data:`ATTRIBUTION_DEFAULTS` (its damping
-        too when neither ``curvature`` nor ``damping`` is given); otherwise fvm, hyperinf and no
+        too when neither ``curvature`` nor ``damping`` is given, its ``params`` when ``params`` is
+        ``"auto"``); otherwise fvm, hyperinf and no
         normalisation, as before. Idempotent: a resolved copy resolves to itself."""
         attribution = bool(self.per_validation) and self.method is None and self.solver is None
         defaults = ATTRIBUTION_DEFAULTS if attribution else {"method": METHOD_DEFAULT, "solver": SOLVER_DEFAULT,
@@ -307,6 +316,8 @@ class AuditOptions:
              normalize=defaults["normalize"] if self.normalize == "auto" else self.normalize)
         if attribution and self.curvature is None and self.damping is None:
             _set(self, damping=ATTRIBUTION_DEFAULTS["damping"])
+        if attribution and self.params == "auto":
+            _set(self, params=ATTRIBUTION_DEFAULTS["params"])
         check_normalize(self.normalize)
 
     @property

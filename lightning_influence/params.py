@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 ParamsSpec = str | Sequence[str]
-KEYWORDS = ("auto", "lora", "trainable")
+KEYWORDS = ("auto", "lora", "trainable", "lora_B", "auto_lora_B")
 
 
 @dataclass
@@ -82,9 +82,10 @@ def _make_block(name: str, param: nn.Parameter, owner: nn.Module | None, shared:
     return Block(name, param, linear, role if linear is not None else "generic", transpose, shape)
 
 
-def lora_parameter_names(model: nn.Module) -> list[str]:
+def lora_parameter_names(model: nn.Module, sides: str = "AB") -> list[str]:
     """Names of the LoRA matrices of the *active* adapter(s), found through PEFT's own layer
-    type (``peft.tuners.lora.LoraLayer``), never by matching name strings."""
+    type (``peft.tuners.lora.LoraLayer``), never by matching name strings. ``sides="B"``: only
+    the ``B`` (up-projection) matrices."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # peft is a dependency, but keep plain-model audits working without it
@@ -101,6 +102,8 @@ def lora_parameter_names(model: nn.Module) -> list[str]:
             )
         for adapter in module.active_adapters:
             for container_name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+                if container_name[-1] not in sides:
+                    continue
                 container = getattr(module, container_name, None)
                 if container is None or adapter not in container:
                     continue
@@ -114,19 +117,22 @@ def select_blocks(model: nn.Module, params: ParamsSpec = "auto") -> list[Block]:
     """The audited blocks of ``model``.
 
     ``params`` is ``"auto"`` (LoRA if the model has LoRA layers, else trainable),
-    ``"lora"`` (the active adapter's LoRA matrices), ``"trainable"`` (every parameter with
+    ``"lora"`` (the active adapter's LoRA matrices), ``"lora_B"`` (only their ``B``
+    matrices), ``"auto_lora_B"`` (the ``B`` matrices if the model has LoRA layers, else
+    trainable: the attribution defaults' choice), ``"trainable"`` (every parameter with
     ``requires_grad``), or name patterns (``fnmatch`` globs such as ``"*.classifier.*"``,
     matched against ``model.named_parameters()`` names). Raises ``ValueError`` when nothing
     matches.
     """
     named = dict(model.named_parameters())
     if isinstance(params, str) and params in KEYWORDS:
-        if params == "auto":
-            names = lora_parameter_names(model) or [n for n, p in named.items() if p.requires_grad]
-        elif params == "lora":
-            names = lora_parameter_names(model)
+        sides = "B" if params.endswith("lora_B") else "AB"
+        if params in ("auto", "auto_lora_B"):
+            names = lora_parameter_names(model, sides) or [n for n, p in named.items() if p.requires_grad]
+        elif params in ("lora", "lora_B"):
+            names = lora_parameter_names(model, sides)
             if not names:
-                raise ValueError("params='lora' but the model has no PEFT LoRA layers with an active "
+                raise ValueError(f"params={params!r} but the model has no PEFT LoRA layers with an active "
                                  "adapter; use params='trainable' or name patterns")
         else:
             names = [n for n, p in named.items() if p.requires_grad]

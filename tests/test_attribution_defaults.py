@@ -97,6 +97,49 @@ def test_callback_resolves_alike():
     assert (cb.options.method, cb.options.solver, cb.options.normalize) == ("fvm", "hyperinf", "none")
 
 
+def test_a_lora_model_is_explained_by_its_b_matrices_unless_params_is_given():
+    """Under the attribution defaults ``params="auto"`` becomes ``"auto_lora_B"``: a LoRA model's B
+    matrices (found through PEFT's layers), a plain model's trainable parameters; a given
+    ``params`` (or a given method) keeps its own."""
+    from lightning_influence.params import select_blocks
+
+    assert AuditOptions(per_validation=True).params == ATTRIBUTION_DEFAULTS["params"] == "auto_lora_B"
+    assert AuditOptions(per_validation=True, params="lora").params == "lora"
+    assert AuditOptions(per_validation=True, method="standard").params == "auto"
+    assert AuditOptions().params == "auto"
+    lora = _lora_mlp()
+    both = [b.name for b in select_blocks(lora, "lora")]
+    b_only = [b.name for b in select_blocks(lora, "auto_lora_B")]
+    assert len(both) == 4 and b_only == [n for n in both if ".lora_B." in n] and len(b_only) == 2
+    assert [b.name for b in select_blocks(lora, "lora_B")] == b_only
+    plain, _, _ = _data()
+    assert [b.name for b in select_blocks(plain, "auto_lora_B")] == ["0.weight"]  # no LoRA: as "auto"
+    with pytest.raises(ValueError, match="params='lora_B' but the model has no PEFT LoRA layers"):
+        select_blocks(plain, "lora_B")
+
+
+def test_the_defaults_on_a_lora_model_equal_the_explicit_b_only_audit():
+    lora = _lora_mlp()
+    _, train, val = _data()
+    defaults = audit(lora, train, val, per_validation=True, preflight=False)
+    explicit = audit(lora, train, val, per_validation=True, preflight=False, method="standard", solver="kronecker",
+                     damping=1e-4, normalize="centered", params=["*lora_B*"])
+    assert defaults.config["params"] == "auto_lora_B" and defaults.config["blocks"] == 2
+    torch.testing.assert_close(defaults.per_validation, explicit.per_validation, rtol=1e-12, atol=0)
+
+
+def _lora_mlp() -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(D_IN, 8), nn.Tanh(), nn.Linear(8, C)).double()
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.2)  # LoRA B starts at zero: make every gradient non-trivial
+    return model
+
+
 # --------------------------------------------------------------------------- against dense computations
 
 @pytest.mark.parametrize("balance", [True, False])

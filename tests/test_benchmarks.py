@@ -345,7 +345,8 @@ def test_attribution_quick(tmp_path):
         assert 0.0 <= r["auc"] <= 1.0 and 0.0 <= r["recall"] <= 1.0 and _finite(r["seconds"]), r
     # the defaults column is audit() with no method/solver: it resolved to the attribution defaults
     assert rows[("datainf", "defaults")]["resolved"] == {"method": "standard", "solver": "kronecker",
-                                                         "normalize": "centered", "damping": 1e-4}
+                                                         "normalize": "centered", "damping": 1e-4,
+                                                         "params": "auto_lora_B"}
     assert doc["aggregate"]["datainf"][task]["defaults"]["auc"]["mean"] == rows[("datainf", "defaults")]["auc"]
 
 
