@@ -350,6 +350,20 @@ def test_attribution_quick(tmp_path):
     assert doc["aggregate"]["datainf"][task]["defaults"]["auc"]["mean"] == rows[("datainf", "defaults")]["auc"]
 
 
+@pytest.mark.skipif(not os.path.exists(os.path.join(DATAINF, "grammars_train.jsonl")),
+                    reason="DataInf's tasks not found in ../shared/data/datainf")
+def test_attribution_candidates_quick(tmp_path):
+    """benchmarks/attribution_candidates.py --quick: every candidate scored on one tiny model, dated;
+    among them the defaults of the time (every LoRA matrix) and the B-only choice that replaced them."""
+    out = tmp_path / "candidates.json"
+    run_script("attribution_candidates.py", "--quick", "--out", str(out), "--data-dir", DATAINF, timeout=300)
+    doc = json.loads(out.read_text())
+    assert doc["date"] and doc["machine"]["torch"] and doc["command"].startswith("python benchmarks/")
+    columns = {r["column"] for r in doc["raw"]}
+    assert "kronecker centered d=1e-4 (defaults)" in columns and "LoRA B only: kronecker centered d=1e-4" in columns
+    assert all(0.0 <= r["auc"] <= 1.0 and 0.0 <= r["recall"] <= 1.0 for r in doc["raw"])
+
+
 def test_attribution_metrics_against_a_hand_computation(monkeypatch):
     bench = import_benchmark("attribution", monkeypatch)
     import torch
