@@ -126,15 +126,9 @@ class TuningReport:
         out.update(budget_epochs=self.budget_epochs, batches_per_pass=self.batches_per_pass)
         if not self.inherited:
             out.update(self._probe())
-        if self.probe_s is not None:
-            out["probe_s"] = self.probe_s
-        if self.check_epochs is not None:
-            out["check_epochs"] = self.check_epochs
+        out.update(_given(probe_s=self.probe_s, check_epochs=self.check_epochs))
         out.update(planned_steps=self.planned_steps, planned_epochs=self.planned_epochs)
-        if self.momentum is not None:
-            out["momentum"] = self.momentum
-        if self.lr is not None:
-            out["lr"] = self.lr
+        out.update(_given(momentum=self.momentum, lr=self.lr))
         if self.loop is not None:
             out.update(self.loop.as_dict())
         if self.inherited:
@@ -143,10 +137,12 @@ class TuningReport:
         for i, attempt in enumerate(self.attempts):
             out[f"lr_attempt_{i}"] = attempt.lr
             out[f"val_loss_tuned_attempt_{i}"] = attempt.val_loss_tuned
-        if self.train_sample_cost is not None:
-            out["train_sample_cost"] = self.train_sample_cost
-        if self.retries is not None:
-            out["retries"] = self.retries
+        out.update(_given(train_sample_cost=self.train_sample_cost, retries=self.retries))
         if self.final is not None:
             out.update(self.final.as_dict())
         return out
+
+
+def _given(**values: float | None) -> dict[str, float]:
+    """The ``values`` that are set (not ``None``), in the order given."""
+    return {name: value for name, value in values.items() if value is not None}
