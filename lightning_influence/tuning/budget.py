@@ -32,15 +32,17 @@ MIN_STEP_SHARE = 0.25
 
 
 def budget_epochs(config: TuningConfig, train_size: float | None, val_size: int, sharpness_aware: bool) -> float:
-    """Passes over the validation set: ``config.epochs``, or for ``"auto"`` the compute of one
-    training epoch (``n`` forward-backward passes; SAM takes two per sample) over the ``m``
-    validation samples: ``n / (2m)`` for fvm, ``n / m`` for vm, within ``[MIN_AUTO_EPOCHS,
-    MAX_AUTO_EPOCHS]``. ``train_size`` may be cost-weighted (:func:`relative_sample_cost`)."""
+    """Passes over the validation set: ``config.epochs``, or for ``"auto"`` the compute of
+    ``b = config.budget`` training epochs (``b x n`` forward-backward passes; SAM takes two per
+    sample) over the ``m`` validation samples: ``b x n / (2m)`` for fvm, ``b x n / m`` for vm,
+    within ``[MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS]``. ``train_size`` may be cost-weighted
+    (:func:`relative_sample_cost`)."""
     if config.epochs != "auto":
         return float(config.epochs)
     if not train_size or not val_size:
         return 1.0
-    return min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, train_size / ((2 if sharpness_aware else 1) * val_size)))
+    passes = config.budget * train_size / ((2 if sharpness_aware else 1) * val_size)
+    return min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, passes))
 
 
 def relative_sample_cost(train_data: Any, val_data: Any, seed: int = 0, samples: int = 256) -> float:
@@ -78,7 +80,7 @@ def planned_steps(config: TuningConfig, batches_per_pass: int, epochs: float | N
 def steps_after_checks(config: TuningConfig, total: int, per_pass: int, epochs: float, spent: float, val_size: int,
                        train_size: float | None, sharpness_aware: bool) -> tuple[int, float | None]:
     """``epochs="auto"``: the checks (θ* figures, the probe: ``spent`` forward-backward passes of
-    one sample) are part of the one training epoch of compute, so the steps get the rest, at least
+    one sample) are part of the budget's compute, so the steps get the rest, at least
     ``MIN_STEP_SHARE`` of the ``epochs`` budget. Returns ``(steps, the checks' share of one
     training epoch)``; otherwise ``(total, None)`` unchanged."""
     if config.epochs == "auto" and config.steps is None and train_size and val_size:

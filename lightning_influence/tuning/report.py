@@ -86,6 +86,8 @@ class TuningReport:
     check_s: float
     budget_epochs: float
     batches_per_pass: float
+    #: ``epochs="auto"``: the budget in training epochs (``TuningConfig.budget``)
+    budget_training_epochs: float | None = None
     planned_steps: float = 0.0
     planned_epochs: float = 0.0
     theta_star: ThetaStarFigures | None = None
@@ -124,6 +126,7 @@ class TuningReport:
             out.update(self._theta_star())
         out["check_s"] = self.check_s
         out.update(budget_epochs=self.budget_epochs, batches_per_pass=self.batches_per_pass)
+        out.update(_given(budget_training_epochs=self.budget_training_epochs))
         if not self.inherited:
             out.update(self._probe())
         out.update(_given(probe_s=self.probe_s, check_epochs=self.check_epochs))

@@ -249,8 +249,8 @@ def tune(model: nn.Module, params: list[nn.Parameter], loader_factory: Callable[
     ``population``), and the learning-rate probe reuses that gradient and loss (eval mode), so
     the checks cost little.
 
-    With ``epochs="auto"`` the checks are counted inside the budget (one training epoch of
-    compute, ``train_size`` forward-backward passes): the tuning steps get what the full-set
+    With ``epochs="auto"`` the checks are counted inside the budget (``config.budget`` training
+    epochs of compute, ``train_size`` forward-backward passes): the tuning steps get what the full-set
     loss at θ*, the gradient check and the probe leave (at least ``MIN_STEP_SHARE`` of it).
 
     Returns a :class:`~.report.TuningReport`; its :meth:`~.report.TuningReport.as_dict` has
@@ -270,8 +270,9 @@ def tune(model: nn.Module, params: list[nn.Parameter], loader_factory: Callable[
     per_pass = batches_per_pass(loader_factory)
     epochs = budget_epochs(config, train_size, m, sharpness_aware)
     total = planned_steps(config, per_pass, epochs)
+    budget = float(config.budget) if config.epochs == "auto" and config.steps is None else None
     report = TuningReport(check_s=check_s, budget_epochs=epochs, batches_per_pass=float(per_pass),
-                          theta_star=theta_star)
+                          budget_training_epochs=budget, theta_star=theta_star)
     if total == 0:
         return report
     with preserved(model, training=config.train_mode, requires_grad=params):
@@ -296,6 +297,7 @@ def tune(model: nn.Module, params: list[nn.Parameter], loader_factory: Callable[
                           theta_star.val_loss_trained if theta_star is not None else None)
     loop = step_figures(state, params, per_pass, sharpness_aware, time.perf_counter() - clock)
     return TuningReport(check_s=check_s, budget_epochs=epochs, batches_per_pass=float(per_pass),
+                        budget_training_epochs=budget,
                         planned_steps=float(total), planned_epochs=total / max(per_pass, 1), theta_star=theta_star,
                         probe_curve=curve, probe_s=probe_s, check_epochs=check_epochs, momentum=momentum,
                         lr=float(lr), loop=loop)
