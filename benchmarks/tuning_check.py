@@ -163,10 +163,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         det.append([LABELS[task], stat(col("loss_tuned_auroc")), stat(col("influence_auroc")),
                     stat(col("loss_trained_auroc")), stat(col("loss_tuned_ap")), stat(col("influence_ap")),
                     stat(col("loss_trained_ap"))])
-    shown = ("epochs", "optimizer", "lr", "momentum", "batch_size", "rho", "adaptive", "tol")
+    shown = ("epochs", "budget", "optimizer", "lr", "momentum", "batch_size", "rho", "adaptive", "tol")
     notes = [f"seeds {opts.seeds}; mean ± std over seeds (ddof=1); eval mode, every validation sample",
              f"library default tuning: {json.dumps({k: cfg[k] for k in shown})} "
-             "(epochs 'auto' = one training epoch of compute, n/(2m) passes; lr 'auto' = the probe)",
+             "(epochs 'auto' = the compute of `budget` training epochs, budget n/(2m) passes; lr 'auto' = the probe)",
              "grad / noise: the full validation set's mean gradient at θ̃ over the norm sampling noise alone gives it "
              "(sqrt(tr Σ / M), audited parameters; about 1 at a minimum); grad z: M‖ḡ‖² - tr Σ in standard deviations "
              "sqrt(2 tr Σ²) of what noise gives (the audit warns above 3); grad θ̃/θ*: the "
@@ -180,12 +180,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
              "digits: MLP 64-64-10, full-batch Adam (1 epoch = 1 step); SST-2: MiniLM-L6 + LoRA r=8 q/v, "
              f"{opts.glue_train} train / {opts.glue_val} val sentences, AdamW lr 3e-3, batch 32, "
              f"{opts.glue_epochs} epochs"]
-    tables = [dict(title="Validation tuning at the defaults: full validation set at θ* and θ̃, and its cost",
+    at = "at the defaults" if not opts.tuning else f"with tuning={json.dumps(opts.tuning)}"
+    tables = [dict(title=f"Validation tuning {at}: full validation set at θ* and θ̃, and its cost",
                    columns=["task", "val loss θ*", "val loss θ̃", "per seed", "val acc θ*", "val acc θ̃", "sharpness",
                             "grad / noise θ̃", "grad z θ̃", "grad θ̃/θ*", "passes", "no warning", "retried", "tuning s",
                             "1 epoch s", "tuning / epoch"],
                    rows=rows, notes=notes, **header),
-              dict(title="Detection at the defaults: the loss at θ̃ (default ranking) beside the fvm influence score",
+              dict(title=f"Detection {at}: the loss at θ̃ (default ranking) beside the fvm influence score",
                    columns=["task", "AUROC loss@θ̃", "AUROC fvm", "AUROC loss@θ*", "AP loss@θ̃", "AP fvm",
                             "AP loss@θ*"],
                    rows=det, notes=notes[:2], **header)]
