@@ -22,7 +22,7 @@ from .losses import LossFn
 from .models import copy_model, model_device
 from .modes import autograd_allowed
 from .params import Block, ParamsSpec, select_blocks
-from .precision import full_precision
+from .precision import full_precision, uncached_autocast
 from .preflight import check
 from .progress import NullProgress, Progress, StageTimes
 from .projection import project_blocks
@@ -36,6 +36,7 @@ from .tuning import tune_and_check, validation_gradients
 
 
 @autograd_allowed
+@uncached_autocast()  # a user's autocast region computes with the weights the tuning changes
 def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOptions, *,
             progress: Progress | None = None, dist: Collectives | None = None,
             loss_at_trained: bool = True) -> Prepared:

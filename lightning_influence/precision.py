@@ -89,3 +89,18 @@ def full_precision() -> Iterator[None]:
             if _autocast_dtype(kind) is not None:
                 stack.enter_context(torch.autocast(kind, enabled=False))
         yield
+
+
+@contextmanager
+def uncached_autocast() -> Iterator[None]:
+    """Autocast kept as it is on every device type where it is on, but without its weight cache,
+    until exit. ``torch.autocast`` caches each weight's low-precision copy for its whole region
+    (``cache_enabled=True``, the default outside Lightning, whose own regions turn it off), so a
+    weight changed in place inside the region (the tuning's steps, the lr probe) would keep
+    computing with its old copy: tuning would silently move nothing."""
+    with ExitStack() as stack:
+        for kind in _AUTOCAST_DEVICES:
+            dtype = _autocast_dtype(kind)
+            if dtype is not None:
+                stack.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=False))
+        yield

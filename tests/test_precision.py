@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence import AuditOptions, InfluenceCallback
+from helpers import digits_mlp
+from lightning_influence import AuditOptions, InfluenceCallback, audit
 from lightning_influence.audit import prepare, score
 from lightning_influence.exceptions import PreflightError
 from lightning_influence.gradients import gradient_mode, per_sample_gradients
@@ -200,3 +201,19 @@ def test_the_solve_and_scores_run_in_full_precision_under_autocast(digits):
     finally:
         prepared.close()
     assert torch.equal(plain, under)
+
+
+def test_audit_inside_a_users_autocast_region_still_tunes():
+    """``torch.autocast`` caches each weight's bfloat16 copy for its whole region unless told not to:
+    the tuning's in-place steps would then change nothing the forward passes see."""
+    split = noisy_digits(rate=0.2, seed=0)
+    model = digits_mlp(split)
+    kw = dict(method="fvm", params="trainable", batch_size=128, tuning={"budget": 0.5})
+    plain = audit(model, split.train, split.val, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # cache_enabled=True, torch's default
+        cached = audit(model, split.train, split.val, **kw)
+    probe = [v for k, v in cached.tuning.items() if k.startswith("probe_loss@")]
+    assert len(set(probe)) > 1  # the probe sees its steps
+    drop, drop32 = (r.tuning["val_loss_trained"] - r.tuning["val_loss_tuned"] for r in (cached, plain))
+    assert drop > 0.5 * drop32 > 0
+    assert torch.is_autocast_enabled("cpu") is False  # the user's region is theirs again after it

@@ -59,3 +59,24 @@ def test_a_quarter_budget_spends_a_quarter_epoch_checks_included(digits):
     # a budget given as steps or passes reports none in training epochs
     fixed = audit(model, split.train, split.val, tuning={"steps": 3}, **kw)
     assert "budget_training_epochs" not in fixed.tuning and fixed.tuning["steps"] == 3
+
+
+def _hint(stats, config):
+    from lightning_influence.tuning import minimum_check
+
+    with pytest.warns(RuntimeWarning, match="did not reach a validation minimum") as caught:
+        minimum_check({"steps": 10.0, "val_loss_trained": 1.0, "planned_epochs": 0.4, "lr": 0.1, **stats}, config,
+                      0.999, float("nan"), 1.0)
+    return str(caught[-1].message)
+
+
+def test_the_warning_names_the_budget_that_applies_and_never_a_retried_lr():
+    auto = _hint({}, TuningConfig(budget=0.5))
+    assert "raise tuning.budget (now 0.5 training epochs, 0.4 passes) or tuning.lr (now 0.1, probed)" in auto
+    assert "raise tuning.epochs (now 3 passes)" in _hint({}, TuningConfig(epochs=3.0))
+    assert "raise tuning.steps (now 7)" in _hint({}, TuningConfig(steps=7))
+    # after a retry at a quarter of the probed lr (the larger one raised the loss), raising it is no advice
+    retried = _hint({"retries": 1.0, "lr": 0.025}, TuningConfig(lr=0.025))
+    assert "raise tuning.budget (now 1 training epochs" in retried and "retried at a quarter (1x, now 0.025)" in retried
+    assert "or tuning.lr" not in retried
+

@@ -100,12 +100,18 @@ def minimum_check(stats: Mapping[str, float], config: TuningConfig, val_loss: fl
     if problems and warn:
         epochs = stats.get("planned_epochs", float("nan"))
         budget = (f"tuning.steps (now {config.steps})" if config.steps is not None else
-                  f"tuning.epochs (now {config.epochs}, {epochs:.2g} passes)")
+                  f"tuning.budget (now {config.budget:g} training epochs, {epochs:.2g} passes)"
+                  if config.epochs == "auto" else f"tuning.epochs (now {config.epochs:g} passes)")
         rose = trained == trained and val_loss > trained
         used = stats.get("lr", float("nan"))
         lr = f"{used:.3g}, probed" if config.lr == "auto" else f"{used:g}"
-        hint = (f"lower tuning.lr (now {lr}) or tuning.rho (now {config.rho:g})" if rose else
-                f"raise {budget} or tuning.lr (now {lr})")
+        if rose:
+            hint = f"lower tuning.lr (now {lr}) or tuning.rho (now {config.rho:g})"
+        elif stats.get("retries", 0):  # a larger lr raised the loss: only a longer tuning can help
+            hint = (f"raise {budget}; the probed learning rate raised the loss and was retried at a quarter "
+                    f"({int(stats['retries'])}x, now {used:.3g}), so a larger one would not help")
+        else:
+            hint = f"raise {budget} or tuning.lr (now {lr})"
         warnings.warn("validation tuning did not reach a validation minimum: " + "; ".join(problems)
                       + f". vm/fvm scores assume θ̃ is at one; {hint}.", RuntimeWarning)
     return FinalFigures(val_loss_tuned=val_loss, val_acc_tuned=val_acc, grad_norm_tuned=grad_norm, grad_ratio=ratio,
