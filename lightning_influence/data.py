@@ -114,7 +114,9 @@ def selected_ids(data: Any, name: str = "data") -> Tensor | None:
         raise ValueError(
             f"{name}: the DataLoader's sampler ({type(sampler if not custom_batches else batch_sampler).__name__}) "
             "yields a different set of samples on each pass, so 'the training set' is not defined. Pass the "
-            "Dataset itself (every sample is audited) or a Subset of the samples to audit")
+            "Dataset itself (every sample is audited) or a Subset of the samples to audit; with the callback, "
+            "InfluenceCallback(run_on_fit_end=False) and cb.run(trainer, train_data=that) after fit, or a sampler "
+            "that yields the same samples on every pass")
     if first.numel() and (int(first[0]) < 0 or int(first[-1]) >= n):
         raise ValueError(f"{name}: the sampler yields positions outside the dataset [0, {n})")
     return None if first.numel() == n else first

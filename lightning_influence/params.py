@@ -142,8 +142,7 @@ def select_blocks(model: nn.Module, params: ParamsSpec = "auto") -> list[Block]:
             raise ValueError(f"params must be one of {KEYWORDS} or a list of name patterns, got {params!r}")
         names = [n for n in named if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
         if not names:
-            sample = ", ".join(list(named)[:8])
-            raise ValueError(f"no parameter name matches {patterns}; names look like: {sample} ...")
+            raise ValueError(f"no parameter name matches {patterns}; " + _unmatched_hint(model, named, patterns))
     if not names:
         raise ValueError(f"params={params!r} selects no parameter to audit (no parameter requires grad?)")
     owners = {}
@@ -153,3 +152,16 @@ def select_blocks(model: nn.Module, params: ParamsSpec = "auto") -> list[Block]:
             owners.setdefault(f"{mod_name}.{p_name}" if mod_name else p_name, module)
             holders.setdefault(id(p), set()).add(id(module))
     return [_make_block(n, named[n], owners.get(n), shared=len(holders.get(id(named[n]), ())) > 1) for n in names]
+
+
+def _unmatched_hint(model: nn.Module, named: dict[str, nn.Parameter], patterns: list[str]) -> str:
+    """What to select instead: the name a tied parameter goes by (``named_parameters()`` lists a
+    tensor shared by several modules once, under its first name: GPT-2's ``lm_head.weight`` is
+    ``transformer.wte.weight``), else a sample of the names."""
+    first = {id(p): n for n, p in named.items()}
+    tied = {alias: first[id(p)] for alias, p in model.named_parameters(remove_duplicate=False)
+            if alias not in named and id(p) in first}
+    hits = {a: n for a, n in tied.items() if any(fnmatch.fnmatchcase(a, pat) for pat in patterns)}
+    if hits:
+        return "; ".join(f"{a} is tied to (the same tensor as) {n}: select {n}" for a, n in list(hits.items())[:4])
+    return f"names look like: {', '.join(list(named)[:8])} ..."

@@ -19,10 +19,13 @@ def summary_text(result: AuditResult, top: int = 10, describe: Callable[[int], s
     with an attribution the training samples behind the first few queries."""
     n = len(result)
     head = f"Influence audit: method={result.method or '?'}, solver={result.solver or '?'}, {n} training samples"
+    if result.audited is not None:  # the loader's sampler selected a subset: the others score NaN
+        head += f" ({int(result.audited.numel())} audited, the ones the loader's sampler selects)"
     if result.excluded:
         head += f" ({len(result.excluded)} excluded: non-finite loss or gradient)"
     if result.noisy is not None:
-        head += f", {int(torch.as_tensor(result.noisy).sum())} flagged noisy"
+        head += f", {int(torch.as_tensor(result.noisy).sum())} {'of them ' if result.audited is not None else ''}" \
+                "flagged noisy"
     lines = [head]
     if result.stage_seconds:
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.stage_seconds.items())
