@@ -83,11 +83,18 @@ def compute_tolerance(param_dtype: torch.dtype, device: str | torch.device) -> f
 
 @contextmanager
 def full_precision() -> Iterator[None]:
-    """Autocast off on every device type where it is on, until exit (restored after)."""
+    """Autocast off on every device type where it is on, and a half-precision default dtype
+    (Lightning's ``"bf16-true"``/``"16-true"`` set it around the callback's audit) back to
+    float32, until exit (both restored after): tensors made without a dtype (torchmetrics' ROC
+    AUC and AP among them) are not rounded to 8 or 11 bits."""
+    default = torch.get_default_dtype()
     with ExitStack() as stack:
         for kind in _AUTOCAST_DEVICES:
             if _autocast_dtype(kind) is not None:
                 stack.enter_context(torch.autocast(kind, enabled=False))
+        if default in (torch.float16, torch.bfloat16):
+            torch.set_default_dtype(torch.float32)
+            stack.callback(torch.set_default_dtype, default)
         yield
 
 

@@ -217,3 +217,22 @@ def test_audit_inside_a_users_autocast_region_still_tunes():
     drop, drop32 = (r.tuning["val_loss_trained"] - r.tuning["val_loss_tuned"] for r in (cached, plain))
     assert drop > 0.5 * drop32 > 0
     assert torch.is_autocast_enabled("cpu") is False  # the user's region is theirs again after it
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_detection_metrics_are_not_rounded_to_the_half_precision_default_dtype(tmp_path, digits, precision):
+    """Lightning's half-true precisions make bfloat16/float16 the default dtype around the audit:
+    ROC AUC and AP must still be float32 figures (against sklearn on the same scores)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    train, val = digits
+    noisy = torch.zeros(len(train), dtype=torch.bool)
+    noisy[::5] = True
+    module = Module(lora_net())
+    cb = InfluenceCallback(tuning={"steps": 4}, scores_filename=None, solver="datainf", noisy=noisy)
+    _trainer(tmp_path, precision, [cb], max_epochs=1).fit(module, DataLoader(train, batch_size=32),
+                                                          DataLoader(val, batch_size=32))
+    scores = cb.result.scores.double().numpy()
+    assert cb.result.metrics["auroc"] == pytest.approx(roc_auc_score(noisy.numpy(), scores), abs=1e-6)
+    assert cb.result.metrics["ap"] == pytest.approx(average_precision_score(noisy.numpy(), scores), abs=1e-6)
+    assert torch.get_default_dtype() == torch.float32
