@@ -88,7 +88,7 @@ def check_fit(trainer: "pl.Trainer", module: Any, options: AuditOptions, data: d
         prefixed(select_blocks, module, options.params)
     if "train" not in data or "val" not in data or "params" in deferred:
         return False
-    note_trimmed_training(trainer, dataset_size(data["train"], "train_data"))
+    note_trimmed_training(trainer, dataset_size(data["train"], "train_data"), dataset_size(data["val"], "val_data"))
     if options.preflight and in_setup and converts_module(trainer):
         deferred.append("preflight")  # check the module as it will train: after strategy.setup()
         return False
@@ -124,8 +124,8 @@ def run_preflight(trainer: "pl.Trainer", module: Any, options: AuditOptions, dat
     return report
 
 
-def note_trimmed_training(trainer: "pl.Trainer", n: int) -> None:
-    """Say so when Lightning trains on fewer batches than the audit will score."""
+def note_trimmed_training(trainer: "pl.Trainer", n: int, m: int) -> None:
+    """Say so when Lightning trains (or validates) on fewer batches than the audit will use."""
     for flag in ("limit_train_batches", "overfit_batches"):
         value = getattr(trainer, flag, None)
         trimmed = value not in (None, 1.0, 0.0) if flag == "limit_train_batches" else bool(value)
@@ -133,3 +133,9 @@ def note_trimmed_training(trainer: "pl.Trainer", n: int) -> None:
             warnings.warn(f"InfluenceCallback: {flag}={value}: training sees only part of the training data each "
                           f"epoch, but the audit scores all {n} samples the training loader yields (pass "
                           "run(trainer, train_data=...) to audit another set)", UserWarning, stacklevel=4)
+    value = getattr(trainer, "limit_val_batches", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 1.0:
+        seen = "validation is off" if value == 0 else "validation sees only part of the validation data"
+        warnings.warn(f"InfluenceCallback: limit_val_batches={value}: {seen}, but the audit tunes on and measures "
+                      f"influence against all {m} samples the validation loader yields (pass run(trainer, "
+                      "val_data=...) for another set)", UserWarning, stacklevel=4)

@@ -260,6 +260,16 @@ def test_the_callback_honours_the_training_loaders_sampler_and_says_when_trainin
     assert sorted(cb.result.ranking.tolist()) == picked
 
 
+@pytest.mark.parametrize("limit, says", [(0.5, "validation sees only part"), (0, "validation is off")])
+def test_a_limited_validation_is_named_since_the_audit_uses_every_validation_sample(tmp_path, blobs, limit, says):
+    train, val = (_float32(d) for d in blobs)
+    cb = InfluenceCallback(tuning=FAST, scores_filename=None, device="cpu")
+    with pytest.warns(UserWarning, match=f"limit_val_batches={limit}: {says}.*all {len(val)} samples"):
+        _trainer(tmp_path, [cb], limit_val_batches=limit).fit(Counting(), DataLoader(train, batch_size=8),
+                                                                DataLoader(val, batch_size=8))
+    assert cb.result is not None
+
+
 def test_the_readme_options_are_keywords_of_both_entry_points():
     """The README's options table: each option is a keyword of audit() and of the callback, but
     those it marks "callback only" (of the callback alone)."""
