@@ -23,6 +23,7 @@ from .metrics import check_k, check_noisy
 from .normalize import check_normalize
 from .solvers.base import SolverSpec, check_solver
 from .solvers.damping import check_damping
+from .store import check_spill_dir
 
 METHODS = ("fvm", "vm", "standard")
 FISHERS = ("empirical", "true")
@@ -304,6 +305,7 @@ class AuditOptions:
         except TypeError:
             raise TypeError(f"seed must be an integer, got {self.seed!r}") from None
         parse_grad_dtype(self.grad_dtype, torch.float32)
+        check_spill_dir(self.spill_dir)
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")
         _set(self, noisy=check_noisy(self.noisy, n), clean_labels=check_clean_labels(self.clean_labels, n),

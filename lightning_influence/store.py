@@ -85,6 +85,7 @@ class GradientStore:
         if self.spilled:
             if dtype not in _NUMPY_DTYPES:
                 raise ValueError(f"a spilled store needs float16/32/64 storage, got {dtype}")
+            self._made = _missing_folders(spill_dir)  # created here, removed again by close() when empty
             if spill_dir is not None:
                 os.makedirs(spill_dir, exist_ok=True)
             self.directory = tempfile.mkdtemp(prefix="influence-grads-", dir=spill_dir)
@@ -191,6 +192,11 @@ class GradientStore:
         self._files = {}
         if self.directory and not self.keep_files:
             shutil.rmtree(self.directory, ignore_errors=True)
+            for folder in getattr(self, "_made", []):  # the spill_dir folders this store created, deepest first
+                try:
+                    os.rmdir(folder)
+                except OSError:  # not empty (another store's files, the user's): left
+                    break
 
     def __enter__(self) -> "GradientStore":
         return self
@@ -212,3 +218,35 @@ def masked_sums(store: GradientStore, valid: Tensor, chunk: int, device: torch.d
                 rows = data[b] if bool(mask.all()) else data[b][mask]
                 sums[name] += rows.to(device, compute_dtype).sum(0, keepdim=True)
     return sums
+
+
+def _missing_folders(path: str | None) -> list[str]:
+    """The folders of ``path`` that do not exist yet, deepest first."""
+    missing: list[str] = []
+    if path is None:
+        return missing
+    path = os.path.abspath(os.fspath(path))
+    while path and not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def check_spill_dir(spill_dir: object) -> None:
+    """Refuse, before any work, a ``spill_dir`` the store could not write its files under: not a
+    path, an existing file, or a folder (or, for a folder to be created, its nearest existing
+    parent) that is not a writable folder."""
+    if spill_dir is None:
+        return
+    if not isinstance(spill_dir, (str, os.PathLike)) or not os.fspath(spill_dir):
+        raise ValueError(f"spill_dir must be None or a folder path, got {spill_dir!r}")
+    path = os.path.abspath(os.fspath(spill_dir))
+    missing = _missing_folders(path)
+    existing = os.path.dirname(missing[-1]) if missing else path
+    if not os.path.isdir(existing):
+        raise ValueError(f"spill_dir={os.fspath(spill_dir)!r}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"spill_dir={os.fspath(spill_dir)!r}: the folder {existing} is not writable")

@@ -47,3 +47,39 @@ def test_the_summary_says_how_many_samples_the_sampler_selected_and_counts_the_f
     flagged = int(torch.as_tensor(split.noisy)[picked].sum())
     assert f"{len(split.train)} training samples ({len(picked)} audited, the ones the loader's sampler selects)" in head
     assert f"{flagged} of them flagged noisy" in head
+
+
+@pytest.mark.parametrize("bad, says", [("", "a folder path"), ("FILE", "is a file, not a folder"),
+                                       ("FILE/below", "is a file, not a folder")])
+def test_a_spill_dir_that_cannot_hold_files_is_refused_before_any_work(tmp_path, bad, says):
+    from lightning_influence import InfluenceCallback
+
+    (tmp_path / "FILE").write_text("mine")
+    spill = bad.replace("FILE", str(tmp_path / "FILE")) if bad else bad
+    calls = []
+    split = noisy_digits(rate=0.2, seed=0)
+    model = digits_mlp(split)
+
+    def loss(model, batch):
+        calls.append(1)
+        x, y = batch
+        return torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+
+    with pytest.raises(ValueError, match=f"spill_dir.*{says}"):
+        audit(model, split.train, split.val, loss_fn=loss, max_memory=1, spill_dir=spill)
+    assert not calls  # refused before the first forward pass
+    with pytest.raises(ValueError, match=f"spill_dir.*{says}"):
+        InfluenceCallback(max_memory=1, spill_dir=spill)  # the callback: when it is made, before training
+    assert (tmp_path / "FILE").read_text() == "mine"
+
+
+def test_a_spill_dir_the_audit_created_is_removed_with_its_files(tmp_path):
+    split = noisy_digits(rate=0.2, seed=0)
+    model = digits_mlp(split)
+    spill = tmp_path / "new" / "deeper"
+    audit(model, split.train, split.val, method="standard", max_memory=1, spill_dir=str(spill))
+    assert not (tmp_path / "new").exists()  # both folders it made, now empty, are gone
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    audit(model, split.train, split.val, method="standard", max_memory=1, spill_dir=str(kept))
+    assert kept.is_dir() and not list(kept.iterdir())  # the user's own folder stays, emptied of the audit's files
