@@ -110,9 +110,12 @@ def _fit_storage(store: GradientStore, grads: dict[str, Tensor], rows: int, name
         if not g.numel() or limit >= torch.finfo(g.dtype).max:
             continue
         peak = float(g.detach().abs().amax())
-        if peak > limit:
-            warnings.warn(f"{name}: per-sample gradients of {block} reach {peak:.3g}, beyond the range of "
-                          f"grad_dtype={store.dtype} (max {limit:.3g}); storing them in float32 instead",
+        lost = _rounding_loss(g.detach(), store.dtype)
+        if peak > limit or lost > MAX_STORE_ROUNDING:
+            why = (f"reach {peak:.3g}, beyond the range of grad_dtype={store.dtype} (max {limit:.3g})" if peak > limit
+                   else f"lose up to {lost:.2g} of their norm in grad_dtype={store.dtype} (values below its normal "
+                        f"range, {torch.finfo(store.dtype).tiny:.2g}, round coarsely or to 0)")
+            warnings.warn(f"{name}: per-sample gradients of {block} {why}; storing them in float32 instead",
                           RuntimeWarning)
             wide = GradientStore(store.n, store.shapes, torch.float32, max_memory, spill_dir)
             try:
@@ -126,6 +129,22 @@ def _fit_storage(store: GradientStore, grads: dict[str, Tensor], rows: int, name
             store.close()
             return wide
     return store
+
+
+#: the largest relative error of a sample's gradient norm a reduced-range store (float16) may add
+MAX_STORE_ROUNDING = 0.01
+
+
+def _rounding_loss(g: Tensor, dtype: torch.dtype) -> float:
+    """The largest relative error ``‖g − round(g)‖ / ‖g‖`` over the samples of a block ``(B, r, d)``
+    stored in ``dtype`` (float16's normal range ends at 6.1e-5: the gradients of a well-fit model
+    can lie below it). 0 for dtypes with float32's range (bfloat16: a fixed 8-bit rounding)."""
+    if torch.finfo(dtype).tiny <= torch.finfo(torch.float32).tiny:
+        return 0.0
+    flat = g.flatten(1)
+    err = (flat - flat.to(dtype).to(flat.dtype)).norm(dim=1)
+    norm = flat.norm(dim=1)
+    return float((err / norm.clamp_min(torch.finfo(flat.dtype).tiny)).max()) if flat.shape[0] else 0.0
 
 
 def ids_list(indices: Tensor | None) -> list[int] | None:

@@ -778,3 +778,23 @@ def test_global_rng_untouched(small):
     state = torch.get_rng_state()
     run(train=small[0], val=small[1], curvature={"fisher": "true"})
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_float16_storage_of_gradients_below_its_range_upcasts_with_warning(small):
+    """A well-fit model's per-sample gradients can lie below float16's normal range (6.1e-5), where
+    they round coarsely or to 0: the store keeps float32 instead, and says so."""
+    train, val = small
+    torch.manual_seed(0)
+    model = nn.Linear(train.x.shape[1], 3).to(train.x.dtype)
+    scale = 1e-6  # gradients of the loss scaled down by a million: entries ~1e-7, float16 subnormals or 0
+
+    def tiny(model, batch):
+        x, y = batch
+        return scale * nn.functional.cross_entropy(model(x), y, reduction="none")
+
+    reference = run(model, train, val, method="standard", solver="exact", loss_fn=tiny, preflight=False)
+    with pytest.warns(RuntimeWarning, match=r"lose up to .* of their norm in grad_dtype=torch.float16 .*storing "
+                                            r"them in float32"):
+        result = run(model, train, val, method="standard", solver="exact", loss_fn=tiny, preflight=False,
+                     grad_dtype="float16")
+    torch.testing.assert_close(result.influence, reference.influence, rtol=1e-2, atol=0)
