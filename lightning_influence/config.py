@@ -38,7 +38,8 @@ GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: model the gradients of its ``B`` matrices only (``params="auto_lora_B"``, when ``params`` is left at
 #: ``"auto"``): ``A`` starts random and moves little, so ``∂L/∂B = δ (A x)ᵀ`` is the output gradient
 #: against a random projection of the input, a sketch of the full weight's gradient, while ``∂L/∂A``
-#: sees it only through the few directions ``B`` has learned (benchmarks/attribution_candidates.py).
+#: sees it only through the few directions ``B`` has learned (benchmarks/attribution_candidates.py); a
+#: model without LoRA: its weights, not its biases or norm scales (benchmarks/attribution_plain.py).
 ATTRIBUTION_DEFAULTS: dict[str, Any] = {"method": "standard", "solver": "kronecker", "damping": 1e-4,
                                         "normalize": "centered", "params": "auto_lora_B"}
 #: what applies otherwise when ``method`` / ``solver`` are not given

@@ -118,8 +118,9 @@ def select_blocks(model: nn.Module, params: ParamsSpec = "auto") -> list[Block]:
 
     ``params`` is ``"auto"`` (LoRA if the model has LoRA layers, else trainable),
     ``"lora"`` (the active adapter's LoRA matrices), ``"lora_B"`` (only their ``B``
-    matrices), ``"auto_lora_B"`` (the ``B`` matrices if the model has LoRA layers, else
-    trainable: the attribution defaults' choice), ``"trainable"`` (every parameter with
+    matrices), ``"auto_lora_B"`` (the ``B`` matrices if the model has LoRA layers, else the
+    trainable weights: matrices, convolution kernels and embeddings, not biases or norm scales;
+    the attribution defaults' choice), ``"trainable"`` (every parameter with
     ``requires_grad``), or name patterns (``fnmatch`` globs such as ``"*.classifier.*"``,
     matched against ``model.named_parameters()`` names). Raises ``ValueError`` when nothing
     matches.
@@ -129,6 +130,8 @@ def select_blocks(model: nn.Module, params: ParamsSpec = "auto") -> list[Block]:
         sides = "B" if params.endswith("lora_B") else "AB"
         if params in ("auto", "auto_lora_B"):
             names = lora_parameter_names(model, sides) or [n for n, p in named.items() if p.requires_grad]
+            if params == "auto_lora_B" and not lora_parameter_names(model, sides):  # no LoRA: its weights
+                names = [n for n in names if named[n].dim() >= 2] or names
         elif params in ("lora", "lora_B"):
             names = lora_parameter_names(model, sides)
             if not names:

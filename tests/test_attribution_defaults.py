@@ -99,7 +99,7 @@ def test_callback_resolves_alike():
 
 def test_a_lora_model_is_explained_by_its_b_matrices_unless_params_is_given():
     """Under the attribution defaults ``params="auto"`` becomes ``"auto_lora_B"``: a LoRA model's B
-    matrices (found through PEFT's layers), a plain model's trainable parameters; a given
+    matrices (found through PEFT's layers), a plain model's trainable weights; a given
     ``params`` (or a given method) keeps its own."""
     from lightning_influence.params import select_blocks
 
@@ -113,7 +113,15 @@ def test_a_lora_model_is_explained_by_its_b_matrices_unless_params_is_given():
     assert len(both) == 4 and b_only == [n for n in both if ".lora_B." in n] and len(b_only) == 2
     assert [b.name for b in select_blocks(lora, "lora_B")] == b_only
     plain, _, _ = _data()
-    assert [b.name for b in select_blocks(plain, "auto_lora_B")] == ["0.weight"]  # no LoRA: as "auto"
+    assert [b.name for b in select_blocks(plain, "auto_lora_B")] == ["0.weight"]  # no LoRA: its weights
+    # a plain model with biases and a norm: its weight matrices and kernels only (1-D parameters left out)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.LayerNorm(8),
+                              torch.nn.Linear(8, 3))
+    assert [b.name for b in select_blocks(net, "auto_lora_B")] == ["0.weight", "3.weight"]
+    assert len(select_blocks(net, "auto")) == 6  # "auto" (vm/fvm, standard): every trainable parameter
+    only_biases = torch.nn.Linear(4, 2)
+    only_biases.weight.requires_grad_(False)
+    assert [b.name for b in select_blocks(only_biases, "auto_lora_B")] == ["bias"]  # nothing 2-D: as "auto"
     with pytest.raises(ValueError, match="params='lora_B' but the model has no PEFT LoRA layers"):
         select_blocks(plain, "lora_B")
 
