@@ -364,6 +364,32 @@ def test_attribution_candidates_quick(tmp_path):
     assert all(0.0 <= r["auc"] <= 1.0 and 0.0 <= r["recall"] <= 1.0 for r in doc["raw"])
 
 
+def test_attribution_plain_quick(tmp_path):
+    """benchmarks/attribution_plain.py --quick: one plain model, 2 queries, each with its duplicate
+    ranked under the five configurations, in both protocols; counts within [0, queries], dated."""
+    doc = run_quick("attribution_plain.py", tmp_path / "plain.json", timeout=120)
+    check_tables(doc, notes=True)
+    table = doc["tables"][0]
+    configs = ["defaults", "previous defaults (every trainable parameter)", "normalize none",
+               "exact, no normalisation", "gradient dot product"]
+    assert table["columns"] == ["task", "protocol", "queries", *configs]
+    assert [row[1] for row in table["rows"]] == ["no fine-tuning", "after 50 fine-tuning steps"]
+    for row in table["rows"]:
+        queries = row[2]
+        assert queries == 2
+        for cell in row[3:]:
+            top1, top5, rest = cell.split(" / ")
+            assert 0 <= int(top1) <= int(top5) <= queries, cell
+            median, worst = rest.rstrip(")").split(" (")
+            assert 1 <= float(median) <= int(worst), cell
+    assert len(doc["raw"]) == 2 * 2 * len(configs)
+    assert all(r["helpful_ids_consistent"] for r in doc["raw"])
+    resolved = {r["column"]: (r["solver"], r["normalize"], r["params"]) for r in doc["raw"]}
+    assert resolved["defaults"] == ("kronecker", "centered", "auto_lora_B")
+    assert resolved["previous defaults (every trainable parameter)"][2] == "trainable"
+    assert resolved["gradient dot product"][:2] == ("identity", "none")
+
+
 def test_attribution_metrics_against_a_hand_computation(monkeypatch):
     bench = import_benchmark("attribution", monkeypatch)
     import torch
