@@ -129,9 +129,11 @@ def select_blocks(model: nn.Module, params: ParamsSpec = "auto") -> list[Block]:
     if isinstance(params, str) and params in KEYWORDS:
         sides = "B" if params.endswith("lora_B") else "AB"
         if params in ("auto", "auto_lora_B"):
-            names = lora_parameter_names(model, sides) or [n for n, p in named.items() if p.requires_grad]
-            if params == "auto_lora_B" and not lora_parameter_names(model, sides):  # no LoRA: its weights
-                names = [n for n in names if named[n].dim() >= 2] or names
+            names = lora_parameter_names(model, sides)
+            if not names:  # no LoRA: the trainable parameters (auto_lora_B: their weights, if any)
+                names = [n for n, p in named.items() if p.requires_grad]
+                if params == "auto_lora_B":
+                    names = [n for n in names if named[n].dim() >= 2] or names
         elif params in ("lora", "lora_B"):
             names = lora_parameter_names(model, sides)
             if not names:

@@ -89,9 +89,8 @@ def full_precision() -> Iterator[None]:
     AUC and AP among them) are not rounded to 8 or 11 bits."""
     default = torch.get_default_dtype()
     with ExitStack() as stack:
-        for kind in _AUTOCAST_DEVICES:
-            if _autocast_dtype(kind) is not None:
-                stack.enter_context(torch.autocast(kind, enabled=False))
+        for kind, _ in _autocast_on():
+            stack.enter_context(torch.autocast(kind, enabled=False))
         if default in (torch.float16, torch.bfloat16):
             torch.set_default_dtype(torch.float32)
             stack.callback(torch.set_default_dtype, default)
@@ -106,8 +105,12 @@ def uncached_autocast() -> Iterator[None]:
     weight changed in place inside the region (the tuning's steps, the lr probe) would keep
     computing with its old copy: tuning would silently move nothing."""
     with ExitStack() as stack:
-        for kind in _AUTOCAST_DEVICES:
-            dtype = _autocast_dtype(kind)
-            if dtype is not None:
-                stack.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=False))
+        for kind, dtype in _autocast_on():
+            stack.enter_context(torch.autocast(kind, dtype=dtype, cache_enabled=False))
         yield
+
+
+def _autocast_on() -> list[tuple[str, torch.dtype]]:
+    """``(device type, dtype)`` of every device type where autocast is on now."""
+    found = [(kind, _autocast_dtype(kind)) for kind in _AUTOCAST_DEVICES]
+    return [(kind, dtype) for kind, dtype in found if dtype is not None]

@@ -82,10 +82,11 @@ class GradientStore:
         self.blocks: dict[str, Tensor] = {}
         self._files: dict[str, int] = {}
         self._groups: dict[tuple[int, int], Tensor] = {}
+        self._made: list[str] = []  # the spill_dir folders this store created, deepest first
         if self.spilled:
             if dtype not in _NUMPY_DTYPES:
                 raise ValueError(f"a spilled store needs float16/32/64 storage, got {dtype}")
-            self._made = _missing_folders(spill_dir)  # created here, removed again by close() when empty
+            self._made = _missing_folders(spill_dir)  # removed again by close() when empty
             if spill_dir is not None:
                 os.makedirs(spill_dir, exist_ok=True)
             self.directory = tempfile.mkdtemp(prefix="influence-grads-", dir=spill_dir)
@@ -192,7 +193,7 @@ class GradientStore:
         self._files = {}
         if self.directory and not self.keep_files:
             shutil.rmtree(self.directory, ignore_errors=True)
-            for folder in getattr(self, "_made", []):  # the spill_dir folders this store created, deepest first
+            for folder in self._made:
                 try:
                     os.rmdir(folder)
                 except OSError:  # not empty (another store's files, the user's): left
