@@ -91,6 +91,9 @@ class TuningConfig:
         batch_size: validation mini-batch size (capped at the validation set size).
         rho: SAM neighbourhood radius (``fvm`` only; relative to ``|θ|`` when ``adaptive``).
         adaptive: adaptive SAM (ASAM: perturbation scaled by ``|θ|``), scale-free.
+        sam: ``fvm``'s step: ``"two_pass"`` (SAM: ε along the batch's own gradient, then the
+            gradient at θ + ε: two forward-backward passes) or ``"momentum"`` (one pass: ε along
+            minus the optimiser's momentum, Momentum-SAM; ``sharpness`` is then NaN).
         tol: early stopping: stop after a pass whose mean validation loss fell by less than
             this fraction of the previous pass's (``0``: never stop early).
         probe_factor: ``lr="auto"``: the effective step (``lr / (1 - momentum)`` for SGD) is
@@ -120,6 +123,7 @@ class TuningConfig:
     batch_size: int = 8
     rho: float = 0.5
     adaptive: bool = True
+    sam: Literal["two_pass", "momentum"] = "two_pass"
     tol: float = 0.01
     probe_factor: float = 1.0
     bucket: bool = True
@@ -148,6 +152,8 @@ class TuningConfig:
             raise ValueError(f"tuning.batch_size must be >= 1, got {self.batch_size}")
         if self.rho < 0:
             raise ValueError(f"tuning.rho must be >= 0, got {self.rho}")
+        if self.sam not in ("two_pass", "momentum"):
+            raise ValueError(f"tuning.sam must be 'two_pass' or 'momentum', got {self.sam!r}")
         if not 0 < self.probe_factor < float("inf"):
             raise ValueError(f"tuning.probe_factor must be a finite number > 0, got {self.probe_factor}")
         if not 0 <= self.tol < 1:

@@ -62,6 +62,33 @@ def test_default_tuning_reaches_a_validation_minimum_and_says_so(digits):
     assert t["check_epochs"] + steps_cost <= 1 + 2 * 2 * TuningConfig().batch_size / n  # within a step of the budget
 
 
+def test_the_checks_at_theta_star_forward_each_validation_sample_once(digits):
+    """The full-set loss at θ* takes the check subset's losses from its gradient pass: forward
+    passes of the other samples only, and the same figures as the whole set forwarded."""
+    from lightning_influence.data import sequential_loader
+    from lightning_influence.tuning.probe import grad_check_ids
+    from lightning_influence.tuning.steps import theta_star_checks
+
+    split, model = digits
+    m = len(split.val)
+    check_ids = grad_check_ids(m, seed=0)
+    others = [i for i in range(m) if i not in set(check_ids)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows: list[int] = []
+    handle = model.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].shape[0]))
+    try:
+        figures, check, _ = theta_star_checks(model, params, sequential_loader(split.val, 64, others),
+                                              sequential_loader(split.val, 8, check_ids), None, lambda b: b, params)
+    finally:
+        handle.remove()
+    assert sum(rows) == m and len(check_ids) == 32 < m  # every sample once, the subset's with its gradient
+    loss_star, acc_star = _full_val(model, split.val)
+    assert figures.val_loss_trained == pytest.approx(loss_star, rel=1e-6)
+    assert figures.val_acc_trained == pytest.approx(acc_star)
+    assert check is not None and check[2] == pytest.approx(  # the probe's base loss: the subset's own
+        float(nn.functional.cross_entropy(model(split.val.x[check_ids]), split.val.y[check_ids])), rel=1e-6)
+
+
 def test_tuning_that_does_not_reach_a_minimum_warns_and_names_the_fix(digits):
     split, model = digits
     with pytest.warns(RuntimeWarning, match=r"did not reach a validation minimum.*raise tuning.steps"):
@@ -230,6 +257,36 @@ def test_learning_rate_probe_is_scale_free():
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # θ restored exactly
     assert lr10 == pytest.approx(lr1 / 10, rel=1e-6)
     assert min(curve1.values()) < curve1["0"]  # the chosen step lowers the probe loss
+
+
+def test_learning_rate_probe_stops_one_step_past_the_valley_with_the_full_grids_choice():
+    """Along the probe's line a least-squares loss is a parabola (one valley): the probe stops
+    at the first grid point above the lowest so far and picks the step the whole grid picks."""
+    from lightning_influence.tuning.probe import PROBE_FACTOR
+
+    g = torch.Generator().manual_seed(24)
+    x, y = torch.randn(64, 8, generator=g, dtype=torch.float64), torch.randn(64, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(24)
+    model = nn.Linear(8, 2).double()
+    params = list(model.parameters())
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+    mse = lambda mod, b: (mod(b[0]) - b[1]).pow(2).sum(1)  # noqa: E731
+    lr, curve = probe_lr(model, params, batches, mse)
+    # the whole grid by hand: η₀·4^-k, k = 3 .. -1, around the Polyak step η₀ = L / ‖g‖²
+    loss = torch.cat([mse(model, b) for b in batches]).mean()
+    grads = torch.autograd.grad(loss, params)
+    eta0 = float(loss) / sum(float(t.pow(2).sum()) for t in grads)
+    grid = [eta0 * 4.0 ** -k for k in range(3, -2, -1)]
+    values = []
+    with torch.no_grad():
+        for eta in grid:
+            stepped = [p - eta * t for p, t in zip(params, grads)]
+            values.append(float(((x @ stepped[0].T + stepped[1]) - y).pow(2).sum(1).mean()))
+    best = min(range(len(grid)), key=values.__getitem__)
+    assert lr == pytest.approx(PROBE_FACTOR * grid[best], rel=1e-9)
+    assert len(curve) - 1 == min(best + 2, len(grid))  # the points up to one past the valley, no more
+    # this draw's point past the valley is still below the loss at θ: only the valley rule stops there
+    assert best + 2 <= len(grid) and values[best + 1] < float(loss)
 
 
 def test_gradient_check_estimates_the_full_gradient_norm_without_the_subset_noise():

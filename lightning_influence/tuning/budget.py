@@ -33,16 +33,22 @@ MIN_STEP_SHARE = 0.25
 
 def budget_epochs(config: TuningConfig, train_size: float | None, val_size: int, sharpness_aware: bool) -> float:
     """Passes over the validation set: ``config.epochs``, or for ``"auto"`` the compute of
-    ``b = config.budget`` training epochs (``b x n`` forward-backward passes; SAM takes two per
-    sample) over the ``m`` validation samples: ``b x n / (2m)`` for fvm, ``b x n / m`` for vm,
+    ``b = config.budget`` training epochs (``b x n`` forward-backward passes; two-pass SAM takes
+    two per sample) over the ``m`` validation samples: ``b x n / (2m)`` for fvm (``b x n / m`` with
+    ``sam="momentum"``), ``b x n / m`` for vm,
     within ``[MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS]``. ``train_size`` may be cost-weighted
     (:func:`relative_sample_cost`)."""
     if config.epochs != "auto":
         return float(config.epochs)
     if not train_size or not val_size:
         return 1.0
-    passes = config.budget * train_size / ((2 if sharpness_aware else 1) * val_size)
+    passes = config.budget * train_size / (forward_backward_per_sample(config, sharpness_aware) * val_size)
     return min(MAX_AUTO_EPOCHS, max(MIN_AUTO_EPOCHS, passes))
+
+
+def forward_backward_per_sample(config: TuningConfig, sharpness_aware: bool) -> float:
+    """Forward-backward passes a tuning step spends per sample: 2 for two-pass SAM, else 1."""
+    return 2.0 if sharpness_aware and config.sam == "two_pass" else 1.0
 
 
 def relative_sample_cost(train_data: Any, val_data: Any, seed: int = 0, samples: int = 256) -> float:
@@ -84,7 +90,7 @@ def steps_after_checks(config: TuningConfig, total: int, per_pass: int, epochs: 
     ``MIN_STEP_SHARE`` of the ``epochs`` budget. Returns ``(steps, the checks' share of one
     training epoch)``; otherwise ``(total, None)`` unchanged."""
     if config.epochs == "auto" and config.steps is None and train_size and val_size:
-        per_sample = 2.0 if sharpness_aware else 1.0
+        per_sample = forward_backward_per_sample(config, sharpness_aware)
         left = max(MIN_STEP_SHARE * epochs, epochs - spent / (per_sample * val_size))
         return planned_steps(config, per_pass, left), spent / float(train_size)
     return total, None

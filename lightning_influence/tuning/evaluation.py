@@ -74,7 +74,8 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: LossFn | None = None,
 
 def mean_gradient(model: nn.Module, params: list[nn.Parameter], batches: list[Any],
                   loss_fn: LossFn | None, reference: list[nn.Parameter] | None = None,
-                  population: int | None = None) -> tuple[list[torch.Tensor], float, int, float]:
+                  population: int | None = None, others: int | None = None,
+                  tally: dict[str, float] | None = None) -> tuple[list[torch.Tensor], float, int, float]:
     """The mean loss's gradient over ``batches`` (samples with a finite loss) with respect to
     ``params`` (one tensor per parameter, of its shape), in the model's current mode, the mean
     loss, the sample count, and an unbiased
@@ -89,17 +90,23 @@ def mean_gradient(model: nn.Module, params: list[nn.Parameter], batches: list[An
     ``‖ḡ_M‖² = D/M + (1 - 1/M)·P``, where ``P`` is the pair estimate above and ``D`` the mean
     per-sample squared norm, estimated from the batch sums as ``(Σ‖s_b‖² - (Σc_b² - c)·P) / c``.
     It keeps the set's own sampling term ``D/M``, so it is positive where ``P`` alone is mostly
-    noise, and exact when the batches cover the set (``c = M``). The parameters' ``.grad`` and
-    ``requires_grad`` are left as they were."""
+    noise, and exact when the batches cover the set (``c = M``). ``others`` instead of
+    ``population``: the set's samples outside ``batches`` (``M = c + others``). ``tally``: gets
+    the batches' ``"correct"`` and ``"labelled"`` counts added (classification losses). The
+    parameters' ``.grad`` and ``requires_grad`` are left as they were."""
     sums = [torch.zeros_like(p) for p in params]
     ref_ids = {id(p) for p in (reference or [])}
     within, sizes_sq = 0.0, 0
     total, count = 0.0, 0
     with preserved(params=params, requires_grad=True), torch.enable_grad():
         for batch in batches:
-            losses, _ = finite_losses(model, batch, loss_fn, grad=True)
+            losses, out = finite_losses(model, batch, loss_fn, grad=True)
             if losses is None:
                 continue
+            if tally is not None and out.logits is not None and out.labels is not None:
+                tally["correct"] = tally.get("correct", 0.0) + float((out.logits.detach().argmax(-1) == out.labels)
+                                                                     .double().sum())
+                tally["labelled"] = tally.get("labelled", 0.0) + int(losses.shape[0])
             grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
             for p, acc, g in zip(params, sums, grads):
                 if g is not None:
@@ -109,6 +116,8 @@ def mean_gradient(model: nn.Module, params: list[nn.Parameter], batches: list[An
             total += float(losses.detach().double().sum())
             count += int(losses.shape[0])
             sizes_sq += int(losses.shape[0]) ** 2
+    if others is not None:
+        population = count + others
     pairs = count ** 2 - sizes_sq
     full = sum(float(a.double().pow(2).sum()) for p, a in zip(params, sums) if id(p) in ref_ids)
     if not ref_ids:

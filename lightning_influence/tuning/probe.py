@@ -61,7 +61,9 @@ def probe_lr(model: nn.Module, params: list[nn.Parameter], batches: list[Any], l
              base: float | None = None) -> tuple[float, dict[str, float]]:
     """A learning rate from a short probe of the validation loss (never from noise flags): the
     mean loss of ``batches`` at θ + η·d along the first step's direction ``d`` for a geometric
-    grid of η, stopping once the loss rises above its value at θ; ``lr = factor x`` the best η.
+    grid of η, stopping once the loss rises above its value at θ or above the lowest value so far
+    (past the valley's bottom: no larger η is better on a line through one valley);
+    ``lr = factor x`` the best η.
 
     ``optimizer="sgd"``: ``d = -g`` (the probe batches' mean gradient) and the grid is
     ``η₀·2^-k`` around the Polyak step ``η₀ = L/‖g‖²`` (so the probe is scale-free: rescaling
@@ -105,8 +107,8 @@ def probe_lr(model: nn.Module, params: list[nn.Parameter], batches: list[Any], l
                 curve[f"{eta:.3g}"] = value
                 if value < best_loss:
                     best, best_loss = eta, value
-                if not value <= base:  # past the valley (or NaN): larger steps only get worse
-                    break
+                if not value <= min(base, best_loss):  # past the valley's lowest point (or NaN): along
+                    break  # a line through one valley, larger steps only get worse
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):

@@ -58,6 +58,8 @@ def tune_and_check(working: nn.Module, blocks: list[Block], train_data: Any, val
     factory = bucketed_loader_factory(val_data, config.batch_size, seed, "val_data", pool=50 if config.bucket else 0)
     cost = relative_sample_cost(train_data, val_data, seed) if config.epochs == "auto" else 1.0
     check_ids = grad_check_ids(m, seed)  # the samples of the gradient yardstick at θ* and the lr probe
+    chosen = set(check_ids)
+    others = [i for i in range(m) if i not in chosen]  # the loss at θ*: forward passes of these only
     # at least four batches: the yardstick pairs samples from different batches
     check_batch = min(config.batch_size, max(1, -(-len(check_ids) // 4)))
     # θ* kept (on the CPU) for a retry
@@ -73,7 +75,7 @@ def tune_and_check(working: nn.Module, blocks: list[Block], train_data: Any, val
             with stages("tuning"), progress.stage("tuning", total) as update:
                 return tune(working, tuned_params, factory, attempt_cfg, sharpness_aware, loss_fn,
                             lambda b: to_device(b, device), update,
-                            eval_loader=sequential_loader(val_data, batch_size, name="val_data") if checks else None,
+                            eval_loader=sequential_loader(val_data, batch_size, others, "val_data") if checks else None,
                             reference=[b.param for b in blocks], train_size=n * cost,
                             check_loader=sequential_loader(val_data, check_batch, check_ids, "val_data")
                             if checks else None)

@@ -44,25 +44,34 @@ def theta_star_checks(model: nn.Module, params: list[nn.Parameter], eval_loader:
                       loss_fn: LossFn | None, to_device: Callable[[Any], Any],
                       reference: list[nn.Parameter] | None,
                       ) -> tuple[ThetaStarFigures | None, ThetaStarCheck | None, float]:
-    """The validation figures at θ* (see :func:`tune`): with ``eval_loader`` and ``check_loader``
-    the full-set loss (forward passes only) and the full-set gradient norm of ``reference``
-    *estimated* on the check subset (:func:`mean_gradient` with ``population``), whose batches,
-    gradient with respect to ``params`` and loss the probe reuses; with ``eval_loader`` only,
+    """The validation figures at θ* (see :func:`tune`): with ``eval_loader`` (the samples *outside*
+    the check subset) and ``check_loader`` (the check subset) the full-set loss and accuracy (forward
+    passes only outside the subset, the subset's own from its gradient pass: no sample is forwarded
+    twice) and the full-set gradient norm of ``reference`` *estimated* on the check subset
+    (:func:`mean_gradient` with ``others``), whose batches, gradient with respect to ``params`` and
+    loss the probe reuses; with ``eval_loader`` only (then the whole set),
     the exact full-set figures; neither: nothing. Returns ``(figures, the check for the probe,
     forward-backward passes of one sample spent)``."""
     nan = float("nan")
     spent = 0.0
     if eval_loader is not None and check_loader is not None:  # θ*: full-set loss (forward only), gradient on a subset
         with torch.no_grad():
-            loss0, acc0, m0, _ = evaluate(model, eval_loader, loss_fn, to_device)
+            loss_r, acc_r, m_r, _ = evaluate(model, eval_loader, loss_fn, to_device)
         union = list({id(p): p for p in [*(reference or []), *params]}.values())
         batches_c = [to_device(b) for b in check_loader]
+        tally: dict[str, float] = {}
         with preserved(model, params=(), training=False):
-            grads_c, loss_c, count_c, sq = mean_gradient(model, union, batches_c, loss_fn, reference, population=m0)
+            grads_c, loss_c, count_c, sq = mean_gradient(model, union, batches_c, loss_fn, reference, others=m_r,
+                                                         tally=tally)
         by_id = {id(p): g for p, g in zip(union, grads_c)}
         grad0 = math.sqrt(sq) if math.isfinite(sq) and sq > 0 else nan  # ≤ 0: a degenerate draw, no yardstick
         check = (batches_c, [by_id[id(p)] for p in params], loss_c)
-        spent += m0 * FORWARD_COST + count_c
+        spent += m_r * FORWARD_COST + count_c
+        total = m_r + count_c
+        loss0 = ((loss_r * m_r if m_r else 0.0) + (loss_c * count_c if count_c else 0.0)) / total if total else nan
+        labelled = (m_r if acc_r == acc_r else 0) + tally.get("labelled", 0.0)
+        correct = (acc_r * m_r if acc_r == acc_r else 0.0) + tally.get("correct", 0.0)
+        acc0 = correct / labelled if labelled else nan
         return ThetaStarFigures(loss0, acc0, grad0, float(count_c)), check, spent
     if eval_loader is not None:  # θ*: full validation-set loss, accuracy and gradient norm (the yardstick)
         with torch.enable_grad():
@@ -150,31 +159,76 @@ def _sam_step(optimizer: Any, model: nn.Module, params: list[nn.Parameter], batc
     optimizer.second_step(zero_grad=True)
 
 
+def _momentum_sam_step(optimizer: Any, model: nn.Module, params: list[nn.Parameter], batch: Any,
+                       loss_fn: LossFn | None, state: _Loop, ascent: list[torch.Tensor] | None,
+                       ) -> tuple[torch.Tensor | None, int, list[torch.Tensor] | None]:
+    """Momentum-SAM (MSAM, Becker, Altrock & Risse, 2024): one forward-backward pass per step.
+    θ is perturbed to θ + ε with SAM's ε (radius ``rho``, ASAM's ``|θ|`` scaling included:
+    :meth:`first_step` reads the direction from ``.grad``) along *minus* ``ascent``, the
+    accumulated momentum (MSAM's perturbation, motivated by Nesterov's look-ahead along the
+    momentum, with a SAM-sized radius), the batch's gradient is taken there, θ
+    restored and stepped with it. The next direction is the base optimiser's momentum (SGD's
+    ``momentum_buffer``, Adam's ``exp_avg``), or this step's gradient without one. Returns the
+    perturbed mean loss (``None``: skipped), the samples it covers and the next direction."""
+    if ascent is not None:
+        for p, a in zip(params, ascent):
+            p.grad = a.detach().neg()  # MSAM: ε along the *negative* momentum
+        optimizer.first_step(zero_grad=True)
+    optimizer.zero_grad(set_to_none=True)
+    loss, _, size = finite_mean_loss(model, batch, loss_fn)
+    if loss is not None:
+        loss.backward()
+    grads = [p.grad for p in params]
+    if loss is None or not grads_finite(params):
+        optimizer.zero_grad(set_to_none=True)  # second_step restores θ, takes no step
+        state.skipped += 1
+        state.runaway = not all(bool(torch.isfinite(p).all()) for p in params)
+        grads = [None] * len(params)
+    else:
+        state.runaway = False
+        grads = [g.detach().clone() if g is not None else None for g in grads]
+    optimizer.second_step(zero_grad=True)
+    base = getattr(optimizer, "base_optimizer", optimizer)
+    moments = [base.state.get(p, {}).get("momentum_buffer", base.state.get(p, {}).get("exp_avg")) for p in params]
+    following = [m if m is not None else g if g is not None else torch.zeros_like(p)
+                 for p, m, g in zip(params, moments, grads)]
+    keep = ascent if loss is None or all(g is None for g in grads) else following
+    return loss, size, keep
+
+
 def step_loop(model: nn.Module, params: list[nn.Parameter], loader_factory: Callable[[int], DataLoader],
               config: TuningConfig, optimizer: torch.optim.Optimizer, schedule: Any | None, total: int,
               per_pass: int, sharpness_aware: bool, loss_fn: LossFn | None, to_device: Callable[[Any], Any],
-              progress: Callable[[int], None] | None, trained: float | None) -> _Loop:
+              progress: Callable[[int], None] | None, trained: float | None,
+              ascent: list[torch.Tensor] | None = None) -> _Loop:
     """Up to ``total`` SGD/SAM steps on the validation mini-batches, skipping a step whose loss or
     gradient is not finite, stopping early at the end of a pass whose mean loss moved by at most
     ``config.tol`` (and is below ``trained``, the full-set loss at θ*, else the first pass's).
-    The gradients are cleared afterwards."""
+    With ``config.sam="momentum"`` (fvm) a step is one pass at θ + ε (:func:`_momentum_sam_step`;
+    ``ascent``: the first step's ascent direction, one tensor per parameter, e.g. the θ* check's
+    gradient; ``None``: the first step is not perturbed) and the losses tallied are the perturbed
+    ones. The gradients are cleared afterwards."""
     nan = float("nan")
     state = _Loop()
     batches = endless_batches(loader_factory)
+    one_pass = sharpness_aware and config.sam == "momentum"
     try:
         with torch.enable_grad():
             for step in range(total):
                 batch = to_device(next(batches))
-                loss, batch, size = finite_mean_loss(model, batch, loss_fn)
-                optimizer.zero_grad(set_to_none=True)
-                if loss is not None:
-                    loss.backward()
-                if loss is None or not grads_finite(params):
-                    state.skipped += 1  # a non-finite gradient would poison the weights: no step
-                elif sharpness_aware:
-                    _sam_step(optimizer, model, params, batch, loss, size, loss_fn, state)
+                if one_pass:
+                    loss, size, ascent = _momentum_sam_step(optimizer, model, params, batch, loss_fn, state, ascent)
                 else:
-                    optimizer.step()
+                    loss, batch, size = finite_mean_loss(model, batch, loss_fn)
+                    optimizer.zero_grad(set_to_none=True)
+                    if loss is not None:
+                        loss.backward()
+                    if loss is None or not grads_finite(params):
+                        state.skipped += 1  # a non-finite gradient would poison the weights: no step
+                    elif sharpness_aware:
+                        _sam_step(optimizer, model, params, batch, loss, size, loss_fn, state)
+                    else:
+                        optimizer.step()
                 if schedule is not None:
                     with warnings.catch_warnings():  # a skipped step still advances the schedule
                         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
@@ -294,7 +348,8 @@ def tune(model: nn.Module, params: list[nn.Parameter], loader_factory: Callable[
         clock = time.perf_counter()
         state = step_loop(model, params, loader_factory, config, optimizer, schedule, total, per_pass,
                           sharpness_aware, loss_fn, to_device, progress,
-                          theta_star.val_loss_trained if theta_star is not None else None)
+                          theta_star.val_loss_trained if theta_star is not None else None,
+                          ascent=check[1] if check is not None else None)
     loop = step_figures(state, params, per_pass, sharpness_aware, time.perf_counter() - clock)
     return TuningReport(check_s=check_s, budget_epochs=epochs, batches_per_pass=float(per_pass),
                         budget_training_epochs=budget,
