@@ -214,7 +214,7 @@ def schulz_vs_cholesky(blocks: int, rank: int, dim: int, m: int) -> dict[str, An
     from lightning_influence.solvers import make_solver
 
     train, _ = make_stores(m, 1, blocks, rank, dim)
-    solvers = [make_solver("hyperinf") for _ in range(blocks)]
+    solvers = [make_solver("hyperinf", form="schulz") for _ in range(blocks)]  # "auto" is the Cholesky form now
     stats = [s.statistics(train.block(name)) for s, name in zip(solvers, train.names)]
     lam = [0.1 * float(train.block(name).double().pow(2).mean()) for name in train.names]
     cls = type(solvers[0])

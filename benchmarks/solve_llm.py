@@ -195,7 +195,7 @@ def project_7b(rates: dict[str, dict[str, float]], n_train: int, ns=(100, 300, 1
         numbers = sum(a * b for a, b in shapes)
         for n in ns:
             forms: Counter = Counter()
-            flops = {"lowrank": [0.0, 0.0], "schulz": [0.0, 0.0]}
+            flops = {f: [0.0, 0.0] for f in rates}  # lowrank, direct, schulz
             for rr, d in shapes:
                 form = choose_form(n, rr, d)
                 forms[f"{form} d={d}"] += 1
@@ -206,8 +206,8 @@ def project_7b(rates: dict[str, dict[str, float]], n_train: int, ns=(100, 300, 1
                           for f in flops)
             schulz_only = sum(form_cost("schulz", n, rr, d, scored_rows=n_train * rr)["flops"] for rr, d in shapes)
             rows.append({"r": r, "n_val": n, "n_train": n_train, "numbers_per_sample": numbers, "forms": dict(forms),
-                         "fit_tflop": (flops["lowrank"][0] + flops["schulz"][0]) / 1e12,
-                         "score_tflop": (flops["lowrank"][1] + flops["schulz"][1]) / 1e12,
+                         "fit_tflop": sum(f[0] for f in flops.values()) / 1e12,
+                         "score_tflop": sum(f[1] for f in flops.values()) / 1e12,
                          "schulz_everywhere_tflop": schulz_only / 1e12,
                          "solve_bytes": make_solver("hyperinf").estimate_bytes(shapes, n, 4, gathered=False),
                          "val_store_bytes": n * numbers * 4, "train_store_bytes": n_train * numbers * 4,
@@ -263,10 +263,12 @@ def main(argv=None) -> dict[str, Any]:
         big = [(20, 8, 512, 16)]
     blocks = [single_block(*b, threads=t, form="lowrank") for b in big]
     sch = single_block(args.n_val, 8, 3072 if not args.quick else 256, 64, t, "schulz")
-    blocks.append(sch)
+    direct = single_block(args.n_val, 8, 3072 if not args.quick else 256, 64, t, "direct")
+    blocks += [sch, direct]
     rates = {"lowrank": {"fit_gflops": min(b["fit_gflops"] for b in blocks if b["form"] == "lowrank"),
                          "score_gflops": min(b["score_gflops"] for b in blocks if b["form"] == "lowrank")},
-             "schulz": {"fit_gflops": sch["fit_gflops"], "score_gflops": sch["score_gflops"]}}
+             "schulz": {"fit_gflops": sch["fit_gflops"], "score_gflops": sch["score_gflops"]},
+             "direct": {"fit_gflops": direct["fit_gflops"], "score_gflops": direct["score_gflops"]}}
     projection = project_7b(rates, args.n_train_7b)
     gib = 2 ** 30
     info = common.provenance(__file__, argv)
@@ -297,8 +299,9 @@ def main(argv=None) -> dict[str, Any]:
                         round(p["seconds_here"] / 3600, 2)] for p in projection],
               "notes": [f"rates measured here on single blocks ({t} threads): low-rank fit "
                         f"{rates['lowrank']['fit_gflops']:.1f} GFLOP/s, score {rates['lowrank']['score_gflops']:.1f}; "
-                        f"Schulz fit {rates['schulz']['fit_gflops']:.1f}, score {rates['schulz']['score_gflops']:.1f}",
-                        "solve GiB: estimate_bytes (kept Q / X, Schulz Grams, largest fitting batch), "
+                        f"Schulz fit {rates['schulz']['fit_gflops']:.1f}, score {rates['schulz']['score_gflops']:.1f}; "
+                        f"direct fit {rates['direct']['fit_gflops']:.1f}, score {rates['direct']['score_gflops']:.1f}",
+                        "solve GiB: estimate_bytes (kept Q / X, dense forms' Grams, largest fitting batch), "
                         "without the gradient stores"]}
     result = {**info, "tables": [table1, table2],
               "raw": {"runs": runs, "schulz_blocks": schulz, "accuracy": acc, "single_blocks": blocks, "rates": rates,

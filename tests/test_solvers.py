@@ -52,12 +52,17 @@ def test_fisher_solvers_match_dense_solve(name, path):
         assert 0 < solver.info["alpha"]
 
 
+@pytest.mark.parametrize("form", ["auto", "schulz"])
 @pytest.mark.parametrize("path", ["woodbury", "dense"])
-def test_hyperinf_matches_gfim_solve(path):
+def test_hyperinf_matches_gfim_solve(path, form):
     grads, vecs, lam = problem(*SHAPES[path])
-    solver = make_solver("hyperinf").fit(grads, lam)
+    solver = make_solver("hyperinf", form=form).fit(grads, lam)
     assert rel(solver.apply(vecs), gfim_solve(grads, vecs, lam)) <= 1e-4
-    assert solver.info["iterations"] > 0 and solver.info["residual"] < 1e-6
+    assert solver.info["residual"] < 1e-6
+    if form == "auto":  # N·r > d in both shapes: the dense X, by Cholesky
+        assert solver.info["form"] == "direct" and solver.info["iterations"] == 0
+    else:
+        assert solver.info["form"] == "schulz" and solver.info["iterations"] > 0
 
 
 def test_hyperinf_float32_input_keeps_dtype():
@@ -135,7 +140,7 @@ def test_user_solver_instance_is_copied():
 def test_hyperinf_warns_when_not_converged():
     grads, _, lam = problem(*SHAPES["woodbury"])
     with pytest.warns(RuntimeWarning, match="1 iterations"):
-        solver = make_solver("hyperinf", max_iter=1).fit(grads, lam)
+        solver = make_solver("hyperinf", form="schulz", max_iter=1).fit(grads, lam)
     assert solver.info["iterations"] == 1 and solver.info["residual"] > 1e-6
 
 

@@ -33,22 +33,24 @@ def test_quadratic_matches_apply(name, n):
     assert torch.allclose(group, torch.stack([expected, expected]), rtol=1e-9, atol=0)
 
 
-def test_hyperinf_group_fit_matches_single_fits():
+@pytest.mark.parametrize("form", ["auto", "schulz"])
+def test_hyperinf_group_fit_matches_single_fits(form):
     probs = [problem(seed=s) for s in range(3)]
-    single = [make_solver("hyperinf").fit(g, lam) for g, _, lam in probs]
-    group = [make_solver("hyperinf") for _ in probs]
+    single = [make_solver("hyperinf", form=form).fit(g, lam) for g, _, lam in probs]
+    group = [make_solver("hyperinf", form=form) for _ in probs]
     cls = type(group[0])
     cls.fit_group(group, [g_.statistics(g) for g_, (g, _, _) in zip(group, probs)], [g.shape[0] for g, _, _ in probs],
                   [lam for _, _, lam in probs])
     for a, b, (_, vecs, _) in zip(single, group, probs):
         assert torch.allclose(a.apply(vecs), b.apply(vecs), rtol=1e-9, atol=1e-12)
-        assert b.info["residual"] < 1e-6 and b.info["iterations"] >= b.info["float32_iterations"]
+        assert b.info["residual"] < 1e-6 and b.info["form"] == ("direct" if form == "auto" else "schulz")
+        assert form == "auto" or b.info["iterations"] >= b.info["float32_iterations"]
 
 
 def test_hyperinf_float32_steps_keep_the_tolerance():
     grads, vecs, lam = problem(n=200, d=40)
-    fast = make_solver("hyperinf").fit(grads, lam)
-    slow = make_solver("hyperinf", float32_until=None).fit(grads, lam)
+    fast = make_solver("hyperinf", form="schulz").fit(grads, lam)
+    slow = make_solver("hyperinf", form="schulz", float32_until=None).fit(grads, lam)
     assert fast.info["float32_iterations"] > 0 and slow.info["float32_iterations"] == 0
     assert fast.info["residual"] < 1e-6
     rel = (fast.apply(vecs) - slow.apply(vecs)).norm() / slow.apply(vecs).norm()

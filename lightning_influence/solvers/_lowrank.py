@@ -13,11 +13,13 @@ The quadratic form of a row ``v`` is then a sum of non-negative terms,
 there: 5e-3 on a test with ``‖v‖²/(λq) ≈ 7e3``, see benchmarks/solve_llm.py).
 
 Fitting costs ``3K²d + 9K³`` flops (the Gram, its eigendecomposition, ``Q``) and keeps ``Q``
-(``K × d``, the size of the gradients); a row's quadratic form costs ``4Kd``. The Schulz
-iteration on the dense ``d × d`` matrix costs ``K d²`` (its Gram) plus about
-:data:`SCHULZ_STEPS` steps of ``4d³`` flops and keeps ``d²`` numbers; a row costs ``2d²``.
-So for ``K <= d`` the low-rank form keeps fewer bytes and fits far cheaper; it is the same
-inverse the Schulz iteration converges to.
+(``K × d``, the size of the gradients); a row's quadratic form costs ``4Kd``. The dense forms
+keep ``X`` (``d²`` numbers; a row costs ``2d²``) after the Gram (``K d²``): the direct form
+factors ``A = L Lᵀ`` and inverts from ``L`` (``d³/3 + 2d³/3`` flops, LAPACK's potrf and potri),
+the Schulz iteration takes about :data:`SCHULZ_STEPS` steps of ``4d³`` (~80x the direct form).
+All three are the same inverse. :func:`choose_form` (``form="auto"``): the low-rank form where
+it keeps no more bytes than ``X`` (``K <= d``), else the direct one; the Schulz iteration only
+when asked for.
 """
 from __future__ import annotations
 
@@ -41,14 +43,14 @@ PROBES = 4
 
 def form_cost(form: str, n: int, r: int, d: int, scored_rows: int | None = None,
               out_bytes: int = 4, fit_bytes: int = 8) -> dict[str, float]:
-    """The modelled cost of one block of HyperINF in ``form`` (``"lowrank"`` or ``"schulz"``),
-    fitted on ``n`` curvature gradients of shape ``(r, d)`` and scoring ``scored_rows`` rows
-    (default ``n·r``) by the quadratic form: ``{"flops", "kept_bytes", "temp_bytes"}``: the
-    floating-point operations of fit + score, the bytes the fitted solver keeps (``out_bytes``
-    per number), and the peak temporaries of its fit (computed in ``fit_bytes`` per number;
-    the gathered gradients and the summed Gram, which the statistics hold, are not counted;
-    for the low-rank form, the kept ``Q`` is made after the copy of ``G`` is freed, so its bytes
-    are taken off the temporaries)."""
+    """The modelled cost of one block of HyperINF in ``form`` (``"lowrank"``, ``"direct"`` or
+    ``"schulz"``), fitted on ``n`` curvature gradients of shape ``(r, d)`` and scoring
+    ``scored_rows`` rows (default ``n·r``) by the quadratic form: ``{"flops", "kept_bytes",
+    "temp_bytes"}``: the floating-point operations of fit + score, the bytes the fitted solver
+    keeps (``out_bytes`` per number), and the peak temporaries of its fit (computed in
+    ``fit_bytes`` per number; the gathered gradients and the summed Gram, which the statistics
+    hold, are not counted; for the low-rank form, the kept ``Q`` is made after the copy of ``G``
+    is freed, so its bytes are taken off the temporaries)."""
     k = n * r
     rows = k if scored_rows is None else scored_rows
     if form == "lowrank":
@@ -56,21 +58,37 @@ def form_cost(form: str, n: int, r: int, d: int, scored_rows: int | None = None,
         return {"flops": 3.0 * k * k * d + 9.0 * k ** 3 + 4.0 * k * d * rows,
                 "kept_bytes": float(k * d * out_bytes),
                 "temp_bytes": float(2 * k * d * fit_bytes + 3 * k * k * fit_bytes - k * d * out_bytes)}
+    if form == "direct":
+        # A, its factor L and X = cholesky_inverse(L) in the fit dtype (L is freed before X is
+        # symmetrised, one d x d at a time), plus one d x d in the output dtype as margin (with the
+        # solver's 4 MiB for LAPACK, estimate_bytes is 1.03-1.18x the live peak at d = 768 and 2304
+        # and 1.09x the RSS peak at d = 3072); potrf d³/3 and potri 2d³/3 flops
+        return {"flops": float(k) * d * d + 1.0 * d ** 3 + 2.0 * d * d * rows,
+                "kept_bytes": float(d * d * out_bytes),
+                "temp_bytes": float(d * d * (3 * fit_bytes + out_bytes))}
     if form == "schulz":
         # A, X, R and X's update in the fit dtype; A, X, R in float32 for the first steps; X symmetrised
         return {"flops": float(k) * d * d + SCHULZ_STEPS * 4.0 * d ** 3 + 2.0 * d * d * rows,
                 "kept_bytes": float(d * d * out_bytes),
                 "temp_bytes": float(d * d * (5 * fit_bytes + 3 * 4))}
-    raise ValueError(f"unknown hyperinf form {form!r}; choose 'auto', 'lowrank' or 'schulz'")
+    raise ValueError(f"unknown hyperinf form {form!r}; choose 'auto', 'lowrank', 'direct' or 'schulz'")
 
 
 def choose_form(n: int, r: int, d: int) -> str:
-    """``"lowrank"`` when it needs no more flops (fit + scoring ``n·r`` rows) and keeps no more
-    bytes than the Schulz iteration, else ``"schulz"``. In practice: ``n·r <= d``."""
+    """``"lowrank"`` when it keeps no more bytes than the dense ``X`` and needs no more flops (fit +
+    scoring ``n·r`` rows) than the Schulz iteration, else ``"direct"``. In practice: ``n·r <= d``.
+
+    The flops are compared with the Schulz iteration's, not the direct form's: for
+    ``d/2 < n·r <= d`` the direct form needs fewer modelled flops (about 4x fewer at ``n·r = d``)
+    and scores a row in ``2d²`` instead of ``4·n·r·d``, but the low-rank form is kept there: its
+    float32 quadratic form is a sum of non-negative terms (5.6e-7 relative error on a test block
+    where a float32 ``d × d`` inverse loses 6.6e-5 to cancellation, docs/SCALING.md), its fit
+    is no slower in practice (24 blocks of (40, 8, 384) on 2 CPU threads: 0.3 s against 0.4-0.6 s
+    for the direct form with its Gram) and it keeps ``n·r·d`` numbers instead of ``d²``."""
     low, dense = form_cost("lowrank", n, r, d), form_cost("schulz", n, r, d)
     if n * r > 0 and low["flops"] <= dense["flops"] and low["kept_bytes"] <= dense["kept_bytes"]:
         return "lowrank"
-    return "schulz"
+    return "direct"
 
 
 #: below this ``K`` the CPU eigendecomposition runs on one thread (see :func:`_lapack_threads`)

@@ -1,4 +1,6 @@
-"""HyperINF (Zhou, Fan, Jaggi): Schulz's hyperpower iteration on the damped GFIM."""
+"""HyperINF (Zhou, Fan, Jaggi): the damped GFIM inverted by Schulz's hyperpower iteration (the
+paper's method), by a float64 Cholesky factorisation (the same inverse, exact, for ~1/60 of the flops),
+or in its low-rank Woodbury form."""
 from __future__ import annotations
 
 import math
@@ -16,36 +18,50 @@ from .base import InverseSolver, register_solver
 #: rows of the (rows, d) slices of the CPU quadratic form (about 1.5 MiB at d = 384, float32)
 _CACHE_ROWS = 1024
 
+#: resident bytes the first Cholesky factorisation and inverse add beyond their matrices (LAPACK's
+#: code and workspace: 3.5 MiB measured at d = 768 and 2304), counted once by :meth:`estimate_bytes`
+_LAPACK_BYTES = 4 << 20
+
 
 @register_solver("hyperinf")
 class HyperINFSolver(InverseSolver):
-    """``v ↦ v X`` with ``X ≈ A^{-1}``, ``A = (1/N) Σ_i g_iᵀ g_i + λI`` (``d × d``, no ``1/r``).
+    """``v ↦ v X`` with ``X = A^{-1}``, ``A = (1/N) Σ_i g_iᵀ g_i + λI`` (``d × d``, no ``1/r``).
 
-    ``X_{k+1} = X_k (2I − A X_k)`` from ``X_0 = 2I / (‖A‖_1 + λ)`` (always convergent for the
-    symmetric positive-definite ``A``),
-    until ``‖I − A X‖_F / sqrt(d) < tol`` or ``max_iter`` updates; ``X`` is then symmetrised.
-    The iteration runs in ``compute_dtype`` (``None``: the input dtype) and ``X`` is cast back.
-    The Gram matrix is a symmetric rank-k update with float32 products accumulated in float64;
-    while the residual is above ``float32_until`` (``None``: never) the Schulz products run in
-    float32, the last quadratically converging steps in ``compute_dtype``. Blocks of equal
-    ``d`` fitted together (:meth:`fit_group`) iterate as one batched product, in batches whose
-    temporaries stay under ``group_bytes``.
+    Three forms of the same inverse (``form``):
 
-    Low-rank form: when the curvature rows are few (``N·r <= d``: LoRA's MLP blocks, validation
-    sets of tens to hundreds of samples) the same inverse is exact by the Woodbury identity,
-    ``A^{-1} = (I − Q diag(1 − w) Qᵀ)/λ`` with ``G = U Σ Qᵀ`` the SVD of the ``(N·r, d)`` stack of
-    the curvature gradients and ``w = Nλ/(Nλ + σ²)``, computed in ``compute_dtype`` (from the
-    eigendecomposition of ``GGᵀ``) and kept as ``Q`` and ``w`` in the gradients' dtype:
-    ``O((Nr)²d)`` flops and ``N·r·d`` numbers instead of ``O(d³)`` per Schulz step
-    and ``d²`` numbers (see :mod:`._lowrank`). ``form``: ``"auto"`` (the cheaper by
-    :func:`._lowrank.choose_form`, decided per block from ``N``, ``r``, ``d`` before the store
-    is read: :meth:`plan`), ``"lowrank"`` or ``"schulz"``. Its statistics are the gradients
-    themselves (``"cat"``), the Schulz form's their ``d × d`` Gram (``"sum"``).
+    - ``"direct"``: ``A`` (from the summed Gram) is factored ``A = L Lᵀ`` in ``compute_dtype``
+      (batched ``torch.linalg.cholesky_ex``) and ``X = torch.cholesky_inverse(L)``: about ``d³``
+      flops, exact to the rounding of ``compute_dtype`` (``‖A X − I‖ ≈ κ(A)·ε``). A block whose
+      ``A`` is not positive definite to that precision (damping 0 and a singular Gram) falls back
+      to the Schulz iteration (``info["cholesky_failed"] = True``).
+    - ``"schulz"``: HyperINF's hyperpower iteration ``X_{k+1} = X_k (2I − A X_k)`` from
+      ``X_0 = 2I / (‖A‖_1 + λ)`` (always convergent for the symmetric positive-definite ``A``),
+      until ``‖I − A X‖_F / sqrt(d) < tol`` or ``max_iter`` updates; ``X`` is then symmetrised.
+      While the residual is above ``float32_until`` (``None``: never) its products run in
+      float32, the last quadratically converging steps in ``compute_dtype``: 12-25 steps of
+      ``4d³`` flops, all matrix products (what a GPU runs nearest its peak).
+    - ``"lowrank"``: when the curvature rows are few (``N·r <= d``: LoRA's MLP blocks, validation
+      sets of tens to hundreds of samples) the inverse is exact by the Woodbury identity,
+      ``A^{-1} = (I − Q diag(1 − w) Qᵀ)/λ`` with ``G = U Σ Qᵀ`` the SVD of the ``(N·r, d)`` stack of
+      the curvature gradients and ``w = Nλ/(Nλ + σ²)``, computed in ``compute_dtype`` (from the
+      eigendecomposition of ``GGᵀ``) and kept as ``Q`` and ``w``: ``O((Nr)²d)`` flops and
+      ``N·r·d`` numbers instead of ``d²`` (see :mod:`._lowrank`).
 
-    ``info = {"form": "schulz", "iterations": k, "residual": float, "float32_iterations": k32}``
-    or ``{"form": "lowrank", "iterations": 0, "residual": float, "rank": N·r}`` (the residual
-    ``‖A X − I‖_F / √d``, estimated by random probes for the low-rank form); a run that does not
-    converge (or stalls at the rounding floor of ``compute_dtype``) warns with both numbers.
+    ``"auto"`` (the default) decides per block from ``N``, ``r``, ``d`` before the store is read
+    (:meth:`plan`, :func:`._lowrank.choose_form`): ``"lowrank"`` when ``N·r <= d``, else
+    ``"direct"``; ``"schulz"`` only when asked for. The low-rank form's statistics are the
+    gradients themselves (``"cat"``), the dense forms' their ``d × d`` Gram (``"sum"``): a
+    symmetric rank-k update with float32 products accumulated in ``compute_dtype`` (``None``: the
+    input dtype). The fitted inverse is kept in the gradients' dtype. Blocks of equal ``d`` fitted
+    together (:meth:`fit_group`) run as one batch, in batches whose temporaries stay under
+    ``group_bytes``.
+
+    ``info = {"form": "direct", "iterations": 0, "residual": float}``,
+    ``{"form": "schulz", "iterations": k, "residual": float, "float32_iterations": k32}`` or
+    ``{"form": "lowrank", "iterations": 0, "residual": float, "rank": N·r}``: the residual
+    ``‖A X − I‖_F / √d``, estimated by :data:`._lowrank.PROBES` random probes for the direct and
+    low-rank forms. A residual not under ``tol`` (an unconverged or stalled iteration, or an
+    ill-conditioned ``A``) warns with both numbers.
     """
 
     def __init__(self, tol: float = 1e-6, max_iter: int = 100,
@@ -55,13 +71,13 @@ class HyperINFSolver(InverseSolver):
         super().__init__()
         self.tol, self.max_iter, self.compute_dtype = float(tol), int(max_iter), compute_dtype
         self.float32_until = None if float32_until is None else float(float32_until)
-        if form not in ("auto", "lowrank", "schulz"):
-            raise ValueError(f"hyperinf form must be 'auto', 'lowrank' or 'schulz', got {form!r}")
+        if form not in ("auto", "lowrank", "direct", "schulz"):
+            raise ValueError(f"hyperinf form must be 'auto', 'lowrank', 'direct' or 'schulz', got {form!r}")
         self.form, self.group_bytes = form, int(group_bytes)
-        self._form = "schulz" if form == "auto" else form  # until plan() or fit() sees the shapes
+        self._form = "direct" if form == "auto" else form  # until plan() or fit() sees the shapes
         self.reductions = {"grads": "cat"} if self._form == "lowrank" else {"gram": "sum"}
 
-    reductions = {"gram": "sum"}  # Schulz: the d x d sum of g_iᵀ g_i, all-reduced, never the gradients
+    reductions = {"gram": "sum"}  # direct, Schulz: the d x d sum of g_iᵀ g_i, all-reduced, never the gradients
 
     def plan(self, n: int, r: int, d: int) -> str:
         """Choose this block's form for ``n`` curvature gradients of shape ``(r, d)`` (known before
@@ -74,8 +90,9 @@ class HyperINFSolver(InverseSolver):
                        gathered: bool = True) -> int:
         """Peak bytes of fitting these blocks (and keeping the fitted inverses), see
         :meth:`InverseSolver.estimate_bytes`: per block the kept ``Q`` or ``X``, the summed Gram
-        (Schulz) or the gathered gradients (low-rank, when ``gathered``), and the temporaries of
-        the largest fitting batch (at most ``group_bytes``, at least one block)."""
+        (direct, Schulz) or the gathered gradients (low-rank, when ``gathered``), and the temporaries of
+        the largest fitting batch (at most ``group_bytes``, at least one block). Not counted: a
+        direct block whose factorisation fails and falls back to the Schulz iteration."""
         fit_bytes = 4 if self.compute_dtype == torch.float32 else 8
         total, temp = 0, 0
         counts: dict[tuple[int, int], int] = {}
@@ -85,13 +102,13 @@ class HyperINFSolver(InverseSolver):
             form = _lowrank.choose_form(n_curvature, r, d) if self.form == "auto" else self.form
             cost = _lowrank.form_cost(form, n_curvature, r, d, out_bytes=compute_bytes, fit_bytes=fit_bytes)
             total += count * int(cost["kept_bytes"])
-            if form == "schulz":
+            if form != "lowrank":
                 total += count * d * d * fit_bytes                    # the summed Grams, held until the fit
             elif gathered:
                 total += count * n_curvature * r * d * compute_bytes  # the gathered gradients
             per = int(cost["temp_bytes"])
             batch = min(count, max(1, self.group_bytes // max(per, 1)))
-            temp = max(temp, batch * per)
+            temp = max(temp, batch * per + (_LAPACK_BYTES if form == "direct" else 0))
         return total + temp
 
     def _dtype(self, like: Tensor) -> torch.dtype:
@@ -99,7 +116,7 @@ class HyperINFSolver(InverseSolver):
         return torch.float32 if dtype == torch.float64 and like.device.type == "mps" else dtype  # no fp64 on MPS
 
     def statistics(self, grads: Tensor) -> dict[str, Tensor]:
-        """Schulz form: ``{"gram": Σ_i g_iᵀ g_i}`` ``(d, d)`` of a chunk ``(N_c, r, d)``, a symmetric
+        """Direct and Schulz forms: ``{"gram": Σ_i g_iᵀ g_i}`` ``(d, d)`` of a chunk ``(N_c, r, d)``, a symmetric
         rank-k update with products in the gradients' precision, accumulated in ``compute_dtype``.
         Low-rank form: ``{"grads": grads}`` (no copy). The fitted inverse is kept in the
         gradients' dtype (float32 or float64)."""
@@ -120,7 +137,7 @@ class HyperINFSolver(InverseSolver):
         return self.fit_statistics(self.statistics(grads), grads.shape[0], damping)
 
     def fit_statistics(self, stats: dict[str, Tensor], n: int, damping: float) -> "HyperINFSolver":
-        """Invert ``A = gram / n + λI`` by Schulz iteration, or by the low-rank form from
+        """Invert ``A = gram / n + λI`` (direct or Schulz form), or by the low-rank form from
         ``stats["grads"]``; returns ``self``."""
         return type(self).fit_group([self], [stats], [n], [damping])[0]
 
@@ -128,15 +145,17 @@ class HyperINFSolver(InverseSolver):
     def fit_group(cls, solvers: Sequence["HyperINFSolver"], stats: Sequence[dict[str, Tensor]],
                   counts: Sequence[int], dampings: Sequence[float]) -> list["HyperINFSolver"]:
         """Fit several solvers at once: blocks with the same shape, form and options run as
-        batched products (``(B, d, d)`` Schulz steps; ``(B, N·r, d)`` low-rank factors), in
-        batches whose temporaries stay under ``group_bytes`` (at least one block per batch)."""
+        batched products (``(B, d, d)`` Cholesky factors or Schulz steps; ``(B, N·r, d)``
+        low-rank factors), in batches whose temporaries stay under ``group_bytes`` (at least one
+        block per batch)."""
         groups: dict[Any, list[int]] = {}
         for i, (solver, st) in enumerate(zip(solvers, stats)):
             if "grads" in st:
                 g = st["grads"]
                 key = (type(solver), "lowrank", tuple(g.shape), g.device, solver._dtype(g), solver.tol)
             else:
-                key = (type(solver), "schulz", st["gram"].shape[0], st["gram"].device, solver._dtype(st["gram"]),
+                form = "schulz" if solver._form == "schulz" else "direct"
+                key = (type(solver), form, st["gram"].shape[0], st["gram"].device, solver._dtype(st["gram"]),
                        solver.tol, solver.max_iter, solver.float32_until)
             groups.setdefault(key, []).append(i)
         for key, idx in groups.items():
@@ -146,7 +165,7 @@ class HyperINFSolver(InverseSolver):
                 n, r, d = key[2]
                 per = _lowrank.form_cost("lowrank", n, r, d, fit_bytes=fit_bytes)["temp_bytes"]
             else:
-                per = _lowrank.form_cost("schulz", 1, 1, key[2], fit_bytes=fit_bytes)["temp_bytes"]
+                per = _lowrank.form_cost(key[1], 1, 1, key[2], fit_bytes=fit_bytes)["temp_bytes"]
             size = max(1, int(first.group_bytes // max(per, 1)))
             for s in range(0, len(idx), size):
                 part = idx[s:s + size]
@@ -155,13 +174,56 @@ class HyperINFSolver(InverseSolver):
                     cls._fit_lowrank(members, [stats[i]["grads"] for i in part], [counts[i] for i in part],
                                      [dampings[i] for i in part], key[4])
                     continue
-                xs, infos = first._schulz(torch.stack([stats[i]["gram"] for i in part]),
-                                          [counts[i] for i in part], [dampings[i] for i in part])
+                grams, ns, lams = [stats[i]["gram"] for i in part], [counts[i] for i in part], \
+                    [dampings[i] for i in part]
+                if key[1] == "direct":
+                    xs, infos = first._direct(grams, ns, lams)
+                else:
+                    xs, infos = first._schulz(torch.stack(grams), ns, lams)
                 for i, solver, x, info in zip(part, members, xs, infos):
-                    solver._done(info, "Schulz iteration")
+                    solver._done(info, "Cholesky inverse" if info["form"] == "direct" else "Schulz iteration")
                     solver._x = x.to(solver._out_dtype or stats[i]["gram"].dtype)
                     solver._w = solver._cast = None
+                del xs, x  # a batch's X in the fit dtype is not kept through the next batch's fit
         return list(solvers)
+
+    def _direct(self, grams: Sequence[Tensor], counts: Sequence[int], dampings: Sequence[float]):
+        """``X = (gram/n + λI)^{-1}`` for ``B`` Grams ``(d, d)`` by one batched Cholesky
+        factorisation and ``cholesky_inverse`` in the fit dtype: ``(X (B, d, d), [info])``.
+
+        Temporaries: ``A``, ``L`` and ``X`` (``(B, d, d)`` each; ``L`` freed once ``X`` exists).
+        A block whose factorisation fails (``A`` not positive definite to working precision) is
+        inverted by :meth:`_schulz` instead, alone (its temporaries are then a Schulz block's)."""
+        b, d = len(grams), grams[0].shape[-1]
+        dtype, device = self._dtype(grams[0]), grams[0].device
+        a = torch.empty(b, d, d, dtype=dtype, device=device)  # A, built in place: no stacked copy of the Grams
+        for i, (g, n, lam) in enumerate(zip(grams, counts, dampings)):
+            a[i].copy_(g).mul_(1.0 / max(int(n), 1)).diagonal().add_(float(lam))
+        try:  # below d = 2048 on one CPU thread: two wait on each other (10 s, not 0.08, on a loaded machine)
+            with _lowrank._lapack_threads(d, device):
+                chol, err = torch.linalg.cholesky_ex(a)
+                failed = [int(i) for i in torch.nonzero(err).flatten().cpu()]
+                if failed:  # potri would raise on their (partial) factors: identity in their place
+                    chol[failed] = torch.eye(d, dtype=dtype, device=device)
+                x = torch.cholesky_inverse(chol)
+        except NotImplementedError:  # a backend without LAPACK's factorisations (MPS): the iteration
+            del a
+            return self._schulz(torch.stack(list(grams)), counts, dampings)
+        del chol
+        for xi in x:  # cholesky_inverse mirrors one triangle: symmetric already; this costs one d x d
+            xi.copy_((xi + xi.mT).mul_(0.5))
+        # ‖(A X − I) p‖ / ‖p‖ for PROBES Gaussian p: 4d² flops per probe, no d x d product
+        gen = torch.Generator().manual_seed(0)
+        p = torch.randn(d, _lowrank.PROBES, generator=gen, dtype=torch.float64).to(device, dtype)
+        res = torch.bmm(a, torch.bmm(x, p.expand(b, d, -1))).sub_(p)
+        residual = (res.norm(dim=1) / p.norm(dim=0)).amax(dim=1).double().cpu()
+        del a, res
+        infos: list[dict[str, Any]] = [{"form": "direct", "iterations": 0, "residual": float(r)} for r in residual]
+        for i in failed:  # one at a time: the fallback's temporaries stay a single block's
+            xf, (info,) = self._schulz(grams[i].unsqueeze(0), [counts[i]], [dampings[i]])
+            x[i] = xf[0]
+            infos[i] = dict(info, cholesky_failed=True)
+        return x, infos
 
     @classmethod
     def _fit_lowrank(cls, members: Sequence["HyperINFSolver"], grads: Sequence[Tensor], counts: Sequence[int],
