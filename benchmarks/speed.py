@@ -99,8 +99,8 @@ def solver_times(ns: list[int], dims: list[int], rank: int = 8, m_curv: int = 50
 def epoch_vs_audit(model: nn.Module, train: Any, val: Any, train_batches: list[Any],
                    batch_size: int, with_estimate: bool = False, lr: float = 1e-4) -> dict[str, Any]:
     """One training epoch (forward, backward, AdamW step at ``lr``) vs the end-to-end fvm audit,
-    at the library's defaults (a tuning budget of one training epoch of compute, its checks
-    included), of the model that epoch trained: what the callback audits at the end of ``fit``."""
+    at the library's defaults (one-pass SAM, a tuning budget of half a training epoch of compute,
+    its checks included), of the model that epoch trained: what the callback audits at the end of ``fit``."""
     import copy
 
     trained = copy.deepcopy(model)
@@ -269,9 +269,9 @@ def main() -> None:
                   "grad / train = per-sample gradient throughput over training throughput (goal >= 0.7)",
                   "the audit: end-to-end fvm at the library's defaults of the model the timed AdamW epoch "
                   "trained (MiniLM: from fresh LoRA and head at lr 3e-3, the recipe of tuning_check.py and "
-                  "quality.py); tuning = its validation tuning (epochs='auto': a budget of one training epoch "
-                  "of compute, its checks included); audit with tuning / epoch: the whole audit over that "
-                  "epoch (goal <= 1.5)",
+                  "quality.py); tuning = its validation tuning (one-pass SAM, epochs='auto': a budget of half a "
+                  "training epoch of compute, its checks included); audit with tuning / epoch: the whole audit "
+                  "over that epoch (goal <= 1.5)",
                   f"torch threads: {torch.get_num_threads()}",
                   "the digits MLP is so small (4,810 parameters, ~4 ms per epoch) that fixed per-call "
                   "overheads (hooks, the model copy, loader set-up) dominate its ratios; MiniLM is the "

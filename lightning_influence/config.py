@@ -54,10 +54,11 @@ class TuningConfig:
     the cost follows the validation set's size; tuning stops early once the loss stops
     falling. The default is scale-free: SGD with momentum and a learning rate probed around
     the Polyak step ``L/‖g‖²`` of the validation loss, under adaptive SAM (ASAM, whose radius
-    ``rho`` is relative to ``|θ|``), so the same defaults work on an MLP's weights and on LoRA
-    matrices (``benchmarks/TUNING.md``). ``optimizer="sgd"`` with a fixed ``lr``,
-    ``adaptive=False`` is the paper's recipe (ICML 2025: SGD lr 0.01,
-    momentum 0.9, weight decay 5e-4, cosine, batch 128, 1,000 steps, ρ 0.05).
+    ``rho`` is relative to ``|θ|``) taken in one pass per step (Momentum-SAM), so the same
+    defaults work on an MLP's weights and on LoRA matrices (``docs/TUNING.md``).
+    ``optimizer="sgd"`` with a fixed ``lr``, ``adaptive=False``, ``sam="two_pass"`` is the
+    paper's recipe (ICML 2025: SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine, batch 128,
+    1,000 steps, ρ 0.05).
 
     After tuning the audit checks that θ̃ is a validation minimum (full validation-set loss
     and accuracy at θ* and θ̃, a test of the gradient at θ̃ against its sampling noise, SAM
@@ -65,17 +66,16 @@ class TuningConfig:
 
     Attributes:
         epochs: budget, in passes over the validation set (fractions allowed). ``"auto"``
-            (default): the compute of ``budget`` training epochs, ``budget x n / (2m)`` passes
-            for fvm (SAM takes two forward-backward passes per sample), ``budget x n / m`` for
-            vm, with ``n`` weighted by a training sample's size over a validation sample's
-            (token counts for padded text), within [0.5, 10]. The checks (the full-set loss at
-            θ*, the gradient check and the lr probe) are counted inside it: the steps get the
-            rest.
+            (default): the compute of ``budget`` training epochs, ``budget x n / m`` passes
+            (``budget x n / (2m)`` for two-pass SAM, two forward-backward passes per sample), with
+            ``n`` weighted by a training sample's size over a validation sample's (token counts
+            for padded text), within [0.5, 10]. The checks (the full-set loss at θ*, the
+            gradient check and the lr probe) are counted inside it: the steps get the rest.
         budget: ``epochs="auto"`` only: the tuning's compute, its checks included, in training
-            epochs (forward-backward passes over the ``n`` training samples; default 1). A
-            smaller budget makes the audit cheaper and its tuning shorter: at 0.25 the loss at θ̃
-            no longer finds the flipped labels of a long-trained model (digits AUROC 0.98 ->
-            0.79-0.87, ``docs/TUNING.md``).
+            epochs (forward-backward passes over the ``n`` training samples; default 0.5: as
+            many one-pass SAM steps as two-pass SAM took in one epoch). Smaller is cheaper, but
+            too short a tuning no longer finds a long-trained model's flipped labels
+            (``docs/TUNING.md``).
         steps: a fixed number of optimisation steps instead of ``epochs`` (``0``: no tuning).
         optimizer: ``"sgd"`` (default, with ``momentum``) or ``"adam"``: the base optimiser
             (under SAM for ``fvm``).
@@ -113,7 +113,7 @@ class TuningConfig:
     """
 
     epochs: float | Literal["auto"] = "auto"
-    budget: float = 1.0
+    budget: float = 0.5
     steps: int | None = None
     optimizer: Literal["adam", "sgd"] = "sgd"
     lr: float | Literal["auto"] = "auto"
@@ -123,7 +123,7 @@ class TuningConfig:
     batch_size: int = 8
     rho: float = 0.5
     adaptive: bool = True
-    sam: Literal["two_pass", "momentum"] = "two_pass"
+    sam: Literal["two_pass", "momentum"] = "momentum"
     tol: float = 0.01
     probe_factor: float = 1.0
     bucket: bool = True

@@ -25,7 +25,7 @@ def test_a_bad_sam_is_refused_when_the_config_is_made():
 
 
 def test_one_pass_sam_buys_twice_the_passes_of_two_pass_sam():
-    two, one = TuningConfig(budget=0.5), TuningConfig(budget=0.5, sam="momentum")
+    two, one = TuningConfig(budget=0.5, sam="two_pass"), TuningConfig(budget=0.5, sam="momentum")
     assert budget_epochs(two, 1000, 100, True) == pytest.approx(0.5 * 1000 / 200)
     assert budget_epochs(one, 1000, 100, True) == pytest.approx(0.5 * 1000 / 100)
     assert budget_epochs(one, 1000, 100, False) == budget_epochs(two, 1000, 100, False)  # vm: no SAM either way

@@ -557,12 +557,13 @@ def failing_loss(k: int, exc: BaseException):
 
 
 # n=12, m=6, batch 4, fvm with 2 SAM steps, noisy flags given (so the loss at θ* is computed for
-# the baseline metrics): calls 1-3 the loss at θ*, then the tuning: the θ* loss on the full
-# validation set (2 forward batches), the gradient yardstick (3 batches of 2: it needs at least
-# four batches or all samples in pairs), the lr probe's forward passes over those 3 batches
-# reusing its gradient, and the SAM steps (2 passes each); then 2 validation and 3 training
-# gradient batches (the last 5 of 32 calls). Without noisy flags the first 3 calls are not made.
-STAGE_CALLS = {"loss_at_trained": 1, "tuning": 5, "train_gradients": 30, "val_gradients": 32}
+# the baseline metrics): calls 1-3 the loss at θ*, then the tuning: the gradient yardstick (3
+# batches of 2: it needs at least four batches or all samples in pairs; with m = 6 every sample is
+# in its subset, so no other sample is forwarded for the loss at θ*), the lr probe's forward passes
+# over those 3 batches reusing its gradient, and the one-pass SAM steps; then 2 validation
+# (calls 24-25) and 3 training gradient batches (26-28). Without noisy flags the first 3 calls
+# are not made.
+STAGE_CALLS = {"loss_at_trained": 1, "tuning": 5, "val_gradients": 24, "train_gradients": 26}
 LOSS_AT_TRAINED_CALLS = 3
 # the pre-flight check before them: the loss, the per-sample gradients, the autograd reference
 PREFLIGHT_CALLS = 3
@@ -573,13 +574,13 @@ def test_stage_call_map(small):
     # the map counts the pipeline's own calls: the pre-flight check (3 calls, tested below) is off
     counter = failing_loss(0, Boom())
     run(users_model(), *small, loss_fn=counter, max_memory=1, preflight=False, noisy=FLAGS)
-    assert counter.calls[0] == 32
+    assert counter.calls[0] == 28
     counter = failing_loss(0, Boom())
     run(users_model(), *small, loss_fn=counter, max_memory=1, noisy=FLAGS)
-    assert counter.calls[0] == 32 + PREFLIGHT_CALLS
+    assert counter.calls[0] == 28 + PREFLIGHT_CALLS
     counter = failing_loss(0, Boom())  # no ranking uses the loss at θ*: its forward pass is skipped
     run(users_model(), *small, loss_fn=counter, max_memory=1, preflight=False)
-    assert counter.calls[0] == 32 - LOSS_AT_TRAINED_CALLS
+    assert counter.calls[0] == 28 - LOSS_AT_TRAINED_CALLS
 
 
 @pytest.mark.parametrize("exc", [Boom("injected"), KeyboardInterrupt()], ids=["exception", "keyboard_interrupt"])

@@ -48,18 +48,19 @@ def test_default_tuning_reaches_a_validation_minimum_and_says_so(digits):
     # SAM's minimum keeps a clean gradient (about H ε): beyond the noise (z > 3 on this model) but
     # shrunk to a third of its θ* value, and the figure says so
     assert t["at_minimum"] == 1.0 and (t["grad_z"] < MAX_GRAD_Z or t["grad_ratio"] <= 0.5)
-    assert math.isfinite(t["sharpness"]) and t["sharpness"] >= -1e-6  # SAM's perturbed-minus-clean gap
+    assert math.isnan(t["sharpness"])  # one-pass SAM measures no clean loss beside the perturbed one
     assert not [w for w in caught if "did not reach a validation minimum" in str(w.message)]
-    # the default budget: one training epoch of compute, n / (2m) passes for SAM, the checks
-    # (full-set loss at θ*, the gradient check, the probe) counted inside it
+    # the default budget: half a training epoch of compute, n / (2m) passes of one-pass SAM steps,
+    # the checks (loss at θ*, the gradient check, the probe) counted inside it
     n, m = len(split.train), len(split.val)
-    assert t["budget_epochs"] == pytest.approx(n / (2 * m))
-    assert 0 < t["check_epochs"] < 0.5
-    left = t["budget_epochs"] - t["check_epochs"] * n / (2 * m)
+    assert TuningConfig().budget == 0.5 and TuningConfig().sam == "momentum"
+    assert t["budget_epochs"] == pytest.approx(0.5 * n / m)
+    assert 0 < t["check_epochs"] < 0.25
+    left = t["budget_epochs"] - t["check_epochs"] * n / m
     assert t["planned_epochs"] == pytest.approx(left, abs=1 / t["batches_per_pass"])
     assert t["epochs"] <= t["planned_epochs"] + 1e-9
-    steps_cost = t["steps"] * 2 * TuningConfig().batch_size / n  # SAM: two forward-backward passes per sample
-    assert t["check_epochs"] + steps_cost <= 1 + 2 * 2 * TuningConfig().batch_size / n  # within a step of the budget
+    steps_cost = t["steps"] * TuningConfig().batch_size / n  # one forward-backward pass per sample
+    assert t["check_epochs"] + steps_cost <= 0.5 + 2 * TuningConfig().batch_size / n  # within a step of the budget
 
 
 def test_the_checks_at_theta_star_forward_each_validation_sample_once(digits):
@@ -211,8 +212,11 @@ def test_budget_is_in_passes_over_the_validation_set_and_stops_early(digits):
                   tuning=TuningConfig(epochs=10, batch_size=30, tol=0.5))
     assert early.tuning["stopped_early"] == 1.0 and early.tuning["epochs"] < 10
     assert early.tuning["epochs"] == int(early.tuning["epochs"])  # it stops at the end of a pass
+    # the default: half a training epoch of one-pass steps, n / (2m) passes, for vm and fvm alike
     assert budget_epochs(TuningConfig(), 1000, 300, True) == pytest.approx(1000 / 600)
-    assert budget_epochs(TuningConfig(), 1000, 300, False) == pytest.approx(1000 / 300)
+    assert budget_epochs(TuningConfig(), 1000, 300, False) == pytest.approx(1000 / 600)
+    assert budget_epochs(TuningConfig(budget=1.0, sam="two_pass"), 1000, 300, True) == pytest.approx(1000 / 600)
+    assert budget_epochs(TuningConfig(budget=1.0), 1000, 300, False) == pytest.approx(1000 / 300)
     assert budget_epochs(TuningConfig(), 10 ** 6, 100, True) == 10.0  # capped
     assert budget_epochs(TuningConfig(), 50, 300, True) == 0.5  # at least half a pass
 
@@ -393,8 +397,9 @@ def test_summary_and_loggers_show_both_rankings_read_back(tmp_path):
         for metric in ("auroc", "ap"):
             assert logged[f"influence/by_{ranking}/{metric}"] == pytest.approx(result.metrics_by[ranking][metric])
     assert logged["influence/auroc"] == pytest.approx(result.metrics_by["loss_tuned"]["auroc"])
-    for key in ("val_loss_trained", "val_loss_tuned", "val_acc_trained", "val_acc_tuned", "sharpness"):
+    for key in ("val_loss_trained", "val_loss_tuned", "val_acc_trained", "val_acc_tuned"):
         assert logged[f"influence/{key}"] == pytest.approx(result.tuning[key])
+    assert math.isnan(result.tuning["sharpness"]) and "influence/sharpness" not in logged  # one-pass SAM: unmeasured
     assert logged["influence/val_loss_tuned"] < logged["influence/val_loss_trained"]
     # the callback times the training epochs: the tuning's cost in training epochs is logged
     assert result.tuning["train_epoch_seconds"] > 0

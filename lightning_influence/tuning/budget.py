@@ -34,8 +34,8 @@ MIN_STEP_SHARE = 0.25
 def budget_epochs(config: TuningConfig, train_size: float | None, val_size: int, sharpness_aware: bool) -> float:
     """Passes over the validation set: ``config.epochs``, or for ``"auto"`` the compute of
     ``b = config.budget`` training epochs (``b x n`` forward-backward passes; two-pass SAM takes
-    two per sample) over the ``m`` validation samples: ``b x n / (2m)`` for fvm (``b x n / m`` with
-    ``sam="momentum"``), ``b x n / m`` for vm,
+    two per sample) over the ``m`` validation samples: ``b x n / m`` for vm and one-pass fvm
+    (``sam="momentum"``, the default), ``b x n / (2m)`` for two-pass fvm,
     within ``[MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS]``. ``train_size`` may be cost-weighted
     (:func:`relative_sample_cost`)."""
     if config.epochs != "auto":
