@@ -8,11 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import digits_mlp
 from lightning_influence import TuningConfig, audit
 from lightning_influence.tuning import budget_epochs
 from lightning_influence.tuning.steps import _Loop, _momentum_sam_step, make_optimizer
-from tasks import noisy_digits
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
               pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec"),
@@ -63,12 +61,6 @@ def test_a_step_takes_the_gradient_at_theta_minus_rho_times_the_momentum_directi
         torch.testing.assert_close(p.detach(), t - lr * g, rtol=1e-6, atol=1e-9)  # restored, then stepped
     for f, g in zip(following, grads):  # no momentum: the next direction is this step's gradient
         torch.testing.assert_close(f, g, rtol=1e-6, atol=1e-9)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    split = noisy_digits(rate=0.2, seed=0)
-    return split, digits_mlp(split)
 
 
 def test_momentum_sam_tunes_with_one_pass_per_step_and_finds_the_flips(digits):

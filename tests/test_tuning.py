@@ -9,22 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import digits_mlp
 from lightning_influence import audit
 from lightning_influence.config import TuningConfig
 from lightning_influence.metrics import detection_metrics
 from lightning_influence.tuning import MAX_GRAD_Z, budget_epochs, gradient_noise_test, probe_lr, verify
-from tasks import TensorPairs, noisy_digits
+from tasks import TensorPairs
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
               pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec"),
               pytest.mark.filterwarnings("ignore:.*lissa did not converge")]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    split = noisy_digits(rate=0.2, seed=0)
-    return split, digits_mlp(split)
 
 
 def _full_val(model, data):

@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import digits_mlp
 from lightning_influence import TuningConfig, audit
 from lightning_influence.tuning import budget_epochs
-from tasks import noisy_digits
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers"),
               pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec"),
@@ -33,12 +31,6 @@ def test_the_budget_buys_passes_over_the_validation_set():
 def test_a_bad_budget_is_refused_when_the_config_is_made(bad):
     with pytest.raises(ValueError, match="tuning.budget"):
         TuningConfig(budget=bad)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    split = noisy_digits(rate=0.2, seed=0)
-    return split, digits_mlp(split)
 
 
 def test_a_quarter_budget_spends_a_quarter_epoch_checks_included(digits):
