@@ -196,9 +196,7 @@ class HyperINFSolver(InverseSolver):
         inverted by :meth:`_schulz` instead, alone (its temporaries are then a Schulz block's)."""
         b, d = len(grams), grams[0].shape[-1]
         dtype, device = self._dtype(grams[0]), grams[0].device
-        a = torch.empty(b, d, d, dtype=dtype, device=device)  # A, built in place: no stacked copy of the Grams
-        for i, (g, n, lam) in enumerate(zip(grams, counts, dampings)):
-            a[i].copy_(g).mul_(1.0 / max(int(n), 1)).diagonal().add_(float(lam))
+        a = _damped(grams, counts, dampings, dtype)
         try:  # below d = 2048 on one CPU thread: two wait on each other (10 s, not 0.08, on a loaded machine)
             with _lowrank._lapack_threads(d, device):
                 chol, err = torch.linalg.cholesky_ex(a)
@@ -258,10 +256,8 @@ class HyperINFSolver(InverseSolver):
         b, d = grams.shape[0], grams.shape[-1]
         dtype = self._dtype(grams)
         eye = torch.eye(d, dtype=dtype, device=grams.device)
-        scale = torch.tensor([1.0 / max(n, 1) for n in counts], dtype=dtype, device=grams.device).view(b, 1, 1)
         lam = torch.tensor([float(x) for x in dampings], dtype=dtype, device=grams.device).view(b, 1, 1)
-        a = grams.to(dtype, copy=True).mul_(scale)  # in place: no (B, d, d) temporaries beyond A
-        a.diagonal(dim1=-2, dim2=-1).add_(lam.view(b, 1))
+        a = _damped(grams, counts, dampings, dtype)  # no (B, d, d) temporaries beyond A
         # A is symmetric positive definite with λ <= eigenvalues <= ‖A‖_1, so X_0 = α I with
         # α = 2 / (‖A‖_1 + λ) puts every eigenvalue of A X_0 in (0, 2): the iteration always
         # converges, in about log2(κ) steps (half those of the generic start Aᵀ/(‖A‖_1 ‖A‖_∞)).
@@ -392,3 +388,13 @@ class HyperINFSolver(InverseSolver):
         if x.dtype == vectors.dtype:
             return vectors @ x
         return (vectors.to(self._x) @ self._x).to(vectors.dtype)
+
+
+def _damped(grams: Sequence[Tensor], counts: Sequence[int], dampings: Sequence[float], dtype: torch.dtype) -> Tensor:
+    """``A = gram/n + λI`` for each of ``B`` Grams ``(d, d)`` (a list or a stacked tensor), as one
+    ``(B, d, d)`` tensor in ``dtype``, built in place: no stacked copy of the Grams beside it."""
+    d = grams[0].shape[-1]
+    a = torch.empty(len(grams), d, d, dtype=dtype, device=grams[0].device)
+    for i, (g, n, lam) in enumerate(zip(grams, counts, dampings)):
+        a[i].copy_(g).mul_(1.0 / max(int(n), 1)).diagonal().add_(float(lam))
+    return a

@@ -139,6 +139,15 @@ class _Loop:
     runaway: bool = False
 
 
+def _skip_step(optimizer: Any, params: list[nn.Parameter], state: _Loop) -> None:
+    """A SAM step whose loss or gradient at θ + ε is not finite: the gradients are dropped, so
+    ``second_step`` restores θ and takes no step. A non-finite θ itself means SAM's ε (ρ|θ|² g for
+    ASAM) overflowed: θ ran away."""
+    optimizer.zero_grad(set_to_none=True)
+    state.skipped += 1
+    state.runaway = not all(bool(torch.isfinite(p).all()) for p in params)
+
+
 def _sam_step(optimizer: Any, model: nn.Module, params: list[nn.Parameter], batch: Any, loss: torch.Tensor,
               size: int, loss_fn: LossFn | None, state: _Loop) -> None:
     """SAM's two passes for a batch whose clean loss ``loss`` has been backpropagated."""
@@ -147,11 +156,7 @@ def _sam_step(optimizer: Any, model: nn.Module, params: list[nn.Parameter], batc
     if perturbed is not None:
         perturbed.backward()
     if perturbed is None or not grads_finite(params):
-        optimizer.zero_grad(set_to_none=True)  # second_step restores θ, takes no step
-        state.skipped += 1
-        # a finite clean loss but a non-finite perturbed one: SAM's ε (ρ|θ|² g for ASAM)
-        # overflowed, so θ itself ran away
-        state.runaway = not all(bool(torch.isfinite(p).all()) for p in params)
+        _skip_step(optimizer, params, state)
     else:
         state.runaway = False
         state.gap += (float(perturbed.detach()) - float(loss.detach())) * size
@@ -173,27 +178,21 @@ def _momentum_sam_step(optimizer: Any, model: nn.Module, params: list[nn.Paramet
     if ascent is not None:
         for p, a in zip(params, ascent):
             p.grad = a.detach().neg()  # MSAM: ε along the *negative* momentum
-        optimizer.first_step(zero_grad=True)
+        optimizer.first_step()
     optimizer.zero_grad(set_to_none=True)
     loss, _, size = finite_mean_loss(model, batch, loss_fn)
     if loss is not None:
         loss.backward()
-    grads = [p.grad for p in params]
     if loss is None or not grads_finite(params):
-        optimizer.zero_grad(set_to_none=True)  # second_step restores θ, takes no step
-        state.skipped += 1
-        state.runaway = not all(bool(torch.isfinite(p).all()) for p in params)
-        grads = [None] * len(params)
-    else:
-        state.runaway = False
-        grads = [g.detach().clone() if g is not None else None for g in grads]
+        _skip_step(optimizer, params, state)
+        optimizer.second_step(zero_grad=True)
+        return loss, size, ascent  # no step: the direction stays
+    state.runaway = False
+    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
     optimizer.second_step(zero_grad=True)
     base = getattr(optimizer, "base_optimizer", optimizer)
-    moments = [base.state.get(p, {}).get("momentum_buffer", base.state.get(p, {}).get("exp_avg")) for p in params]
-    following = [m if m is not None else g if g is not None else torch.zeros_like(p)
-                 for p, m, g in zip(params, moments, grads)]
-    keep = ascent if loss is None or all(g is None for g in grads) else following
-    return loss, size, keep
+    moments = [base.state.get(p, {}) for p in params]
+    return loss, size, [m.get("momentum_buffer", m.get("exp_avg", g)) for m, g in zip(moments, grads)]
 
 
 def step_loop(model: nn.Module, params: list[nn.Parameter], loader_factory: Callable[[int], DataLoader],
