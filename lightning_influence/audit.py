@@ -28,7 +28,14 @@ from .progress import NullProgress, Progress, StageTimes
 from .projection import project_blocks
 from .ranking import ranking_metrics, rankings_of
 from .result import AuditResult, on_dataset_positions
-from .scoring import fit_solvers, method_scores, per_validation_scores, solver_info
+from .scoring import (
+    ScoresAsGathered,
+    fit_solvers,
+    method_scores,
+    per_validation_scores,
+    scored_as_gathered,
+    solver_info,
+)
 from .solvers import solver_name
 from .solvers.base import SolverSpec
 from .store import chunk_bytes
@@ -39,7 +46,7 @@ from .tuning import tune_and_check, validation_gradients
 @uncached_autocast()  # a user's autocast region computes with the weights the tuning changes
 def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOptions, *,
             progress: Progress | None = None, dist: Collectives | None = None,
-            loss_at_trained: bool = True) -> Prepared:
+            loss_at_trained: bool = True, scores_as_gathered: bool = False) -> Prepared:
     """Stages 1-3: copy the model, tune the copy (vm/fvm), gather per-sample gradients, under
     ``options`` (an :class:`AuditOptions`; ``score()`` takes the same one).
 
@@ -50,6 +57,9 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOpti
 
     With ``options.attribution`` also the query candidates' outcomes at θ* (before tuning) and a
     separate query set's gradients.
+
+    ``scores_as_gathered`` (vm/fvm; :func:`audit` sets it where :func:`~.scoring.scored_as_gathered`):
+    score each training batch as it is gathered (:class:`~.scoring.ScoresAsGathered`), no store kept.
 
     Under several ranks each gathers its own disjoint shard of the training and validation
     samples; tuning runs on every rank with the same seed and rank 0's result is broadcast."""
@@ -98,11 +108,13 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOpti
         else:
             val = dist.checkpoint(lambda: validation_gradients(working, blocks, val_data, val_ids, gather, stages,
                                                                progress))
-
+        streamed = ScoresAsGathered(len(train_ids), o, device, compute_dtype, stages, dist) \
+            if scores_as_gathered else None
         try:
             train, curv = dist.checkpoint(lambda: gather_training(
                 working, blocks, train_data, train_ids, val, (val_data, val_ids) if tuned else None, fisher == "true",
-                (seed + 7919 * dist.rank) % 2**64, gather, max_memory, spill_dir, stages, progress))
+                (seed + 7919 * dist.rank) % 2**64, gather, max_memory, spill_dir, stages, progress,
+                streamed.fit if streamed is not None else None))
         except BaseException:
             val.store.close()
             raise
@@ -118,12 +130,12 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOpti
         working = None  # the copy is freed here, even when a stage failed (a traceback keeps this frame)
     return Prepared(method, n, m, train_ids, val_ids, train, val, curv,
                     train.losses if not tuned else loss_trained, tune_stats, stages, dist, device,
-                    compute_dtype, train.store.chunk_size(chunk_bytes(max_memory)),  # rows read at once
+                    compute_dtype, (train.store or val.store).chunk_size(chunk_bytes(max_memory)),  # rows at once
                     {"method": method, "params": params if isinstance(params, str) else list(params), "seed": seed,
                      "batch_size": batch_size, "grad_dtype": str(store_dtype), "tuning": as_dict(tuning_cfg),
                      "blocks": len(blocks), "projection": projection,
                      "audited_parameters": sum(b.param.numel() for b in blocks)},
-                    queries=queries, mq=mq, query_outcomes=query_outcomes, max_memory=max_memory)
+                    queries=queries, mq=mq, query_outcomes=query_outcomes, max_memory=max_memory, streamed=streamed)
 
 
 @autograd_allowed
@@ -141,7 +153,6 @@ def score(prepared: Prepared, options: AuditOptions, *, progress: Progress | Non
     solver, nonfinite, top_k, per_validation = options.solver, options.nonfinite, options.top_k, options.per_validation
     stages = StageTimes(p.device)  # this call's own solve/score/metrics times, after prepare()'s stages
     stages.seconds = dict(p.stages.seconds)
-    curvature_cfg = options.curvature
     progress = progress or NullProgress()
     noisy_flags, clean = options.noisy, options.clean_labels
     args = (p.device, p.compute_dtype)
@@ -149,13 +160,17 @@ def score(prepared: Prepared, options: AuditOptions, *, progress: Progress | Non
     # every rank learns which samples are invalid before anything depends on it
     train_valid, val_valid, excluded = valid_everywhere(p.train, p.val, p.n, p.m, nonfinite, dist)
 
+    streamed = p.streamed  # scored as the training gradients were gathered: no training store
+    if streamed is not None:
+        streamed.check(options)
     with stages("solve"), progress.stage("solve", 1) as update:
-        solvers = fit_solvers(p.curvature.store, p.curvature.valid, solver, curvature_cfg, *args, p.chunk, dist)
+        solvers = streamed.solvers if streamed is not None else fit_solvers(
+            p.curvature.store, p.curvature.valid, solver, options.curvature, *args, p.chunk, dist)
         update(1)
 
     with stages("score"), progress.stage("score", int(p.train_ids.numel())) as update:
-        local = method_scores(p.method, p.train.store, p.val.store, p.val.valid, float(val_valid.sum()), solvers,
-                              p.chunk, *args, dist)
+        local = streamed.scores if streamed is not None else method_scores(
+            p.method, p.train.store, p.val.store, p.val.valid, float(val_valid.sum()), solvers, p.chunk, *args, dist)
         update(int(p.train_ids.numel()))
         matrix = None
         if per_validation:
@@ -213,7 +228,7 @@ def score(prepared: Prepared, options: AuditOptions, *, progress: Progress | Non
         attribution=explained,
         stage_seconds=dict(stages.seconds), solver_info=solver_info(solvers), tuning=p.tune_stats,
         config={**p.config, "solver": solver_name(solver),
-                "curvature": as_dict(curvature_cfg), "normalize": options.normalize, "world_size": dist.world_size},
+                "curvature": as_dict(options.curvature), "normalize": options.normalize, "world_size": dist.world_size},
     )
 
 
@@ -273,7 +288,8 @@ def audit(
                     clean_labels=pick(o.clean_labels))
     # the loss at θ* is a forward pass over the training set: only when a ranking uses it
     prepared = prepare(model, train_data, val_data, o, progress=progress, dist=dist,
-                       loss_at_trained=o.noisy is not None or o.rank_by == "loss_trained")
+                       loss_at_trained=o.noisy is not None or o.rank_by == "loss_trained",
+                       scores_as_gathered=scored_as_gathered(o))
     try:
         result = score(prepared, o, progress=progress)
     finally:

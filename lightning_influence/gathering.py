@@ -25,6 +25,9 @@ from .params import Block
 from .progress import Progress, StageTimes
 from .store import GradientStore
 
+#: what takes a batch's gradients instead of a store: ``sink(start, {block: (B, r, d)})``
+Sink = Callable[[int, dict[str, Tensor]], None]
+
 
 def training_losses(model: nn.Module, data: Any, batch_size: int, device: torch.device,
                     loss_fn: LossFn | None, indices: Tensor | None = None) -> Tensor:
@@ -42,7 +45,7 @@ class Gathered:
     gradients ``store``, the ``losses``, a ``valid`` flag (finite loss and gradient), and the
     ``labels`` and ``predicted`` labels (-1 where the loss has no class labels)."""
 
-    store: GradientStore
+    store: GradientStore | None  # None when each batch went to a ``sink`` instead (scored as gathered)
     losses: Tensor
     valid: Tensor
     labels: Tensor
@@ -53,14 +56,17 @@ def gather_gradients(model: nn.Module, blocks: list[Block], data: Any, *, batch_
                      device: torch.device, dtype: torch.dtype, loss_fn: LossFn | None,
                      sample_labels: torch.Generator | None = None, max_memory: int | None = None,
                      spill_dir: str | None = None, progress: Callable[[int], None] | None = None,
-                     name: str = "data", indices: Tensor | None = None) -> Gathered:
+                     name: str = "data", indices: Tensor | None = None, sink: Sink | None = None) -> Gathered:
     """Per-sample gradients of ``blocks`` for every sample of ``data``, in order, into a store
     (``(n, r, d)`` per block), with each sample's loss, a validity flag (finite loss and
     gradient), and the labels and predicted labels for classification.
 
-    With ``sample_labels`` the labels are drawn from the model's predictions (true Fisher)."""
+    With ``sample_labels`` the labels are drawn from the model's predictions (true Fisher).
+    With ``sink`` no store is made: each batch's gradients (``(B, r, d)`` per block, in the
+    compute dtype, invalid samples zeroed) are handed to ``sink(start, grads)`` instead, then freed."""
     n = len(dataset_of(data, name)) if indices is None else int(indices.numel())
-    store = GradientStore(n, {b.name: b.shape for b in blocks}, dtype, max_memory, spill_dir)
+    store = None if sink is not None else GradientStore(n, {b.name: b.shape for b in blocks}, dtype, max_memory,
+                                                        spill_dir)
     losses = torch.zeros(n, dtype=torch.float64)
     valid = torch.ones(n, dtype=torch.bool)
     labels = torch.full((n,), -1, dtype=torch.long)  # stays -1 where the loss has no class labels
@@ -83,8 +89,11 @@ def gather_gradients(model: nn.Module, blocks: list[Block], data: Any, *, batch_
                     ok &= torch.isfinite(g).flatten(1).all(1)
                 for g in grads.values():
                     g.masked_fill_(~ok.view(-1, 1, 1), 0.0)  # excluded samples never reach the solvers
-                store = _fit_storage(store, grads, start, name, max_memory, spill_dir)
-                store.write(start, grads)
+                if store is None:
+                    sink(start, grads)
+                else:
+                    store = _fit_storage(store, grads, start, name, max_memory, spill_dir)
+                    store.write(start, grads)
                 losses[start:start + size] = out.losses.double().cpu()
                 valid[start:start + size] = ok.cpu()
                 if out.logits is not None and out.labels is not None:
@@ -95,7 +104,8 @@ def gather_gradients(model: nn.Module, blocks: list[Block], data: Any, *, batch_
                 if progress is not None:
                     progress(size)
     except BaseException:
-        store.close()
+        if store is not None:
+            store.close()
         raise
     return Gathered(store, losses, valid, labels, predicted)
 
@@ -193,34 +203,54 @@ class Prepared:
     mq: int = 0
     query_outcomes: tuple[Tensor, Tensor, Tensor] | None = None
     max_memory: int | None = None
+    #: vm/fvm: this rank's scores ``(n_r,)`` made as the training gradients were gathered, with
+    #: the solvers that made them (:class:`~.scoring.ScoresAsGathered`; ``train.store`` is None)
+    streamed: Any = None
 
     def close(self) -> None:
         kept = (self.train, self.val, self.curvature) + ((self.queries,) if self.queries is not None else ())
         for gathered in {id(g): g for g in kept}.values():
-            gathered.store.close()
+            if gathered.store is not None:
+                gathered.store.close()
 
 
 def gather_training(model: nn.Module, blocks: list[Block], train_data: Any, train_ids: Tensor, val: Gathered,
                     tuned_on: tuple[Any, Tensor] | None, true_fisher: bool, fisher_seed: int,
                     gather: dict[str, Any], max_memory: int | None, spill_dir: str | None,
-                    stages: StageTimes, progress: Progress) -> tuple[Gathered, Gathered]:
+                    stages: StageTimes, progress: Progress,
+                    scorer: Callable[[Gathered], Sink] | None = None) -> tuple[Gathered, Gathered]:
     """Stage 3, training half: this rank's training samples ``train_ids`` ``(n_r,)`` into a store
     (spilling past ``max_memory``), and the gradients the curvature is built from: the validation
     gradients ``val`` when tuned on ``tuned_on = (val_data, val_ids)`` (vm/fvm), else the training
     gradients; with ``true_fisher`` those of the same samples at labels drawn from the model's own
-    predictions (``fisher_seed``). ``gather``: :func:`gather_gradients`' batch options."""
-    with stages("gradients"), progress.stage("gradients", int(train_ids.numel())) as up:
-        train = gather_gradients(model, blocks, train_data, max_memory=max_memory, spill_dir=spill_dir,
-                                 progress=up, name="train_data", indices=train_ids, **gather)
+    predictions (``fisher_seed``). ``gather``: :func:`gather_gradients`' batch options.
+
+    ``scorer`` (vm/fvm only): called with the curvature gradients before the training pass, it
+    returns the sink each training batch goes to instead of a store (the scores made as the
+    gradients are gathered: no ``(n, r, d)`` training store at all; ``train.store`` is None)."""
+    def fisher_of(source: Any, ids: Tensor) -> Gathered:
+        with stages("true_fisher"):
+            return gather_gradients(model, blocks, source, sample_labels=torch.Generator().manual_seed(fisher_seed),
+                                    max_memory=max_memory, spill_dir=spill_dir, name="curvature", indices=ids,
+                                    **gather)
+
+    if scorer is not None and tuned_on is None:
+        raise ValueError("scores made as the gradients are gathered need the validation curvature (vm/fvm)")
+    curv = None
+    if tuned_on is not None:  # the curvature comes first: a scorer fits the solvers on it
+        curv = fisher_of(*tuned_on) if true_fisher else val
+    try:
+        sink = scorer(curv) if scorer is not None else None
+        with stages("gradients"), progress.stage("gradients", int(train_ids.numel())) as up:
+            train = gather_gradients(model, blocks, train_data, max_memory=max_memory, spill_dir=spill_dir,
+                                     progress=up, name="train_data", indices=train_ids, sink=sink, **gather)
+    except BaseException:
+        if curv is not None and curv is not val:
+            curv.store.close()
+        raise
+    if curv is None:  # standard: the curvature of the training gradients
         try:
-            curv = val if tuned_on is not None else train
-            if true_fisher:
-                with stages("true_fisher"):
-                    source, ids = tuned_on if tuned_on is not None else (train_data, train_ids)
-                    generator = torch.Generator().manual_seed(fisher_seed)
-                    curv = gather_gradients(model, blocks, source, sample_labels=generator,
-                                            max_memory=max_memory, spill_dir=spill_dir, name="curvature",
-                                            indices=ids, **gather)
+            curv = fisher_of(train_data, train_ids) if true_fisher else train
         except BaseException:
             train.store.close()
             raise

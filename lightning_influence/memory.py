@@ -39,7 +39,9 @@ class MemoryPlan:
         store_bytes: the training-gradient store(s); ``val_bytes`` the validation one(s).
         solve_bytes: the solver's estimated peak memory (:func:`solve_bytes`).
         peak_parts: each term of the peak (:func:`peak_parts`); ``peak_bytes`` the peak itself:
-            ``val + store + max(model + tuning + batch, chunks + solve)``.
+            ``val + store + max(model + tuning + batch, chunks + solve)``, or, when ``streamed``
+            (vm/fvm scored as the training gradients are gathered: no training store, the solvers
+            fitted and kept while the model copy computes), ``val + model + tuning + batch + chunks + solve``.
         available_bytes: RAM available when planned (``None`` if unknown).
     """
 
@@ -50,6 +52,7 @@ class MemoryPlan:
     peak_bytes: int = 0
     peak_parts: dict[str, int] = field(default_factory=dict)
     available_bytes: int | None = None
+    streamed: bool = False
 
 
 def available_ram() -> int | None:
@@ -134,30 +137,35 @@ def peak_parts(plan: MemoryPlan, train_samples: int, val_samples: int, blocks: l
 def check_memory(train_samples: int, val_samples: int, blocks: list[Block], dtype: torch.dtype, method: str,
                  solver: SolverSpec, fisher: str, max_memory: int | None, spill_dir: str | None,
                  projection: int | None, model: nn.Module | None = None, batch_size: int = 32,
-                 solver_options: dict[str, Any] | None = None, plan: MemoryPlan | None = None) -> MemoryPlan:
+                 solver_options: dict[str, Any] | None = None, plan: MemoryPlan | None = None,
+                 streamed: bool = False) -> MemoryPlan:
     """Plan the audit's memory for ``train_samples`` scored and ``val_samples`` validation samples
     over ``blocks``, gradients stored in ``dtype``; raise :class:`PreflightError` (with the
     options that would make it fit) when the peak is past :data:`RAM_SHARE` of the available RAM,
     or a store spilled past ``max_memory`` is past the free disk under ``spill_dir``.
     ``solver_options``: the solver's constructor options (``curvature.solver_options``), which
     may change its form and so its peak (e.g. hyperinf's ``form``). ``plan``: the object to fill in
-    (e.g. the pre-flight report, a :class:`MemoryPlan` itself); a new one by default."""
+    (e.g. the pre-flight report, a :class:`MemoryPlan` itself); a new one by default. ``streamed``:
+    vm/fvm scored as the training gradients are gathered (:func:`~.scoring.scored_as_gathered`): no
+    training store."""
     plan = plan if plan is not None else MemoryPlan()
     itemsize = torch.empty((), dtype=dtype).element_size()
     compute_bytes = 8 if dtype == torch.float64 else 4
     numbers = gradient_numbers(blocks, projection)
     n, m = train_samples, val_samples
     plan.numbers_per_sample = numbers
-    plan.store_bytes = n * numbers * itemsize
+    plan.streamed = streamed = streamed and method in ("vm", "fvm")
+    plan.store_bytes = 0 if streamed else n * numbers * itemsize
     tuned = method in ("vm", "fvm")
     curvature_rows = m if tuned else n
     plan.val_bytes = m * numbers * itemsize * (2 if fisher == "true" and tuned else 1)
     if fisher == "true" and not tuned:
         plan.store_bytes *= 2
     plan.solve_bytes = solve_bytes(blocks, solver, curvature_rows, projection, compute_bytes, solver_options)
-    parts = plan.peak_parts = peak_parts(plan, n, m, blocks, dtype, method, max_memory, projection, model, batch_size)
-    plan.peak_bytes = need = parts["val"] + parts["store"] + max(parts["model"] + parts["tuning"] + parts["batch"],
-                                                                 parts["chunks"] + parts["solve"])
+    parts = plan.peak_parts = peak_parts(plan, 0 if streamed else n, m, blocks, dtype, method, max_memory, projection,
+                                         model, batch_size)
+    alive = (parts["model"] + parts["tuning"] + parts["batch"], parts["chunks"] + parts["solve"])
+    plan.peak_bytes = need = parts["val"] + parts["store"] + (sum(alive) if streamed else max(alive))
     plan.available_bytes = available = available_ram()
     if available is None:
         return plan
@@ -169,7 +177,7 @@ def check_memory(train_samples: int, val_samples: int, blocks: list[Block], dtyp
         return plan
     per_number = n * itemsize
     options = []
-    if not spilled:
+    if not spilled and not streamed:
         free = format_bytes(disk) if disk is not None else "?"
         options.append(f"max_memory={budget // 2:_} (bytes): keeps {format_bytes(budget // 2)} in RAM and spills "
                        f"{format_bytes(plan.store_bytes)} to {folder} ({free} free)")

@@ -46,6 +46,7 @@ from .models import copy_model
 from .modes import preserved
 from .params import Block, select_blocks
 from .precision import _autocast_dtype, compute_tolerance
+from .scoring import scored_as_gathered
 from .trainer_data import training_step_loss
 
 #: a block's gradient below this share of the whole audited gradient's norm is judged against that
@@ -72,7 +73,8 @@ class PreflightReport(MemoryPlan):
         peak_bytes: the audit's estimated peak memory growth, the largest of its stages (a bound
             on the measured peak RSS growth of ``audit()``; what the RAM check compares):
             ``val + store in RAM + max(model copy + tuning state + one batch's gradients,
-            chunk buffers + solve)``; ``peak_parts`` holds each term in bytes.
+            chunk buffers + solve)``, their sum without the store when ``streamed`` (vm/fvm scored
+            as the gradients are gathered); ``peak_parts`` holds each term in bytes.
         available_bytes: RAM available when the check ran (``None`` if unknown).
         notes: anything the user should know (e.g. a sampler that selects a subset).
         loss_fn: the per-sample loss the check confirmed for a batch the default loss does not
@@ -96,9 +98,10 @@ class PreflightReport(MemoryPlan):
         ref = f"loss = {self.loss_reference} (rel. err {self.loss_error:.1e})" if self.loss_reference else \
             "no reference loss to compare"
         return (f"pre-flight check passed in {self.seconds:.2f} s on {self.samples} samples: {ref}; gradients of "
-                f"{len(self.gradient_error)} blocks = autograd (max rel. err {worst:.1e}); gradient store "
-                f"{format_bytes(self.store_bytes)} for {self.train_samples} samples × {self.numbers_per_sample:,} "
-                "numbers"
+                f"{len(self.gradient_error)} blocks = autograd (max rel. err {worst:.1e}); "
+                + ("no gradient store (scored as gathered): " if self.streamed else
+                   f"gradient store {format_bytes(self.store_bytes)} for ")
+                + f"{self.train_samples} samples × {self.numbers_per_sample:,} numbers"
                 + "".join(f"; {note}" for note in self.notes))
 
 
@@ -136,7 +139,8 @@ def check(model: nn.Module, train_data: Any, val_data: Any, options: AuditOption
     blocks = select_blocks(model, options.params)
     check_memory(report.train_samples, report.val_samples, blocks, store_dtype, options.method, options.solver,
                  options.curvature.fisher, options.max_memory, options.spill_dir, options.projection, model=model,
-                 batch_size=options.batch_size, solver_options=options.curvature.solver_options, plan=report)
+                 batch_size=options.batch_size, solver_options=options.curvature.solver_options, plan=report,
+                 streamed=scored_as_gathered(options))
 
     ids = (torch.arange(n_all) if train_ids is None else train_ids)[:max(1, samples)]
     to_device = _to_device(device, convert)

@@ -20,14 +20,15 @@ from torch import Tensor
 
 from .distributed import Collectives, unshard
 from .normalize import normalized, scale_columns
+from .precision import full_precision
 from .solvers import InverseSolver, make_solver
 from .solvers._linalg import blas_threads
-from .solvers.base import SolverSpec
+from .solvers.base import SolverSpec, solver_name
 from .solvers.damping import damping_from_mean_square
-from .store import GradientStore, join_rows, masked_sums
+from .store import GradientStore, chunk_bytes, join_rows, masked_sums
 
 if TYPE_CHECKING:  # pragma: no cover - a hint only (config imports attribution, which imports this module)
-    from .config import CurvatureConfig
+    from .config import AuditOptions, CurvatureConfig
 
 Blocks = Mapping[str, Tensor]
 
@@ -183,19 +184,80 @@ def self_influence(train: GradientStore, solvers: Mapping[str, InverseSolver], c
     scores = torch.zeros(len(train), dtype=torch.float64)
     plans = [(shape, names, _quadratic_plan(names, solvers)) for shape, names in train.groups]
     for start, groups in train.group_chunks(chunk):
-        total = None
-        for shape, names, plan in plans:
-            data = groups[shape]
-            for key, idx in plan:
-                sub = (data if len(idx) == len(names) else data[idx]).to(device, compute_dtype)
-                if isinstance(key, tuple):  # a duck-typed solver: apply, then the dot product
-                    s = solvers[names[idx[0]]]
-                    part = (sub[0] * s.apply(sub[0])).sum(dim=(1, 2))
-                else:
-                    part = key.quadratic_group([solvers[names[i]] for i in idx], sub).sum(0)
-                total = part if total is None else total + part
+        total = _quadratic_forms(groups, plans, solvers, device, compute_dtype)
         scores[start:start + total.shape[0]] = total.double().cpu()
     return scores
+
+
+def _quadratic_forms(groups: Mapping[tuple[int, int], Tensor], plans: list, solvers: Mapping[str, InverseSolver],
+                     device: torch.device, compute_dtype: torch.dtype) -> Tensor:
+    """``Σ_l g_lᵀ (C_l + λ_l I)^{-1} g_l`` ``(B,)`` of one chunk: ``groups`` ``{(r, d): (blocks, B, r, d)}``,
+    ``plans`` ``[((r, d), names, _quadratic_plan(names))]``."""
+    total = None
+    for shape, names, plan in plans:
+        data = groups[shape]
+        for key, idx in plan:
+            sub = (data if len(idx) == len(names) else data[idx]).to(device, compute_dtype)
+            if isinstance(key, tuple):  # a duck-typed solver: apply, then the dot product
+                s = solvers[names[idx[0]]]
+                part = (sub[0] * s.apply(sub[0])).sum(dim=(1, 2))
+            else:
+                part = key.quadratic_group([solvers[names[i]] for i in idx], sub).sum(0)
+            total = part if total is None else total + part
+    return total
+
+
+def scored_as_gathered(options: AuditOptions) -> bool:
+    """Whether :func:`~lightning_influence.audit.audit` scores each training batch as its gradients
+    are gathered, keeping no training store: for ``vm``/``fvm``, whose score needs only the sample's
+    own gradient and the solvers fitted on the validation curvature, when nothing else reads the
+    training gradients afterwards (no ``per_validation`` matrix, no ``attribution``)."""
+    return options.method in ("vm", "fvm") and not options.per_validation and options.attribution is None
+
+
+class ScoresAsGathered:
+    """The ``vm``/``fvm`` scores made batch by batch as the training gradients are gathered: no
+    training store is needed, since each score takes only the sample's own gradient and the
+    solvers fitted on the validation curvature. :meth:`fit` fits them (the ``scorer`` of
+    :func:`~lightning_influence.gathering.gather_training`) and returns this object, the sink each
+    training batch goes to: ``self(start, {block: (B, r, d)})`` fills ``scores`` ``(n,)`` float64,
+    the numbers :func:`self_influence` gives on a store of those gradients in the compute dtype."""
+
+    def __init__(self, n: int, options: AuditOptions, device: torch.device, compute_dtype: torch.dtype,
+                 stages: Any, dist: Collectives) -> None:
+        self.scores = torch.zeros(n, dtype=torch.float64)
+        self.fitted_with = {"solver": solver_name(options.solver), "curvature": options.curvature}
+        self.solver, self.curvature, self.stages, self.dist = options.solver, options.curvature, stages, dist
+        self.device, self.compute_dtype, self.max_memory = device, compute_dtype, options.max_memory
+        self.solvers: dict[str, InverseSolver] = {}
+        self.plans: list = []
+
+    def fit(self, curvature: Any) -> "ScoresAsGathered":
+        """Fit one solver per block on ``curvature`` (a ``Gathered``: its store and valid flags),
+        as :func:`fit_solvers` does in the scoring stage, timed as the ``solve`` stage."""
+        store = curvature.store
+        with self.stages("solve"), full_precision():
+            self.solvers = fit_solvers(store, curvature.valid, self.solver, self.curvature, self.device,
+                                       self.compute_dtype, store.chunk_size(chunk_bytes(self.max_memory)), self.dist)
+        self.plans = [(shape, names, _quadratic_plan(names, self.solvers)) for shape, names in store.groups]
+        return self
+
+    @full_precision()  # the gradient pass may run under the user's autocast: the solves must not
+    def __call__(self, start: int, grads: Mapping[str, Tensor]) -> None:
+        with blas_threads():
+            groups = {shape: torch.stack([grads[name].to(self.device, self.compute_dtype) for name in names])
+                      for shape, names, _ in self.plans}
+            total = _quadratic_forms(groups, self.plans, self.solvers, self.device, self.compute_dtype)
+        self.scores[start:start + total.shape[0]] = total.double().cpu()
+
+    def check(self, options: AuditOptions) -> None:
+        """Raise unless ``options`` asks for these scores: the solver and curvature they were made
+        with, and nothing that reads the training gradients again (no store was kept)."""
+        wanted = {"solver": solver_name(options.solver), "curvature": options.curvature}
+        if wanted != self.fitted_with or not scored_as_gathered(options):
+            raise ValueError(f"score(): this Prepared was scored as its gradients were gathered, with "
+                             f"{self.fitted_with}, and kept no training store; to score it otherwise (another "
+                             "solver, per_validation, attribution) prepare() it without scores_as_gathered")
 
 
 def inverse_direction(direction: Blocks, solvers: Mapping[str, InverseSolver], device: torch.device,

@@ -187,8 +187,9 @@ def test_the_training_step_reference_leaves_the_module_untouched(tmp_path, blobs
 
 
 def test_an_oversized_gradient_store_fails_in_setup_with_the_options(tmp_path):
-    """No LoRA, params='auto' on a 1M-parameter model, 12k training samples: ~48 GB of
-    gradients on a machine with less RAM: refused before training, with every way out."""
+    """No LoRA, params='auto' on a 1M-parameter model, 12k training samples, and a per-validation
+    matrix (which reads the training gradients again, so they are stored): ~48 GB of gradients
+    on a machine with less RAM: refused before training, with every way out."""
     from tasks import TensorPairs
 
     g = torch.Generator().manual_seed(0)
@@ -196,14 +197,20 @@ def test_an_oversized_gradient_store_fails_in_setup_with_the_options(tmp_path):
     val = TensorPairs(torch.randn(50, 1000, generator=g), torch.randint(0, 10, (50,), generator=g))
     module = Counting(d_in=1000, hidden=1000, classes=10)
     cb = _fails_in_setup(tmp_path, module, DataLoader(train, batch_size=64), DataLoader(val, batch_size=64),
-                         PreflightError, r"would not fit")
+                         PreflightError, r"would not fit", per_validation=True)
     del cb
-    with pytest.raises(PreflightError) as info:
-        check(module, train, val, AuditOptions())
-    message = str(info.value)
-    for option in ("max_memory=", "projection=", "params=", "grad_dtype="):
-        assert option in message, option
-    assert "12,000 samples" in message
+    for options in (AuditOptions(per_validation=True), AuditOptions(method="standard")):
+        with pytest.raises(PreflightError) as info:
+            check(module, train, val, options)
+        message = str(info.value)
+        for option in ("max_memory=", "projection=", "params=", "grad_dtype="):
+            assert option in message, option
+        assert "12,000 samples" in message
+    # the default fvm audit scores each batch as it is gathered: no store, and it fits
+    report = check(module, train, val, AuditOptions())
+    assert report.streamed and report.store_bytes == 0
+    assert report.peak_bytes < 2 * 50 * report.numbers_per_sample * 4 + (1 << 30)
+    assert "no gradient store" in report.summary()
 
 
 class FunctionalReuse(nn.Module):
@@ -227,7 +234,9 @@ def test_the_gradient_check_catches_a_parameter_used_outside_its_layer(blobs):
         check(FunctionalReuse().double(), train, val, AuditOptions())
     report = check(mlp(), train, val, AuditOptions())  # a clean model passes, with its figures
     assert report.samples == 3 and set(report.gradient_error) == {"0.weight", "0.bias", "2.weight", "2.bias"}
-    assert report.store_bytes == 60 * (8 * 16 + 16 + 16 * 3 + 3) * 8
+    assert report.streamed and report.store_bytes == 0  # fvm scores each batch as it is gathered
+    stored = check(mlp(), train, val, AuditOptions(method="standard"))
+    assert not stored.streamed and stored.store_bytes == 60 * (8 * 16 + 16 + 16 * 3 + 3) * 8
 
 
 def test_a_subset_sampler_is_honoured(blobs):

@@ -32,10 +32,12 @@ def test_store_spills_and_reads_back(tmp_path):
 def test_spilled_audit_equals_in_memory(blobs, tmp_path):
     train, val = blobs
     model = mlp()
-    for method in ("fvm", "standard"):
-        ref = audit(model, train, val, method=method, tuning={"steps": 5})
+    # fvm scores as it gathers (only its validation store spills); with a per-validation matrix
+    # its training gradients are stored, and spill, as standard's do
+    for method, extra in (("fvm", {}), ("fvm", {"per_validation": True}), ("standard", {})):
+        ref = audit(model, train, val, method=method, tuning={"steps": 5}, **extra)
         spilled = audit(model, train, val, method=method, tuning={"steps": 5}, max_memory=1024,
-                        spill_dir=str(tmp_path / "spill"))
+                        spill_dir=str(tmp_path / "spill"), **extra)
         torch.testing.assert_close(spilled.influence, ref.influence, rtol=1e-6, atol=0)
         assert not (tmp_path / "spill").exists()  # the spill files, and the folder the audit made, removed
 

@@ -1,0 +1,118 @@
+"""vm/fvm scores made as the training gradients are gathered (no training store): the same
+scores as scoring a store of those gradients afterwards, no training store made, and a
+Prepared scored this way refusing to be scored otherwise."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_influence.gathering as gathering
+from helpers import TokenDataset, mlp, pad_collate, tiny_bert_lora
+from lightning_influence import AuditOptions, audit
+from lightning_influence.audit import prepare, score
+from lightning_influence.scoring import scored_as_gathered
+
+
+def _stored(model, train, val, options):
+    """The same audit with the training gradients stored and scored afterwards (the old path)."""
+    prepared = prepare(model, train, val, options, loss_at_trained=False)
+    try:
+        assert prepared.streamed is None and prepared.train.store is not None
+        return score(prepared, options)
+    finally:
+        prepared.close()
+
+
+@pytest.fixture
+def store_sizes(monkeypatch):
+    """The row counts of every GradientStore the gradient stage makes."""
+    sizes: list[int] = []
+    real = gathering.GradientStore
+
+    def counting(n, *args, **kwargs):
+        sizes.append(n)
+        return real(n, *args, **kwargs)
+
+    monkeypatch.setattr(gathering, "GradientStore", counting)
+    return sizes
+
+
+@pytest.mark.parametrize("method,solver,fisher,rtol", [
+    ("fvm", "hyperinf", "empirical", 1e-9), ("vm", "datainf", "empirical", 1e-9), ("fvm", "exact", "true", 1e-9),
+    ("vm", "identity", "empirical", 1e-9),
+    # LiSSA iterates each chunk until its slowest vector converges: batches of 8 instead of one
+    # chunk of 40 stop at other iterations, within its tolerance
+    ("fvm", "lissa", "empirical", 1e-5),
+])
+def test_scores_equal_a_stored_audit_and_no_training_store_is_made(blobs, store_sizes, method, solver, fisher, rtol):
+    train, val = blobs  # 40 training, 20 validation samples
+    options = AuditOptions(method=method, solver=solver, curvature={"fisher": fisher}, tuning={"steps": 3},
+                           batch_size=8)
+    assert scored_as_gathered(options)
+    streamed = audit(mlp(), train, val, options=options)
+    assert 40 not in store_sizes  # validation stores only (20 rows; the true Fisher's too)
+    assert set(store_sizes) == {20}
+    stored = _stored(mlp(), train, val, options)
+    assert 40 in store_sizes
+    torch.testing.assert_close(streamed.influence, stored.influence, rtol=rtol, atol=1e-12)  # float64 model
+    assert streamed.influence.abs().min() > 0
+    assert set(streamed.stage_seconds) >= {"gradients", "solve", "score"}
+
+
+def test_a_float32_lora_transformer_scores_as_its_stored_audit():
+    """A float32 PEFT BERT (per-sample gradients through attention, padded batches): the same
+    scores as the stored path, to float32 rounding (the quadratic forms run on batches of 8
+    instead of the store's chunks)."""
+    train, val = TokenDataset(24, vocab=60, classes=3, seed=1), TokenDataset(12, vocab=60, classes=3, seed=2)
+    loader = torch.utils.data.DataLoader(train, batch_size=8, collate_fn=pad_collate)
+    vloader = torch.utils.data.DataLoader(val, batch_size=8, collate_fn=pad_collate)
+    options = AuditOptions(tuning={"steps": 2}, batch_size=8, params="lora")
+    model = tiny_bert_lora(torch.float32)
+    streamed = audit(model, loader, vloader, options=options)
+    stored = _stored(model, loader, vloader, options)
+    assert torch.isfinite(streamed.influence).all()
+    torch.testing.assert_close(streamed.influence, stored.influence, rtol=1e-4, atol=1e-6)
+
+
+def test_a_non_finite_training_sample_is_excluded_as_before(blobs):
+    train, val = blobs
+    x = train.x.clone()
+    x[3] = float("nan")
+    bad = type(train)(x, train.y)
+    options = AuditOptions(tuning={"steps": 3}, batch_size=8)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        streamed = audit(mlp(), bad, val, options=options)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        stored = _stored(mlp(), bad, val, options)
+    assert streamed.excluded == stored.excluded == [3]
+    assert torch.isnan(streamed.influence[3])
+    keep = torch.arange(40) != 3
+    torch.testing.assert_close(streamed.influence[keep], stored.influence[keep], rtol=1e-9, atol=1e-12)
+
+
+def test_a_streamed_prepare_refuses_other_scoring(blobs):
+    train, val = blobs
+    options = AuditOptions(tuning={"steps": 3}, batch_size=8)
+    prepared = prepare(mlp(), train, val, options, scores_as_gathered=True)
+    try:
+        assert prepared.train.store is None and prepared.streamed is not None
+        for other in (replace(options, solver="exact"), replace(options, per_validation=True),
+                      replace(options, curvature={"damping": 0.5})):
+            with pytest.raises(ValueError, match="scored as its gradients were gathered"):
+                score(prepared, other)
+        result = score(prepared, options)
+        assert torch.isfinite(result.influence).all()
+    finally:
+        prepared.close()
+
+
+def test_only_vm_fvm_without_readers_of_the_training_gradients_stream():
+    assert scored_as_gathered(AuditOptions())
+    assert not scored_as_gathered(AuditOptions(method="standard"))
+    assert not scored_as_gathered(AuditOptions(per_validation=True))
+    with pytest.raises(ValueError, match="validation curvature"):
+        gathering.gather_training(nn.Linear(1, 1), [], [], torch.arange(0), None, None, False, 0, {}, None, None,
+                                  None, None, scorer=lambda curv: None)
