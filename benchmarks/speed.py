@@ -122,7 +122,9 @@ def epoch_vs_audit(model: nn.Module, train: Any, val: Any, train_batches: list[A
     total = time.perf_counter() - start
     peak = max(sampler.peaks.values(), default=before)
     per_sample = result.config["audited_parameters"] * 4  # float32 storage
-    stored = per_sample * (len(result) + len(val.dataset if hasattr(val, "dataset") else val))
+    # the validation store, and the training store where one is kept (vm/fvm score as they gather)
+    stored = per_sample * ((0 if result.config.get("scored_as_gathered") else len(result))
+                           + len(val.dataset if hasattr(val, "dataset") else val))
     tuning = result.stage_seconds.get("tuning", 0.0)
     estimate = {}
     if with_estimate and result.preflight is not None:

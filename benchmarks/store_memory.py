@@ -13,7 +13,9 @@ Run: python benchmarks/store_memory.py [--quick] [--sizes 50000 100000 200000]
 validation samples, ``method="vm"``, run in a fresh process per budget (none, and half the
 store): the peak RSS growth over the audit (sampled every 2 ms by a thread, and the kernel's
 ``ru_maxrss``), per stage, against the pre-flight check's estimate (``result.preflight``).
-Writes ``results/store_memory_mlp_<date>.json``.
+A vm audit scores each training batch as it is gathered and keeps no training store;
+``--keep-store`` asks for a per-validation matrix too, which reads the training gradients again,
+so they are stored (and spill past ``max_memory``). Writes ``results/store_memory_mlp_<date>.json``.
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ def run_one(n: int, budget: int, spill_dir: str) -> dict:
     return out
 
 
-def mlp_child(budget: float, n: int, m: int, hidden: int, batch: int) -> dict:
+def mlp_child(budget: float, n: int, m: int, hidden: int, batch: int, keep_store: bool = False) -> dict:
     """One audit of the dominant-block MLP in this process; ``budget``: max_memory as a share
     of the training store (0: none). Returns the peak RSS growth (sampled, per stage, and
     ``ru_maxrss``), the stage times and the pre-flight estimate."""
@@ -112,7 +114,7 @@ def mlp_child(budget: float, n: int, m: int, hidden: int, batch: int) -> dict:
     t0 = time.perf_counter()
     with sampler:
         result = audit(model, train, val, method="vm", params="trainable", batch_size=batch, max_memory=max_memory,
-                       progress=Stages())
+                       progress=Stages(), per_validation=keep_store)
     wall = time.perf_counter() - t0
     ru_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report = result.preflight
@@ -126,7 +128,8 @@ def mlp_child(budget: float, n: int, m: int, hidden: int, batch: int) -> dict:
                                                       ("store_bytes", "val_bytes", "solve_bytes",
                                                        "numbers_per_sample")},
             "preflight_peak_bytes": getattr(report, "peak_bytes", None),
-            "stage_seconds": result.stage_seconds, "wall_s": wall,
+            "stage_seconds": result.stage_seconds, "wall_s": wall, "training_store_kept": keep_store,
+            "scored_as_gathered": bool(result.config.get("scored_as_gathered")),
             "scores": result.influence.tolist()}
 
 
@@ -135,7 +138,8 @@ def mlp_scenario(args: argparse.Namespace) -> None:
     runs = []
     for share in args.budgets:
         proc = subprocess.run([sys.executable, __file__, "--mlp-child", str(share), str(args.n), str(args.m),
-                               str(args.hidden), str(args.batch)], capture_output=True, text=True)
+                               str(args.hidden), str(args.batch), str(int(args.keep_store))],
+                              capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(proc.stderr[-4000:])
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -145,10 +149,12 @@ def mlp_scenario(args: argparse.Namespace) -> None:
     for r in runs:
         s = torch.tensor(r.pop("scores"), dtype=torch.float64)
         r["max_rel_score_diff_vs_first"] = float(((s - ref).abs() / ref.abs().clamp_min(1e-30)).max())
-        bound = (r["max_memory"] if r["max_memory"] else r["store_bytes"]) + r["preflight"]["val_bytes"] + \
+        kept = (r["max_memory"] or r["store_bytes"]) if r["training_store_kept"] else 0
+        bound = kept + r["preflight"]["val_bytes"] + \
             r["preflight"]["solve_bytes"]
         r["budget_plus_val_plus_solve"] = bound
-        rows.append([f"{r['budget_share']:g}" if r["budget_share"] else "none",
+        rows.append(["kept" if r["training_store_kept"] else "none (scored as gathered)",
+                     f"{r['budget_share']:g}" if r["budget_share"] else "none",
                      f"{(r['max_memory'] or 0) / GIB:.2f}", f"{r['peak_growth_sampled'] / GIB:.2f}",
                      f"{(r['peak_growth_ru_maxrss'] or 0) / GIB:.2f}", f"{r['estimate_bytes'] / GIB:.2f}",
                      f"{r['peak_growth_sampled'] / max(r['estimate_bytes'], 1):.2f}",
@@ -157,9 +163,11 @@ def mlp_scenario(args: argparse.Namespace) -> None:
                      f"{r['max_rel_score_diff_vs_first']:.1e}"])
     result = {"tables": [{
         "title": f"audit() peak memory when one block dominates (MLP 64-{args.hidden}-{args.hidden}-10, every "
-                 f"parameter audited, n={args.n}, m={args.m}, vm)",
+                 f"parameter audited, n={args.n}, m={args.m}, vm"
+                 + (", with a per-validation matrix: the training store kept)" if args.keep_store else ")"),
         **provenance(__file__),
-        "columns": ["max_memory / store", "max_memory GiB", "peak RSS growth GiB (sampled)", "ru_maxrss growth GiB",
+        "columns": ["training store", "max_memory / store", "max_memory GiB", "peak RSS growth GiB (sampled)",
+                    "ru_maxrss growth GiB",
                     "check's estimate GiB", "peak / estimate", "peak / (budget + val + solve)", "peak stage",
                     "audit s", "max rel. score diff vs first"],
         "rows": rows,
@@ -188,12 +196,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=600, help="mlp: training samples")
     parser.add_argument("--m", type=int, default=200, help="mlp: validation samples")
     parser.add_argument("--batch", type=int, default=32, help="mlp: batch size")
-    parser.add_argument("--mlp-child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--keep-store", action="store_true",
+                        help="mlp: also a per-validation matrix, so the training gradients are stored")
+    parser.add_argument("--mlp-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mlp_child:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-        b, n, m, h, bs = args.mlp_child
-        print(json.dumps(mlp_child(float(b), int(n), int(m), int(h), int(bs))))
+        b, n, m, h, bs, keep = args.mlp_child
+        print(json.dumps(mlp_child(float(b), int(n), int(m), int(h), int(bs), bool(int(keep)))))
         return
     if args.scenario == "mlp":
         if args.hidden == 384:

@@ -111,10 +111,10 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOpti
         streamed = ScoresAsGathered(len(train_ids), o, device, compute_dtype, stages, dist) \
             if scores_as_gathered else None
         try:
-            train, curv = dist.checkpoint(lambda: gather_training(
+            train, curv = gather_training(
                 working, blocks, train_data, train_ids, val, (val_data, val_ids) if tuned else None, fisher == "true",
-                (seed + 7919 * dist.rank) % 2**64, gather, max_memory, spill_dir, stages, progress,
-                streamed.fit if streamed is not None else None))
+                (seed + 7919 * dist.rank) % 2**64, gather, max_memory, spill_dir, stages, progress, dist,
+                streamed.fit if streamed is not None else None)
         except BaseException:
             val.store.close()
             raise
@@ -133,7 +133,7 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOpti
                     compute_dtype, (train.store or val.store).chunk_size(chunk_bytes(max_memory)),  # rows at once
                     {"method": method, "params": params if isinstance(params, str) else list(params), "seed": seed,
                      "batch_size": batch_size, "grad_dtype": str(store_dtype), "tuning": as_dict(tuning_cfg),
-                     "blocks": len(blocks), "projection": projection,
+                     "blocks": len(blocks), "projection": projection, "scored_as_gathered": streamed is not None,
                      "audited_parameters": sum(b.param.numel() for b in blocks)},
                     queries=queries, mq=mq, query_outcomes=query_outcomes, max_memory=max_memory, streamed=streamed)
 

@@ -242,7 +242,8 @@ class AuditOptions:
             norms; :mod:`~lightning_influence.normalize`), ``"none"``, or ``"auto"`` (default):
             ``"centered"`` under the attribution defaults, else ``"none"``.
         nonfinite: ``"exclude"`` samples with non-finite loss/gradient (with a warning), or ``"raise"``.
-        max_memory: bytes of training gradients kept in RAM; past it they spill to disk.
+        max_memory: bytes of gradients kept in RAM; past it they spill to disk (vm/fvm keep no
+            training store unless per_validation or attribution reads it).
         spill_dir: where spilled gradients go (a temporary directory by default).
         projection: project each side of big Linear blocks to this many dimensions with a
             Gaussian sketch (LoGra-style; the full per-sample gradient is never formed).

@@ -217,7 +217,7 @@ class Prepared:
 def gather_training(model: nn.Module, blocks: list[Block], train_data: Any, train_ids: Tensor, val: Gathered,
                     tuned_on: tuple[Any, Tensor] | None, true_fisher: bool, fisher_seed: int,
                     gather: dict[str, Any], max_memory: int | None, spill_dir: str | None,
-                    stages: StageTimes, progress: Progress,
+                    stages: StageTimes, progress: Progress, dist: Collectives,
                     scorer: Callable[[Gathered], Sink] | None = None) -> tuple[Gathered, Gathered]:
     """Stage 3, training half: this rank's training samples ``train_ids`` ``(n_r,)`` into a store
     (spilling past ``max_memory``), and the gradients the curvature is built from: the validation
@@ -227,12 +227,21 @@ def gather_training(model: nn.Module, blocks: list[Block], train_data: Any, trai
 
     ``scorer`` (vm/fvm only): called with the curvature gradients before the training pass, it
     returns the sink each training batch goes to instead of a store (the scores made as the
-    gradients are gathered: no ``(n, r, d)`` training store at all; ``train.store`` is None)."""
+    gradients are gathered: no ``(n, r, d)`` training store at all; ``train.store`` is None).
+    Every rank calls it (it may run collectives: the solvers' fit); the passes themselves are
+    local, each a :meth:`Collectives.checkpoint` (the ranks agree whether one failed)."""
     def fisher_of(source: Any, ids: Tensor) -> Gathered:
-        with stages("true_fisher"):
-            return gather_gradients(model, blocks, source, sample_labels=torch.Generator().manual_seed(fisher_seed),
-                                    max_memory=max_memory, spill_dir=spill_dir, name="curvature", indices=ids,
-                                    **gather)
+        def local() -> Gathered:
+            with stages("true_fisher"):
+                return gather_gradients(model, blocks, source, sample_labels=torch.Generator().manual_seed(fisher_seed),
+                                        max_memory=max_memory, spill_dir=spill_dir, name="curvature", indices=ids,
+                                        **gather)
+        return dist.checkpoint(local)
+
+    def training(sink: Sink | None) -> Gathered:
+        with stages("gradients"), progress.stage("gradients", int(train_ids.numel())) as up:
+            return gather_gradients(model, blocks, train_data, max_memory=max_memory, spill_dir=spill_dir,
+                                    progress=up, name="train_data", indices=train_ids, sink=sink, **gather)
 
     if scorer is not None and tuned_on is None:
         raise ValueError("scores made as the gradients are gathered need the validation curvature (vm/fvm)")
@@ -241,9 +250,7 @@ def gather_training(model: nn.Module, blocks: list[Block], train_data: Any, trai
         curv = fisher_of(*tuned_on) if true_fisher else val
     try:
         sink = scorer(curv) if scorer is not None else None
-        with stages("gradients"), progress.stage("gradients", int(train_ids.numel())) as up:
-            train = gather_gradients(model, blocks, train_data, max_memory=max_memory, spill_dir=spill_dir,
-                                     progress=up, name="train_data", indices=train_ids, sink=sink, **gather)
+        train = dist.checkpoint(lambda: training(sink))
     except BaseException:
         if curv is not None and curv is not val:
             curv.store.close()

@@ -184,3 +184,40 @@ def test_an_error_on_one_rank_is_agreed_and_nobody_hangs():
     outcome = run_gloo_ranks(_failing_rank_worker)
     assert outcome[1].startswith("RuntimeError: boom on rank 1")
     assert outcome[0].startswith("RemoteStageError")  # rank 0 learns of it and raises too
+
+
+def _failing_training_pass_worker(rank: int, world: int, port: int, queue) -> None:
+    """Rank 1 fails on its first training batch of an fvm audit, after both ranks have fitted
+    the solvers together (collectives) and while they score the batches as they are gathered."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        train, val = make_data()
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        training_rows = {tuple(row.tolist()) for row in train.x}
+
+        def loss_fn(model, batch):
+            x, y = batch
+            if rank == 1 and torch.is_grad_enabled() and tuple(x[0].tolist()) in training_rows:
+                raise RuntimeError("boom in rank 1's training pass")
+            return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+        try:
+            audit(model, train, val, method="fvm", loss_fn=loss_fn, batch_size=4, preflight=False,
+                  tuning={"steps": 3})
+            queue.put((rank, "finished"))
+        except Exception as err:  # noqa: BLE001 - the test inspects which error each rank saw
+            queue.put((rank, f"{type(err).__name__}: {err}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_failing_while_scoring_as_it_gathers_is_agreed_and_nobody_hangs():
+    outcome = run_gloo_ranks(_failing_training_pass_worker)
+    assert outcome[1].startswith("RuntimeError: boom in rank 1's training pass")
+    assert outcome[0].startswith("RemoteStageError")

@@ -13,6 +13,7 @@ import lightning_influence.gathering as gathering
 from helpers import TokenDataset, mlp, pad_collate, tiny_bert_lora
 from lightning_influence import AuditOptions, audit
 from lightning_influence.audit import prepare, score
+from lightning_influence.distributed import Collectives
 from lightning_influence.scoring import scored_as_gathered
 
 
@@ -60,6 +61,7 @@ def test_scores_equal_a_stored_audit_and_no_training_store_is_made(blobs, store_
     torch.testing.assert_close(streamed.influence, stored.influence, rtol=rtol, atol=1e-12)  # float64 model
     assert streamed.influence.abs().min() > 0
     assert set(streamed.stage_seconds) >= {"gradients", "solve", "score"}
+    assert streamed.config["scored_as_gathered"] and not stored.config["scored_as_gathered"]
 
 
 def test_a_float32_lora_transformer_scores_as_its_stored_audit():
@@ -115,4 +117,4 @@ def test_only_vm_fvm_without_readers_of_the_training_gradients_stream():
     assert not scored_as_gathered(AuditOptions(per_validation=True))
     with pytest.raises(ValueError, match="validation curvature"):
         gathering.gather_training(nn.Linear(1, 1), [], [], torch.arange(0), None, None, False, 0, {}, None, None,
-                                  None, None, scorer=lambda curv: None)
+                                  None, None, Collectives(), scorer=lambda curv: None)
