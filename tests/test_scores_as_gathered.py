@@ -118,3 +118,49 @@ def test_only_vm_fvm_without_readers_of_the_training_gradients_stream():
     with pytest.raises(ValueError, match="validation curvature"):
         gathering.gather_training(nn.Linear(1, 1), [], [], torch.arange(0), None, None, False, 0, {}, None, None,
                                   None, None, Collectives(), scorer=lambda curv: None)
+
+
+class NoCollectiveInsideACheckpoint(Collectives):
+    """Single-process collectives that fail a collective called inside a checkpoint (a local
+    stage): under several ranks a rank failing there would leave the others waiting in it."""
+
+    def __init__(self) -> None:
+        self.depth, self.calls = 0, 0
+
+    def checkpoint(self, stage):
+        self.depth += 1
+        try:
+            return stage()
+        finally:
+            self.depth -= 1
+
+    def _collective(self, value):
+        assert self.depth == 0, "a collective inside a checkpointed (local) stage"
+        self.calls += 1
+        return value
+
+    def all_reduce_sum(self, tensor):
+        return self._collective(tensor)
+
+    def all_gather_cat(self, tensor):
+        return self._collective(tensor)
+
+    def broadcast_(self, tensors, src=0):
+        self._collective(None)
+
+
+@pytest.mark.parametrize("extra", [
+    {}, {"curvature": {"fisher": "true"}}, {"method": "vm"},  # scored as gathered
+    {"method": "standard"}, {"method": "standard", "curvature": {"fisher": "true"}},  # stored
+    {"method": "fvm", "per_validation": True}, {"method": "fvm", "attribution": True},
+])
+def test_no_collective_runs_inside_a_checkpoint(blobs, extra):
+    """The invariant the DDP error handling rests on, over the whole pipeline: the ranks agree
+    on a local stage's failure at its checkpoint, so no collective may run inside one."""
+    train, val = blobs
+    dist = NoCollectiveInsideACheckpoint()
+    result = audit(mlp(), train, val, tuning={"steps": 3}, batch_size=8, dist=dist, **extra)
+    assert dist.calls > 0
+    assert result.config["scored_as_gathered"] == (extra.get("method", "fvm") != "standard"
+                                                    and not extra.get("per_validation")
+                                                    and "attribution" not in extra)
