@@ -253,8 +253,9 @@ class ScoresAsGathered:
     def check(self, options: AuditOptions) -> None:
         """Raise unless ``options`` asks for these scores: the solver and curvature they were made
         with, and nothing that reads the training gradients again (no store was kept)."""
-        wanted = {"solver": solver_name(options.solver), "curvature": options.curvature}
-        if wanted != self.fitted_with or not scored_as_gathered(options):
+        spec = options.solver  # a name compares by value, a class or an instance by identity
+        same_solver = spec is self.solver or (isinstance(spec, str) and spec == self.solver)
+        if not same_solver or options.curvature != self.curvature or not scored_as_gathered(options):
             raise ValueError(f"score(): this Prepared was scored as its gradients were gathered, with "
                              f"{self.fitted_with}, and kept no training store; to score it otherwise (another "
                              "solver, per_validation, attribution) prepare() it without scores_as_gathered")

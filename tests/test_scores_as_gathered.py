@@ -101,8 +101,11 @@ def test_a_streamed_prepare_refuses_other_scoring(blobs):
     prepared = prepare(mlp(), train, val, options, scores_as_gathered=True)
     try:
         assert prepared.train.store is None and prepared.streamed is not None
+        from lightning_influence.solvers import make_solver
+
         for other in (replace(options, solver="exact"), replace(options, per_validation=True),
-                      replace(options, curvature={"damping": 0.5})):
+                      replace(options, curvature={"damping": 0.5}),
+                      replace(options, solver=make_solver("hyperinf", form="schulz"))):  # same name, other solver
             with pytest.raises(ValueError, match="scored as its gradients were gathered"):
                 score(prepared, other)
         result = score(prepared, options)
