@@ -1,6 +1,8 @@
 """Two CPU processes (gloo, ddp_spawn) give the same audit as one process on the same weights."""
 from __future__ import annotations
 
+import functools
+
 import lightning.pytorch as L
 import pytest
 import torch
@@ -152,43 +154,10 @@ def test_sharded_strategies_are_refused_by_the_callbacks_setup(kind):
         InfluenceCallback().setup(FakeTrainer(), None, "fit")
 
 
-def _failing_rank_worker(rank: int, world: int, port: int, queue) -> None:
-    """One process of a 2-rank gloo group whose rank 1 fails inside the gradient stage."""
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        train, val = make_data()
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-
-        def loss_fn(model, batch):
-            x, y = batch
-            if rank == 1 and torch.is_grad_enabled():
-                raise RuntimeError("boom on rank 1")
-            return nn.functional.cross_entropy(model(x), y, reduction="none")
-
-        try:
-            audit(model, train, val, method="standard", loss_fn=loss_fn, batch_size=8)
-            queue.put((rank, "finished"))
-        except Exception as err:  # noqa: BLE001 - the test inspects which error each rank saw
-            queue.put((rank, f"{type(err).__name__}: {err}"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_an_error_on_one_rank_is_agreed_and_nobody_hangs():
-    outcome = run_gloo_ranks(_failing_rank_worker)
-    assert outcome[1].startswith("RuntimeError: boom on rank 1")
-    assert outcome[0].startswith("RemoteStageError")  # rank 0 learns of it and raises too
-
-
-def _failing_training_pass_worker(rank: int, world: int, port: int, queue) -> None:
-    """Rank 1 fails on its first training batch of an fvm audit, after both ranks have fitted
-    the solvers together (collectives) and while they score the batches as they are gathered."""
+def _failing_rank_worker(rank: int, world: int, port: int, queue, where: str = "first gradient") -> None:
+    """One process of a 2-rank gloo group whose rank 1 fails: ``"first gradient"``, at its first
+    gradient of a standard audit; ``"training pass"``, at its first training batch of an fvm audit,
+    after both ranks fitted the solvers together and while they score the batches as gathered."""
     import os
 
     import torch.distributed as dist
@@ -203,13 +172,15 @@ def _failing_training_pass_worker(rank: int, world: int, port: int, queue) -> No
 
         def loss_fn(model, batch):
             x, y = batch
-            if rank == 1 and torch.is_grad_enabled() and tuple(x[0].tolist()) in training_rows:
-                raise RuntimeError("boom in rank 1's training pass")
+            if rank == 1 and torch.is_grad_enabled() and (where == "first gradient"
+                                                          or tuple(x[0].tolist()) in training_rows):
+                raise RuntimeError(f"boom on rank 1 ({where})")
             return nn.functional.cross_entropy(model(x), y, reduction="none")
 
+        options = (dict(method="standard", batch_size=8) if where == "first gradient" else
+                   dict(method="fvm", batch_size=4, preflight=False, tuning={"steps": 3}))
         try:
-            audit(model, train, val, method="fvm", loss_fn=loss_fn, batch_size=4, preflight=False,
-                  tuning={"steps": 3})
+            audit(model, train, val, loss_fn=loss_fn, **options)
             queue.put((rank, "finished"))
         except Exception as err:  # noqa: BLE001 - the test inspects which error each rank saw
             queue.put((rank, f"{type(err).__name__}: {err}"))
@@ -217,7 +188,8 @@ def _failing_training_pass_worker(rank: int, world: int, port: int, queue) -> No
         dist.destroy_process_group()
 
 
-def test_a_rank_failing_while_scoring_as_it_gathers_is_agreed_and_nobody_hangs():
-    outcome = run_gloo_ranks(_failing_training_pass_worker)
-    assert outcome[1].startswith("RuntimeError: boom in rank 1's training pass")
-    assert outcome[0].startswith("RemoteStageError")
+@pytest.mark.parametrize("where", ["first gradient", "training pass"])
+def test_an_error_on_one_rank_is_agreed_and_nobody_hangs(where):
+    outcome = run_gloo_ranks(functools.partial(_failing_rank_worker, where=where))
+    assert outcome[1].startswith(f"RuntimeError: boom on rank 1 ({where})")
+    assert outcome[0].startswith("RemoteStageError")  # rank 0 learns of it and raises too
