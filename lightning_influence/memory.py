@@ -98,7 +98,7 @@ def solve_bytes(blocks: list[Block], solver: SolverSpec, n_curvature: int, proje
 
 def peak_parts(plan: MemoryPlan, train_samples: int, val_samples: int, blocks: list[Block], dtype: torch.dtype,
                method: str, max_memory: int | None, projection: int | None, model: nn.Module | None,
-               batch_size: int) -> dict[str, int]:
+               batch_size: int, per_validation: bool = False) -> dict[str, int]:
     """The terms of the audit's peak memory growth, in bytes (``plan`` holds the stores' and the
     solve's; see :attr:`~lightning_influence.preflight.PreflightReport.peak_bytes`):
 
@@ -110,7 +110,9 @@ def peak_parts(plan: MemoryPlan, train_samples: int, val_samples: int, blocks: l
       the transposed copy and finiteness mask of the largest block;
     - ``chunks``: the rows read at once (:func:`store.chunk_bytes`): a spilled store's read
       buffer, a float32 copy of float16 rows, and the solver's per-chunk temporaries of one block;
-    - ``solve``: the solver's own peak (:func:`solve_bytes`).
+    - ``solve``: the solver's own peak (:func:`solve_bytes`);
+    - ``per_validation``: with a per-validation matrix, its copy of every rank's validation
+      gradients in the compute dtype and one chunk of query directions (alive with the solvers).
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     compute_bytes = 8 if dtype == torch.float64 else 4
@@ -131,14 +133,15 @@ def peak_parts(plan: MemoryPlan, train_samples: int, val_samples: int, blocks: l
             "tuning": (4 if method == "fvm" else 3) * audited if tuned else 0,
             "batch": batch_size * (numbers + 2 * largest) * compute_bytes,
             "chunks": (chunk if spilled else 0) + convert + rows * largest * compute_bytes,
-            "solve": plan.solve_bytes}
+            "solve": plan.solve_bytes,
+            "per_validation": (val_samples + rows) * numbers * compute_bytes if per_validation else 0}
 
 
 def check_memory(train_samples: int, val_samples: int, blocks: list[Block], dtype: torch.dtype, method: str,
                  solver: SolverSpec, fisher: str, max_memory: int | None, spill_dir: str | None,
                  projection: int | None, model: nn.Module | None = None, batch_size: int = 32,
                  solver_options: dict[str, Any] | None = None, plan: MemoryPlan | None = None,
-                 streamed: bool = False) -> MemoryPlan:
+                 streamed: bool = False, per_validation: bool = False) -> MemoryPlan:
     """Plan the audit's memory for ``train_samples`` scored and ``val_samples`` validation samples
     over ``blocks``, gradients stored in ``dtype``; raise :class:`PreflightError` (with the
     options that would make it fit) when the peak is past :data:`RAM_SHARE` of the available RAM,
@@ -147,7 +150,7 @@ def check_memory(train_samples: int, val_samples: int, blocks: list[Block], dtyp
     may change its form and so its peak (e.g. hyperinf's ``form``). ``plan``: the object to fill in
     (e.g. the pre-flight report, a :class:`MemoryPlan` itself); a new one by default. ``streamed``:
     vm/fvm scored as the training gradients are gathered (:func:`~.scoring.scored_as_gathered`): no
-    training store."""
+    training store. ``per_validation``: the ``(m, n)`` matrix is also made (its working memory counted)."""
     plan = plan if plan is not None else MemoryPlan()
     itemsize = torch.empty((), dtype=dtype).element_size()
     compute_bytes = 8 if dtype == torch.float64 else 4
@@ -163,8 +166,9 @@ def check_memory(train_samples: int, val_samples: int, blocks: list[Block], dtyp
         plan.store_bytes *= 2
     plan.solve_bytes = solve_bytes(blocks, solver, curvature_rows, projection, compute_bytes, solver_options)
     parts = plan.peak_parts = peak_parts(plan, 0 if streamed else n, m, blocks, dtype, method, max_memory, projection,
-                                         model, batch_size)
-    alive = (parts["model"] + parts["tuning"] + parts["batch"], parts["chunks"] + parts["solve"])
+                                         model, batch_size, per_validation)
+    alive = (parts["model"] + parts["tuning"] + parts["batch"],
+             parts["chunks"] + parts["solve"] + parts["per_validation"])
     plan.peak_bytes = need = parts["val"] + parts["store"] + (sum(alive) if streamed else max(alive))
     plan.available_bytes = available = available_ram()
     if available is None:

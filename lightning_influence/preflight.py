@@ -140,7 +140,7 @@ def check(model: nn.Module, train_data: Any, val_data: Any, options: AuditOption
     check_memory(report.train_samples, report.val_samples, blocks, store_dtype, options.method, options.solver,
                  options.curvature.fisher, options.max_memory, options.spill_dir, options.projection, model=model,
                  batch_size=options.batch_size, solver_options=options.curvature.solver_options, plan=report,
-                 streamed=scored_as_gathered(options))
+                 streamed=scored_as_gathered(options), per_validation=options.per_validation)
 
     ids = (torch.arange(n_all) if train_ids is None else train_ids)[:max(1, samples)]
     to_device = _to_device(device, convert)

@@ -237,6 +237,13 @@ def test_the_gradient_check_catches_a_parameter_used_outside_its_layer(blobs):
     assert report.streamed and report.store_bytes == 0  # fvm scores each batch as it is gathered
     stored = check(mlp(), train, val, AuditOptions(method="standard"))
     assert not stored.streamed and stored.store_bytes == 60 * (8 * 16 + 16 + 16 * 3 + 3) * 8
+    # a per-validation matrix keeps the store and adds its copy of the validation gradients and a
+    # chunk of query directions (here all 60 rows) to the solve's side of the peak
+    matrix = check(mlp(), train, val, AuditOptions(per_validation=True))
+    parts = matrix.peak_parts
+    assert not matrix.streamed and parts["per_validation"] == (20 + 60) * matrix.numbers_per_sample * 8
+    assert stored.peak_parts["per_validation"] == 0
+    assert matrix.peak_bytes >= parts["val"] + parts["store"] + parts["solve"] + parts["per_validation"]
 
 
 def test_a_subset_sampler_is_honoured(blobs):
