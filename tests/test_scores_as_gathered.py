@@ -167,3 +167,29 @@ def test_no_collective_runs_inside_a_checkpoint(blobs, extra):
     assert result.config["scored_as_gathered"] == (extra.get("method", "fvm") != "standard"
                                                     and not extra.get("per_validation")
                                                     and "attribution" not in extra)
+
+
+def test_the_batch_scores_ignore_a_users_autocast():
+    """The callback keeps the user's autocast on around the gradient pass (bf16-mixed): the scores
+    made there are still computed in the compute dtype, equal to the store's scores made outside."""
+    from types import SimpleNamespace
+
+    from lightning_influence.progress import StageTimes
+    from lightning_influence.scoring import ScoresAsGathered, self_influence
+    from lightning_influence.store import GradientStore
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (4, 96), "b": (4, 96), "c": (2, 160)}
+    val = GradientStore(30, shapes, torch.float32)
+    val.write(0, {k: torch.randn(30, *s, generator=g) for k, s in shapes.items()})
+    train = {k: torch.randn(12, *s, generator=g) for k, s in shapes.items()}
+    cpu = torch.device("cpu")
+    scorer = ScoresAsGathered(12, AuditOptions(), cpu, torch.float32, StageTimes(cpu), Collectives())
+    scorer.fit(SimpleNamespace(store=val, valid=torch.ones(30, dtype=torch.bool)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scorer(0, {k: v[:8] for k, v in train.items()})
+        scorer(8, {k: v[8:] for k, v in train.items()})
+    stored = GradientStore(12, shapes, torch.float32)
+    stored.write(0, train)
+    reference = self_influence(stored, scorer.solvers, 12, cpu, torch.float32)
+    torch.testing.assert_close(scorer.scores, reference, rtol=1e-5, atol=0)
