@@ -62,8 +62,8 @@ def gather_gradients(model: nn.Module, blocks: list[Block], data: Any, *, batch_
     gradient), and the labels and predicted labels for classification.
 
     With ``sample_labels`` the labels are drawn from the model's predictions (true Fisher).
-    With ``sink`` no store is made: each batch's gradients (``(B, r, d)`` per block, in the
-    compute dtype, invalid samples zeroed) are handed to ``sink(start, grads)`` instead, then freed."""
+    With ``sink`` no store is made: each batch's gradients (``(B, r, d)`` per block, as computed:
+    float32 or wider, invalid samples zeroed) are handed to ``sink(start, grads)`` instead, then freed."""
     n = len(dataset_of(data, name)) if indices is None else int(indices.numel())
     store = None if sink is not None else GradientStore(n, {b.name: b.shape for b in blocks}, dtype, max_memory,
                                                         spill_dir)

@@ -226,7 +226,6 @@ class ScoresAsGathered:
     def __init__(self, n: int, options: AuditOptions, device: torch.device, compute_dtype: torch.dtype,
                  stages: Any, dist: Collectives) -> None:
         self.scores = torch.zeros(n, dtype=torch.float64)
-        self.fitted_with = {"solver": solver_name(options.solver), "curvature": options.curvature}
         self.solver, self.curvature, self.stages, self.dist = options.solver, options.curvature, stages, dist
         self.device, self.compute_dtype, self.max_memory = device, compute_dtype, options.max_memory
         self.solvers: dict[str, InverseSolver] = {}
@@ -256,9 +255,10 @@ class ScoresAsGathered:
         spec = options.solver  # a name compares by value, a class or an instance by identity
         same_solver = spec is self.solver or (isinstance(spec, str) and spec == self.solver)
         if not same_solver or options.curvature != self.curvature or not scored_as_gathered(options):
-            raise ValueError(f"score(): this Prepared was scored as its gradients were gathered, with "
-                             f"{self.fitted_with}, and kept no training store; to score it otherwise (another "
-                             "solver, per_validation, attribution) prepare() it without scores_as_gathered")
+            raise ValueError(f"score(): this Prepared was scored as its gradients were gathered, with solver "
+                             f"{solver_name(self.solver)!r} and {self.curvature}, and kept no training store; to "
+                             "score it otherwise (another solver, per_validation, attribution) prepare() it without "
+                             "scores_as_gathered")
 
 
 def inverse_direction(direction: Blocks, solvers: Mapping[str, InverseSolver], device: torch.device,
