@@ -79,6 +79,8 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOpti
     train_ids, val_ids = shard_ids(n, dist.rank, dist.world_size), shard_ids(m, dist.rank, dist.world_size)
     gather = dict(batch_size=batch_size, device=device, dtype=store_dtype, loss_fn=loss_fn)
     tuned = method in ("vm", "fvm")
+    streamed = ScoresAsGathered(len(train_ids), o, device, compute_dtype, stages, dist) \
+        if scores_as_gathered else None  # refuses options it can't serve, before any work
 
     def copy_and_select() -> tuple[nn.Module, list[Block]]:
         with stages("copy"):
@@ -108,8 +110,6 @@ def prepare(model: nn.Module, train_data: Any, val_data: Any, options: AuditOpti
         else:
             val = dist.checkpoint(lambda: validation_gradients(working, blocks, val_data, val_ids, gather, stages,
                                                                progress))
-        streamed = ScoresAsGathered(len(train_ids), o, device, compute_dtype, stages, dist) \
-            if scores_as_gathered else None
         try:
             train, curv = gather_training(
                 working, blocks, train_data, train_ids, val, (val_data, val_ids) if tuned else None, fisher == "true",

@@ -225,6 +225,10 @@ class ScoresAsGathered:
 
     def __init__(self, n: int, options: AuditOptions, device: torch.device, compute_dtype: torch.dtype,
                  stages: Any, dist: Collectives) -> None:
+        if not scored_as_gathered(options):
+            raise ValueError("scores_as_gathered: only vm/fvm without per_validation or attribution can be scored "
+                             f"as the gradients are gathered (method={options.method!r}, per_validation="
+                             f"{options.per_validation}, attribution={'set' if options.attribution else None})")
         self.scores = torch.zeros(n, dtype=torch.float64)
         self.solver, self.curvature, self.stages, self.dist = options.solver, options.curvature, stages, dist
         self.device, self.compute_dtype, self.max_memory = device, compute_dtype, options.max_memory

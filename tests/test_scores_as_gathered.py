@@ -114,10 +114,16 @@ def test_a_streamed_prepare_refuses_other_scoring(blobs):
         prepared.close()
 
 
-def test_only_vm_fvm_without_readers_of_the_training_gradients_stream():
+def test_only_vm_fvm_without_readers_of_the_training_gradients_stream(blobs):
     assert scored_as_gathered(AuditOptions())
     assert not scored_as_gathered(AuditOptions(method="standard"))
     assert not scored_as_gathered(AuditOptions(per_validation=True))
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for options in (AuditOptions(method="standard"), AuditOptions(per_validation=True)):
+        with pytest.raises(ValueError, match="only vm/fvm without per_validation"):
+            prepare(model, *blobs, options, scores_as_gathered=True)  # refused before any work
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="validation curvature"):
         gathering.gather_training(nn.Linear(1, 1), [], [], torch.arange(0), None, None, False, 0, {}, None, None,
                                   None, None, Collectives(), scorer=lambda curv: None)
